@@ -209,6 +209,8 @@ def resolve_cell(cfg: dict) -> dict:
             out[section].update(value)
         else:
             out[section] = value
+    if out["data"]["name"] == "toy2d" and "arch" not in (cfg.get("teacher") or {}):
+        out["teacher"]["arch"] = "mlp"  # the only architecture for 2-D points
     out["loss"] = resolve_loss(out["loss"])
     out["init"] = resolve_init(out["init"])
     if out["data"]["name"] not in DATASETS:

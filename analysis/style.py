@@ -1,0 +1,175 @@
+"""The look shared by every figure: one colour per loss family, orderings, number format, saving.
+
+The palette is defined here and nowhere else, so a loss has the same colour in every figure.
+Pure matplotlib (Agg backend); no torch, no Ray.
+"""
+from __future__ import annotations
+
+import colorsys
+import math
+import os
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.colors as mcolors  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Known loss families, in display order, with fixed colours (seaborn "colorblind" hues).
+# Teacher-score families are blue/green, score-free (ratio) family members warm colours.
+LOSS_COLORS = {
+    "di": "#0173b2",
+    "sid": "#029e73",
+    "ratio_kl": "#de8f05",
+    "ratio_js": "#d55e00",
+    "ratio_rkl": "#cc78bc",
+    "ratio_kl[fixed]": "#ca9161",
+    "ratio_js[fixed]": "#fbafe4",
+    "ratio_rkl[fixed]": "#56b4e9",
+}
+# Colours for loss labels not listed above, handed out in sorted label order.
+EXTRA_COLORS = ("#8c564b", "#9467bd", "#bcbd22", "#17becf", "#e377c2", "#1f77b4", "#ff7f0e",
+                "#2ca02c", "#d62728", "#7f7f7f")
+# References are drawn in greys/black, never in a loss colour.
+REFERENCE_STYLE = {
+    "teacher_heun35": {"color": "black", "linestyle": "--", "label": "teacher Heun-35 (35 NFE)"},
+    "data_halves": {"color": "#777777", "linestyle": ":", "label": "data floor (two real halves)"},
+    "initial": {"color": "#777777", "linestyle": "-.", "label": "initial one-step generator"},
+}
+REFERENCE_NAMES = {k: v["label"] for k, v in REFERENCE_STYLE.items()}
+
+RC = {
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "pdf.fonttype": 42,
+}
+KIMG_LABEL = "training images seen (kimg)"
+SIGMA_LABEL = "σ_feat: noise level of transplanted features (log scale)"
+
+
+def base_loss(label: str) -> str:
+    """``'sid (student.lr=0.001)'`` -> ``'sid'``: the loss label without extra-axis suffix."""
+    return label.split(" (", 1)[0]
+
+
+def loss_sort_key(label: str):
+    base = base_loss(label)
+    known = list(LOSS_COLORS)
+    return (known.index(base) if base in known else len(known), base, label)
+
+
+_RESET_ORDER = ("input", "encoder", "middle", "decoder", "output", "embedding")
+
+
+def init_sort_key(label: str):
+    """teacher, reset_layers[...] (fewest groups first), feature_transplant by σ, random, others."""
+    if label == "teacher":
+        return (0, 0.0, "")
+    m = re.fullmatch(r"reset_layers\[(.*)\]", label)
+    if m:
+        groups = m.group(1).split("+")
+        first = min((_RESET_ORDER.index(g) if g in _RESET_ORDER else 9) for g in groups)
+        return (1, float(len(groups) * 10 + first), label)
+    m = re.fullmatch(r"feature_transplant\[(.*)\]", label)
+    if m:
+        try:
+            return (2, float(m.group(1)), label)
+        except ValueError:
+            return (2, math.inf, label)
+    if label == "random":
+        return (3, 0.0, "")
+    return (4, 0.0, label)
+
+
+def display_init(label: str) -> str:
+    """Two-line form of a long init label for tick labels."""
+    return label.replace("[", "\n[", 1) if len(label) > 12 else label
+
+
+def _shade(color: str, factor: float) -> str:
+    r, g, b = mcolors.to_rgb(color)
+    h, lum, s = colorsys.rgb_to_hls(r, g, b)
+    lum = min(0.92, max(0.08, lum * factor))
+    return mcolors.to_hex(colorsys.hls_to_rgb(h, lum, s))
+
+
+def loss_palette(labels) -> dict[str, str]:
+    """Colour for every loss label: known families fixed, unknown bases in sorted order,
+    extra-axis variants of one base as lighter/darker shades of its colour."""
+    labels = sorted(set(labels), key=loss_sort_key)
+    bases = sorted({base_loss(lb) for lb in labels}, key=loss_sort_key)
+    unknown = [b for b in bases if b not in LOSS_COLORS]
+    base_color = {b: LOSS_COLORS.get(b) for b in bases}
+    for i, b in enumerate(unknown):
+        base_color[b] = EXTRA_COLORS[i % len(EXTRA_COLORS)]
+    out = {}
+    for b in bases:
+        variants = [lb for lb in labels if base_loss(lb) == b]
+        if len(variants) == 1:
+            out[variants[0]] = base_color[b]
+            continue
+        k = len(variants)
+        for j, lb in enumerate(variants):
+            out[lb] = _shade(base_color[b], 0.6 + 0.8 * j / (k - 1))
+    return out
+
+
+def fmt_num(x: float, digits: int = 3) -> str:
+    """Significant-digit formatting that keeps trailing zeros: 18.0, 0.213, 1234."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:.{_decimals(x, digits)}f}"
+
+
+def _decimals(x: float, digits: int) -> int:
+    if x == 0 or not math.isfinite(x):
+        return digits - 1
+    return int(min(6, max(0, digits - 1 - math.floor(math.log10(abs(x))))))
+
+
+def fmt_pm(mean: float, std: float, digits: int = 3, pm: str = "±") -> str:
+    """``mean±std`` with the std given to the mean's number of decimals."""
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    d = _decimals(mean, digits)
+    if std is None or not math.isfinite(std):
+        return f"{mean:.{d}f}"
+    return f"{mean:.{d}f}{pm}{std:.{d}f}"
+
+
+def metric_label(metric: str, higher_better: bool) -> str:
+    return f"{metric} ({'higher' if higher_better else 'lower'} is better)"
+
+
+def use_log(values) -> bool:
+    """Log scale when all values are positive and span more than a factor of 20."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return bool(vals) and min(vals) > 0 and max(vals) / min(vals) > 20
+
+
+def save(fig, out_dir: str, name: str, note: str | None = None) -> list[str]:
+    """Write ``name.png`` (dpi 150) and ``name.pdf``; ``note`` goes in small text under the axes."""
+    if note:
+        fig.text(0.0, -0.01, note, ha="left", va="top", fontsize=6.5, color="#555555",
+                 wrap=True, transform=fig.transFigure)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for ext, extra in (("png", {"dpi": 150, "metadata": {"Software": None}}),
+                       ("pdf", {"metadata": {"CreationDate": None, "Creator": None,
+                                             "Producer": None}})):
+        path = os.path.join(out_dir, f"{name}.{ext}")
+        fig.savefig(path, bbox_inches="tight", pad_inches=0.05, **extra)
+        paths.append(path)
+    plt.close(fig)
+    return paths

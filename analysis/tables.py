@@ -1,0 +1,147 @@
+"""The results table (markdown + LaTeX) and the excluded-cells footer shared with claims."""
+from __future__ import annotations
+
+import math
+import os
+
+import pandas as pd
+
+from .data import Study, ordered
+from .style import fmt_pm
+
+MAX_LISTED = 40  # excluded cells listed one by one; the rest are counted
+
+
+def tex_escape(s: str) -> str:
+    out = str(s)
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"),
+                 ("#", r"\#"), ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\~{}"),
+                 ("^", r"\^{}")):
+        out = out.replace(a, b)
+    return out.replace("σ", r"$\sigma$").replace("±", r"$\pm$")
+
+
+def md_escape(s: str) -> str:
+    return str(s).replace("|", r"\|")
+
+
+def _excluded_rows(study: Study) -> tuple[list[tuple], int]:
+    ex = study.excluded
+    rows = [(r.cell, r.loss, r.init, int(r.seed) if pd.notna(r.seed) else "", r.reason,
+             r.message) for r in ex.itertuples(index=False)]
+    return rows[:MAX_LISTED], max(0, len(rows) - MAX_LISTED)
+
+
+def footer_md(study: Study) -> str:
+    rows, more = _excluded_rows(study)
+    n_in = study.final["cell"].nunique()
+    head = (f"**Cells:** {n_in} done cells enter the figures and tables; "
+            f"{len(study.excluded)} excluded (failed, diverged, unfinished, orphaned "
+            f"= not in pin.json's `current`, or without {study.metric}).")
+    if not rows:
+        return head + "\n"
+    lines = [head, "", "| excluded cell | loss | init | seed | reason | message |",
+             "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(md_escape(x) for x in r) + " |" for r in rows]
+    if more:
+        lines.append(f"\n... and {more} more excluded cells.")
+    return "\n".join(lines) + "\n"
+
+
+def footer_tex(study: Study) -> str:
+    rows, more = _excluded_rows(study)
+    n_in = study.final["cell"].nunique()
+    out = [f"% {n_in} done cells included; {len(study.excluded)} excluded."]
+    if rows:
+        items = "; ".join(f"\\texttt{{{tex_escape(r[0])}}} ({tex_escape(r[1])}, "
+                          f"{tex_escape(r[2])}, seed {r[3]}): {tex_escape(r[4])}" for r in rows)
+        if more:
+            items += f"; and {more} more"
+        out.append(f"\\par\\footnotesize Excluded cells: {items}.")
+    return "\n".join(out) + "\n"
+
+
+def aggregate(study: Study) -> pd.DataFrame:
+    f = study.final
+    agg = f.groupby(["loss", "init"], sort=False)["value"].agg(n="count", mean="mean",
+                                                               std="std").reset_index()
+    agg.insert(0, "metric", study.metric)
+    return ordered(agg)
+
+
+def _cells(study: Study, agg: pd.DataFrame, pm: str, bold) -> tuple[list, list]:
+    inits = study.init_order
+    best = {}
+    for init, g in agg.groupby("init"):
+        best[init] = g["mean"].max() if study.higher_better else g["mean"].min()
+    look = {(r.loss, r.init): r for r in agg.itertuples(index=False)}
+    body = []
+    for loss in study.loss_order:
+        line = [loss]
+        for init in inits:
+            r = look.get((loss, init))
+            if r is None:
+                line.append("—")
+                continue
+            txt = f"{fmt_pm(r.mean, r.std, pm=pm)} ({r.n})"
+            line.append(bold(txt) if len(study.loss_order) > 1 and r.mean == best[init] else txt)
+        body.append(line)
+    refs = []
+    for r in study.refs.itertuples(index=False):
+        refs.append([r.label, f"{fmt_pm(r.mean, r.std, pm=pm)} ({r.n})"])
+    return body, refs
+
+
+def write_table(study: Study, out_dir: str) -> list[str]:
+    agg = aggregate(study)
+    os.makedirs(out_dir, exist_ok=True)
+    csv = os.path.join(out_dir, "table.data.csv")
+    agg.to_csv(csv, index=False, float_format="%.6g")
+    direction = "higher" if study.higher_better else "lower"
+    caption = (f"Final {study.metric} ({direction} is better): mean ± std over seeds "
+               f"(number of seeds); best per init in bold.")
+    # markdown
+    body, refs = _cells(study, agg, "±", lambda t: f"**{t}**")
+    cols = ["loss \\ init"] + study.init_order
+    md = [f"# Results table: {study.metric}", "", caption, "",
+          "| " + " | ".join(md_escape(c) for c in cols) + " |",
+          "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(md_escape(c) for c in line) + " |" for line in body]
+    for label, val in refs:
+        md.append("| " + " | ".join([f"*{label}*", val] + [""] * (len(cols) - 2)) + " |")
+    md += ["", "References: teacher Heun-35 = the teacher's own 35-evaluation sampler; data floor "
+           "= the metric between two disjoint halves of real data; initial one-step generator = "
+           "kimg 0 of teacher-init cells. Random init is the `random` column.", "",
+           footer_md(study)]
+    md_path = os.path.join(out_dir, "table.md")
+    with open(md_path, "w") as f:
+        f.write("\n".join(md))
+    # LaTeX (booktabs)
+    body, refs = _cells(study, agg, "±", lambda t: f"\\textbf{{{t}}}")
+    n = len(study.init_order)
+    tex = ["\\begin{table}[t]", "\\centering", "\\small",
+           f"\\caption{{{tex_escape(caption)}}}", "\\label{tab:results}",
+           "\\resizebox{\\linewidth}{!}{%",
+           f"\\begin{{tabular}}{{l{'c' * n}}}", "\\toprule",
+           " & ".join(["loss"] + [tex_escape(c) for c in study.init_order]) + " \\\\",
+           "\\midrule"]
+    tex += [" & ".join(_tex_cell(c) for c in line) + " \\\\" for line in body]
+    if refs:
+        tex.append("\\midrule")
+        tex += [f"\\textit{{{tex_escape(label)}}} & \\multicolumn{{{n}}}{{l}}{{{_tex_cell(val)}}}"
+                " \\\\" for label, val in refs]
+    tex += ["\\bottomrule", "\\end{tabular}}", footer_tex(study).rstrip("\n"), "\\end{table}", ""]
+    tex_path = os.path.join(out_dir, "table.tex")
+    with open(tex_path, "w") as f:
+        f.write("\n".join(tex))
+    return [md_path, tex_path, csv]
+
+
+def _tex_cell(c: str) -> str:
+    if c.startswith("\\textbf{"):
+        return "\\textbf{" + tex_escape(c[len("\\textbf{"):-1]) + "}"
+    return tex_escape(c)
+
+
+def fmt_pct(x: float) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:+.1f}%"

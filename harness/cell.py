@@ -1,0 +1,118 @@
+"""One cell end to end: data -> teacher -> init -> train -> evaluate -> result rows.
+
+``run_cell`` is what ``harness cell`` calls directly and what the Ray trainable calls per cell,
+so a cell computes the same numbers with or without Ray. Reference rows (the data floor and the
+teacher's Heun-35 quality) are written beside the cell's rows; they are memoised per teacher.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__, data as datasets, metrics, results, teacher as teachers
+from .config import init_label, loss_label
+from .pin import cell_id
+from .train import Evaluation, train_student
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def cell_columns(cfg: dict, study: str, cid: str, axes: dict) -> dict:
+    """The columns that describe a cell on every one of its rows."""
+    init = cfg["init"]
+    return {"study": study, "cell": cid, "loss": loss_label(cfg["loss"]), "init": init_label(init),
+            "init_scheme": init["name"], "seed": int(cfg["seed"]),
+            "reset_groups": "+".join(init["groups"]) if "groups" in init else None,
+            "sigma_feat": init.get("sigma_feat"),
+            "axes": json.dumps(axes, sort_keys=True, default=str)}
+
+
+def _stored(x: torch.Tensor) -> np.ndarray:
+    return x.numpy().astype(np.float32) if x.ndim == 2 else metrics.to_uint8(x).numpy()
+
+
+def write_references(root: str, study: str, cfg: dict, dataset, teacher, meta, evaluator,
+                     folder: str, device: str, log=print):
+    """Rows for the data floor (two disjoint halves) and the teacher's Heun-35 samples."""
+    key = f"{evaluator.metric_name}|{evaluator.protocol}"
+    floor = teachers.cached_quality(folder, "floor|" + key, evaluator.real_vs_real)
+    heun = teachers.cached_quality(folder, "heun35|" + key, lambda: teachers.heun_quality(
+        teacher, evaluator, dataset.x.shape[1:], evaluator.n, cfg["teacher"]["seed"], device))
+    rows = []
+    for name, values, protocol in (("data_halves", floor, "two disjoint halves of the real data"),
+                                   ("teacher_heun35", heun, "teacher, Heun sampler, 35 evaluations")):
+        for metric, value in values.items():
+            rows.append({"study": study, "cell": f"ref-{meta['id']}-{name}", "loss": "reference",
+                         "init": name, "init_scheme": name, "seed": int(cfg["teacher"]["seed"]),
+                         "kimg": float(cfg["teacher"]["kimg"]), "step": meta["steps"],
+                         "metric": metric, "value": float(value), "status": "reference",
+                         "protocol": f"{protocol}; {evaluator.protocol}",
+                         "wall_s": meta["wall_s"], "version": __version__})
+    results.write_rows(root, rows)
+    log(f"references: data floor {floor.get(evaluator.metric_name, float('nan')):.4g}, "
+        f"teacher Heun-35 {heun.get(evaluator.metric_name, float('nan')):.4g} "
+        f"({evaluator.metric_name})")
+
+
+def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "adhoc",
+             axes: dict | None = None, device: str = "auto", log: Callable = print,
+             on_eval: Callable[[Evaluation], None] | None = None,
+             max_steps: int | None = None, teacher_guard: Callable | None = None) -> Evaluation:
+    """Run (or resume) one cell and append its rows and samples under ``root``.
+
+    Args:
+        cfg: resolved cell config. root: results root (path or URI). cache: local folder for
+        teachers and extractors. ckpt_path: this cell's checkpoint file.
+        on_eval: called after each evaluation's rows are written (Ray reports from here).
+        teacher_guard: wraps the teacher before training (tests use it to forbid calls).
+    """
+    device = pick_device(device)
+    dataset = datasets.from_config(cfg["data"])
+    cid = cell_id(cfg, dataset.fingerprint)
+    teacher, meta = teachers.load_or_train(cfg, dataset, cache, device, log)
+    evaluator = metrics.Evaluator(dataset, n=cfg["eval"]["n"], cache_dir=cache,
+                                  metric=cfg["eval"]["metric"], device=device)
+    _, folder = teachers.teacher_dir(cache, cfg, dataset)
+    write_references(root, study, cfg, dataset, teacher, meta, evaluator, folder, device, log)
+    columns = cell_columns(cfg, study, cid, axes or {})
+    start = time.perf_counter()
+
+    def report(ev: Evaluation):
+        base = {**columns, "kimg": ev.kimg, "step": ev.step, "wall_s": ev.wall_s,
+                "status": ev.status, "message": ev.message, "version": __version__}
+        rows = [{**base, "metric": m, "value": float(v), "protocol": evaluator.protocol}
+                for m, v in ev.metrics.items()]
+        if ev.step and ev.wall_s > 0:
+            rows.append({**base, "metric": "img_per_s", "protocol": "training images per second",
+                         "value": ev.step * cfg["student"]["batch"] / ev.wall_s})
+        if device == "cuda":
+            rows.append({**base, "metric": "peak_mem_mb", "protocol": "torch.cuda.max_memory_allocated",
+                         "value": torch.cuda.max_memory_allocated() / 2**20})
+        if ev.status == "diverged":
+            rows.append({**base, "metric": "diverged", "value": float(ev.step),
+                         "protocol": "step at which a loss went non-finite"})
+        if ev.samples is not None and ev.status != "diverged":
+            results.write_samples(root, {k: columns[k] for k in ("study", "cell", "loss", "init", "seed")}
+                                  | {"kimg": ev.kimg}, _stored(ev.samples))
+        results.write_rows(root, rows)
+        score = ev.metrics.get(evaluator.metric_name)
+        log(f"cell {cid} [{columns['loss']} | {columns['init']} | seed {columns['seed']}] "
+            f"kimg {ev.kimg:.1f}/{cfg['student']['kimg']} {evaluator.metric_name} "
+            f"{'-' if score is None else f'{score:.4g}'} {ev.status} "
+            f"({time.perf_counter() - start:.0f} s)" + (f": {ev.message}" if ev.message else ""))
+        if on_eval is not None:
+            on_eval(ev)
+
+    guarded = teacher_guard(teacher) if teacher_guard else teacher
+    os.makedirs(os.path.dirname(os.path.abspath(ckpt_path)), exist_ok=True)
+    return train_student(cfg, guarded, torch.from_numpy(dataset.x).to(device), dataset.sigma_data,
+                         evaluator, ckpt_path, report, device=device, max_steps=max_steps)

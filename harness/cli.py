@@ -1,0 +1,215 @@
+"""``harness``: thin CLI. Parse, validate, dispatch; every user error exits 2 with one paragraph.
+
+  harness run studies/quick.yaml [--dry-run] [--address auto] [--results DIR]
+  harness status studies/quick.yaml
+  harness figures studies/quick.yaml [--only heatmap]
+  harness teacher --data digits --arch unet-xs
+  harness cell --data digits --loss sid --init teacher --kimg 20 --out /tmp/cell
+  harness bench
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+import yaml
+
+EXIT_USAGE = 2
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Exceptions that mean "bad input": reported in one paragraph with exit code 2."""
+    from .config import ConfigError
+    from .data import DataError
+
+    errors = [ConfigError, DataError, FileNotFoundError]
+    for module, names in (("harness.study", ["StudyError"]), ("harness.pin", ["PinError", "LockedError"])):
+        mod = __import__(module, fromlist=names)
+        errors += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return tuple(errors)
+
+
+def _torch_errors() -> tuple[type, ...]:
+    from .inits import InitError
+    from .metrics import MetricsError
+    from .nets import ArchError
+    from .train import CheckpointError
+
+    return (InitError, ArchError, CheckpointError, MetricsError)
+
+
+def _fail(message: str) -> int:
+    print("error: " + textwrap.fill(str(message), 100, subsequent_indent="  "), file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _parse_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse {text!r} as a YAML value ({e})") from None
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """``--set student.lr=3e-4`` -> {'student': {'lr': 0.0003}}."""
+    from .config import ConfigError
+
+    out: dict = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError("--set", f"expected SECTION.KEY=VALUE, got {pair!r}")
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = _parse_value(value)
+    return out
+
+
+def cmd_teacher(args) -> int:
+    from . import data, metrics, teacher as teachers
+    from .cell import pick_device, write_references
+    from .config import resolve_cell
+
+    spec = _overrides(args.set)
+    spec["data"] = {"name": args.data, "path": args.data_path, **spec.get("data", {})}
+    spec["teacher"] = {**{k: v for k, v in (("arch", args.arch), ("kimg", args.kimg),
+                                            ("seed", args.seed)) if v is not None},
+                       **spec.get("teacher", {})}
+    cfg = resolve_cell(spec)
+    device = pick_device(args.device)
+    dataset = data.from_config(cfg["data"])
+    teacher, meta = teachers.load_or_train(cfg, dataset, args.cache, device)
+    print(f"teacher {meta['id']}: {meta['arch']}, {meta['parameters']:,} parameters, "
+          f"{meta['steps']} steps, {meta['wall_s']:.0f} s of training")
+    evaluator = metrics.Evaluator(dataset, n=cfg["eval"]["n"], cache_dir=args.cache,
+                                  metric=cfg["eval"]["metric"], device=device)
+    _, folder = teachers.teacher_dir(args.cache, cfg, dataset)
+    write_references(args.out, "adhoc", cfg, dataset, teacher, meta, evaluator, folder, device)
+    return 0
+
+
+def cmd_cell(args) -> int:
+    from .cell import run_cell
+    from .config import resolve_cell
+
+    spec = _overrides(args.set)
+    spec["data"] = {"name": args.data, "path": args.data_path, **spec.get("data", {})}
+    spec.update(loss=_parse_value(args.loss), init=_parse_value(args.init), seed=args.seed)
+    if args.kimg is not None:
+        spec.setdefault("student", {})["kimg"] = args.kimg
+    cfg = resolve_cell(spec)
+    last = run_cell(cfg, args.out, args.cache, os.path.join(args.out, "ckpt", "cell.pt"),
+                    device=args.device)
+    return 0 if last.status in ("done", "running") else 1
+
+
+def cmd_run(args) -> int:
+    from .sweep import run_study
+
+    return run_study(args.study, results=args.results, address=args.address,
+                     dry_run=args.dry_run, device=args.device)
+
+
+def cmd_status(args) -> int:
+    from .sweep import study_status
+
+    print(study_status(args.study, results=args.results))
+    return 0
+
+
+def cmd_figures(args) -> int:
+    from analysis.figures import make_all
+
+    from .study import load_study
+
+    study = load_study(args.study)
+    root = args.results or study.results_root
+    for path in make_all(root, only=args.only, metric=args.metric):
+        print(path)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    cache_default = os.environ.get("HARNESS_CACHE", os.path.expanduser("~/.cache/harness"))
+
+    def common_data(sp):
+        sp.add_argument("--data", default="digits", help="dataset name (default: digits)")
+        sp.add_argument("--data-path", default=None, help="local files for cifar10/mnist/npz/folder")
+        sp.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+        sp.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help="override any setting, e.g. --set student.lr=3e-4 (repeatable)")
+        sp.add_argument("--cache", default=cache_default,
+                        help=f"teachers and extractors (default: $HARNESS_CACHE or {cache_default})")
+        sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+
+    sp = sub.add_parser("teacher", help="train (or reuse) a teacher and report its quality")
+    common_data(sp)
+    sp.add_argument("--arch", default=None, help="network size (default: unet-xs; toy2d: mlp)")
+    sp.add_argument("--kimg", type=float, default=None, help="training images in thousands")
+    sp.add_argument("--out", default="results/adhoc", help="where reference rows go")
+    sp.set_defaults(func=cmd_teacher)
+
+    sp = sub.add_parser("cell", help="run one cell end to end without Ray")
+    common_data(sp)
+    sp.add_argument("--loss", default="sid", help="loss name or YAML mapping (default: sid)")
+    sp.add_argument("--init", default="teacher", help="init name or YAML mapping, e.g. "
+                    "'{name: reset_layers, groups: [output]}' (default: teacher)")
+    sp.add_argument("--kimg", type=float, default=None, help="student training images (thousands)")
+    sp.add_argument("--out", required=True, help="results root for this cell's rows")
+    sp.set_defaults(func=cmd_cell)
+
+    sp = sub.add_parser("run", help="run (or resume) every unfinished cell of a study with Ray Tune")
+    sp.add_argument("study", help="study YAML file")
+    sp.add_argument("--dry-run", action="store_true", help="print the cells and what would run")
+    sp.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                    help="Ray cluster to join, e.g. 'auto' (default: $RAY_ADDRESS or a local Ray)")
+    sp.add_argument("--results", default=None, help="results root (default: the study's)")
+    sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("status", help="cells done / running / failed / pending, time, ETA")
+    sp.add_argument("study")
+    sp.add_argument("--results", default=None)
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("figures", help="every figure and table, from stored results alone")
+    sp.add_argument("study")
+    sp.add_argument("--results", default=None)
+    sp.add_argument("--only", default=None, help="one output: heatmap, curves, reset, "
+                    "transplant, samples, table, claims")
+    sp.add_argument("--metric", default=None, help="metric to plot (default: the study's primary)")
+    sp.set_defaults(func=cmd_figures)
+
+    sp = sub.add_parser("bench", help="overhead and speed benchmarks (prints a table)")
+    sp.add_argument("--quick", action="store_true", help="fewer repetitions")
+    sp.add_argument("--gpu", action="store_true", help="also the GPU rows (needs CUDA)")
+    sp.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    errors = _user_errors()
+    if args.command in ("teacher", "cell"):
+        errors += _torch_errors()
+    try:
+        return args.func(args)
+    except errors as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""The pinned matrix: cell and teacher ids, ``pin.json``, the study lock (DESIGN "The pinned matrix").
+
+Pure Python (no torch, no Ray). A cell id is a short hash of the canonical JSON of everything that
+changes the cell's numbers: the resolved sections ``data`` (less ``path``: the dataset's
+fingerprint stands for its content, so the same files at another path give the same id),
+``teacher``, ``student``, ``loss``, ``init``, ``eval`` and ``seed``, the dataset fingerprint and
+the teacher id. Scheduling settings (``config.STUDY_ONLY``: resources, max_failures) never enter.
+
+``pin.json`` in the study's results root records every cell the study ever had; entries are
+added, never changed, so results of unchanged cells stay valid when the YAML grows, and cells that
+left the YAML are reported as orphaned. All I/O goes through ``harness.results`` (local paths and
+pyarrow filesystem URIs alike); it is imported lazily so ``harness.study`` stays light.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import posixpath
+import socket
+import sys
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from . import __version__
+from . import config as C
+
+PIN = "pin.json"
+LOCK = ".lock"
+ID_SECTIONS = ("data", "teacher", "student", "loss", "init", "eval", "seed")
+NOT_IDENTITY = {"data": ("path",)}  # settings that do not change numbers (content is fingerprinted)
+
+
+class PinError(RuntimeError):
+    """pin.json cannot be used (corrupt, or another study's): the message names file and fix."""
+
+
+class LockedError(RuntimeError):
+    """The study's results root is locked by another run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical JSON and ids
+
+def _normalise(obj):
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"canonical_json: non-finite number {obj!r}")
+        # 1.0 and 1, 1e-4 and 0.0001: one text. Integral floats become ints.
+        if obj.is_integer() and abs(obj) < 2 ** 53:
+            return int(obj)
+        return obj
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"canonical_json: keys must be strings, got {k!r}")
+            out[k] = _normalise(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_normalise(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _normalise(obj.item())
+    raise TypeError(f"canonical_json: cannot encode {type(obj).__name__} {obj!r}")
+
+
+def canonical_json(obj) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, integral floats as ints, shortest reprs."""
+    return json.dumps(_normalise(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def identity(config: dict) -> dict:
+    """The part of a (possibly partial) cell config that ids hash: resolved, ``ID_SECTIONS`` only."""
+    sub = {k: copy.deepcopy(config[k]) for k in ID_SECTIONS if k in config}
+    resolved = C.resolve_cell(sub)
+    for section, keys in NOT_IDENTITY.items():
+        resolved[section] = {k: v for k, v in resolved[section].items() if k not in keys}
+    return resolved
+
+
+def _teacher_id(ident: dict, data_fingerprint: str) -> str:
+    doc = {"data": ident["data"], "teacher": ident["teacher"], "data_fingerprint": data_fingerprint}
+    return "t-" + _sha(doc)[:12]
+
+
+def teacher_id(config: dict, data_fingerprint: str) -> str:
+    """``t-`` + hash of the data config, the teacher section and the dataset fingerprint."""
+    return _teacher_id(identity(config), data_fingerprint)
+
+
+def cell_id(config: dict, data_fingerprint: str) -> str:
+    """Hash of the resolved cell config, the dataset fingerprint and the teacher id."""
+    ident = identity(config)
+    doc = {"config": ident, "data_fingerprint": data_fingerprint,
+           "teacher": _teacher_id(ident, data_fingerprint)}
+    return _sha(doc)[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# pin.json
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _where(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+@dataclass
+class Pin:
+    study: str
+    root: str
+    current: list  # [(cell id, Cell)] in study order
+    new: list  # ids pinned by this call
+    orphaned: list  # ids in pin.json that are no longer in the study
+    teachers: dict  # teacher id -> {data, teacher, data_fingerprint}
+    notes: list = field(default_factory=list)  # drift: harness version, dataset fingerprints
+    document: dict = field(default_factory=dict, repr=False)  # pin.json as written
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for i, _ in self.current]
+
+    def teacher_of(self, cid: str) -> str:
+        return self.document["cells"][cid]["teacher"]
+
+
+def read_pin(root: str) -> dict | None:
+    """The pin.json document of a results root, None if there is none; PinError if corrupt."""
+    from . import results
+
+    where = _where(root, PIN)
+    data = results.read_bytes(root, PIN)
+    if data is None:
+        return None
+    fix = (f"It is not safe to overwrite it. Move it aside (e.g. rename it to pin.json.bad) and run "
+           f"again: the study is re-pinned from its YAML and finished results are kept (cell ids "
+           f"come from the configs), but cells that are no longer in the YAML will not be listed "
+           f"as orphaned.")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise PinError(f"{where} is not valid JSON ({e}). {fix}") from None
+    problems = []
+    if not isinstance(doc, dict):
+        problems.append(f"expected a JSON object, got {type(doc).__name__}")
+    else:
+        if not isinstance(doc.get("study"), str):
+            problems.append("'study' is missing or not a string")
+        if not isinstance(doc.get("cells"), dict):
+            problems.append("'cells' is missing or not an object")
+        elif not all(isinstance(v, dict) and isinstance(v.get("config"), dict)
+                     for v in doc["cells"].values()):
+            problems.append("an entry of 'cells' is not an object with a 'config'")
+        for key, kind in (("current", list), ("teachers", dict), ("fingerprints", dict)):
+            if key in doc and not isinstance(doc[key], kind):
+                problems.append(f"'{key}' is not a JSON {kind.__name__}")
+    if problems:
+        raise PinError(f"{where} is not a pin file: {'; '.join(problems)}. {fix}")
+    return doc
+
+
+def _fingerprinter(data_fingerprint) -> Callable[[dict], str]:
+    if isinstance(data_fingerprint, str):
+        return lambda data: data_fingerprint
+    if isinstance(data_fingerprint, Mapping):
+        def get(data):
+            try:
+                return data_fingerprint[data["name"]]
+            except KeyError:
+                raise ValueError(f"no data fingerprint given for dataset {data['name']!r}; "
+                                 f"have {sorted(data_fingerprint)}") from None
+        return get
+    if callable(data_fingerprint):
+        return data_fingerprint
+    raise TypeError("data_fingerprint: a str, a {dataset name: fingerprint} mapping or a "
+                    "callable(data config) -> str")
+
+
+def compute_ids(study, data_fingerprint) -> list[tuple[str, object, str, str]]:
+    """[(cell id, Cell, teacher id, fingerprint)] for the study's cells, without touching pin.json."""
+    fp_of = _fingerprinter(data_fingerprint)
+    out, seen = [], {}
+    for cell in study.cells:
+        fp = fp_of(cell.config["data"])
+        ident = identity(cell.config)
+        tid = _teacher_id(ident, fp)
+        cid = _sha({"config": ident, "data_fingerprint": fp, "teacher": tid})[:12]
+        if cid in seen:
+            raise ValueError(f"cells {seen[cid]} and {cell.index} of study {study.name!r} have the "
+                             f"same id {cid}: they differ only in settings that do not change "
+                             f"numbers (such as data.path); remove one of them")
+        seen[cid] = cell.index
+        out.append((cid, cell, tid, fp))
+    return out
+
+
+def pin_study(study, root: str | None = None, data_fingerprint=None, *, write: bool = True) -> Pin:
+    """Pin the study's cells in ``root/pin.json`` (root defaults to ``study.results_root``).
+
+    ``data_fingerprint``: the dataset's fingerprint (str), a ``{dataset name: fingerprint}``
+    mapping, or a callable ``(data config) -> fingerprint`` (for studies with a data axis).
+    Existing cell entries are never modified; new cells are added; ``current`` is set to the study's
+    cells now. ``write=False`` computes the same answer without writing (dry runs, status).
+    """
+    from . import results
+
+    root = study.results_root if root is None else root
+    if data_fingerprint is None:
+        raise TypeError("pin_study: data_fingerprint is required")
+    doc = read_pin(root)
+    notes = []
+    if doc is None:
+        doc = {"study": study.name, "version": __version__, "updated_at": None, "current": [],
+               "cells": {}, "teachers": {}, "fingerprints": {}}
+        before = None
+    else:
+        if doc["study"] != study.name:
+            raise PinError(f"{_where(root, PIN)} belongs to study {doc['study']!r}, not "
+                           f"{study.name!r}: two studies cannot share one results root. Give "
+                           f"this study its own `results:` path in its YAML (or fix its `study:` "
+                           f"name if it was renamed).")
+        before = copy.deepcopy(doc)
+        for key, empty in (("current", []), ("teachers", {}), ("fingerprints", {})):
+            doc.setdefault(key, empty)
+        if doc.get("version") != __version__:
+            notes.append(f"pin.json was written by harness {doc.get('version')}, this is "
+                         f"{__version__}; cell ids are unchanged unless configs resolve differently")
+    rows = compute_ids(study, data_fingerprint)
+    stamp = _now()
+    new, teachers, fingerprints = [], {}, {}
+    for cid, cell, tid, fp in rows:
+        ident = identity(cell.config)
+        teachers[tid] = {"data": ident["data"], "teacher": ident["teacher"], "data_fingerprint": fp}
+        fingerprints[cell.config["data"]["name"]] = fp
+        if cid not in doc["cells"]:
+            new.append(cid)
+            doc["cells"][cid] = {"axes": copy.deepcopy(cell.axes), "config": copy.deepcopy(cell.config),
+                                 "teacher": tid, "data_fingerprint": fp, "pinned_at": stamp}
+        if tid not in doc["teachers"]:
+            doc["teachers"][tid] = copy.deepcopy(teachers[tid])
+    for name, fp in fingerprints.items():
+        old = doc["fingerprints"].get(name)
+        if old is not None and old != fp:
+            notes.append(f"dataset {name!r} changed (fingerprint {old} -> {fp}): its cells get new "
+                         f"ids, the old ones are orphaned")
+        doc["fingerprints"][name] = fp
+    current = [cid for cid, *_ in rows]
+    previous = [cid for cid in doc["current"] if isinstance(cid, str)]
+    doc["current"] = current
+    doc["version"] = __version__
+    # orphans: those current last time in their old order, then older ones by id
+    now_ids = set(current)
+    orphaned = list(dict.fromkeys(
+        [c for c in previous if c in doc["cells"] and c not in now_ids]
+        + sorted(c for c in doc["cells"] if c not in now_ids)))
+    if before is None or {**doc, "updated_at": None} != {**before, "updated_at": None}:
+        doc["updated_at"] = stamp
+        if write:
+            results.write_bytes_atomic(root, PIN, dumps(doc))
+    return Pin(study=study.name, root=root, current=[(cid, cell) for cid, cell, *_ in rows],
+               new=new, orphaned=orphaned, teachers=teachers, notes=notes, document=doc)
+
+
+def dumps(doc: dict) -> bytes:
+    """pin.json text: sorted keys, two-space indent (entries re-serialise byte-identically)."""
+    return (json.dumps(doc, sort_keys=True, indent=2, allow_nan=False) + "\n").encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# The study lock
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+class Lock:
+    """A held lock on a results root; a context manager that releases it on exit."""
+
+    def __init__(self, root: str, path: str, info: dict, fs=None):
+        self.root, self.path, self.info, self._fs = root, path, info, fs
+        self.held = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+    def release(self):
+        if not self.held:
+            return
+        self.held = False
+        try:
+            current = json.loads(self._read() or b"null")
+        except ValueError:
+            current = None
+        if isinstance(current, dict) and current.get("token") == self.info["token"]:
+            if self._fs is None:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+            else:
+                self._fs.delete_file(self.path)
+
+    def _read(self) -> bytes | None:
+        return _read_lock(self._fs, self.path)
+
+
+def _read_lock(fs, path) -> bytes | None:
+    if fs is None:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _holder(data: bytes | None) -> dict | None:
+    try:
+        info = json.loads((data or b"").decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _refuse(root: str, where: str, info: dict | None) -> LockedError:
+    if info is None:
+        who = "an unknown process (the lock file is unreadable)"
+    else:
+        who = (f"process {info.get('pid')} on host {info.get('host')}, running since "
+               f"{info.get('started_at')}")
+    return LockedError(
+        f"The results of this study ({root}) are locked by {who}: another `harness run` of the "
+        f"same study is using them, and two runs must not work on one study at once. Wait for it "
+        f"to finish (or stop it); if that process is gone (for example its machine crashed), "
+        f"delete the lock file {where} and run again.")
+
+
+def _is_stale(info: dict | None) -> bool:
+    if not info or info.get("host") != socket.gethostname():
+        return False
+    pid = info.get("pid")
+    return isinstance(pid, int) and not isinstance(pid, bool) and not _alive(pid)
+
+
+def acquire_lock(root: str) -> Lock:
+    """Lock a study's results root (``root/.lock``) or raise LockedError naming the holder.
+
+    Local roots use exclusive create (O_CREAT|O_EXCL); other pyarrow filesystems a best-effort
+    check, write and re-read. A lock left by a dead process on this host is taken over.
+    """
+    from . import results
+
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now(),
+            "token": uuid.uuid4().hex}
+    payload = json.dumps(info).encode()
+    import pyarrow.fs as pafs
+
+    fs, base = results.filesystem(root)
+    where = _where(root, LOCK)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(base, exist_ok=True)
+        path = os.path.join(base, LOCK)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                data = _read_lock(None, path)
+                if data is None:
+                    continue  # released meanwhile
+                holder = _holder(data)
+                if not _is_stale(holder):
+                    raise _refuse(root, path, holder) from None
+                # move the stale lock aside; only one contender wins the rename
+                aside = f"{path}.stale-{info['token']}"
+                try:
+                    os.rename(path, aside)
+                except FileNotFoundError:
+                    continue
+                moved = _read_lock(None, aside)
+                if moved != data:  # someone else's fresh lock: put it back
+                    try:
+                        os.link(aside, path)
+                    except FileExistsError:
+                        pass
+                    os.unlink(aside)
+                    raise _refuse(root, path, _holder(moved)) from None
+                os.unlink(aside)
+                print(f"note: taking over the stale lock {path}: process {holder.get('pid')} on "
+                      f"this host (since {holder.get('started_at')}) is gone", file=sys.stderr)
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            return Lock(root, path, info)
+        raise _refuse(root, path, _holder(_read_lock(None, path)))
+
+    path = posixpath.join(base, LOCK)
+    data = _read_lock(fs, path)
+    if data is not None:
+        holder = _holder(data)
+        if not _is_stale(holder):
+            raise _refuse(root, where, holder)
+        print(f"note: taking over the stale lock {where}: process {holder.get('pid')} on this "
+              f"host (since {holder.get('started_at')}) is gone", file=sys.stderr)
+    results.write_bytes_atomic(root, LOCK, payload)
+    if _read_lock(fs, path) != payload:  # lost a race
+        raise _refuse(root, where, _holder(_read_lock(fs, path)))
+    return Lock(root, path, info, fs)

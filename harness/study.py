@@ -1,0 +1,677 @@
+"""Study files: YAML -> validated ``Study`` -> cells (DESIGN "Study file").
+
+Pure Python (pyyaml only; no torch, no Ray), so ``harness run --dry-run`` and every validation
+error are instant. Every problem raises ``StudyError`` whose message reads::
+
+    <file>:<line>: <yaml.path>: <problem>; <how to fix>
+
+A study is a set of fixed settings (sections ``data``, ``teacher``, ``student``, ``eval`` as in
+``config.DEFAULTS``; ``loss``, ``init``, ``seed``) and a ``grid`` of axes. The cells are the
+cartesian product of the axes in the YAML order of ``grid``; each cell's config is resolved through
+``config.resolve_cell``, so ``loss`` and ``init`` are canonical and every setting is explicit.
+
+Axis values for ``loss`` / ``init`` are a name (``ratio_js``), a one-key mapping
+(``{sid: {alpha: [1.0, 1.2]}}``) or a mapping with ``name`` (``{name: sid, alpha: 1.0}``). A
+list-valued parameter expands into one value per item (cartesian product over parameters), except
+``groups``, which is itself a list and expands only when written as a list of lists.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+from . import config as C
+from .pin import canonical_json
+
+
+class StudyError(C.ConfigError):
+    """An invalid study file. ``str(e)`` is ``"<file>:<line>: <yaml.path>: <problem>; <fix>"``."""
+
+    def __init__(self, problem: str, *, source: str = "<string>", line: int | None = None,
+                 path: str = "", fix: str | None = None):
+        where = source + (f":{line}" if line else "")
+        text = f"{where}: " + (f"{path}: " if path else "") + problem + (f"; {fix}" if fix else "")
+        ValueError.__init__(self, text)
+        self.path, self.source, self.line, self.problem, self.fix = path, source, line, problem, fix
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema of the scalar settings (sections of config.DEFAULTS, the seed, resources).
+
+TOY_KINDS = ("ring8", "checkerboard")
+PATH_DATASETS = {  # datasets read from files the user provides: what data.path must point at
+    "cifar10": "the folder cifar-10-batches-py with data_batch_1..5",
+    "mnist": "a folder with train-images-idx3-ubyte and train-labels-idx1-ubyte",
+    "npz": "an .npz file holding 'x' (uint8 images) and optionally 'y'",
+    "folder": "a folder of same-size PNG/JPEG images",
+}
+EVAL_METRICS = ("auto", "fd", "fid", "mmd")
+IMAGE_ARCHS = tuple(a for a in C.ARCHS if a != "mlp")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\Z")  # YAML 1.1 reads 1e-4 as a str
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Type and range of one scalar setting."""
+
+    kind: str  # num | int | str | any
+    lo: float | None = None
+    lo_open: bool = True  # True: value > lo; False: value >= lo
+    hi: float | None = None
+    hi_open: bool = False  # True: value < hi; False: value <= hi
+    choices: tuple | None = None
+    nullable: bool = False
+
+    def range_text(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return (f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+                    f"{')' if self.hi_open else ']'}")
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+
+
+def _num(lo=None, lo_open=True, hi=None, hi_open=False):
+    return Setting("num", lo, lo_open, hi, hi_open)
+
+
+def _int(lo=None):
+    return Setting("int", lo, False)
+
+
+def _choice(*choices, nullable=False):
+    return Setting("str", choices=choices, nullable=nullable)
+
+
+SCHEMA = {
+    "data": {"name": _choice(*C.DATASETS), "path": Setting("str", nullable=True),
+             "kind": _choice(*TOY_KINDS, nullable=True)},
+    "teacher": {"arch": _choice(*C.ARCHS), "kimg": _num(0), "batch": _int(1), "lr": _num(0),
+                "ema_halflife_kimg": _num(0, False), "seed": _int(0)},
+    "student": {"sigma_init": _num(0), "t_max": _num(0, True, 1, False), "kimg": _num(0),
+                "batch": _int(1), "lr": _num(0), "aux_lr": _num(0), "aux_steps": _int(1),
+                "aux_init": _choice("teacher", "random"), "ratio_net": _choice("encoder"),
+                "ema_halflife_kimg": _num(0, False), "precision": _choice("fp32", "tf32", "bf16")},
+    "eval": {"metric": _choice(*EVAL_METRICS), "n": _int(2), "every_kimg": _num(0),
+             "samples": _int(0)},
+    "seed": _int(0),
+}
+RESOURCES = {"cpu": _num(0), "gpu": _num(0, False)}
+DEFAULT_RESOURCES = {"cpu": 1.0, "gpu": 0.0}
+DEFAULT_MAX_FAILURES = 0
+SECTIONS = tuple(k for k, v in C.DEFAULTS.items() if isinstance(v, dict) and k not in ("loss", "init"))
+TOP_KEYS = ("study", "description", "results", *SECTIONS, "loss", "init", "seed", "grid",
+            *C.STUDY_ONLY)
+
+
+def _setting(section: str, key: str | None) -> Setting:
+    """The schema entry, or one inferred from the default's type for a key not listed above."""
+    spec = SCHEMA.get(section)
+    if key is not None:
+        spec = (spec or {}).get(key)
+        default = C.DEFAULTS[section][key]
+    else:
+        default = C.DEFAULTS[section]
+    if isinstance(spec, Setting):
+        return spec
+    if isinstance(default, bool) or default is None:
+        return Setting("any", nullable=True)
+    return Setting({int: "int", float: "num", str: "str"}.get(type(default), "any"))
+
+
+class _Bad(Exception):
+    """A problem found at a yaml path (converted to StudyError with file and line)."""
+
+    def __init__(self, path: str, problem: str, fix: str | None = None):
+        super().__init__(problem)
+        self.path, self.problem, self.fix = path, problem, fix
+
+
+def _type_name(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", str: "a string", list: "a list", dict: "a mapping",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _check(spec: Setting, value, path: str):
+    """Validate and coerce one scalar value against its Setting."""
+    if value is None:
+        if spec.nullable:
+            return None
+        raise _Bad(path, "a value is required, got null", "give a value or remove the key")
+    if spec.kind in ("num", "int"):
+        if isinstance(value, str) and spec.kind == "num" and _FLOAT_RE.match(value.strip()):
+            value = float(value)  # 1e-4: YAML 1.1 reads it as a string
+        if spec.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _Bad(path, f"expected a whole number, got {value!r} ({_type_name(value)})",
+                           "write an integer such as 1")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad(path, f"expected a number, got {value!r} ({_type_name(value)})",
+                       "write a number such as 0.5 or 1.0e-4")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Bad(path, f"must be a finite number, got {value!r}", "write a finite number")
+        lo_bad = spec.lo is not None and (value <= spec.lo if spec.lo_open else value < spec.lo)
+        hi_bad = spec.hi is not None and (value >= spec.hi if spec.hi_open else value > spec.hi)
+        if lo_bad or hi_bad:
+            raise _Bad(path, f"must be {spec.range_text()}, got {value!r}",
+                       f"use a value {spec.range_text()}")
+        return value
+    if spec.kind == "str":
+        if not isinstance(value, str) or not value:
+            raise _Bad(path, f"expected a string, got {value!r} ({_type_name(value)})",
+                       "write a name" + (f": one of {', '.join(spec.choices)}" if spec.choices else ""))
+        if spec.choices and value not in spec.choices:
+            raise _Bad(path, f"unknown value {value!r}", f"known: {', '.join(spec.choices)}")
+        return value
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and init specs: expansion of list-valued parameters, canonicalisation through config.
+
+@dataclass
+class _Value:
+    """One value of an axis (or a fixed setting), with where it came from."""
+
+    value: object  # what goes into the cell config (canonical for loss/init)
+    label: object  # what Cell.axes records
+    origin: str  # yaml path of the item that produced it
+
+
+def _rewrap(e: C.ConfigError, expanded: dict) -> _Bad:
+    """A ConfigError from config.resolve_* as a _Bad, with [j] inserted for expanded params."""
+    path = e.path
+    text = str(e)[len(path) + 2:] if path else str(e)
+    for param_path, j in expanded.items():
+        if path == param_path or path.startswith(param_path + "[") or path.startswith(param_path + "."):
+            path = f"{param_path}[{j}]{path[len(param_path):]}"
+            break
+    problem, _, fix = text.partition("; ")
+    return _Bad(path, problem, fix or None)
+
+
+def _param_text(spec: C.Param) -> str:
+    kind = {float: "a number", str: "a string", list: "a list"}.get(spec.kind, spec.kind.__name__)
+    if spec.choices:
+        kind = "one of " + "|".join(spec.choices)
+    if spec.of:
+        kind = "a list of " + "|".join(spec.of)
+    if spec.positive:
+        kind += " > 0"
+    return kind + (", required" if spec.required else f", default {spec.default!r}")
+
+
+def _expand_spec(kind: str, item, path: str, fixed: bool) -> list[_Value]:
+    """Expand one loss/init item (name, one-key mapping or mapping with ``name``) into values."""
+    names = C.LOSS_NAMES if kind == "loss" else C.INIT_SCHEMES
+    example = "sid or {sid: {alpha: 1.2}}" if kind == "loss" else \
+        "teacher or {reset_layers: {groups: [output]}}"
+    if isinstance(item, str):
+        name, params, prefix = item, {}, path
+    elif isinstance(item, dict) and "name" in item:
+        name, prefix = item["name"], path
+        params = {k: v for k, v in item.items() if k != "name"}
+        if not isinstance(name, str):
+            raise _Bad(f"{path}.name", f"expected a {kind} name, got {name!r}",
+                       f"known: {', '.join(names)}")
+    elif isinstance(item, dict) and len(item) == 1:
+        (name, params), = item.items()
+        prefix = f"{path}.{name}"
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise _Bad(prefix, f"expected a mapping of parameters, got {params!r}",
+                       f"write e.g. {example}")
+    else:
+        raise _Bad(path, f"expected a {kind} name or a one-key mapping, got {item!r}",
+                   f"write e.g. {example}")
+    if name not in names:
+        raise _Bad(prefix if prefix != path or isinstance(item, str) else f"{path}.name",
+                   f"unknown {kind} {name!r}",
+                   f"known: {', '.join(names)}")
+    family = C.LOSS_NAMES[name][0] if kind == "loss" else name
+    schema = C.LOSS_FAMILIES[family] if kind == "loss" else C.INIT_SCHEMES[name]
+
+    # each parameter: a list of (value, index or None)
+    choices = []
+    for pname, pvalue in params.items():
+        ppath = f"{prefix}.{pname}"
+        spec = schema.get(pname)
+        if spec is not None and spec.kind is list:  # groups: only a list of lists expands
+            if not isinstance(pvalue, list) or not pvalue:
+                choices.append([(pvalue, None)])  # config reports the error
+                continue
+            inner = [isinstance(v, list) for v in pvalue]
+            if all(inner):
+                many = True
+            elif any(inner):
+                raise _Bad(ppath, "mixes group names and lists of groups",
+                           f"write [output] for one value or [[output], [encoder, middle]] for "
+                           f"one value per inner list")
+            else:
+                many = False
+        else:
+            many = isinstance(pvalue, list)
+        if many and fixed:
+            raise _Bad(ppath, f"a fixed {kind} takes one value, got a list {pvalue!r}",
+                       f"to compare several values, move it into grid.{kind}")
+        if many and not pvalue:
+            raise _Bad(ppath, "empty list of values", "give at least one value")
+        values = list(pvalue) if many else [pvalue]
+        if spec is not None and spec.kind is float:
+            values = [float(v) if isinstance(v, str) and _FLOAT_RE.match(v.strip()) else v
+                      for v in values]
+        choices.append([(v, j if many else None) for j, v in enumerate(values)])
+
+    out = []
+    resolve = C.resolve_loss if kind == "loss" else C.resolve_init
+    label = C.loss_label if kind == "loss" else C.init_label
+    for combo in itertools.product(*choices):
+        spec = {"name": name}
+        expanded = {}
+        for pname, (v, j) in zip(params, combo):
+            spec[pname] = v
+            if j is not None:
+                expanded[f"{prefix}.{pname}"] = j
+        try:
+            canon = resolve(spec, prefix)
+        except C.ConfigError as e:
+            bad = _rewrap(e, expanded)
+            if bad.fix is None:
+                bad.fix = f"{name} takes " + (", ".join(
+                    f"{p} ({_param_text(s)})" for p, s in schema.items()) or "no parameters")
+            raise bad from None
+        out.append(_Value(canon, label(canon), path))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The study and its cells.
+
+@dataclass
+class Cell:
+    """One cell: its complete resolved config and its axis values (labels for loss/init)."""
+
+    config: dict
+    axes: dict
+    index: int = 0
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={_fmt(v)}" for k, v in self.axes.items()) or "(single cell)"
+
+
+@dataclass
+class Study:
+    name: str
+    path: str | None
+    results_root: str
+    fixed: dict  # validated fixed settings: partial sections, canonical loss/init, seed
+    axes: list  # [(axis path, [config values...])] in grid order
+    cells: list
+    resources: dict  # {"cpu": float, "gpu": float} per cell
+    max_failures: int
+    raw: dict  # the YAML as loaded
+    description: str = ""
+    lines: dict = field(default_factory=dict, repr=False)  # yaml path -> line
+
+    @property
+    def axis_names(self) -> list[str]:
+        return [a for a, _ in self.axes]
+
+
+class _Parser:
+    def __init__(self, text: str, source: str):
+        self.source, self.text, self.lines = source, text, {}
+
+    # -- errors ----------------------------------------------------------------------------
+    def line(self, path: str) -> int | None:
+        p = path
+        while p:
+            if p in self.lines:
+                return self.lines[p]
+            stripped = re.sub(r"(\[\d+\]|\.[^.\[\]]*|^[^.\[\]]*)$", "", p)
+            if stripped == p:
+                break
+            p = stripped
+        return None
+
+    def error(self, bad: _Bad) -> StudyError:
+        return StudyError(bad.problem, source=self.source, line=self.line(bad.path),
+                          path=bad.path, fix=bad.fix)
+
+    # -- YAML ------------------------------------------------------------------------------
+    def load(self):
+        loader = yaml.SafeLoader(self.text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            self._walk(node, "", 0)
+            self.lines["top level"] = node.start_mark.line + 1
+            return loader.construct_document(node)
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            problem = " ".join(str(x) for x in (e.context, e.problem) if x)
+            raise StudyError(f"YAML syntax error: {problem}", source=self.source,
+                             line=mark.line + 1 if mark else None,
+                             fix="check the indentation, colons and brackets on this line and "
+                                 "the one before") from None
+        except yaml.YAMLError as e:
+            raise StudyError(f"YAML syntax error: {e}", source=self.source,
+                             fix="check the YAML syntax") from None
+        finally:
+            loader.dispose()
+
+    def _walk(self, node, path: str, depth: int):
+        if depth > 64:
+            return
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                line = key.start_mark.line + 1
+                if name in seen and name != "<<":
+                    p = f"{path}.{name}" if path else name
+                    raise StudyError(f"duplicate key {name!r} (first on line {seen[name]})",
+                                     source=self.source, line=line, path=p,
+                                     fix="remove or merge one of them")
+                seen[name] = line
+                p = f"{path}.{name}" if path else name
+                self.lines[p] = line
+                self._walk(value, p, depth + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._walk(item, f"{path}[{i}]", depth + 1)
+
+    # -- validation ------------------------------------------------------------------------
+    def parse(self) -> Study:
+        raw = self.load()
+        try:
+            return self._study(raw)
+        except _Bad as bad:
+            raise self.error(bad) from None
+
+    def _study(self, raw) -> Study:
+        if raw is None:
+            raise _Bad("", "the study file is empty",
+                       "write at least `study: NAME` (see studies/quick.yaml)")
+        if not isinstance(raw, dict):
+            raise _Bad("top level", f"expected a mapping of settings, got {_type_name(raw)}",
+                       "write `key: value` lines starting with `study: NAME`")
+        for key in raw:
+            if key not in TOP_KEYS:
+                raise _Bad(str(key), f"unknown top-level key {key!r}", f"known: {', '.join(TOP_KEYS)}")
+
+        if "study" not in raw:
+            raise _Bad("study", "missing study name", "add a line `study: NAME` at the top")
+        name = raw["study"]
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise _Bad("study", f"invalid study name {name!r}",
+                       "use lowercase letters, digits and _ . - (starting with a letter or "
+                       "digit), e.g. paper-digits")
+        description = raw.get("description") or ""
+        if not isinstance(description, str):
+            raise _Bad("description", f"expected a string, got {_type_name(description)}",
+                       "write one line of text")
+
+        results = raw.get("results", None)
+        if results is None:
+            results = os.path.abspath(os.path.join("results", name))
+        elif not isinstance(results, str) or not results.strip():
+            raise _Bad("results", f"expected a path or URI, got {results!r}",
+                       "write e.g. results/NAME, /shared/results/NAME or s3://bucket/NAME")
+        elif "://" in results:
+            if not re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", results):
+                raise _Bad("results", f"malformed URI {results!r}",
+                           "write SCHEME://PATH, e.g. s3://bucket/NAME or file:///abs/path")
+        else:
+            results = os.path.abspath(os.path.expanduser(results))
+
+        fixed: dict = {}
+        for section in SECTIONS:
+            if section not in raw:
+                continue
+            body = raw[section]
+            if body is None:
+                body = {}
+            if not isinstance(body, dict):
+                raise _Bad(section, f"expected a mapping, got {_type_name(body)}",
+                           f"write e.g. {section}: {{{next(iter(C.DEFAULTS[section]))}: ...}}")
+            out = {}
+            for key, value in body.items():
+                if key not in C.DEFAULTS[section]:
+                    raise _Bad(f"{section}.{key}", f"unknown key {key!r} in {section}",
+                               f"known: {', '.join(C.DEFAULTS[section])}")
+                out[key] = _check(_setting(section, key), value, f"{section}.{key}")
+            fixed[section] = out
+        for kind in ("loss", "init"):
+            if kind in raw:
+                values = _expand_spec(kind, raw[kind], kind, fixed=True)
+                fixed[kind] = values[0].value
+        if "seed" in raw:
+            fixed["seed"] = _check(_setting("seed", None), raw["seed"], "seed")
+
+        resources = dict(DEFAULT_RESOURCES)
+        if raw.get("resources") is not None:
+            body = raw["resources"]
+            if not isinstance(body, dict):
+                raise _Bad("resources", f"expected a mapping, got {_type_name(body)}",
+                           "write e.g. resources: {cpu: 1, gpu: 0.5}")
+            for key, value in body.items():
+                if key not in RESOURCES:
+                    raise _Bad(f"resources.{key}", f"unknown key {key!r}",
+                               f"known: {', '.join(RESOURCES)}")
+                resources[key] = float(_check(RESOURCES[key], value, f"resources.{key}"))
+            if resources["gpu"] > 1 and not float(resources["gpu"]).is_integer():
+                raise _Bad("resources.gpu", f"a fraction of a GPU must be below 1, got "
+                                            f"{resources['gpu']:g}",
+                           "use a fraction (< 1) or a whole number of GPUs")
+        max_failures = DEFAULT_MAX_FAILURES
+        if raw.get("max_failures") is not None:
+            max_failures = _check(_int(0), raw["max_failures"], "max_failures")
+
+        axes = self._grid(raw.get("grid"), raw, fixed)
+        cells = self._cells(fixed, axes)
+        return Study(name=name, path=None, results_root=results, fixed=fixed,
+                     axes=[(a, [v.value for v in vals]) for a, vals in axes], cells=cells,
+                     resources=resources, max_failures=max_failures, raw=raw,
+                     description=description, lines=dict(self.lines))
+
+    def _grid(self, grid, raw, fixed) -> list:
+        if grid is None:
+            return []
+        if not isinstance(grid, dict):
+            raise _Bad("grid", f"expected a mapping of axes, got {_type_name(grid)}",
+                       "write e.g. grid: {loss: [di, sid], seed: [0, 1, 2]}")
+        axes = []
+        for axis, items in grid.items():
+            path = f"grid.{axis}"
+            axis = str(axis)
+            if axis in ("loss", "init", "seed"):
+                if axis in raw:
+                    raise _Bad(path, f"{axis} is both an axis and fixed (top-level {axis}, line "
+                                     f"{self.line(axis)})",
+                               f"remove the top-level {axis} or the grid axis")
+            else:
+                section, _, key = axis.partition(".")
+                if section not in SECTIONS:
+                    raise _Bad(path, f"unknown axis {axis!r}",
+                               f"an axis is loss, init, seed or SECTION.KEY with SECTION one of "
+                               f"{', '.join(SECTIONS)} (e.g. student.lr)")
+                if key not in C.DEFAULTS[section]:
+                    raise _Bad(path, f"unknown axis {axis!r}: {section} has no key {key!r}",
+                               f"known {section} keys: {', '.join(C.DEFAULTS[section])}")
+                if key in fixed.get(section, {}):
+                    raise _Bad(path, f"{axis} is both an axis and fixed ({axis}, line "
+                                     f"{self.line(axis)})",
+                               f"remove {key} from {section} or remove the grid axis")
+            if not isinstance(items, list):
+                raise _Bad(path, f"an axis must be a list of values, got {items!r}",
+                           f"write e.g. {axis}: [{items!r}, ...] (a list, even of one value)")
+            if not items:
+                raise _Bad(path, "empty axis (no values)", "give at least one value or remove the axis")
+            values: list[_Value] = []
+            for i, item in enumerate(items):
+                ipath = f"{path}[{i}]"
+                if axis in ("loss", "init"):
+                    values += _expand_spec(axis, item, ipath, fixed=False)
+                elif axis == "seed":
+                    v = _check(_setting("seed", None), item, ipath)
+                    values.append(_Value(v, v, ipath))
+                else:
+                    section, _, key = axis.partition(".")
+                    v = _check(_setting(section, key), item, ipath)
+                    values.append(_Value(v, v, ipath))
+            seen = {}
+            for v in values:
+                text = canonical_json(v.value)
+                if text in seen:
+                    other = seen[text]
+                    raise _Bad(v.origin, f"duplicate cell: {_fmt(v.label)} here is the same "
+                                         f"{axis} value as {_fmt(other.label)} at {other.origin} "
+                                         f"(line {self.line(other.origin)})",
+                               "remove one of them")
+                seen[text] = v
+            axes.append((axis, values))
+        return axes
+
+    def _cells(self, fixed: dict, axes: list) -> list[Cell]:
+        cells, seen = [], {}
+        for index, combo in enumerate(itertools.product(*(vals for _, vals in axes))):
+            partial = copy.deepcopy(fixed)
+            origin = {}
+            for (axis, _), v in zip(axes, combo):
+                origin[axis] = v.origin
+                if axis in ("loss", "init", "seed"):
+                    partial[axis] = copy.deepcopy(v.value)
+                else:
+                    section, _, key = axis.partition(".")
+                    partial.setdefault(section, {})[key] = copy.deepcopy(v.value)
+            try:
+                cfg = C.resolve_cell(partial)
+            except C.ConfigError as e:
+                text = str(e)[len(e.path) + 2:] if e.path else str(e)
+                problem, _, fix = text.partition("; ")
+                raise _Bad(origin.get(e.path, e.path), problem, fix or None) from None
+            self._cross_check(cfg, fixed, origin)
+            text = canonical_json(cfg)
+            if text in seen:
+                raise _Bad("grid", f"duplicate cells {seen[text]} and {index} resolve to the same "
+                                   f"config", "remove the repeated axis value")
+            seen[text] = index
+            axes_out = {axis: v.label for (axis, _), v in zip(axes, combo)}
+            cells.append(Cell(config=cfg, axes=axes_out, index=index))
+        return cells
+
+    @staticmethod
+    def _where(setting: str, fixed: dict, origin: dict) -> str:
+        if setting in origin:
+            return origin[setting]
+        return setting
+
+    def _cross_check(self, cfg: dict, fixed: dict, origin: dict):
+        data, name = cfg["data"], cfg["data"]["name"]
+        given = lambda s: s in origin or s.partition(".")[2] in fixed.get(s.partition(".")[0], {})  # noqa: E731
+        where = lambda s: self._where(s, fixed, origin)  # noqa: E731
+        if name in PATH_DATASETS and not data["path"]:
+            raise _Bad(where("data.path") if given("data.path") else
+                       (origin["data.name"] if "data.name" in origin else "data.path"),
+                       f"dataset {name!r} needs data.path: {PATH_DATASETS[name]}",
+                       "set data.path in the study file (its existence is checked when the "
+                       "data is loaded)")
+        if name not in PATH_DATASETS and data["path"]:
+            raise _Bad(where("data.path"), f"dataset {name!r} is built in and reads no path",
+                       "remove data.path")
+        if data["kind"] is not None and name != "toy2d":
+            raise _Bad(where("data.kind"), f"only toy2d takes a kind, not dataset {name!r}",
+                       "remove data.kind")
+        arch = cfg["teacher"]["arch"]
+        if name == "toy2d" and arch != "mlp":
+            raise _Bad(where("teacher.arch") if given("teacher.arch") else where("data.name"),
+                       f"toy2d data needs architecture 'mlp', got {arch!r}",
+                       "set teacher.arch: mlp")
+        if name != "toy2d" and arch == "mlp":
+            raise _Bad(where("teacher.arch"), f"architecture 'mlp' is for toy2d, not images "
+                                              f"({name})", f"use one of {', '.join(IMAGE_ARCHS)}")
+        metric = cfg["eval"]["metric"]
+        if name == "toy2d" and metric in ("fd", "fid"):
+            raise _Bad(where("eval.metric"), f"metric {metric!r} needs images, not toy2d",
+                       "use metric: mmd or auto")
+        if name != "toy2d" and metric == "mmd":
+            raise _Bad(where("eval.metric"), f"metric 'mmd' is for toy2d, not images ({name})",
+                       "use metric: fd, fid or auto")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def parse_study(text: str, source: str = "<string>") -> Study:
+    """Validate a study given as YAML text; ``source`` names it in error messages."""
+    return _Parser(text, source).parse()
+
+
+def load_study(path: str) -> Study:
+    """Read and validate a study file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise StudyError("no such study file", source=str(path),
+                         fix="check the path (studies live in studies/NAME.yaml)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise StudyError(f"cannot read the study file ({e})", source=str(path),
+                         fix="check that it is a readable UTF-8 text file") from None
+    study = parse_study(text, source=str(path))
+    study.path = str(path)
+    return study
+
+
+def describe(study: Study, ids: list[str] | None = None, notes: list[str] | None = None) -> str:
+    """A dry-run table: the study's settings, then one line per cell (index, [id], axes, [note])."""
+    n = len(study.cells)
+    res = ", ".join(f"{k} {v:g}" for k, v in study.resources.items())
+    out = [f"study {study.name}" + (f" ({study.path})" if study.path else "")
+           + f": {n} cell{'s' if n != 1 else ''}"
+           + (" = " + " x ".join(f"{len(v)} {a}" for a, v in study.axes) if study.axes else ""),
+           f"results: {study.results_root}",
+           f"resources per cell: {res}; max_failures: {study.max_failures}"]
+    if study.description:
+        out.insert(1, study.description)
+    fixed = []
+    for key, value in study.fixed.items():
+        if key == "loss":
+            fixed.append(f"loss={C.loss_label(value)}")
+        elif key == "init":
+            fixed.append(f"init={C.init_label(value)}")
+        elif isinstance(value, dict):
+            fixed += [f"{key}.{k}={_fmt(v)}" for k, v in value.items()]
+        else:
+            fixed.append(f"{key}={_fmt(value)}")
+    if fixed:
+        out.append("fixed: " + " ".join(fixed))
+    head = ["#"] + (["id"] if ids is not None else []) + study.axis_names \
+        + (["note"] if notes is not None else [])
+    rows = []
+    for i, cell in enumerate(study.cells):
+        row = [str(i)] + ([ids[i]] if ids is not None else []) \
+            + [_fmt(cell.axes[a]) for a in study.axis_names] + ([notes[i]] if notes is not None else [])
+        rows.append(row)
+    widths = [max(len(r[j]) for r in [head] + rows) for j in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    out.append(fmt(head))
+    out += [fmt(r) for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,138 @@
+"""The teacher: an EDM diffusion model trained once per teacher id and cached (SPEC §1).
+
+``<cache>/teachers/<teacher id>/`` holds ``ckpt.pt`` while training (complete, atomic,
+resumable) and ``teacher.pt`` (the EMA weights and the config) when done. A teacher id hashes
+the data fingerprint and the ``teacher`` section, so a second call with the same config reuses
+it instantly, from any cell or node that sees the same cache folder.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+
+import torch
+
+from . import __version__, nets
+from .data import Dataset
+from .diffusion import Denoiser, denoising_loss, ema_beta, heun_sample
+from .inits import derive_seed
+from .pin import teacher_id
+from .train import load_checkpoint, save_atomic
+
+LR_RAMP_FRACTION = 0.05  # linear warm-up over the first 5% of steps (EDM ramps over 10 Mimg)
+
+
+def teacher_dir(cache: str, cfg: dict, dataset: Dataset) -> tuple[str, str]:
+    tid = teacher_id(cfg, dataset.fingerprint)
+    return tid, os.path.join(cache, "teachers", tid)
+
+
+def _build(cfg: dict, dataset: Dataset) -> Denoiser:
+    return Denoiser(nets.build(cfg["teacher"]["arch"], dataset.x.shape[1:]), dataset.sigma_data)
+
+
+def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=print,
+                  max_steps: int | None = None) -> tuple[Denoiser, dict]:
+    """The teacher's EMA denoiser and its metadata, training (or resuming) it if needed."""
+    tid, folder = teacher_dir(cache, cfg, dataset)
+    final = os.path.join(folder, "teacher.pt")
+    denoiser = _build(cfg, dataset)
+    if os.path.exists(final):
+        state = load_checkpoint(final)
+        denoiser.net.load_state_dict(state["ema"])
+        return denoiser.eval().requires_grad_(False), state["meta"]
+    os.makedirs(folder, exist_ok=True)
+    tc = cfg["teacher"]
+    device = torch.device(device)
+    batch = tc["batch"]
+    total = max(1, math.ceil(tc["kimg"] * 1000 / batch))
+    save_every = max(1, total // 20)
+
+    # Construct, then resume from the last checkpoint if one exists.
+    torch.manual_seed(derive_seed(tc["seed"], "teacher-init"))
+    denoiser = _build(cfg, dataset).to(device)
+    ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    opt = torch.optim.Adam(denoiser.parameters(), lr=tc["lr"], betas=(0.9, 0.999), eps=1e-8)
+    beta = ema_beta(batch, tc["ema_halflife_kimg"])
+    ckpt = os.path.join(folder, "ckpt.pt")
+    step, wall = 0, 0.0
+    if os.path.exists(ckpt):
+        state = load_checkpoint(ckpt)
+        denoiser.net.load_state_dict(state["net"])
+        ema.net.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        step, wall = state["step"], state["wall_s"]
+        log(f"teacher {tid}: resuming at step {step}/{total}")
+    else:
+        torch.manual_seed(derive_seed(tc["seed"], "teacher-train"))
+        log(f"teacher {tid}: training {tc['arch']} on {dataset.name} for {tc['kimg']} kimg "
+            f"({total} steps of {batch}); {nets.count_parameters(denoiser.net):,} parameters")
+    data = torch.from_numpy(dataset.x).to(device)
+
+    def checkpoint():
+        save_atomic({"net": denoiser.net.state_dict(), "ema": ema.net.state_dict(),
+                     "opt": opt.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                     "wall_s": wall, "config": cfg["teacher"], "version": __version__}, ckpt)
+
+    # Train: EDM denoising loss, Adam with warm-up, EMA; checkpoint every 5% of the run.
+    t_log = time.perf_counter()
+    while step < total:
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = tc["lr"] * min(1.0, (step + 1) / max(1, LR_RAMP_FRACTION * total))
+        x = data[torch.randint(data.shape[0], (batch,), device=device)]
+        loss = denoising_loss(denoiser, x).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"teacher {tid}: non-finite loss at step {step}; lower "
+                                     f"teacher.lr (now {tc['lr']})")
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
+                p_ema.lerp_(p, 1 - beta)
+        step += 1
+        wall += time.perf_counter() - t0
+        if step % save_every == 0 or step == total:
+            checkpoint()
+        if time.perf_counter() - t_log > 30 or step == total:
+            t_log = time.perf_counter()
+            log(f"teacher {tid}: step {step}/{total} loss {loss.item():.4f} "
+                f"({wall:.0f} s, ETA {wall / step * (total - step):.0f} s)")
+        if max_steps is not None and step >= max_steps and step < total:
+            checkpoint()
+            raise InterruptedError(f"teacher {tid}: stopped at step {step} (max_steps)")
+
+    meta = {"id": tid, "arch": tc["arch"], "data": dataset.name,
+            "data_fingerprint": dataset.fingerprint, "config": tc, "steps": step,
+            "wall_s": wall, "parameters": nets.count_parameters(ema.net), "version": __version__}
+    save_atomic({"ema": ema.net.state_dict(), "meta": meta}, final)
+    os.remove(ckpt)
+    return ema.cpu().eval().requires_grad_(False), meta
+
+
+def heun_quality(teacher: Denoiser, evaluate, shape: tuple, n: int, seed: int, device="cpu",
+                 steps: int = 18) -> dict[str, float]:
+    """The teacher's own sample quality: Heun, ``steps`` steps (35 evaluations for 18)."""
+    gen = torch.Generator(device).manual_seed(derive_seed(seed, "teacher-samples") % 2**62)
+    z = torch.randn(n, *shape, device=device, generator=gen)
+    teacher = teacher.to(device)
+    x = torch.cat([heun_sample(teacher, chunk, steps) for chunk in z.split(500)])
+    return evaluate(x.float())
+
+
+def cached_quality(folder: str, key: str, compute) -> dict:
+    """Memoise a reference measurement (JSON) beside the teacher, keyed by its protocol."""
+    path = os.path.join(folder, "quality.json")
+    known = json.load(open(path)) if os.path.exists(path) else {}
+    if key not in known:
+        known[key] = compute()
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(known, f, indent=1)
+        os.replace(tmp, path)
+    return known[key]

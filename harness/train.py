@@ -1,0 +1,221 @@
+"""The ONE training loop for one-step generators (SPEC §2-§3), whatever the loss family.
+
+Per iteration: ``aux_steps`` updates of the auxiliary network on fresh, detached generator
+samples, then one generator update; EMA of the generator; progress counted in images (kimg).
+Every evaluation (each ``eval.every_kimg``, and at the end) also writes a complete checkpoint
+atomically, so a resumed run continues bit-for-bit where the last one stopped (the RNG state is
+in the checkpoint and evaluation runs on a forked RNG). A non-finite loss ends the run with
+status ``diverged``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import __version__, losses, nets
+from .diffusion import Denoiser, OneStepGenerator, ema_beta
+from .inits import derive_seed, init_aux, init_generator
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation reports to the caller (the cell turns it into result rows)."""
+
+    kimg: float
+    step: int
+    metrics: dict[str, float]
+    status: str  # running | done | diverged
+    wall_s: float  # training compute seconds so far (all resumes together)
+    samples: torch.Tensor | None = None  # first few evaluation samples, float in data range
+    message: str | None = None
+
+
+def save_atomic(obj, path: str):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise CheckpointError(f"checkpoint {path!r} is unreadable ({type(e).__name__}: {e}). "
+                              "It is corrupt or not a harness checkpoint: move it aside and run "
+                              "again to restart this cell from step 0.") from None
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """Parameters stop accumulating gradients; gradients still flow through the inputs."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_student(cfg: dict, teacher_state: dict, shape: tuple, sigma_data: float):
+    """Generator, auxiliary network and loss family at step 0 (SPEC §3-§4)."""
+    arch, st, seed = cfg["teacher"]["arch"], cfg["student"], cfg["seed"]
+    gen_init = init_generator(cfg["init"], teacher_state, lambda: nets.build(arch, shape), seed)
+    net = nets.build(arch, shape)
+    net.load_state_dict(gen_init.state)
+    generator = OneStepGenerator(Denoiser(net, sigma_data), st["sigma_init"], gen_init.sigma_feat)
+
+    family = losses.family_class(cfg["loss"])
+    if family.aux_kind == "ratio":
+        if st["ratio_net"] != "encoder":
+            raise ValueError(f"student.ratio_net {st['ratio_net']!r} unknown; known: encoder")
+        build_aux = lambda: nets.build_ratio(arch, shape)  # noqa: E731
+        wrap = nets.RatioNet
+    else:
+        build_aux = lambda: nets.build(arch, shape)  # noqa: E731
+        wrap = Denoiser
+    aux_net = build_aux()
+    aux_net.load_state_dict(init_aux(st["aux_init"], teacher_state, build_aux, seed))
+    return generator, wrap(aux_net, sigma_data)
+
+
+def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: float,
+                  evaluate: Callable[[torch.Tensor], dict], ckpt_path: str,
+                  report: Callable[[Evaluation], None], device="cpu",
+                  max_steps: int | None = None) -> Evaluation:
+    """Train one cell's generator; resume from ``ckpt_path`` if it exists.
+
+    Args:
+        cfg: resolved cell config (``config.resolve_cell``).
+        teacher: frozen teacher denoiser: its weights feed the init schemes; only the
+            teacher-score families call it.
+        data: the training set as one tensor on ``device``, float in data range.
+        evaluate: ``eval.n`` generated samples -> {metric name: value}.
+        ckpt_path: the checkpoint file (read at start if present, rewritten at every eval).
+        report: called with every Evaluation (rows, samples, progress).
+        max_steps: stop (checkpointed, status ``running``) after this many total steps:
+            simulates an interruption in tests.
+    Returns: the last Evaluation.
+    """
+    device = torch.device(device)
+    st, ev = cfg["student"], cfg["eval"]
+    batch = st["batch"]
+    total_steps = max(1, math.ceil(st["kimg"] * 1000 / batch))
+    eval_every = max(1, round(ev["every_kimg"] * 1000 / batch))
+    n_eval, n_stored = ev["n"], ev["samples"]
+    teacher.to(device).eval().requires_grad_(False)
+    teacher_state = {k: v.detach().cpu() for k, v in teacher.net.state_dict().items()}
+
+    # Construct nets, optimizers and the loss family.
+    shape = tuple(data.shape[1:])
+    generator, aux = build_student(cfg, teacher_state, shape, sigma_data)
+    generator.to(device).train()
+    aux.to(device).train()
+    ema = copy.deepcopy(generator).eval().requires_grad_(False)
+    # Adam with beta1 = 0, as SiD and DMD use for one-step distillation.
+    opt_g = torch.optim.Adam(generator.parameters(), lr=st["lr"], betas=(0.0, 0.999), eps=1e-8)
+    opt_a = torch.optim.Adam(aux.parameters(), lr=st["aux_lr"], betas=(0.0, 0.999), eps=1e-8)
+    family = losses.build(cfg["loss"], teacher, aux, st["t_max"])
+    beta = ema_beta(batch, st["ema_halflife_kimg"])
+    amp = autocast(st.get("precision", "fp32"), device)
+
+    # Resume, or start from the init scheme's weights.
+    step, wall, last = 0, 0.0, None
+    if os.path.exists(ckpt_path):
+        state = load_checkpoint(ckpt_path)
+        generator.load_state_dict(state["generator"])
+        aux.load_state_dict(state["aux"])
+        ema.load_state_dict(state["ema"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_a.load_state_dict(state["opt_aux"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        step, wall = state["step"], state["wall_s"]
+    else:
+        torch.manual_seed(derive_seed(cfg["seed"], "train"))
+
+    def checkpoint():
+        save_atomic({"generator": generator.state_dict(), "aux": aux.state_dict(),
+                     "ema": ema.state_dict(), "opt_g": opt_g.state_dict(),
+                     "opt_aux": opt_a.state_dict(), "rng": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     "step": step, "wall_s": wall, "config": cfg, "version": __version__},
+                    ckpt_path)
+
+    def evaluation(status: str, message=None) -> Evaluation:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            z = torch.randn(n_eval, *shape, device=device,
+                            generator=torch.Generator(device).manual_seed(
+                                derive_seed(cfg["seed"], "eval") % 2**62))
+            with torch.no_grad(), amp:
+                x = torch.cat([ema(chunk) for chunk in z.split(500)]).float()
+            metrics = evaluate(x) if status != "diverged" else {}
+        return Evaluation(step * batch / 1000, step, metrics, status, wall,
+                          x[:n_stored].cpu(), message)
+
+    def emit(status: str, message=None) -> Evaluation:
+        result = evaluation(status, message)
+        if status != "diverged":
+            checkpoint()
+        report(result)
+        return result
+
+    if step == 0:
+        last = emit("running")
+    # Train: aux updates on detached samples, then one generator update, then EMA.
+    n_data = data.shape[0]
+    while step < total_steps:
+        t0 = time.perf_counter()
+        for _ in range(st["aux_steps"]):
+            with torch.no_grad(), amp:
+                x_fake = generator(torch.randn(batch, *shape, device=device))
+            x_real = data[torch.randint(n_data, (batch,), device=device)]
+            with amp:
+                aux_loss = family.aux_loss(x_fake.float(), x_real).mean()
+            opt_a.zero_grad(set_to_none=True)
+            aux_loss.backward()
+            opt_a.step()
+        with frozen(aux), amp:
+            gen_loss = family.generator_loss(generator(torch.randn(batch, *shape, device=device))).mean()
+        opt_g.zero_grad(set_to_none=True)
+        gen_loss.backward()
+        opt_g.step()
+        if not (torch.isfinite(gen_loss) and torch.isfinite(aux_loss)):
+            step += 1
+            return emit("diverged", f"non-finite loss at step {step}: generator "
+                                    f"{gen_loss.item():.3g}, aux {aux_loss.item():.3g}")
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), generator.parameters()):
+                p_ema.lerp_(p, 1 - beta)
+        step += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall += time.perf_counter() - t0
+        if step == total_steps:
+            return emit("done")
+        if step % eval_every == 0:
+            last = emit("running")
+        if max_steps is not None and step >= max_steps:
+            if step % eval_every:
+                checkpoint()
+            return last
+    return emit("done")
+
