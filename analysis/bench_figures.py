@@ -134,7 +134,7 @@ def main(argv=None) -> None:
         t_load = time.perf_counter() - t
         timings: list = []
         t = time.perf_counter()
-        paths = make_all(tmp, os.path.join(tmp, "figures"), timings=timings)
+        paths = make_all(tmp, os.path.join(tmp, "figures"), timings=timings, rows=rows)
         t_all = time.perf_counter() - t
         print(f"\n{'step':44s} {'seconds':>8s}")
         print(f"{'load_rows (standalone)':44s} {t_load:8.2f}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .data import B, Study, boot_means
+from .data import B, Study, boot_means, percentiles
 from .style import base_loss, fmt_num, fmt_pm, init_sort_key
 from .tables import footer_md, footer_tex, fmt_pct, md_escape, tex_escape
 
@@ -88,7 +88,7 @@ def _ci(samples: np.ndarray) -> tuple[float, float]:
     s = samples[np.isfinite(samples)]
     if len(s) < len(samples) * 0.5:
         return math.nan, math.nan
-    lo, hi = np.quantile(s, [0.025, 0.975])
+    lo, hi = percentiles(s, [0.025, 0.975])
     return float(lo), float(hi)
 
 
@@ -209,7 +209,7 @@ def _c3_gap(g: _Groups, name: str, groups: set, threshold: float, holds_if: str)
     return v
 
 
-def _c3c(g: _Groups, rng_best=None) -> Verdict:
+def _c3c(g: _Groups) -> Verdict:
     st = g.study
     v = Verdict("C3c", "spread of feature-transplant scores over σ_feat",
                 "relative spread (worst − best over σ_feat) / teacher")
@@ -286,8 +286,9 @@ def write_claims(study: Study, out_dir: str, rng: np.random.Generator) -> list[s
     md = ["# Claims judged from this study's results", "", head, "",
           "| claim | comparison | effect | 95% CI | seeds | verdict |", "|---|---|---|---|---|---|"]
     for v in verdicts:
-        ci = f"[{v.fmt(v.ci_low)}, {v.fmt(v.ci_high)}]" if v.verdict != NOT_TESTED else "—"
-        eff = v.fmt(v.effect) if v.verdict != NOT_TESTED and v.claim != "C3" else "—"
+        tested = v.verdict != NOT_TESTED and v.claim != "C3"
+        ci = f"[{v.fmt(v.ci_low)}, {v.fmt(v.ci_high)}]" if tested else "—"
+        eff = v.fmt(v.effect) if tested else "—"
         md.append(f"| {v.claim} | {md_escape(v.comparison)} | {eff} | {ci} | {v.n_seeds or '—'} "
                   f"| **{v.verdict}** |")
     for v in verdicts:
@@ -305,7 +306,7 @@ def write_claims(study: Study, out_dir: str, rng: np.random.Generator) -> list[s
     tex = ["\\begin{table}[t]", "\\centering", "\\small",
            f"\\caption{{Claims judged on {tex_escape(study.metric)} ({direction} is better); "
            f"95\\% bootstrap CI over seeds ({B} resamples).}}", "\\label{tab:claims}",
-           "\\begin{tabular}{llllll}", "\\toprule",
+           "\\begin{tabular}{lp{0.34\\linewidth}llcp{0.14\\linewidth}}", "\\toprule",
            "claim & comparison & effect & 95\\% CI & seeds & verdict \\\\", "\\midrule"]
     for v in verdicts:
         tested = v.verdict != NOT_TESTED and v.claim != "C3"

@@ -144,34 +144,39 @@ def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None =
         if metric is None:
             print(f"figures: no quality metric among {sorted(counts.index)}; nothing to plot")
             return None
-        is_ref = (df["status"] == "reference").to_numpy()
-        cells = df.loc[~is_ref].drop_duplicates("cell")[CELL_COLUMNS + ["axes"]]
-        status = cell_status(df.loc[~is_ref, ["cell", "status"]].drop_duplicates())
-        cells = cells.assign(status=cells["cell"].map(status).astype(str))
-        msgs = df.loc[~is_ref & df["message"].notna().to_numpy(), ["cell", "message"]]
-        msgs = msgs.drop_duplicates("cell", keep="last").set_index("cell")["message"]
-        cells["message"] = cells["cell"].map(msgs).fillna("").astype(str)
+        first = df.drop_duplicates("cell")
+        cells = first.loc[(first["status"] != "reference").to_numpy(), CELL_COLUMNS + ["axes"]]
+        # cell_status over the rows that are not 'running' (a cell with none is running): the
+        # same answer as cell_status(df), without walking a million rows in Python
+        st_rows = df.loc[(df["status"] != "running").to_numpy(), ["cell", "status"]]
+        status = cell_status(st_rows.drop_duplicates())
+        cells = cells.assign(status=[status.get(c, "running") for c in cells["cell"]])
+        msgs = df.loc[df["message"].notna().to_numpy(), ["cell", "message"]]
+        msgs = dict(msgs.drop_duplicates("cell", keep="last").itertuples(index=False))
+        cells["message"] = [str(msgs.get(c, "")) for c in cells["cell"]]
         cells["loss_base"] = cells["loss"].astype(str)
         cells["loss"] = extra_axis_labels(cells).to_numpy()
         current = load_pin(root)
         orphan = (~cells["cell"].isin(current)).to_numpy() if current is not None \
             else np.zeros(len(cells), bool)
-        reason = np.where(orphan, "orphaned", "")
         st = cells["status"].to_numpy()
-        reason = np.where(reason != "", reason,
+        reason = np.where(orphan, "orphaned",
                           np.where(st == "done", "", np.where(st == "running", "unfinished", st)))
         cells["reason"] = reason.astype(str)
     with step("prepare: scores, final, references"):
-        m = df.loc[(df["metric"] == metric).to_numpy() & df["value"].notna().to_numpy()]
+        keep = (df["metric"] == metric).to_numpy() & df["value"].notna().to_numpy()
+        m = df[["cell", "init", "kimg", "value", "status"]].loc[keep]
         ok = cells.loc[cells.reason == "", ["cell", "loss", "loss_base", "init", "init_scheme",
                                               "reset_groups", "sigma_feat", "seed"]]
-        scores = m.loc[~(m["status"] == "reference").to_numpy(), ["cell", "kimg", "value"]]
+        is_ref = (m["status"] == "reference").to_numpy()
+        scores = m.loc[~is_ref, ["cell", "kimg", "value"]]
         scores = scores.merge(ok, on="cell", how="inner").dropna(subset=["kimg"])
-        missing = ~ok["cell"].isin(scores["cell"])
-        cells.loc[cells["cell"].isin(ok["cell"][missing]), "reason"] = f"no {metric}"
+        have = set(scores["cell"].unique())
+        missing = ok["cell"][~ok["cell"].isin(have)]
+        cells.loc[cells["cell"].isin(set(missing)), "reason"] = f"no {metric}"
         scores = scores.sort_values(["cell", "kimg"], kind="stable").reset_index(drop=True)
         final = scores.drop_duplicates("cell", keep="last").reset_index(drop=True)
-        refs = _references(m, scores)
+        refs = _references(m.loc[is_ref], scores)
     loss_order = sorted(final["loss"].unique(), key=loss_sort_key)
     init_order = sorted(final["init"].unique(), key=init_sort_key)
     palette = loss_palette(cells["loss"].unique())
@@ -181,9 +186,8 @@ def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None =
                  init_order=init_order, palette=palette)
 
 
-def _references(m: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+def _references(ref: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     out = []
-    ref = m.loc[(m["status"] == "reference").to_numpy()]
     for name in ("teacher_heun35", "data_halves"):
         v = ref.loc[(ref["init"] == name).to_numpy(), "value"].to_numpy(dtype=float)
         if len(v):
@@ -231,9 +235,22 @@ def mean_ci(df: pd.DataFrame, keys: list, rng: np.random.Generator, value: str =
         for s in range(0, len(idx), chunk):
             sel = idx[s:s + chunk]
             means = vals[starts[sel][:, None] + np.arange(n)] @ w.T  # (g, b)
-            lo[sel], hi[sel] = np.quantile(means, q, axis=1)
+            lo[sel], hi[sel] = percentiles(means, q)
     stats["ci_low"], stats["ci_high"] = lo, hi
     return stats
+
+
+def percentiles(a: np.ndarray, qs) -> np.ndarray:
+    """np.quantile(a, qs, axis=-1) (linear interpolation) via one np.partition: ~3x faster."""
+    a = np.asarray(a, dtype=float)
+    n = a.shape[-1]
+    pos = np.asarray(qs, dtype=float) * (n - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n - 1)
+    p = np.partition(a, sorted(set(lo.tolist() + hi.tolist())), axis=-1)
+    fr = pos - lo
+    out = p[..., lo] * (1 - fr) + p[..., hi] * fr
+    return np.moveaxis(out, -1, 0)
 
 
 def boot_means(values: np.ndarray, rng: np.random.Generator, b: int = B) -> np.ndarray:

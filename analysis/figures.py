@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .style import (KIMG_LABEL, RC, REFERENCE_STYLE, SIGMA_LABEL, display_init, fmt_pm,
-                    metric_label, save, use_log)
+                    metric_label, panel_grid, save, use_log, write_csv)
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
@@ -45,20 +45,15 @@ class Timer:
             self.timings.append((step, time.perf_counter() - t))
 
 
-def _csv(df: pd.DataFrame, out_dir: str, name: str) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}.data.csv")
-    df.to_csv(path, index=False, float_format="%.6g")
-    return path
-
-
 def _ylabel(study: Study) -> str:
     return metric_label(study.metric, study.higher_better)
 
 
-def _legend_right(fig, handles, labels, title=None):
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
-               title=title, ncol=1 if len(labels) <= 18 else 2)
+def _legend_right(where, handles, labels, title=None):
+    """Legend outside the data, right of the axes (``where``: an Axes) or figure."""
+    x = 1.02 if hasattr(where, "transAxes") else 1.0
+    where.legend(handles, labels, loc="center left", bbox_to_anchor=(x, 0.5), frameon=False,
+                 title=title, ncol=1 if len(labels) <= 18 else 2)
 
 
 def _ref_handles(study: Study, names=("teacher_heun35", "data_halves")):
@@ -83,7 +78,7 @@ def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
             n="count", mean="mean", std="std").reset_index()
         agg = ordered(agg)
         agg.insert(0, "metric", study.metric)
-        csv = _csv(agg, out_dir, "heatmap")
+        csv = write_csv(agg, out_dir, "heatmap")
     with timer("heatmap: render"), plt.rc_context(RC):
         mean = agg.pivot(index="loss", columns="init", values="mean").reindex(
             index=study.loss_order, columns=study.init_order)
@@ -91,22 +86,25 @@ def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
         annot = np.vectorize(lambda m, s: "" if not math.isfinite(m) else fmt_pm(m, s),
                              otypes=[object])(mean.to_numpy(float), std.to_numpy(float))
         nr, nc = mean.shape
-        fig, ax = plt.subplots(figsize=(1.6 + 1.05 * nc, 1.2 + 0.42 * nr))
+        cw, ch, left, bottom, top = 1.15, 0.4, 1.1, 0.8, 0.4
+        fw, fh = left + cw * nc + 1.4, bottom + ch * nr + top
+        fig = plt.figure(figsize=(fw, fh))
+        ax = fig.add_axes((left / fw, bottom / fh, cw * nc / fw, ch * nr / fh))
+        cax = fig.add_axes(((left + cw * nc + 0.2) / fw, bottom / fh, 0.15 / fw, ch * nr / fh))
         vals = mean.to_numpy(float)
         norm = LogNorm() if use_log(vals[np.isfinite(vals)].tolist()) else None
         cmap = "viridis" if study.higher_better else "viridis_r"
         sns.heatmap(mean, annot=annot, fmt="", cmap=cmap, norm=norm, ax=ax, linewidths=0.5,
                     linecolor="white", annot_kws={"fontsize": 7 if nc > 6 else 8},
-                    cbar_kws={"label": _ylabel(study)})
+                    cbar_ax=cax, cbar_kws={"label": _ylabel(study)})
         ax.set_facecolor("#eeeeee")
         ax.grid(False)
         ax.set_xticklabels([display_init(t.get_text()) for t in ax.get_xticklabels()],
-                           rotation=0, fontsize=7)
+                           rotation=0, fontsize=6.5)
         ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
         ax.set_xlabel("generator initialization")
         ax.set_ylabel("loss")
         ax.set_title(f"Final {study.metric}: mean±std over seeds")
-        fig.tight_layout()
         return [csv] + save(fig, out_dir, "heatmap", study.note())
 
 
@@ -120,45 +118,62 @@ def curves(study: Study, out_dir: str, rng, timer) -> list[str]:
         data = pd.concat([agg, pd.DataFrame([{"loss": "reference", "init": n, "mean": v}
                                              for n, v, _, _ in refs])], ignore_index=True)
         data.insert(0, "metric", study.metric)
-        csv = _csv(data, out_dir, "curves")
+        csv = write_csv(data, out_dir, "curves")
     with timer("curves: render"), plt.rc_context(RC):
         inits = study.init_order
         ncol = min(4, len(inits))
-        nrow = math.ceil(len(inits) / ncol)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(2.7 * ncol, 2.2 * nrow), sharex=True,
-                                 sharey=True, squeeze=False)
-        allv = agg["mean"].tolist() + [v for _, v, _, _ in refs]
-        log = use_log(allv)
-        for ax, init in zip(axes.flat, inits):
+        fig, axes, (nrow, _) = panel_grid(len(inits), ncol)
+        refv = [v for _, v, _, _ in refs]
+        band = pd.concat([agg["mean"], agg["ci_low"], agg["ci_high"]]).dropna().tolist() + refv
+        log = use_log(band)
+        ylim = _limits(band, log)
+        x = agg["kimg"].to_numpy(float)
+        xlim = (x.min() - 0.02 * np.ptp(x), x.max() + 0.02 * np.ptp(x)) if len(x) else (0, 1)
+        for k, (ax, init) in enumerate(zip(axes, inits)):
+            ax.set_autoscale_on(False)
+            if log:
+                ax.set_yscale("log")
+            ax.set_xlim(*xlim)
+            ax.set_ylim(*ylim)
             sub = agg[agg["init"] == init]
             for loss, g in sub.groupby("loss", sort=False):
                 c = study.palette[loss]
-                x = g["kimg"].to_numpy(float)
-                ax.plot(x, g["mean"], color=c, lw=1.4, marker="o" if len(x) <= 12 else None,
+                gx = g["kimg"].to_numpy(float)
+                ax.plot(gx, g["mean"], color=c, lw=1.4, marker="o" if len(gx) <= 12 else None,
                         ms=2.5)
-                ax.fill_between(x, g["ci_low"], g["ci_high"], color=c, alpha=0.18, lw=0)
+                if g["ci_low"].notna().any():
+                    ax.fill_between(gx, g["ci_low"], g["ci_high"], color=c, alpha=0.18, lw=0)
             for name, val, _, _ in refs:
-                s = REFERENCE_STYLE[name]
-                ax.axhline(val, color=s["color"], ls=s["linestyle"], lw=1)
+                st = REFERENCE_STYLE[name]
+                ax.axhline(val, color=st["color"], ls=st["linestyle"], lw=1)
             ax.set_title(init, fontsize=8)
-            if log:
-                ax.set_yscale("log")
-        for ax in axes.flat[len(inits):]:
-            ax.set_visible(False)
-        for ax in axes[-1, :]:
-            ax.set_xlabel(KIMG_LABEL)
-            ax.xaxis.set_tick_params(labelbottom=True)
-        for ax in axes[:, 0]:
-            ax.set_ylabel(study.metric + (" (log)" if log else ""))
+            if k % ncol == 0:
+                ax.set_ylabel(study.metric + (" (log scale)" if log else ""))
+            else:
+                ax.tick_params(labelleft=False)
+            if k + ncol < len(inits):  # another panel below: x tick labels there
+                ax.tick_params(labelbottom=False)
+            else:
+                ax.set_xlabel(KIMG_LABEL)
         handles = [Line2D([], [], color=study.palette[lo], lw=2) for lo in study.loss_order]
         labels = list(study.loss_order)
         handles += [h for _, _, h, _ in refs]
         labels += [lb for _, _, _, lb in refs]
         fig.suptitle(f"{_ylabel(study)} during training: mean and 95% bootstrap CI over seeds",
-                     fontsize=9)
-        fig.tight_layout()
+                     fontsize=9, y=1 - 0.15 / fig.get_size_inches()[1], va="top")
         _legend_right(fig, handles, labels, title="loss")
         return [csv] + save(fig, out_dir, "curves", study.note())
+
+
+def _limits(values, log: bool) -> tuple[float, float]:
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if not len(v):
+        return (0.0, 1.0)
+    lo, hi = v.min(), v.max()
+    if log:
+        return lo / (hi / lo) ** 0.05, hi * (hi / lo) ** 0.05
+    pad = 0.05 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 0.05
+    return lo - pad, hi + pad
 
 
 def _order_key(study: Study):
@@ -195,7 +210,7 @@ def reset(study: Study, out_dir: str, rng, timer) -> list[str]:
         agg.insert(2, "role", np.where(agg["init"].isin(["teacher", "random"]), "reference",
                                        "reset"))
         agg.insert(0, "metric", study.metric)
-        csv = _csv(agg, out_dir, "reset")
+        csv = write_csv(agg, out_dir, "reset")
     with timer("reset: render"), plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(1.2 + 1.25 * len(cats), 3.2))
         for i, c in enumerate(cats):
@@ -212,9 +227,8 @@ def reset(study: Study, out_dir: str, rng, timer) -> list[str]:
         if use_log(agg["mean"].tolist()):
             ax.set_yscale("log")
         ax.set_title(f"Final {study.metric} after resetting layer groups (mean, 95% CI)")
-        fig.tight_layout()
         handles = [Line2D([], [], color=study.palette[lo], marker="o", lw=1.2) for lo in losses]
-        _legend_right(fig, handles, losses, title="loss")
+        _legend_right(ax, handles, losses, title="loss")
         return [csv] + save(fig, out_dir, "reset", study.note())
 
 
@@ -236,7 +250,7 @@ def transplant(study: Study, out_dir: str, rng, timer) -> list[str]:
                               key=_order_key(study)).reset_index(drop=True)
         agg = agg[["loss", "role", "init", "sigma_feat", "n", "mean", "std", "ci_low", "ci_high"]]
         agg.insert(0, "metric", study.metric)
-        csv = _csv(agg, out_dir, "transplant")
+        csv = write_csv(agg, out_dir, "transplant")
     with timer("transplant: render"), plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(5.2, 3.4))
         losses = [lo for lo in study.loss_order if lo in set(a["loss"])]
@@ -264,92 +278,17 @@ def transplant(study: Study, out_dir: str, rng, timer) -> list[str]:
         labels = list(losses)
         handles += [Line2D([], [], color="#444444", ls=ls, lw=1.1) for ls in ("-", "--", ":")]
         labels += ["feature transplant", "teacher init (reference)", "random init (reference)"]
-        fig.tight_layout()
-        _legend_right(fig, handles, labels, title="loss / line style")
+        _legend_right(ax, handles, labels, title="loss / line style")
         return [csv] + save(fig, out_dir, "transplant", study.note())
 
 
-# ------------------------------------------------------------------------------------ samples
-def samples(study: Study, out_dir: str, rng, timer, root: str | None = None) -> list[str]:
-    from harness.results import decode_samples, load_samples
-
-    with timer("samples: aggregate"):
-        s = load_samples(root)
-        if s.empty:
-            print("figures: samples skipped (no stored samples)")
-            return []
-        inc = study.cells[study.cells["reason"] == ""][["cell", "loss", "init", "seed"]]
-        s = s.drop(columns=["loss", "init", "seed"]).merge(inc, on="cell", how="inner")
-        if s.empty:
-            print("figures: samples skipped (no stored samples of included cells)")
-            return []
-        s = s.sort_values(["cell", "kimg"], kind="stable").drop_duplicates("cell", keep="last")
-        s = s.sort_values(["loss", "init", "seed"], kind="stable").drop_duplicates(
-            ["loss", "init"], keep="first")
-        s = ordered(s)
-        data = s[["loss", "init", "cell", "seed", "kimg"]].copy()
-        data["shape"] = ["x".join(str(int(d)) for d in sh) for sh in s["shape"]]
-        csv = _csv(data, out_dir, "samples")
-    with timer("samples: render"), plt.rc_context({**RC, "axes.grid": False}):
-        losses = [lo for lo in study.loss_order if lo in set(s["loss"])]
-        inits = [i for i in study.init_order if i in set(s["init"])]
-        tile = 1.15
-        fig, axes = plt.subplots(len(losses), len(inits), squeeze=False,
-                                 figsize=(0.6 + tile * len(inits), 0.4 + tile * len(losses)))
-        look = {(r["loss"], r["init"]): r for _, r in s.iterrows()}
-        points = [decode_samples(r) for r in look.values() if len(r["shape"]) == 2]
-        lim = None
-        if points:
-            allp = np.concatenate(points)
-            lo_, hi_ = np.nanpercentile(allp, [0.5, 99.5], axis=0)
-            pad = 0.05 * (hi_ - lo_)
-            lim = (lo_ - pad, hi_ + pad)
-        for i, loss in enumerate(losses):
-            for j, init in enumerate(inits):
-                ax = axes[i, j]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                for sp in ax.spines.values():
-                    sp.set_visible(False)
-                r = look.get((loss, init))
-                if r is not None:
-                    _draw_tile(ax, decode_samples(r), study.palette[loss], lim)
-                    ax.text(0.5, -0.02, f"seed {r['seed']}, {r['kimg']:g} kimg",
-                            transform=ax.transAxes, ha="center", va="top", fontsize=5.5,
-                            color="#555555")
-                if i == 0:
-                    ax.set_title(display_init(init), fontsize=6.5)
-                if j == 0:
-                    ax.set_ylabel(loss, fontsize=8, color=study.palette[loss])
-        fig.suptitle("Stored samples at each cell's last evaluation (smallest seed)", fontsize=9)
-        fig.tight_layout()
-        return [csv] + save(fig, out_dir, "samples", study.note())
-
-
-def _draw_tile(ax, arr: np.ndarray, color: str, lim):
-    if arr.ndim == 2:  # toy2d points
-        ax.scatter(arr[:, 0], arr[:, 1], s=1.5, color=color, alpha=0.6, lw=0)
-        if lim is not None:
-            ax.set_xlim(lim[0][0], lim[1][0])
-            ax.set_ylim(lim[0][1], lim[1][1])
-        ax.set_aspect("equal")
-        return
-    n, c, h, w = arr.shape
-    k = int(math.isqrt(min(n, 64)))
-    imgs = arr[:k * k]
-    if c not in (1, 3):
-        imgs, c = imgs[:, :1], 1
-    grid = np.full((c, k * (h + 1) - 1, k * (w + 1) - 1), 255, dtype=np.uint8)
-    for idx in range(k * k):
-        y, x = divmod(idx, k)
-        grid[:, y * (h + 1):y * (h + 1) + h, x * (w + 1):x * (w + 1) + w] = imgs[idx]
-    if c == 1:
-        ax.imshow(grid[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    else:
-        ax.imshow(grid.transpose(1, 2, 0), interpolation="nearest")
-
-
 # -------------------------------------------------------------------------------------- main
+def _samples(study, out_dir, rng, timer, root=None):
+    from .samples import samples
+
+    return samples(study, out_dir, timer, root)
+
+
 def _table(study, out_dir, rng, timer):
     from .tables import write_table
 
@@ -365,7 +304,7 @@ def _claims(study, out_dir, rng, timer):
 
 
 BUILDERS = {"heatmap": heatmap, "curves": curves, "reset": reset, "transplant": transplant,
-            "samples": samples, "table": _table, "claims": _claims}
+            "samples": _samples, "table": _table, "claims": _claims}
 
 
 def rng_for(seed: int, name: str) -> np.random.Generator:

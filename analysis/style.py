@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.colors as mcolors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 # Known loss families, in display order, with fixed colours (seaborn "colorblind" hues).
 # Teacher-score families are blue/green, score-free (ratio) family members warm colours.
@@ -63,10 +64,22 @@ def base_loss(label: str) -> str:
     return label.split(" (", 1)[0]
 
 
+def _natural(value: str):
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
 def loss_sort_key(label: str):
+    """Known families first in LOSS_COLORS order, then others by name; extra-axis variants of
+    one loss by their axis values, numerically where they are numbers."""
     base = base_loss(label)
     known = list(LOSS_COLORS)
-    return (known.index(base) if base in known else len(known), base, label)
+    suffix = label[len(base):].strip()[1:-1] if label != base else ""
+    parts = tuple((k, _natural(v)) for k, _, v in
+                  (p.partition("=") for p in suffix.split(", ") if p))
+    return (known.index(base) if base in known else len(known), base, parts, label)
 
 
 _RESET_ORDER = ("input", "encoder", "middle", "decoder", "output", "embedding")
@@ -93,8 +106,25 @@ def init_sort_key(label: str):
 
 
 def display_init(label: str) -> str:
-    """Two-line form of a long init label for tick labels."""
-    return label.replace("[", "\n[", 1) if len(label) > 12 else label
+    """Compact multi-line form of an init label for tick labels and panel titles:
+    ``reset_layers[encoder+middle+decoder]`` -> ``reset_layers\n[encoder+middle\n+decoder]``,
+    ``feature_transplant[2.5]`` -> ``feature transplant\nσ_feat=2.5``."""
+    m = re.fullmatch(r"feature_transplant\[(.*)\]", label)
+    if m:
+        return f"feature transplant\nσ_feat={m.group(1)}"
+    m = re.fullmatch(r"(\w+)\[(.*)\]", label)
+    if not m:
+        return label
+    lines, cur = [], "["
+    for k, part in enumerate(m.group(2).split("+")):
+        piece = part if k == 0 else "+" + part
+        if len(cur) + len(piece) > 15 and cur != "[":
+            lines.append(cur)
+            cur = piece
+        else:
+            cur += piece
+    lines.append(cur + "]")
+    return m.group(1) + "\n" + "\n".join(lines)
 
 
 def _shade(color: str, factor: float) -> str:
@@ -160,16 +190,49 @@ def use_log(values) -> bool:
 
 def save(fig, out_dir: str, name: str, note: str | None = None) -> list[str]:
     """Write ``name.png`` (dpi 150) and ``name.pdf``; ``note`` goes in small text under the axes."""
-    if note:
-        fig.text(0.0, -0.01, note, ha="left", va="top", fontsize=6.5, color="#555555",
-                 wrap=True, transform=fig.transFigure)
     os.makedirs(out_dir, exist_ok=True)
+    # the tight box is computed once and reused: one layout pass instead of one per format
+    renderer = fig.canvas.get_renderer()
+    bbox = fig.get_tightbbox(renderer)
+    if note:
+        w, h = fig.get_size_inches()
+        t = fig.text(bbox.x0 / w, (bbox.y0 - 0.06) / h, note, ha="left", va="top",
+                     fontsize=6.5, color="#555555")
+        tb = t.get_window_extent(renderer).transformed(fig.dpi_scale_trans.inverted())
+        bbox = Bbox.union([bbox, tb])
+    bbox = bbox.padded(0.05)
     paths = []
     for ext, extra in (("png", {"dpi": 150, "metadata": {"Software": None}}),
                        ("pdf", {"metadata": {"CreationDate": None, "Creator": None,
                                              "Producer": None}})):
         path = os.path.join(out_dir, f"{name}.{ext}")
-        fig.savefig(path, bbox_inches="tight", pad_inches=0.05, **extra)
+        fig.savefig(path, bbox_inches=bbox, **extra)
         paths.append(path)
     plt.close(fig)
     return paths
+
+
+def panel_grid(n: int, ncol: int, w: float = 2.4, h: float = 1.7, left: float = 0.75,
+               right: float = 0.1, top: float = 0.55, bottom: float = 0.55, wgap: float = 0.15,
+               hgap: float = 0.6):
+    """A figure with n panels on a fixed grid in inches (no layout engine pass needed).
+    Returns (fig, axes list, (nrow, ncol))."""
+    nrow = math.ceil(n / ncol)
+    fw = left + ncol * w + (ncol - 1) * wgap + right
+    fh = top + nrow * h + (nrow - 1) * hgap + bottom
+    fig = plt.figure(figsize=(fw, fh))
+    axes = []
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        x0 = left + c * (w + wgap)
+        y0 = fh - top - (r + 1) * h - r * hgap
+        axes.append(fig.add_axes((x0 / fw, y0 / fh, w / fw, h / fh)))
+    return fig, axes, (nrow, ncol)
+
+
+def write_csv(df, out_dir: str, name: str) -> str:
+    """``<name>.data.csv``: the figure's aggregated data, floats to 6 significant digits."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.data.csv")
+    df.to_csv(path, index=False, float_format="%.6g")
+    return path

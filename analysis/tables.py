@@ -18,7 +18,10 @@ def tex_escape(s: str) -> str:
                  ("#", r"\#"), ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\~{}"),
                  ("^", r"\^{}")):
         out = out.replace(a, b)
-    return out.replace("σ", r"$\sigma$").replace("±", r"$\pm$")
+    for a, b in (("σ", r"$\sigma$"), ("±", r"$\pm$"), ("→", r"$\rightarrow$"), ("−", "$-$"),
+                 ("≥", r"$\geq$"), ("—", "---")):
+        out = out.replace(a, b)
+    return out
 
 
 def md_escape(s: str) -> str:
@@ -107,8 +110,9 @@ def write_table(study: Study, out_dir: str) -> list[str]:
           "| " + " | ".join(md_escape(c) for c in cols) + " |",
           "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(md_escape(c) for c in line) + " |" for line in body]
-    for label, val in refs:
-        md.append("| " + " | ".join([f"*{label}*", val] + [""] * (len(cols) - 2)) + " |")
+    if refs:
+        md += ["", f"| reference | {md_escape(study.metric)} mean ± std (n) |", "|---|---|"]
+        md += [f"| {md_escape(label)} | {val} |" for label, val in refs]
     md += ["", "References: teacher Heun-35 = the teacher's own 35-evaluation sampler; data floor "
            "= the metric between two disjoint halves of real data; initial one-step generator = "
            "kimg 0 of teacher-init cells. Random init is the `random` column.", "",

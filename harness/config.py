@@ -59,7 +59,7 @@ DEFAULTS = {
     "data": {"name": "digits", "path": None, "kind": None},  # kind: toy2d ring8|checkerboard
     "teacher": {
         "arch": "unet-xs",
-        "kimg": 1200,  # images seen; 1200 kimg at batch 128 is ~9.4k steps
+        "kimg": 600,  # images seen: 600 kimg at batch 128 is ~4.7k steps
         "batch": 128,
         "lr": 2e-3,
         "ema_halflife_kimg": 50,

@@ -66,6 +66,7 @@ def _reset(teacher_state: dict, build, groups, seed: int) -> dict:
 @INITS.register("teacher")
 def teacher_init(teacher_state, build, params, seed) -> GeneratorInit:
     """An exact copy of the teacher's weights."""
+    _check_same_architecture(teacher_state, build().state_dict())
     return GeneratorInit(_copy(teacher_state))
 
 

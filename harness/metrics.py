@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - non-POSIX
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
+FEATURES_VERSION = 1  # bump when the extractor's outputs change for the same weights (cache names)
 FEATURE_LAYER = "128"  # torch-fidelity feature name of the classifier's penultimate layer
 KID_SUBSETS = 100
 KID_MAX_SUBSET = 1000
@@ -136,6 +137,18 @@ def _file_lock(path: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _num_threads(k: int):
+    """Temporarily cap intra-op threads (tiny convolutions only lose from threading, badly so
+    on a loaded machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(k, old)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _torch_device(device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -150,22 +163,26 @@ def _torch_device(device) -> torch.device:
 
 
 class DomainNet(nn.Module):
-    """Size-agnostic CNN: 4 conv layers, 2 max-pools, adaptive 2x2 pool, 128-d penultimate layer."""
+    """Size-agnostic CNN: 4 conv layers, 3 max-pools, adaptive 2x2 pool, 128-d penultimate layer."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32, feat_dim: int = 128,
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16, feat_dim: int = 128,
                  max_side: int = 64):
         super().__init__()
         w = width
         self.max_side = max_side
+        pool = lambda: nn.MaxPool2d(2, ceil_mode=True)  # noqa: E731 - ceil: 1x1 stays 1x1
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), pool(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), pool(),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), pool(),
+            nn.Conv2d(4 * w, 8 * w, 3, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(2),
         )
-        self.fc = nn.Linear(4 * w * 4, feat_dim)
+        self.fc = nn.Linear(8 * w * 4, feat_dim)
         self.head = nn.Linear(feat_dim, num_classes)
+        # Set after training so the real data's features have unit mean variance per dimension:
+        # FD then reads in those units and KID's cubic kernel stays well conditioned.
+        self.register_buffer("feat_scale", torch.ones(()))
 
     def features(self, x: torch.Tensor):
         """x: float in [-1, 1] NCHW -> (penultimate features, logits)."""
@@ -174,7 +191,7 @@ class DomainNet(nn.Module):
             s = self.max_side / max(h, w)
             x = F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="area")
         f = F.relu(self.fc(self.body(x).flatten(1)))
-        return f, self.head(f)
+        return f * self.feat_scale, self.head(f)
 
     def forward(self, x):
         return self.features(x)[1]
@@ -185,9 +202,9 @@ def default_epochs(n_train: int) -> int:
 
 
 def _recipe(dataset, epochs: int) -> dict:
-    return {"version": 1, "arch": {"in_channels": int(dataset.x.shape[1]),
+    return {"version": 2, "arch": {"in_channels": int(dataset.x.shape[1]),
                                    "num_classes": int(dataset.labels.max()) + 1,
-                                   "width": 32, "feat_dim": 128, "max_side": 64},
+                                   "width": 16, "feat_dim": 128, "max_side": 64},
             "epochs": int(epochs), "batch_size": 64, "lr": 2e-3, "schedule": "cosine",
             "optimizer": "adam", "holdout": 0.2, "seed": 0}
 
@@ -207,7 +224,9 @@ def train_domain_classifier(dataset, epochs: int | None = None, device="cpu"):
     n_hold = max(1, int(round(0.2 * n)))
     epochs = default_epochs(n - n_hold) if epochs is None else int(epochs)
     recipe = _recipe(dataset, epochs)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    tiny = x.shape[-1] * x.shape[-2] <= 16 * 16
+    threads = 1 if tiny and dev.type == "cpu" else torch.get_num_threads()
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), _num_threads(threads):
         torch.manual_seed(recipe["seed"])
         g = torch.Generator().manual_seed(recipe["seed"])
         perm = torch.randperm(n, generator=g)
@@ -229,11 +248,15 @@ def train_domain_classifier(dataset, epochs: int | None = None, device="cpu"):
                 opt.step()
                 sched.step()
         net.eval()
-        correct = 0
+        correct, feats = 0, []
         with torch.no_grad():
             for i in range(0, n_hold, 1024):
                 idx = hold[i:i + 1024]
                 correct += int((net(x[idx].to(dev)).argmax(1).cpu() == y[idx]).sum())
+            for i in range(0, len(train), 1024):
+                feats.append(net.features(xt[i:i + 1024])[0].double().cpu())
+            var = torch.cat(feats).var(0).mean()
+            net.feat_scale.fill_(float(var.clamp_min(1e-12).rsqrt()))
     TRAIN_COUNT += 1
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     return state, correct / n_hold, recipe, time.perf_counter() - t0
@@ -507,7 +530,9 @@ class Evaluator:
                 f"{ds.name} classifier (held-out acc {self.heldout_acc:.3f}, weights {weights}), "
                 f"{self.n} generated vs {n_real} real; KID: poly kernel, {KID_SUBSETS} subsets of "
                 f"{self._kid_subset}; precision/recall: k=3")
-        self._ref_cache_name = f"{ds.name}-{ds.fingerprint}-{self._fe_name}-{self.identity['extractor_weights']}"
+        # torch-fidelity keys its cache on names only: put everything that fixes the features in it
+        self._ref_cache_name = (f"{ds.name}-{ds.fingerprint}-{self._fe_name}-"
+                                f"{self.identity['extractor_weights']}-f{FEATURES_VERSION}")
         self.metric_names = tuple(self._names.values())
 
     def _fidelity_metrics(self, u8_a, u8_b, cache_name_b, kid_subset):
@@ -521,7 +546,7 @@ class Evaluator:
         if cache_name_b is None:
             kw["cache"] = False
         else:  # only input2 (the real reference) is cached: input1 has no cache name
-            kw.update(cache=True, cache_root=os.path.join(self.cache_dir, "fidelity"),
+            kw.update(cache=True, cache_root=os.path.join(self.cache_dir, "fidelity", tf.__version__),
                       input2_cache_name=cache_name_b)
         m = tf.calculate_metrics(**kw)
         out = {self._names["fid"]: max(0.0, float(m[tf.KEY_METRIC_FID])),

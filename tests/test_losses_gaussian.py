@@ -53,6 +53,15 @@ DIVERGENCE_IDS = ["di_sigma2-KL(p||q)", "ratio_kl-KL(p||q)", "ratio_rkl-KL(q||p)
 
 # ---- helpers ---------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small float64 tensors: one intra-op thread is faster and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def theta(a0: float, b0: float):
     return (torch.tensor(a0, dtype=DT, requires_grad=True),
             torch.tensor(b0, dtype=DT, requires_grad=True))
@@ -153,9 +162,9 @@ def test_js_reference_quadrature_agrees_with_fine_grid():
     """The JS reference (Gauss-Hermite against p_s and q_s) vs a trapezoid rule on a fine grid."""
     for mu, S, a0, b0, s in SETTINGS[:3]:
         a, b = theta(a0, b0)
-        v_gh, v_grid = js_gh(a, b, mu, S, s), js_grid(a, b, mu, S, s, n=40001)
+        v_gh, v_grid = js_gh(a, b, mu, S, s), js_grid(a, b, mu, S, s, lo=-30.0, hi=30.0, n=20001)
         assert 0 < v_gh.item() < math.log(2)
-        assert abs(float(v_gh - v_grid)) < 1e-8 * float(v_grid)
+        assert abs((v_gh - v_grid).item()) < 1e-8 * v_grid.item()
         g1 = torch.stack(torch.autograd.grad(v_gh, (a, b)))
         g2 = torch.stack(torch.autograd.grad(v_grid, (a, b)))
         assert rel_err(g1, g2) < 1e-7
@@ -222,7 +231,7 @@ def test_sid_alpha_1p2_is_not_always_a_descent_direction():
     assert cos[1.2] < -0.99, cos
 
 
-def _sid_mc_grad(alpha, mu, S, a0, b0, s, d, n=20000, seed=0):
+def _sid_mc_grad(alpha, mu, S, a0, b0, s, d, n=5000, seed=0):
     """As-implemented sid (with the DMD normalisation) in d isotropic dimensions, Monte Carlo
     with antithetic pairs; theta = (a, b) shared by all dimensions, so F_d = d F."""
     gen = torch.Generator().manual_seed(seed)
@@ -342,7 +351,7 @@ def test_ratio_aux_loss_is_minimised_by_the_true_log_ratio(sigma_mode):
     mu, S, a0, b0 = 0.3, 1.1, -0.4, 0.7
     exact = logratio_oracle(a0, b0, mu, S)
     gen = torch.Generator().manual_seed(2)
-    n = 200000
+    n = 20000
     x_fake = a0 + b0 * torch.randn(n, 1, generator=gen, dtype=DT)
     x_real = mu + S * torch.randn(n, 1, generator=gen, dtype=DT)
 

@@ -1,0 +1,140 @@
+"""The ``samples`` figure: stored samples of every (loss, init), one tile each, in one axes.
+
+Image samples are composed into a single canvas (one imshow, fast with hundreds of tiles);
+toy2d samples ((N, 2) float32 points) are drawn as one scatter.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from harness.results import decode_samples, load_samples
+
+from .data import Study, ordered
+from .style import RC, display_init, save, write_csv
+
+import matplotlib.pyplot as plt  # noqa: E402,I001  (style selected the Agg backend)
+
+
+def samples(study: Study, out_dir: str, timer, root: str) -> list[str]:
+    """One tile per (loss, init): the smallest seed's samples at its cell's latest kimg."""
+    with timer("samples: aggregate"):
+        s = load_samples(root)
+        if s.empty:
+            print("figures: samples skipped (no stored samples)")
+            return []
+        inc = study.cells[study.cells["reason"] == ""][["cell", "loss", "init", "seed"]]
+        s = s.drop(columns=["loss", "init", "seed"]).merge(inc, on="cell", how="inner")
+        if s.empty:
+            print("figures: samples skipped (no stored samples of included cells)")
+            return []
+        s = s.sort_values(["cell", "kimg"], kind="stable").drop_duplicates("cell", keep="last")
+        s = s.sort_values(["loss", "init", "seed"], kind="stable").drop_duplicates(
+            ["loss", "init"], keep="first")
+        s = ordered(s)
+        data = s[["loss", "init", "cell", "seed", "kimg"]].copy()
+        data["shape"] = ["x".join(str(int(d)) for d in sh) for sh in s["shape"]]
+        csv = write_csv(data, out_dir, "samples")
+    with timer("samples: render"), plt.rc_context({**RC, "axes.grid": False}):
+        losses = [lo for lo in study.loss_order if lo in set(s["loss"])]
+        inits = [i for i in study.init_order if i in set(s["init"])]
+        look = {(r.loss, r.init): r for r in s.itertuples(index=False)}
+        tiles = {k: decode_samples({"data": r.data, "dtype": r.dtype, "shape": r.shape})
+                 for k, r in look.items()}
+        tile_in = 1.15
+        fig, ax = plt.subplots(figsize=(0.9 + tile_in * len(inits), 0.7 + tile_in * len(losses)))
+        ax.set_position((0.9 / fig.get_size_inches()[0], 0.05, 1 - 1.0 / fig.get_size_inches()[0],
+                         1 - 0.75 / fig.get_size_inches()[1]))
+        _draw_mosaic(ax, tiles, losses, inits, study.palette)
+        # one caption per tile only where seed/kimg differ from the most common pair
+        pairs = [(int(r.seed), float(r.kimg)) for r in look.values()]
+        common = max(set(pairs), key=pairs.count)
+        for (loss, init), r in look.items():
+            if (int(r.seed), float(r.kimg)) != common:
+                ax.text(inits.index(init) + 0.5, losses.index(loss) + 0.87,
+                        f"seed {r.seed}, {r.kimg:g} kimg", ha="center", va="top", fontsize=5.5,
+                        color="#555555")
+        ax.set_xticks(np.arange(len(inits)) + 0.5)
+        ax.set_xticklabels([display_init(i) for i in inits], fontsize=6.5)
+        ax.xaxis.tick_top()
+        ax.set_yticks(np.arange(len(losses)) + 0.445)
+        ax.set_yticklabels(losses, fontsize=8)
+        for t, lo in zip(ax.get_yticklabels(), losses):
+            t.set_color(study.palette[lo])
+        ax.tick_params(length=0)
+        for sp in ax.spines.values():
+            sp.set_visible(False)
+        mostly = "mostly " if len(set(pairs)) > 1 else ""
+        ax.set_title("Stored samples at each cell's last evaluation, smallest seed "
+                     f"({mostly}seed {common[0]}, {common[1]:g} kimg)", fontsize=9, pad=6)
+        return [csv] + save(fig, out_dir, "samples", study.note())
+
+
+def _draw_mosaic(ax, tiles: dict, losses: list, inits: list, palette: dict):
+    """All tiles in one axes, unit cell (j, i) per (loss i, init j), y pointing down: images
+    are composed into one canvas (a single imshow), toy2d points into a single scatter."""
+    ax.set_xlim(0, len(inits))
+    ax.set_ylim(len(losses), 0)
+    ax.set_autoscale_on(False)
+    pad, bottom = 0.08, 0.85  # tile spans [pad, 1-pad] x [pad/2, bottom] of its unit cell
+    images = {k: _image_grid(a) for k, a in tiles.items() if a.ndim == 4}
+    if images:
+        size = max(max(g.shape[:2]) for g in images.values())
+        unit = int(math.ceil(size / (1 - 2 * pad)))
+        rgb = any(g.ndim == 3 for g in images.values())
+        canvas = np.full((len(losses) * unit, len(inits) * unit) + ((3,) if rgb else ()), 255,
+                         dtype=np.uint8)
+        for (loss, init), g in images.items():
+            g = _resize(g, size)
+            if rgb and g.ndim == 2:
+                g = np.repeat(g[..., None], 3, axis=2)
+            y0 = losses.index(loss) * unit + int(round(pad / 2 * unit))
+            x0 = inits.index(init) * unit + int(round(pad * unit))
+            canvas[y0:y0 + size, x0:x0 + size] = g
+        ax.imshow(canvas, cmap=None if rgb else "gray", vmin=0, vmax=255,
+                  interpolation="nearest", extent=(0, len(inits), len(losses), 0), aspect="auto")
+    xs, ys, cs, boxes = [], [], [], []
+    for (loss, init), arr in tiles.items():
+        if arr.ndim != 2:
+            continue
+        i, j = losses.index(loss), inits.index(init)
+        p = arr[np.isfinite(arr).all(1)]
+        if len(p):
+            lo, hi = np.percentile(p, [0.5, 99.5], axis=0)
+            q = (p - (lo + hi) / 2) / np.maximum(hi - lo, 1e-9).max()
+            q = q[(np.abs(q) <= 0.5).all(1)]  # the 1% outermost points would leave the tile
+            xs.append(j + 0.5 + q[:, 0] * (1 - 2 * pad))
+            ys.append(i + (pad / 2 + bottom) / 2 - q[:, 1] * (bottom - pad / 2))
+            cs += [palette[loss]] * len(q)
+        boxes.append(plt.Rectangle((j + pad, i + pad / 2), 1 - 2 * pad, bottom - pad / 2))
+    if xs:
+        ax.scatter(np.concatenate(xs), np.concatenate(ys), s=1.0, c=cs, alpha=0.6, lw=0,
+                   rasterized=True)
+    if boxes:
+        from matplotlib.collections import PatchCollection
+
+        ax.add_collection(PatchCollection(boxes, facecolor="none", edgecolor="#aaaaaa", lw=0.4))
+
+
+def _resize(g: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of a (H, W[, 3]) tile to (size, size[, 3])."""
+    if g.shape[0] == size and g.shape[1] == size:
+        return g
+    yi = np.arange(size) * g.shape[0] // size
+    xi = np.arange(size) * g.shape[1] // size
+    return g[yi][:, xi]
+
+
+def _image_grid(arr: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) uint8 -> one square grid image (H', W') or (H', W', 3), up to 64 images."""
+    n, c, h, w = arr.shape
+    k = max(1, int(math.isqrt(min(n, 64))))
+    imgs = arr[:k * k]
+    if c not in (1, 3):
+        imgs, c = imgs[:, :1], 1
+    grid = np.full((c, k * (h + 1) - 1, k * (w + 1) - 1), 255, dtype=np.uint8)
+    for idx in range(len(imgs)):
+        y, x = divmod(idx, k)
+        grid[:, y * (h + 1):y * (h + 1) + h, x * (w + 1):x * (w + 1) + w] = imgs[idx]
+    return grid[0] if c == 1 else grid.transpose(1, 2, 0)

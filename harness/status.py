@@ -1,0 +1,139 @@
+"""Read-only views of a study's progress: per-cell state, ``harness status``, dry-run notes.
+
+No torch and no Ray: everything comes from the study file, ``pin.json``, the lock file and the
+stored rows (``harness.results``), so ``harness status`` is quick and safe while a sweep runs.
+The rows are the truth: a cell is done when its ``status=done`` row exists, whatever Ray says.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+from . import pin as pins, results
+from .pin import canonical_json
+
+# the state of one cell, from its rows: done / diverged are final; failed and unfinished (rows
+# but no final one) and pending (no rows) are run by the next `harness run`
+FINAL = ("done", "diverged")
+
+
+def fingerprints(study):
+    """``(data config) -> fingerprint`` for every distinct data config of the study, and the
+    datasets by the same key (``canonical_json(data config)``). DataError propagates."""
+    from . import data
+
+    sets = {}
+    for cell in study.cells:
+        key = canonical_json(cell.config["data"])
+        if key not in sets:
+            sets[key] = data.from_config(cell.config["data"])
+    return (lambda d: sets[canonical_json(d)].fingerprint), sets
+
+
+def cell_states(df, ids) -> dict[str, dict]:
+    """{cell id: {state, kimg, step, wall_s, metric, value, message}} for ``ids``."""
+    out = {cid: {"state": "pending", "kimg": 0.0, "step": 0, "wall_s": 0.0, "metric": None,
+                 "value": math.nan, "message": None} for cid in ids}
+    if df.empty:
+        return out
+    rows = df[df.cell.isin(list(ids)) & (df.status != "reference")].sort_values(
+        "written_at", kind="stable")
+    for cid, g in rows.groupby("cell", sort=False):
+        statuses = set(g.status)
+        last = g.iloc[-1]
+        state = ("done" if "done" in statuses else "diverged" if "diverged" in statuses
+                 else "failed" if last.status == "failed" else "unfinished")
+        scored = g[~g.metric.isin(["img_per_s", "peak_mem_mb", "diverged", "failed"])]
+        best = scored.iloc[-1] if len(scored) else last
+        out[cid] = {"state": state, "kimg": float(g.kimg.max()), "step": int(g.step.max()),
+                    "wall_s": float(g.wall_s.max()) if g.wall_s.notna().any() else 0.0,
+                    "metric": best.metric, "value": float(best.value),
+                    "message": next((m for m in g.message[::-1] if m), None)}
+    return out
+
+
+def lock_holder(root: str) -> dict | None:
+    """Who holds the study lock, if a live process does (on another host: assumed live)."""
+    holder = pins._holder(results.read_bytes(root, pins.LOCK))
+    return None if holder is None or pins._is_stale(holder) else holder
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s" if rest >= 60 \
+        else f"{rest}s"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[j]) for r in [head] + rows) for j in range(len(head))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+
+
+def study_status(path: str, results_root: str | None = None) -> str:
+    """Counts (done / running / failed / diverged / pending / orphaned), compute spent, ETA and a
+    compact table per cell. Writes nothing and takes no lock."""
+    from .data import DataError
+    from .study import load_study
+
+    study = load_study(path)
+    root = results_root or study.results_root
+    notes = []
+    try:
+        fp, _ = fingerprints(study)
+        pin = pins.pin_study(study, root, fp, write=False)
+        current, orphaned = pin.current, pin.orphaned
+        notes += pin.notes
+    except DataError as e:  # the data is not on this machine: fall back to pin.json
+        doc = pins.read_pin(root) or {"current": [], "cells": {}}
+        notes.append(f"dataset unavailable here ({e}); cells as pinned in pin.json")
+        current = [(cid, None) for cid in doc["current"]]
+        orphaned = [c for c in doc["cells"] if c not in set(doc["current"])]
+    df = results.load_rows(root)
+    states = cell_states(df, [cid for cid, _ in current])
+    holder = lock_holder(root)
+    live = "running" if holder else "interrupted"
+    counts = {k: 0 for k in ("done", live, "failed", "diverged", "pending")}
+    for s in states.values():
+        counts[live if s["state"] == "unfinished" else s["state"]] += 1
+
+    done_walls = [s["wall_s"] for s in states.values() if s["state"] == "done"]
+    spent = sum(s["wall_s"] for s in states.values())
+    per_cpu = max(study.resources["cpu"], 1e-9)
+    concurrency = max(1, math.floor((os.cpu_count() or 1) / per_cpu))
+    out = [f"study {study.name} ({path}): {len(current)} cells; results {root}"]
+    if holder:
+        out.append(f"a run is in progress: process {holder.get('pid')} on "
+                   f"{holder.get('host', socket.gethostname())} since {holder.get('started_at')}")
+    out.append(", ".join(f"{k} {v}" for k, v in counts.items()) + f", orphaned {len(orphaned)}")
+    eta = "unknown (no cell done yet)"
+    if done_walls:
+        mean = sum(done_walls) / len(done_walls)
+        left = 0.0
+        for cid, cell in current:
+            s = states[cid]
+            if s["state"] in FINAL:
+                continue
+            total = cell.config["student"]["kimg"] if cell is not None else 0
+            frac = min(1.0, s["kimg"] / total) if total else 0.0
+            left += mean * (1 - frac)
+        eta = (f"~{duration(left / concurrency)} at {concurrency} cells at a time on this "
+               f"machine (mean {duration(mean)} per done cell)") if left else "none: nothing left"
+    out.append(f"compute spent: {duration(spent)} (sum of each cell's latest wall_s); ETA {eta}")
+    out += [f"note: {n}" for n in notes]
+    rows = []
+    for cid, cell in current:
+        s = states[cid]
+        label = cell.label if cell is not None else ""
+        total = f"/{cell.config['student']['kimg']:g}" if cell is not None else ""
+        state = live if s["state"] == "unfinished" else s["state"]
+        value = "" if s["metric"] is None or math.isnan(s["value"]) else \
+            f"{s['metric']} {s['value']:.4g}"
+        rows.append([cid, label, state, f"{s['kimg']:g}{total}", value, duration(s["wall_s"]),
+                     (s["message"] or "")[:60] if state in ("failed", "diverged") else ""])
+    out += _table(["cell", "axes", "state", "kimg", "last metric", "wall", "message"], rows)
+    if orphaned:
+        out.append(f"orphaned (no longer in the study; kept, left out of figures): "
+                   f"{', '.join(orphaned)}")
+    return "\n".join(out)

@@ -1,0 +1,387 @@
+"""Ray Tune sweep of a study's unfinished cells (DESIGN "Ray Tune"): ``harness run`` / ``status``.
+
+``run_study`` pins the study (``pin.json``), takes the study lock, trains each teacher once in the
+driver and has Ray Tune run every cell that has no final row yet, one function trainable per cell
+(``harness_cell``, which calls ``harness.cell.run_cell``, the code of ``harness cell``):
+
+- ``tune.grid_search`` over the pending cell ids; ``tune.with_resources`` from the study's
+  ``resources`` (fractions of a GPU allowed); ``FailureConfig(max_failures)`` from the study.
+- every evaluation reports with ``tune.Checkpoint.from_directory`` holding the cell's complete
+  training state (``cell.pt``); a retried or resumed trial starts from ``tune.get_checkpoint()``.
+- Ray's storage is ``<results root>/ray``: experiments ``<study>-<k>``, each with a
+  ``<study>-<k>.cells.json`` beside it naming its cells. A later ``harness run`` first restores
+  (``Tuner.restore(..., resume_errored=True)``) the experiments that still own unfinished cells,
+  so interrupted trials continue from their checkpoints, then starts ``<study>-<k+1>`` for the
+  cells no experiment owns (new seeds, new axis values). The ``status=done`` rows are the truth
+  about what finished, never Ray's ResultGrid.
+
+Clusters: ``--address auto`` (or ``RAY_ADDRESS``) joins a running cluster; the results root (and
+so Ray's storage) must then be a path every node sees or a pyarrow URI (``s3://...``), and the
+cache folder (``HARNESS_CACHE``) a shared path too. The harness must be installed on every node.
+Ray 2.60 turns on token authentication when ``ray.init()`` starts a local instance (token in
+``~/.ray/auth_token``); every node of a cluster and every driver joining it needs the same
+setting: export ``RAY_AUTH_MODE=token`` and the same ``RAY_AUTH_TOKEN`` (or a shared
+``RAY_AUTH_TOKEN_PATH``) on all of them before ``ray start`` and ``harness run``, or set
+``RAY_AUTH_MODE=disabled`` on all of them, only on a private network.
+
+Safety: study files are parsed as data (``yaml.safe_load``), nothing in them is evaluated, and
+checkpoints are read with ``torch.load(weights_only=True)`` (``train.load_checkpoint``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import posixpath
+import re
+import shutil
+import sys
+import tempfile
+
+from . import pin as pins, results
+from .pin import canonical_json
+from .status import FINAL, cell_states, fingerprints, study_status as _study_status
+from .study import describe, load_study
+
+CKPT = "cell.pt"
+EXIT_USAGE = 2
+
+
+def study_status(path: str, results: str | None = None) -> str:
+    """``harness status``: read-only counts, compute spent, ETA and a table (harness.status)."""
+    return _study_status(path, results)
+
+
+def _root(root: str) -> str:
+    return root.rstrip("/") if "://" in root else os.path.abspath(os.path.expanduser(root))
+
+
+def storage_of(root: str) -> str:
+    """Ray's storage for a results root: ``<root>/ray`` (a path or a URI)."""
+    return root.rstrip("/") + "/ray"
+
+
+def _cache(root: str) -> str:
+    if os.environ.get("HARNESS_CACHE"):
+        return os.path.abspath(os.path.expanduser(os.environ["HARNESS_CACHE"]))
+    if "://" not in root:
+        return os.path.join(root, "cache")
+    path = os.path.expanduser("~/.cache/harness")
+    print(f"note: teachers are cached in {path} (HARNESS_CACHE is not set and the results root "
+          f"{root} is not a local folder): every Ray node must see the same cache at that path")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainable (runs in a Ray worker)
+
+def harness_cell(config, cells, root, cache, study, device, threads, cell_fn=None):
+    """Ray Tune function trainable: run (or resume) one cell with ``cell_fn`` (run_cell)."""
+    cid = config["cell"]
+    cell = cells.get(cid)
+    if cell is None:  # finished or orphaned since this experiment was made: nothing to do
+        return
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(threads)
+    if cell_fn is None:
+        from .cell import run_cell as cell_fn
+    tmp = tempfile.mkdtemp(prefix=f"harness-{cid}-")
+    ckpt = os.path.join(tmp, CKPT)
+    try:
+        previous = tune.get_checkpoint()
+        if previous is not None:
+            try:
+                with previous.as_directory() as folder:
+                    if os.path.exists(os.path.join(folder, CKPT)):
+                        shutil.copyfile(os.path.join(folder, CKPT), ckpt)
+            except Exception as e:  # a checkpoint Ray lists but storage lost: start over
+                print(f"cell {cid}: Ray checkpoint {previous.path} unreadable ({e}); starting "
+                      f"from step 0")
+
+        def on_eval(ev):
+            metrics = {"cell": cid, "kimg": float(ev.kimg), "step": int(ev.step),
+                       "status": ev.status, "wall_s": float(ev.wall_s),
+                       "primary": next(iter(ev.metrics), ""),
+                       **{k: float(v) for k, v in ev.metrics.items()}}
+            keep = ev.status != "diverged" and os.path.exists(ckpt)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp) if keep else None)
+
+        cell_fn(cell["config"], root, cache, ckpt, study=study, axes=cell["axes"], device=device,
+                log=print, on_eval=on_eval)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _trainable(study, cells: dict, todo, root, cache, device, cell_fn):
+    from ray import tune
+
+    payload = {cid: {"config": cells[cid].config, "axes": cells[cid].axes} for cid in todo}
+    fn = tune.with_parameters(harness_cell, cells=payload, root=root, cache=cache,
+                              study=study.name, device=device,
+                              threads=max(1, int(study.resources["cpu"])), cell_fn=cell_fn)
+    return tune.with_resources(fn, {"cpu": study.resources["cpu"], "gpu": study.resources["gpu"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray: connect, check resources, quiet logs, experiments
+
+def _connect(address: str | None) -> bool:
+    """Start or join Ray unless this process already did; True if this call started it."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING,
+             include_dashboard=False)
+    return True
+
+
+def _resource_problem(study) -> str | None:
+    """Why no trial could ever be scheduled, or None (Ray would leave them pending forever)."""
+    import ray
+
+    need = study.resources
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for kind, key, setting in (("GPU", "gpu", "resources: {gpu: 0}"),
+                               ("CPU", "cpu", "a smaller resources.cpu")):
+        biggest = max((n.get(kind, 0) for n in nodes), default=0)
+        if need[key] > 0 and biggest < need[key]:
+            total = ray.cluster_resources().get(kind, 0)
+            return (f"study {study.name!r} ({study.path}) asks for {need[key]:g} {kind}(s) per "
+                    f"cell (resources.{key}), but the Ray cluster has {total:g} {kind}(s) in all "
+                    f"and at most {biggest:g} on one node, so Ray would leave every cell pending "
+                    f"forever. Run it where such nodes exist (--address / RAY_ADDRESS to join a "
+                    f"cluster) or set {setting} in the study file. Nothing was run.")
+    return None
+
+
+class _DropNoise(logging.Filter):
+    NOISE = ("Trial task failed", "Trials did not complete", "Experiment state snapshotting")
+
+    def filter(self, record):
+        return not record.getMessage().startswith(self.NOISE)
+
+
+@contextlib.contextmanager
+def _quiet_tune():
+    """Tracebacks of failed trials stay in Ray's storage (error.txt); the driver prints one line."""
+    names = ("ray.tune.execution.tune_controller", "ray.tune.tune",
+             "ray.tune.execution.experiment_state")
+    drop = _DropNoise()
+    for name in names:
+        logging.getLogger(name).addFilter(drop)
+    try:
+        yield
+    finally:
+        for name in names:
+            logging.getLogger(name).removeFilter(drop)
+
+
+def experiments(storage: str, study: str) -> list[tuple[int, str, list[str]]]:
+    """[(k, name, cell ids)] of the study's Ray experiments, oldest first."""
+    import pyarrow.fs as pafs
+
+    fs, base = results.filesystem(storage)
+    pattern = re.compile(re.escape(study) + r"-(\d+)\.cells\.json\Z")
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        match = pattern.match(posixpath.basename(info.path))
+        if not match or info.type != pafs.FileType.File:
+            continue
+        try:
+            cells = json.loads(results.read_bytes(storage, posixpath.basename(info.path)))["cells"]
+        except (ValueError, KeyError, TypeError):
+            print(f"note: ignoring the unreadable {info.path}")
+            continue
+        out.append((int(match.group(1)), f"{study}-{match.group(1)}", [str(c) for c in cells]))
+    return sorted(out)
+
+
+def _fit(tuner) -> dict[str, str]:
+    """Run a Tuner; {cell id: error summary} for the trials that ended in error."""
+    from .progress import error_summary
+
+    with _quiet_tune():
+        grid = tuner.fit()
+    errors = {}
+    for i in range(len(grid)):
+        result = grid[i]
+        if result.error is not None and result.config:
+            errors[result.config.get("cell")] = error_summary(str(result.error))
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# run_study
+
+def _dry_run(study, root: str, fp) -> int:
+    pin = pins.pin_study(study, root, fp, write=False)
+    states = cell_states(results.load_rows(root), pin.ids)
+    words = {"done": "done", "diverged": "diverged (final, not re-run)", "pending": "would run",
+             "failed": "failed: would retry", "unfinished": "unfinished: would resume"}
+    print(describe(study, pin.ids, [words[states[c]["state"]] for c in pin.ids]))
+    print(f"results root: {root}")
+    for note in pin.notes:
+        print(f"note: {note}")
+    count = lambda *s: sum(states[c]["state"] in s for c in pin.ids)  # noqa: E731
+    print(f"{count('pending', 'failed', 'unfinished')} to run, {count('done')} done, "
+          f"{count('diverged')} diverged, {len(pin.orphaned)} orphaned (dry run: nothing written)")
+    return 0
+
+
+def run_study(path: str, results: str | None = None, address: str | None = None,
+              dry_run: bool = False, device: str = "auto", cell_fn=None) -> int:
+    """Run (or resume) every unfinished cell of a study; 0 when all are done or diverged, 1 when
+    some failed or remain, 2 when the study cannot run (locked, impossible resources).
+
+    ``cell_fn`` replaces ``harness.cell.run_cell`` in the trainable (tests inject failures).
+    """
+    study = load_study(path)
+    root = _root(results or study.results_root)
+    fp, datasets = fingerprints(study)
+    if dry_run:
+        return _dry_run(study, root, fp)
+    with pins.acquire_lock(root):
+        pin = pins.pin_study(study, root, fp)
+        for note in pin.notes:
+            print(f"note: {note}")
+        if pin.orphaned:
+            print(f"{len(pin.orphaned)} orphaned cells (no longer in the study; their results are "
+                  f"kept and left out of figures): {', '.join(pin.orphaned)}")
+        states = cell_states(results.load_rows(root), pin.ids)
+        pending = [c for c in pin.ids if states[c]["state"] not in FINAL]
+        if not pending:
+            diverged = sum(s["state"] == "diverged" for s in states.values())
+            print(f"all {len(pin.ids)} cells done" + (f" ({diverged} diverged)" if diverged else ""))
+            return 0
+        started = _connect(address)
+        try:
+            problem = _resource_problem(study)
+            if problem:
+                print("error: " + problem, file=sys.stderr)
+                return EXIT_USAGE
+            cache = _cache(root)
+            _teachers(study, pin, pending, datasets, root, cache, device)
+            return _sweep(study, pin, pending, root, cache, device, cell_fn)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+
+
+def _teachers(study, pin, pending, datasets, root, cache, device):
+    """Train (or load) each teacher once in the driver and write its reference rows."""
+    from . import metrics, teacher as teachers
+    from .cell import pick_device, write_references
+
+    dev = pick_device(device)
+    cells, seen = dict(pin.current), set()
+    for cid in pending:
+        cfg = cells[cid].config
+        key = (pin.teacher_of(cid), cfg["eval"]["n"], cfg["eval"]["metric"])
+        if key in seen:
+            continue
+        seen.add(key)
+        dataset = datasets[canonical_json(cfg["data"])]
+        teacher, meta = teachers.load_or_train(cfg, dataset, cache, dev)
+        evaluator = metrics.Evaluator(dataset, n=cfg["eval"]["n"], cache_dir=cache,
+                                      metric=cfg["eval"]["metric"], device=dev)
+        _, folder = teachers.teacher_dir(cache, cfg, dataset)
+        write_references(root, study.name, cfg, dataset, teacher, meta, evaluator, folder, dev)
+
+
+def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
+    from ray import tune
+
+    from .progress import Progress, error_summary
+
+    storage, cells = storage_of(root), dict(pin.current)
+    labels = {cid: f"[{c.label}]" for cid, c in cells.items()}
+    kimg = {cid: c.config["student"]["kimg"] for cid, c in cells.items()}
+
+    def run_config(name, n):
+        return tune.RunConfig(
+            name=name, storage_path=storage, verbose=0, callbacks=[Progress(labels, kimg, n)],
+            failure_config=tune.FailureConfig(max_failures=study.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+
+    def still_pending():
+        states = cell_states(results.load_rows(root), pin.ids)
+        return [c for c in pin.ids if states[c]["state"] not in FINAL]
+
+    known = experiments(storage, study.name)
+    owner = {cid: name for _, name, ids in known for cid in ids}  # the newest experiment wins
+    todo, attempted, errors = list(pending), set(), {}
+    for _, name, ids in known:
+        mine = [c for c in ids if owner[c] == name and c in todo]
+        where = f"{storage}/{name}"
+        if not mine or not tune.Tuner.can_restore(where):
+            continue
+        print(f"resuming Ray experiment {name} ({len(mine)} unfinished cells): {where}")
+        try:
+            tuner = tune.Tuner.restore(where, trainable=_trainable(
+                study, cells, todo, root, cache, device, cell_fn), resume_errored=True)
+            local = getattr(tuner, "_local_tuner", None)  # fresh progress callback (not public API)
+            if local is not None and getattr(local, "_run_config", None) is not None:
+                local._run_config.callbacks = run_config(name, len(mine)).callbacks
+            errors.update(_fit(tuner))
+        except Exception as e:  # noqa: BLE001 (a damaged experiment: its cells start afresh)
+            print(f"note: cannot resume {name} ({error_summary(str(e))}); its unfinished cells "
+                  f"start from step 0 in a new experiment")
+            continue
+        attempted.update(mine)
+        todo = still_pending()
+
+    rest = [c for c in todo if c not in attempted]
+    if rest:
+        k = max((k for k, _, _ in known), default=0) + 1
+        name = f"{study.name}-{k}"
+        results.write_bytes_atomic(storage, f"{name}.cells.json", json.dumps(
+            {"experiment": name, "study": study.name, "cells": rest}, indent=1).encode())
+        print(f"Ray experiment {name}: {len(rest)} cells, {study.resources['cpu']:g} CPU and "
+              f"{study.resources['gpu']:g} GPU each, max_failures {study.max_failures}; Ray's "
+              f"logs in {storage}/{name}")
+        tuner = tune.Tuner(_trainable(study, cells, rest, root, cache, device, cell_fn),
+                           param_space={"cell": tune.grid_search(rest)},
+                           tune_config=tune.TuneConfig(max_concurrent_trials=None),
+                           run_config=run_config(name, len(rest)))
+        errors.update(_fit(tuner))
+    return _finish(study, pin, root, cells, errors)
+
+
+def _finish(study, pin, root, cells, errors: dict) -> int:
+    """Record failed cells (unless a final row exists), print the summary, choose the exit code."""
+    from . import __version__
+    from .cell import cell_columns
+
+    states = cell_states(results.load_rows(root), pin.ids)
+    rows = []
+    for cid, message in errors.items():
+        s = states.get(cid)
+        if s is None or s["state"] in FINAL:
+            continue
+        rows.append({**cell_columns(cells[cid].config, study.name, cid, cells[cid].axes),
+                     "kimg": s["kimg"], "step": s["step"], "metric": "failed", "value": math.nan,
+                     "protocol": f"the cell raised; Ray tried it {study.max_failures + 1} times",
+                     "wall_s": s["wall_s"], "status": "failed", "message": message,
+                     "version": __version__})
+        s["state"], s["message"] = "failed", message
+    results.write_rows(root, rows)
+    count = {k: sum(s["state"] == k for s in states.values())
+             for k in ("done", "diverged", "failed", "unfinished", "pending")}
+    print(f"study {study.name}: " + ", ".join(f"{k} {v}" for k, v in count.items())
+          + f" of {len(pin.ids)} cells; results in {root}")
+    for cid in pin.ids:
+        if states[cid]["state"] == "failed":
+            print(f"  failed: cell {cid} [{cells[cid].label}]: {states[cid]['message'] or ''}")
+    left = len(pin.ids) - count["done"] - count["diverged"]
+    if left:
+        print(f"{left} cells not finished: run the same command again to retry or resume them")
+    return 0 if not left else 1

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny toy2d teacher trained once per test session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import data, teacher as teachers
+from harness.config import resolve_cell
+
+TOY_TEACHER = {"kimg": 12, "batch": 128, "lr": 2e-3, "ema_halflife_kimg": 1}
+
+
+def toy_cfg(**sections) -> dict:
+    """A resolved toy2d cell config with a tiny teacher and short student budget."""
+    spec = {"data": {"name": "toy2d"}, "teacher": dict(TOY_TEACHER),
+            "student": {"kimg": 1, "batch": 64, "ema_halflife_kimg": 0.2},
+            "eval": {"n": 300, "every_kimg": 0.5, "samples": 16}}
+    for key, value in sections.items():
+        spec[key] = {**spec[key], **value} if isinstance(spec.get(key), dict) and isinstance(value, dict) else value
+    return resolve_cell(spec)
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("harness-cache"))
+
+
+@pytest.fixture(scope="session")
+def toy_teacher(toy_cache):
+    """(denoiser, meta, dataset) for the toy2d ring, trained once (~10 s on 2 cores)."""
+    torch.set_num_threads(2)
+    dataset = data.load("toy2d")
+    denoiser, meta = teachers.load_or_train(toy_cfg(), dataset, toy_cache, "cpu", log=lambda *_: None)
+    return denoiser, meta, dataset
