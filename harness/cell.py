@@ -63,6 +63,19 @@ def write_references(root: str, study: str, cfg: dict, dataset, teacher, meta, e
         f"({evaluator.metric_name})")
 
 
+def prepare(cfg: dict, root: str, cache: str, device: str, *, study: str = "adhoc",
+            log: Callable = print, dataset=None):
+    """Data, teacher (trained or reused), evaluator, and the reference rows under ``root``."""
+    dataset = dataset if dataset is not None else datasets.from_config(cfg["data"])
+    teacher, meta = teachers.load_or_train(cfg, dataset, cache, device, log)
+    evaluator = metrics.Evaluator(dataset, n=cfg["eval"]["n"], cache_dir=cache,
+                                  metric=cfg["eval"]["metric"], device=device,
+                                  inception_weights=cfg["eval"].get("inception_weights"))
+    _, folder = teachers.teacher_dir(cache, cfg, dataset)
+    write_references(root, study, cfg, dataset, teacher, meta, evaluator, folder, device, log)
+    return dataset, teacher, meta, evaluator
+
+
 def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "adhoc",
              axes: dict | None = None, device: str = "auto", log: Callable = print,
              on_eval: Callable[[Evaluation], None] | None = None,
@@ -76,13 +89,8 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
         teacher_guard: wraps the teacher before training (tests use it to forbid calls).
     """
     device = pick_device(device)
-    dataset = datasets.from_config(cfg["data"])
+    dataset, teacher, meta, evaluator = prepare(cfg, root, cache, device, study=study, log=log)
     cid = cell_id(cfg, dataset.fingerprint)
-    teacher, meta = teachers.load_or_train(cfg, dataset, cache, device, log)
-    evaluator = metrics.Evaluator(dataset, n=cfg["eval"]["n"], cache_dir=cache,
-                                  metric=cfg["eval"]["metric"], device=device)
-    _, folder = teachers.teacher_dir(cache, cfg, dataset)
-    write_references(root, study, cfg, dataset, teacher, meta, evaluator, folder, device, log)
     columns = cell_columns(cfg, study, cid, axes or {})
     start = time.perf_counter()
 

@@ -41,7 +41,9 @@ def _torch_errors() -> tuple[type, ...]:
 
 
 def _fail(message: str) -> int:
-    print("error: " + textwrap.fill(str(message), 100, subsequent_indent="  "), file=sys.stderr)
+    text = textwrap.fill(str(message), 100, subsequent_indent="  ", break_on_hyphens=False,
+                         break_long_words=False)  # paths stay whole
+    print("error: " + text, file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -62,13 +64,26 @@ def _overrides(pairs: list[str]) -> dict:
         if not sep or "." not in key:
             raise ConfigError("--set", f"expected SECTION.KEY=VALUE, got {pair!r}")
         section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = _parse_value(value)
+        out.setdefault(section, {})[name] = _check_override(section, name, _parse_value(value))
     return out
 
 
+def _check_override(section: str, name: str, value):
+    """Type and range of a ``--set`` value, by the schema study files use (unknown keys are
+    left to ``resolve_cell``)."""
+    from . import settings
+    from .config import DEFAULTS, ConfigError
+
+    if not isinstance(DEFAULTS.get(section), dict) or name not in DEFAULTS[section]:
+        return value
+    try:
+        return settings._check(settings._setting(section, name), value, f"{section}.{name}")
+    except settings._Bad as bad:
+        raise ConfigError(f"--set {bad.path}", bad.problem + (f"; {bad.fix}" if bad.fix else ""))
+
+
 def cmd_teacher(args) -> int:
-    from . import data, metrics, teacher as teachers
-    from .cell import pick_device, write_references
+    from .cell import pick_device, prepare
     from .config import resolve_cell
 
     spec = _overrides(args.set)
@@ -77,15 +92,9 @@ def cmd_teacher(args) -> int:
                                             ("seed", args.seed)) if v is not None},
                        **spec.get("teacher", {})}
     cfg = resolve_cell(spec)
-    device = pick_device(args.device)
-    dataset = data.from_config(cfg["data"])
-    teacher, meta = teachers.load_or_train(cfg, dataset, args.cache, device)
+    _, _, meta, _ = prepare(cfg, args.out, args.cache, pick_device(args.device))
     print(f"teacher {meta['id']}: {meta['arch']}, {meta['parameters']:,} parameters, "
           f"{meta['steps']} steps, {meta['wall_s']:.0f} s of training")
-    evaluator = metrics.Evaluator(dataset, n=cfg["eval"]["n"], cache_dir=args.cache,
-                                  metric=cfg["eval"]["metric"], device=device)
-    _, folder = teachers.teacher_dir(args.cache, cfg, dataset)
-    write_references(args.out, "adhoc", cfg, dataset, teacher, meta, evaluator, folder, device)
     return 0
 
 

@@ -85,6 +85,7 @@ DEFAULTS = {
         "n": 1000,
         "every_kimg": 20,
         "samples": 64,  # uint8 samples stored per evaluation
+        "inception_weights": None,  # local pt_inception-2015-12-05 file for metric: fid
     },
     "seed": 0,
 }

@@ -32,7 +32,9 @@ from . import config as C
 PIN = "pin.json"
 LOCK = ".lock"
 ID_SECTIONS = ("data", "teacher", "student", "loss", "init", "eval", "seed")
-NOT_IDENTITY = {"data": ("path",)}  # settings that do not change numbers (content is fingerprinted)
+# settings that do not change numbers: file locations (data content is fingerprinted; the
+# Inception weights are the one published file, named in each metric's protocol)
+NOT_IDENTITY = {"data": ("path",), "eval": ("inception_weights",)}
 
 
 class PinError(RuntimeError):

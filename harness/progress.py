@@ -3,17 +3,34 @@
 ``Progress`` is a ``tune.Callback``; Ray's own output is turned down (``verbose=0``, no worker log
 forwarding) and its result logs stay in the experiment's storage folder. A line reads::
 
-    [+1m05s] cell 231c86a3e3d3 sid | teacher | seed 0  kimg 1.5/2  mmd_toy2d_200 0.172  running  (10 s)
+    [+1m05s] cell 231c86a3e3d3 [sid | teacher | seed 0]  kimg 1.5/2  mmd_toy2d_200 0.172  running
+    (10s; 1/4 finished)
 
 The callback is pickled into Ray's experiment state (``tuner.pkl``), so it holds only plain data.
+
+It also keeps Ray's storage small without ever breaking a restore: Ray deletes no checkpoint
+(``num_to_keep=None``: with Ray's own deletion, a driver killed between a deletion and the next
+sync of the experiment state leaves a state pointing at a deleted checkpoint, and such a trial can
+never be restored). Instead, at each new checkpoint of a trial the ``cell.pt`` of its older ones is
+deleted and their (empty) directories stay; the trainable resumes from the newest ``cell.pt`` of
+its cell that exists (``sweep._resume_into``).
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import posixpath
+import re
 import time
 
+import pyarrow.fs as pafs
 from ray import tune
 
-from .status import duration
+from . import results as store
+from .status import FINAL, cell_states, duration
+
+CKPT = "cell.pt"  # the file sweep.harness_cell checkpoints to
 
 def error_summary(text: str | None, limit: int = 300) -> str:
     """The last meaningful line of an error text (a Ray traceback ends with the exception)."""
@@ -30,6 +47,15 @@ def _read(path: str | None) -> str:
             return f.read()
     except (OSError, TypeError):
         return ""
+
+
+def drop_older(fs, trial_dir: str, keep: str | None, name: str = "cell.pt"):
+    """Delete ``name`` in every ``checkpoint_*`` folder of a trial except ``keep`` (a path)."""
+    for item in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True)):
+        if posixpath.basename(item.path).startswith("checkpoint_") and item.path != keep:
+            path = posixpath.join(item.path, name)
+            if fs.get_file_info(path).type == pafs.FileType.File:
+                fs.delete_file(path)
 
 
 class Progress(tune.Callback):
@@ -57,6 +83,17 @@ class Progress(tune.Callback):
               f"  ({duration(result.get('wall_s', 0))}; {len(self.finished)}/{self.n_cells} "
               f"finished)", flush=True)
 
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        drop_older(checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/")),
+                   checkpoint.path.rstrip("/"))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if (trial.last_result or {}).get("status") in ("done", "diverged"):  # rows are final
+            try:
+                drop_older(trial.storage.storage_filesystem, trial.storage.trial_fs_path, None)
+            except (AttributeError, RuntimeError, OSError):
+                pass  # sweep._prune removes what is left after the run
+
     def on_trial_recover(self, iteration, trials, trial, **info):
         _, head = self._head(trial)
         print(f"{head}  attempt {trial.num_failures} failed: "
@@ -71,3 +108,76 @@ class Progress(tune.Callback):
 
     def __getstate__(self):
         return {**self.__dict__, "finished": set(), "errors": {}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray's log noise and Ray's storage (experiments, checkpoints)
+
+class _DropNoise(logging.Filter):
+    NOISE = ("Trial task failed", "Trials did not complete", "Experiment state snapshotting",
+             "Failed to fetch metrics")
+
+    def filter(self, record):
+        return not record.getMessage().startswith(self.NOISE)
+
+
+@contextlib.contextmanager
+def quiet_tune():
+    """Tracebacks of failed trials stay in Ray's storage (error.txt); the driver prints one line."""
+    names = ("ray.tune.execution.tune_controller", "ray.tune.tune",
+             "ray.tune.execution.experiment_state", "ray.tune.analysis.experiment_analysis")
+    drop = _DropNoise()
+    for name in names:
+        logging.getLogger(name).addFilter(drop)
+    try:
+        yield
+    finally:
+        for name in names:
+            logging.getLogger(name).removeFilter(drop)
+
+
+def experiments(storage: str, study: str) -> list[tuple[int, str, list[str]]]:
+    """[(k, name, cell ids)] of the study's Ray experiments, oldest first."""
+    import pyarrow.fs as pafs
+
+    fs, base = store.filesystem(storage)
+    pattern = re.compile(re.escape(study) + r"-(\d+)\.cells\.json\Z")
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        match = pattern.match(posixpath.basename(info.path))
+        if not match or info.type != pafs.FileType.File:
+            continue
+        try:
+            cells = json.loads(store.read_bytes(storage, posixpath.basename(info.path)))["cells"]
+        except (ValueError, KeyError, TypeError):
+            print(f"note: ignoring the unreadable {info.path}")
+            continue
+        out.append((int(match.group(1)), f"{study}-{match.group(1)}", [str(c) for c in cells]))
+    return sorted(out)
+
+
+def checkpoint_files(storage: str, study: str) -> list[tuple[str, str, float]]:
+    """[(cell id, path relative to storage, mtime)] of every stored ``cell.pt`` of the study."""
+    import pyarrow.fs as pafs
+
+    fs, base = store.filesystem(storage)
+    pattern = re.compile(r"[^/]*_cell=([0-9a-f]+)_[^/]*/checkpoint_\d+/" + re.escape(CKPT) + r"\Z")
+    out = []
+    for _, name, _ in experiments(storage, study):
+        for info in fs.get_file_info(pafs.FileSelector(posixpath.join(base, name),
+                                                       allow_not_found=True, recursive=True)):
+            rel = posixpath.relpath(info.path, base)
+            match = pattern.match(posixpath.relpath(info.path, posixpath.join(base, name)))
+            if match and info.type == pafs.FileType.File:
+                out.append((match.group(1), rel, info.mtime.timestamp()))
+    return out
+
+
+def prune_finished(storage: str, study: str, ids, root: str):
+    """Delete the ``cell.pt`` of finished cells (their rows are final; the trainable returns at
+    once for them). Directories stay, so Ray's experiment state never points at a missing one."""
+    states = cell_states(store.load_rows(root), ids)
+    fs, base = store.filesystem(storage)
+    for cid, path, _ in checkpoint_files(storage, study):
+        if states.get(cid, {}).get("state") in FINAL:
+            fs.delete_file(posixpath.join(base, path))

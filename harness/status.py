@@ -12,6 +12,7 @@ import socket
 
 from . import pin as pins, results
 from .pin import canonical_json
+from .study import describe
 
 # the state of one cell, from its rows: done / diverged are final; failed and unfinished (rows
 # but no final one) and pending (no rows) are run by the next `harness run`
@@ -44,13 +45,32 @@ def cell_states(df, ids) -> dict[str, dict]:
         last = g.iloc[-1]
         state = ("done" if "done" in statuses else "diverged" if "diverged" in statuses
                  else "failed" if last.status == "failed" else "unfinished")
-        scored = g[~g.metric.isin(["img_per_s", "peak_mem_mb", "diverged", "failed"])]
-        best = scored.iloc[-1] if len(scored) else last
+        # the primary metric: the first one written at the latest evaluation
+        scored = g[(g.kimg == g.kimg.max())
+                   & ~g.metric.isin(["img_per_s", "peak_mem_mb", "diverged", "failed"])]
+        best = scored.iloc[0] if len(scored) else last
         out[cid] = {"state": state, "kimg": float(g.kimg.max()), "step": int(g.step.max()),
                     "wall_s": float(g.wall_s.max()) if g.wall_s.notna().any() else 0.0,
                     "metric": best.metric, "value": float(best.value),
-                    "message": next((m for m in g.message[::-1] if m), None)}
+                    "message": next((m for m in g.message[::-1] if isinstance(m, str) and m),
+                                    None)}
     return out
+
+
+def dry_run_report(study, root: str, fp) -> int:
+    """``harness run --dry-run``: the cells, what happens to each, a summary. Writes nothing."""
+    pin = pins.pin_study(study, root, fp, write=False)
+    states = cell_states(results.load_rows(root), pin.ids)
+    study.results_root = root  # describe() shows the root in use
+    words = {"done": "done", "diverged": "diverged (final, not re-run)", "pending": "would run",
+             "failed": "failed: would retry", "unfinished": "unfinished: would resume"}
+    print(describe(study, pin.ids, [words[states[c]["state"]] for c in pin.ids]))
+    for note in pin.notes:
+        print(f"note: {note}")
+    count = lambda *s: sum(states[c]["state"] in s for c in pin.ids)  # noqa: E731
+    print(f"{count('pending', 'failed', 'unfinished')} to run, {count('done')} done, "
+          f"{count('diverged')} diverged, {len(pin.orphaned)} orphaned (dry run: nothing written)")
+    return 0
 
 
 def lock_holder(root: str) -> dict | None:

@@ -10,16 +10,13 @@ A study is a set of fixed settings (sections ``data``, ``teacher``, ``student``,
 cartesian product of the axes in the YAML order of ``grid``; each cell's config is resolved through
 ``config.resolve_cell``, so ``loss`` and ``init`` are canonical and every setting is explicit.
 
-Axis values for ``loss`` / ``init`` are a name (``ratio_js``), a one-key mapping
-(``{sid: {alpha: [1.0, 1.2]}}``) or a mapping with ``name`` (``{name: sid, alpha: 1.0}``). A
-list-valued parameter expands into one value per item (cartesian product over parameters), except
-``groups``, which is itself a list and expands only when written as a list of lists.
+Axis values for ``loss`` / ``init`` are expanded as ``settings._expand_spec`` describes; the schema
+of every scalar setting is in ``settings``.
 """
 from __future__ import annotations
 
 import copy
 import itertools
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,6 +25,9 @@ import yaml
 
 from . import config as C
 from .pin import canonical_json
+from .settings import (DEFAULT_MAX_FAILURES, DEFAULT_RESOURCES, IMAGE_ARCHS, MAX_FAILURES, NAME_RE,
+                       PATH_DATASETS, RESOURCES, SECTIONS, TOP_KEYS, _Bad, _check, _expand_spec,
+                       _setting, _type_name, _Value)
 
 
 class StudyError(C.ConfigError):
@@ -39,259 +39,6 @@ class StudyError(C.ConfigError):
         text = f"{where}: " + (f"{path}: " if path else "") + problem + (f"; {fix}" if fix else "")
         ValueError.__init__(self, text)
         self.path, self.source, self.line, self.problem, self.fix = path, source, line, problem, fix
-
-
-# ---------------------------------------------------------------------------------------------
-# The schema of the scalar settings (sections of config.DEFAULTS, the seed, resources).
-
-TOY_KINDS = ("ring8", "checkerboard")
-PATH_DATASETS = {  # datasets read from files the user provides: what data.path must point at
-    "cifar10": "the folder cifar-10-batches-py with data_batch_1..5",
-    "mnist": "a folder with train-images-idx3-ubyte and train-labels-idx1-ubyte",
-    "npz": "an .npz file holding 'x' (uint8 images) and optionally 'y'",
-    "folder": "a folder of same-size PNG/JPEG images",
-}
-EVAL_METRICS = ("auto", "fd", "fid", "mmd")
-IMAGE_ARCHS = tuple(a for a in C.ARCHS if a != "mlp")
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
-_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\Z")  # YAML 1.1 reads 1e-4 as a str
-
-
-@dataclass(frozen=True)
-class Setting:
-    """Type and range of one scalar setting."""
-
-    kind: str  # num | int | str | any
-    lo: float | None = None
-    lo_open: bool = True  # True: value > lo; False: value >= lo
-    hi: float | None = None
-    hi_open: bool = False  # True: value < hi; False: value <= hi
-    choices: tuple | None = None
-    nullable: bool = False
-
-    def range_text(self) -> str:
-        if self.lo is not None and self.hi is not None:
-            return (f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
-                    f"{')' if self.hi_open else ']'}")
-        if self.lo is not None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        return f"{'<' if self.hi_open else '<='} {self.hi:g}"
-
-
-def _num(lo=None, lo_open=True, hi=None, hi_open=False):
-    return Setting("num", lo, lo_open, hi, hi_open)
-
-
-def _int(lo=None):
-    return Setting("int", lo, False)
-
-
-def _choice(*choices, nullable=False):
-    return Setting("str", choices=choices, nullable=nullable)
-
-
-SCHEMA = {
-    "data": {"name": _choice(*C.DATASETS), "path": Setting("str", nullable=True),
-             "kind": _choice(*TOY_KINDS, nullable=True)},
-    "teacher": {"arch": _choice(*C.ARCHS), "kimg": _num(0), "batch": _int(1), "lr": _num(0),
-                "ema_halflife_kimg": _num(0, False), "seed": _int(0)},
-    "student": {"sigma_init": _num(0), "t_max": _num(0, True, 1, False), "kimg": _num(0),
-                "batch": _int(1), "lr": _num(0), "aux_lr": _num(0), "aux_steps": _int(1),
-                "aux_init": _choice("teacher", "random"), "ratio_net": _choice("encoder"),
-                "ema_halflife_kimg": _num(0, False), "precision": _choice("fp32", "tf32", "bf16")},
-    "eval": {"metric": _choice(*EVAL_METRICS), "n": _int(2), "every_kimg": _num(0),
-             "samples": _int(0)},
-    "seed": _int(0),
-}
-RESOURCES = {"cpu": _num(0), "gpu": _num(0, False)}
-DEFAULT_RESOURCES = {"cpu": 1.0, "gpu": 0.0}
-DEFAULT_MAX_FAILURES = 0
-SECTIONS = tuple(k for k, v in C.DEFAULTS.items() if isinstance(v, dict) and k not in ("loss", "init"))
-TOP_KEYS = ("study", "description", "results", *SECTIONS, "loss", "init", "seed", "grid",
-            *C.STUDY_ONLY)
-
-
-def _setting(section: str, key: str | None) -> Setting:
-    """The schema entry, or one inferred from the default's type for a key not listed above."""
-    spec = SCHEMA.get(section)
-    if key is not None:
-        spec = (spec or {}).get(key)
-        default = C.DEFAULTS[section][key]
-    else:
-        default = C.DEFAULTS[section]
-    if isinstance(spec, Setting):
-        return spec
-    if isinstance(default, bool) or default is None:
-        return Setting("any", nullable=True)
-    return Setting({int: "int", float: "num", str: "str"}.get(type(default), "any"))
-
-
-class _Bad(Exception):
-    """A problem found at a yaml path (converted to StudyError with file and line)."""
-
-    def __init__(self, path: str, problem: str, fix: str | None = None):
-        super().__init__(problem)
-        self.path, self.problem, self.fix = path, problem, fix
-
-
-def _type_name(value) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", str: "a string", list: "a list", dict: "a mapping",
-            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
-
-
-def _check(spec: Setting, value, path: str):
-    """Validate and coerce one scalar value against its Setting."""
-    if value is None:
-        if spec.nullable:
-            return None
-        raise _Bad(path, "a value is required, got null", "give a value or remove the key")
-    if spec.kind in ("num", "int"):
-        if isinstance(value, str) and spec.kind == "num" and _FLOAT_RE.match(value.strip()):
-            value = float(value)  # 1e-4: YAML 1.1 reads it as a string
-        if spec.kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise _Bad(path, f"expected a whole number, got {value!r} ({_type_name(value)})",
-                           "write an integer such as 1")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Bad(path, f"expected a number, got {value!r} ({_type_name(value)})",
-                       "write a number such as 0.5 or 1.0e-4")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise _Bad(path, f"must be a finite number, got {value!r}", "write a finite number")
-        lo_bad = spec.lo is not None and (value <= spec.lo if spec.lo_open else value < spec.lo)
-        hi_bad = spec.hi is not None and (value >= spec.hi if spec.hi_open else value > spec.hi)
-        if lo_bad or hi_bad:
-            raise _Bad(path, f"must be {spec.range_text()}, got {value!r}",
-                       f"use a value {spec.range_text()}")
-        return value
-    if spec.kind == "str":
-        if not isinstance(value, str) or not value:
-            raise _Bad(path, f"expected a string, got {value!r} ({_type_name(value)})",
-                       "write a name" + (f": one of {', '.join(spec.choices)}" if spec.choices else ""))
-        if spec.choices and value not in spec.choices:
-            raise _Bad(path, f"unknown value {value!r}", f"known: {', '.join(spec.choices)}")
-        return value
-    return value
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss and init specs: expansion of list-valued parameters, canonicalisation through config.
-
-@dataclass
-class _Value:
-    """One value of an axis (or a fixed setting), with where it came from."""
-
-    value: object  # what goes into the cell config (canonical for loss/init)
-    label: object  # what Cell.axes records
-    origin: str  # yaml path of the item that produced it
-
-
-def _rewrap(e: C.ConfigError, expanded: dict) -> _Bad:
-    """A ConfigError from config.resolve_* as a _Bad, with [j] inserted for expanded params."""
-    path = e.path
-    text = str(e)[len(path) + 2:] if path else str(e)
-    for param_path, j in expanded.items():
-        if path == param_path or path.startswith(param_path + "[") or path.startswith(param_path + "."):
-            path = f"{param_path}[{j}]{path[len(param_path):]}"
-            break
-    problem, _, fix = text.partition("; ")
-    return _Bad(path, problem, fix or None)
-
-
-def _param_text(spec: C.Param) -> str:
-    kind = {float: "a number", str: "a string", list: "a list"}.get(spec.kind, spec.kind.__name__)
-    if spec.choices:
-        kind = "one of " + "|".join(spec.choices)
-    if spec.of:
-        kind = "a list of " + "|".join(spec.of)
-    if spec.positive:
-        kind += " > 0"
-    return kind + (", required" if spec.required else f", default {spec.default!r}")
-
-
-def _expand_spec(kind: str, item, path: str, fixed: bool) -> list[_Value]:
-    """Expand one loss/init item (name, one-key mapping or mapping with ``name``) into values."""
-    names = C.LOSS_NAMES if kind == "loss" else C.INIT_SCHEMES
-    example = "sid or {sid: {alpha: 1.2}}" if kind == "loss" else \
-        "teacher or {reset_layers: {groups: [output]}}"
-    if isinstance(item, str):
-        name, params, prefix = item, {}, path
-    elif isinstance(item, dict) and "name" in item:
-        name, prefix = item["name"], path
-        params = {k: v for k, v in item.items() if k != "name"}
-        if not isinstance(name, str):
-            raise _Bad(f"{path}.name", f"expected a {kind} name, got {name!r}",
-                       f"known: {', '.join(names)}")
-    elif isinstance(item, dict) and len(item) == 1:
-        (name, params), = item.items()
-        prefix = f"{path}.{name}"
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            raise _Bad(prefix, f"expected a mapping of parameters, got {params!r}",
-                       f"write e.g. {example}")
-    else:
-        raise _Bad(path, f"expected a {kind} name or a one-key mapping, got {item!r}",
-                   f"write e.g. {example}")
-    if name not in names:
-        raise _Bad(prefix if prefix != path or isinstance(item, str) else f"{path}.name",
-                   f"unknown {kind} {name!r}",
-                   f"known: {', '.join(names)}")
-    family = C.LOSS_NAMES[name][0] if kind == "loss" else name
-    schema = C.LOSS_FAMILIES[family] if kind == "loss" else C.INIT_SCHEMES[name]
-
-    # each parameter: a list of (value, index or None)
-    choices = []
-    for pname, pvalue in params.items():
-        ppath = f"{prefix}.{pname}"
-        spec = schema.get(pname)
-        if spec is not None and spec.kind is list:  # groups: only a list of lists expands
-            if not isinstance(pvalue, list) or not pvalue:
-                choices.append([(pvalue, None)])  # config reports the error
-                continue
-            inner = [isinstance(v, list) for v in pvalue]
-            if all(inner):
-                many = True
-            elif any(inner):
-                raise _Bad(ppath, "mixes group names and lists of groups",
-                           f"write [output] for one value or [[output], [encoder, middle]] for "
-                           f"one value per inner list")
-            else:
-                many = False
-        else:
-            many = isinstance(pvalue, list)
-        if many and fixed:
-            raise _Bad(ppath, f"a fixed {kind} takes one value, got a list {pvalue!r}",
-                       f"to compare several values, move it into grid.{kind}")
-        if many and not pvalue:
-            raise _Bad(ppath, "empty list of values", "give at least one value")
-        values = list(pvalue) if many else [pvalue]
-        if spec is not None and spec.kind is float:
-            values = [float(v) if isinstance(v, str) and _FLOAT_RE.match(v.strip()) else v
-                      for v in values]
-        choices.append([(v, j if many else None) for j, v in enumerate(values)])
-
-    out = []
-    resolve = C.resolve_loss if kind == "loss" else C.resolve_init
-    label = C.loss_label if kind == "loss" else C.init_label
-    for combo in itertools.product(*choices):
-        spec = {"name": name}
-        expanded = {}
-        for pname, (v, j) in zip(params, combo):
-            spec[pname] = v
-            if j is not None:
-                expanded[f"{prefix}.{pname}"] = j
-        try:
-            canon = resolve(spec, prefix)
-        except C.ConfigError as e:
-            bad = _rewrap(e, expanded)
-            if bad.fix is None:
-                bad.fix = f"{name} takes " + (", ".join(
-                    f"{p} ({_param_text(s)})" for p, s in schema.items()) or "no parameters")
-            raise bad from None
-        out.append(_Value(canon, label(canon), path))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +226,7 @@ class _Parser:
                            "use a fraction (< 1) or a whole number of GPUs")
         max_failures = DEFAULT_MAX_FAILURES
         if raw.get("max_failures") is not None:
-            max_failures = _check(_int(0), raw["max_failures"], "max_failures")
+            max_failures = _check(MAX_FAILURES, raw["max_failures"], "max_failures")
 
         axes = self._grid(raw.get("grid"), raw, fixed)
         cells = self._cells(fixed, axes)
@@ -574,16 +321,10 @@ class _Parser:
             cells.append(Cell(config=cfg, axes=axes_out, index=index))
         return cells
 
-    @staticmethod
-    def _where(setting: str, fixed: dict, origin: dict) -> str:
-        if setting in origin:
-            return origin[setting]
-        return setting
-
     def _cross_check(self, cfg: dict, fixed: dict, origin: dict):
         data, name = cfg["data"], cfg["data"]["name"]
         given = lambda s: s in origin or s.partition(".")[2] in fixed.get(s.partition(".")[0], {})  # noqa: E731
-        where = lambda s: self._where(s, fixed, origin)  # noqa: E731
+        where = lambda s: origin.get(s, s)  # noqa: E731
         if name in PATH_DATASETS and not data["path"]:
             raise _Bad(where("data.path") if given("data.path") else
                        (origin["data.name"] if "data.name" in origin else "data.path"),

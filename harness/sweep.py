@@ -29,23 +29,23 @@ checkpoints are read with ``torch.load(weights_only=True)`` (``train.load_checkp
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import posixpath
-import re
 import shutil
 import sys
 import tempfile
 
-from . import pin as pins, results
+from . import pin as pins, results as store
 from .pin import canonical_json
-from .status import FINAL, cell_states, fingerprints, study_status as _study_status
-from .study import describe, load_study
+from .status import FINAL, cell_states, dry_run_report, fingerprints
+from .status import study_status as _study_status
+from .study import load_study
 
 CKPT = "cell.pt"
+REUSE_ACTORS = True  # a finished trial's worker runs the next cell: no process start per cell
 EXIT_USAGE = 2
 
 
@@ -77,7 +77,30 @@ def _cache(root: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The trainable (runs in a Ray worker)
 
-def harness_cell(config, cells, root, cache, study, device, threads, cell_fn=None):
+def _resume_into(ckpt: str, storage: str, saved: str | None):
+    """Copy the newest ``cell.pt`` of this trial's Ray checkpoint and of the cell's newest saved
+    one (``saved``, relative to storage; found by the driver) into ``ckpt``."""
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    found = []
+    previous = tune.get_checkpoint()
+    if previous is not None:
+        found.append((previous.filesystem, posixpath.join(previous.path, CKPT)))
+    if saved:
+        fs, base = store.filesystem(storage)
+        found.append((fs, posixpath.join(base, saved)))
+    best = None
+    for fs, path in found:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File and (best is None or info.mtime > best[2]):
+            best = (fs, path, info.mtime)
+    if best is not None:
+        with best[0].open_input_stream(best[1]) as src, open(ckpt, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+def harness_cell(config, cells, root, cache, study, device, threads, cell_fn=None, storage=None):
     """Ray Tune function trainable: run (or resume) one cell with ``cell_fn`` (run_cell)."""
     cid = config["cell"]
     cell = cells.get(cid)
@@ -87,20 +110,14 @@ def harness_cell(config, cells, root, cache, study, device, threads, cell_fn=Non
     from ray import tune
 
     torch.set_num_threads(threads)
+    if torch.cuda.is_available():  # a reused worker: peak_mem_mb must be this cell's own
+        torch.cuda.reset_peak_memory_stats()
     if cell_fn is None:
         from .cell import run_cell as cell_fn
     tmp = tempfile.mkdtemp(prefix=f"harness-{cid}-")
     ckpt = os.path.join(tmp, CKPT)
     try:
-        previous = tune.get_checkpoint()
-        if previous is not None:
-            try:
-                with previous.as_directory() as folder:
-                    if os.path.exists(os.path.join(folder, CKPT)):
-                        shutil.copyfile(os.path.join(folder, CKPT), ckpt)
-            except Exception as e:  # a checkpoint Ray lists but storage lost: start over
-                print(f"cell {cid}: Ray checkpoint {previous.path} unreadable ({e}); starting "
-                      f"from step 0")
+        _resume_into(ckpt, storage, cell.get("saved"))
 
         def on_eval(ev):
             metrics = {"cell": cid, "kimg": float(ev.kimg), "step": int(ev.step),
@@ -119,9 +136,16 @@ def harness_cell(config, cells, root, cache, study, device, threads, cell_fn=Non
 def _trainable(study, cells: dict, todo, root, cache, device, cell_fn):
     from ray import tune
 
-    payload = {cid: {"config": cells[cid].config, "axes": cells[cid].axes} for cid in todo}
+    from .progress import checkpoint_files
+
+    storage = storage_of(root)
+    saved = {}  # the newest cell.pt of each cell, whichever experiment and trial holds it
+    for cid, path, _ in sorted(checkpoint_files(storage, study.name), key=lambda f: f[2]):
+        saved[cid] = path
+    payload = {cid: {"config": cells[cid].config, "axes": cells[cid].axes,
+                     "saved": saved.get(cid)} for cid in todo}
     fn = tune.with_parameters(harness_cell, cells=payload, root=root, cache=cache,
-                              study=study.name, device=device,
+                              study=study.name, device=device, storage=storage,
                               threads=max(1, int(study.resources["cpu"])), cell_fn=cell_fn)
     return tune.with_resources(fn, {"cpu": study.resources["cpu"], "gpu": study.resources["gpu"]})
 
@@ -161,54 +185,11 @@ def _resource_problem(study) -> str | None:
     return None
 
 
-class _DropNoise(logging.Filter):
-    NOISE = ("Trial task failed", "Trials did not complete", "Experiment state snapshotting")
-
-    def filter(self, record):
-        return not record.getMessage().startswith(self.NOISE)
-
-
-@contextlib.contextmanager
-def _quiet_tune():
-    """Tracebacks of failed trials stay in Ray's storage (error.txt); the driver prints one line."""
-    names = ("ray.tune.execution.tune_controller", "ray.tune.tune",
-             "ray.tune.execution.experiment_state")
-    drop = _DropNoise()
-    for name in names:
-        logging.getLogger(name).addFilter(drop)
-    try:
-        yield
-    finally:
-        for name in names:
-            logging.getLogger(name).removeFilter(drop)
-
-
-def experiments(storage: str, study: str) -> list[tuple[int, str, list[str]]]:
-    """[(k, name, cell ids)] of the study's Ray experiments, oldest first."""
-    import pyarrow.fs as pafs
-
-    fs, base = results.filesystem(storage)
-    pattern = re.compile(re.escape(study) + r"-(\d+)\.cells\.json\Z")
-    out = []
-    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-        match = pattern.match(posixpath.basename(info.path))
-        if not match or info.type != pafs.FileType.File:
-            continue
-        try:
-            cells = json.loads(results.read_bytes(storage, posixpath.basename(info.path)))["cells"]
-        except (ValueError, KeyError, TypeError):
-            print(f"note: ignoring the unreadable {info.path}")
-            continue
-        out.append((int(match.group(1)), f"{study}-{match.group(1)}", [str(c) for c in cells]))
-    return sorted(out)
-
-
 def _fit(tuner) -> dict[str, str]:
     """Run a Tuner; {cell id: error summary} for the trials that ended in error."""
     from .progress import error_summary
 
-    with _quiet_tune():
-        grid = tuner.fit()
+    grid = tuner.fit()
     errors = {}
     for i in range(len(grid)):
         result = grid[i]
@@ -219,21 +200,6 @@ def _fit(tuner) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------
 # run_study
-
-def _dry_run(study, root: str, fp) -> int:
-    pin = pins.pin_study(study, root, fp, write=False)
-    states = cell_states(results.load_rows(root), pin.ids)
-    words = {"done": "done", "diverged": "diverged (final, not re-run)", "pending": "would run",
-             "failed": "failed: would retry", "unfinished": "unfinished: would resume"}
-    print(describe(study, pin.ids, [words[states[c]["state"]] for c in pin.ids]))
-    print(f"results root: {root}")
-    for note in pin.notes:
-        print(f"note: {note}")
-    count = lambda *s: sum(states[c]["state"] in s for c in pin.ids)  # noqa: E731
-    print(f"{count('pending', 'failed', 'unfinished')} to run, {count('done')} done, "
-          f"{count('diverged')} diverged, {len(pin.orphaned)} orphaned (dry run: nothing written)")
-    return 0
-
 
 def run_study(path: str, results: str | None = None, address: str | None = None,
               dry_run: bool = False, device: str = "auto", cell_fn=None) -> int:
@@ -246,7 +212,7 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
     root = _root(results or study.results_root)
     fp, datasets = fingerprints(study)
     if dry_run:
-        return _dry_run(study, root, fp)
+        return dry_run_report(study, root, fp)
     with pins.acquire_lock(root):
         pin = pins.pin_study(study, root, fp)
         for note in pin.notes:
@@ -254,11 +220,12 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
         if pin.orphaned:
             print(f"{len(pin.orphaned)} orphaned cells (no longer in the study; their results are "
                   f"kept and left out of figures): {', '.join(pin.orphaned)}")
-        states = cell_states(results.load_rows(root), pin.ids)
+        states = cell_states(store.load_rows(root), pin.ids)
         pending = [c for c in pin.ids if states[c]["state"] not in FINAL]
         if not pending:
             diverged = sum(s["state"] == "diverged" for s in states.values())
-            print(f"all {len(pin.ids)} cells done" + (f" ({diverged} diverged)" if diverged else ""))
+            print(f"all {len(pin.ids)} cells done"
+                  + (f" ({diverged} of them diverged)" if diverged else ""))
             return 0
         started = _connect(address)
         try:
@@ -268,7 +235,10 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
                 return EXIT_USAGE
             cache = _cache(root)
             _teachers(study, pin, pending, datasets, root, cache, device)
-            return _sweep(study, pin, pending, root, cache, device, cell_fn)
+            from .progress import quiet_tune
+
+            with quiet_tune():
+                return _sweep(study, pin, pending, root, cache, device, cell_fn)
         finally:
             if started:
                 import ray
@@ -278,8 +248,7 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
 
 def _teachers(study, pin, pending, datasets, root, cache, device):
     """Train (or load) each teacher once in the driver and write its reference rows."""
-    from . import metrics, teacher as teachers
-    from .cell import pick_device, write_references
+    from .cell import pick_device, prepare
 
     dev = pick_device(device)
     cells, seen = dict(pin.current), set()
@@ -289,31 +258,31 @@ def _teachers(study, pin, pending, datasets, root, cache, device):
         if key in seen:
             continue
         seen.add(key)
-        dataset = datasets[canonical_json(cfg["data"])]
-        teacher, meta = teachers.load_or_train(cfg, dataset, cache, dev)
-        evaluator = metrics.Evaluator(dataset, n=cfg["eval"]["n"], cache_dir=cache,
-                                      metric=cfg["eval"]["metric"], device=dev)
-        _, folder = teachers.teacher_dir(cache, cfg, dataset)
-        write_references(root, study.name, cfg, dataset, teacher, meta, evaluator, folder, dev)
+        prepare(cfg, root, cache, dev, study=study.name,
+                dataset=datasets[canonical_json(cfg["data"])])
 
 
 def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
     from ray import tune
 
-    from .progress import Progress, error_summary
+    from .cell import cell_columns
+    from .progress import Progress, error_summary, experiments, prune_finished
 
     storage, cells = storage_of(root), dict(pin.current)
-    labels = {cid: f"[{c.label}]" for cid, c in cells.items()}
+    labels = {}
+    for cid, c in cells.items():
+        col = cell_columns(c.config, study.name, cid, c.axes)
+        labels[cid] = f"[{col['loss']} | {col['init']} | seed {col['seed']}]"
     kimg = {cid: c.config["student"]["kimg"] for cid, c in cells.items()}
 
     def run_config(name, n):
         return tune.RunConfig(
             name=name, storage_path=storage, verbose=0, callbacks=[Progress(labels, kimg, n)],
             failure_config=tune.FailureConfig(max_failures=study.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None))  # see progress.Progress
 
     def still_pending():
-        states = cell_states(results.load_rows(root), pin.ids)
+        states = cell_states(store.load_rows(root), pin.ids)
         return [c for c in pin.ids if states[c]["state"] not in FINAL]
 
     known = experiments(storage, study.name)
@@ -343,16 +312,18 @@ def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
     if rest:
         k = max((k for k, _, _ in known), default=0) + 1
         name = f"{study.name}-{k}"
-        results.write_bytes_atomic(storage, f"{name}.cells.json", json.dumps(
+        store.write_bytes_atomic(storage, f"{name}.cells.json", json.dumps(
             {"experiment": name, "study": study.name, "cells": rest}, indent=1).encode())
         print(f"Ray experiment {name}: {len(rest)} cells, {study.resources['cpu']:g} CPU and "
               f"{study.resources['gpu']:g} GPU each, max_failures {study.max_failures}; Ray's "
               f"logs in {storage}/{name}")
         tuner = tune.Tuner(_trainable(study, cells, rest, root, cache, device, cell_fn),
                            param_space={"cell": tune.grid_search(rest)},
-                           tune_config=tune.TuneConfig(max_concurrent_trials=None),
+                           tune_config=tune.TuneConfig(max_concurrent_trials=None,
+                                                       reuse_actors=REUSE_ACTORS),
                            run_config=run_config(name, len(rest)))
         errors.update(_fit(tuner))
+    prune_finished(storage, study.name, pin.ids, root)
     return _finish(study, pin, root, cells, errors)
 
 
@@ -361,7 +332,7 @@ def _finish(study, pin, root, cells, errors: dict) -> int:
     from . import __version__
     from .cell import cell_columns
 
-    states = cell_states(results.load_rows(root), pin.ids)
+    states = cell_states(store.load_rows(root), pin.ids)
     rows = []
     for cid, message in errors.items():
         s = states.get(cid)
@@ -373,7 +344,7 @@ def _finish(study, pin, root, cells, errors: dict) -> int:
                      "wall_s": s["wall_s"], "status": "failed", "message": message,
                      "version": __version__})
         s["state"], s["message"] = "failed", message
-    results.write_rows(root, rows)
+    store.write_rows(root, rows)
     count = {k: sum(s["state"] == k for s in states.values())
              for k in ("done", "diverged", "failed", "unfinished", "pending")}
     print(f"study {study.name}: " + ", ".join(f"{k} {v}" for k, v in count.items())

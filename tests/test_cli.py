@@ -1,0 +1,216 @@
+"""The CLI's error paths, lock, dry run and status, through ``python -m harness.cli`` (fast tier).
+
+Every user error exits 2 with one paragraph naming the problem, and leaves results untouched.
+Only the GPU check starts Ray (a few seconds); nothing here runs a sweep.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from harness import pin as pins, results
+
+HERE = pathlib.Path(__file__).parent
+BAD_FILES = sorted((HERE / "studies_bad").glob("*.yaml"))
+FIXTURE = HERE / "fixtures" / "results_small"
+TOY = """\
+study: {name}
+data: {{name: toy2d}}
+teacher: {{kimg: 4}}
+student: {{kimg: 2, batch: 64}}
+eval: {{n: 200, every_kimg: 0.5}}
+"""
+
+
+def cli(*args, cwd, env=None, timeout=120):
+    """Run ``python -m harness.cli ARGS``; (exit code, stdout, stderr with whitespace joined)."""
+    full_env = {**os.environ, **(env or {})}
+    p = subprocess.run([sys.executable, "-m", "harness.cli", *map(str, args)], cwd=cwd,
+                       env=full_env, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, " ".join(p.stderr.split())
+
+
+def tree_hash(root: pathlib.Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_study(folder: pathlib.Path, name: str, extra: str = "") -> pathlib.Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(TOY.format(name=name) + textwrap.dedent(extra))
+    return path
+
+
+def fake_rows(study_path, root, states: dict[int, str]):
+    """Rows for cell index -> status (done, running, failed, diverged); returns the cell ids."""
+    from harness.status import fingerprints
+    from harness.study import load_study
+
+    study = load_study(str(study_path))
+    fp, _ = fingerprints(study)
+    pins.pin_study(study, str(root), fp)
+    ids = [cid for cid, *_ in pins.compute_ids(study, fp)]
+    rows = []
+    for i, status in states.items():
+        for kimg, st in ((0.0, "running"), (1.0, status)):
+            rows.append({"study": study.name, "cell": ids[i], "kimg": kimg, "step": int(kimg * 16),
+                         "metric": "mmd_toy2d_200", "value": 0.1, "wall_s": 10.0 * (kimg + 1),
+                         "status": st, "message": "boom" if st == "failed" else None})
+    results.write_rows(str(root), rows)
+    return ids
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> pathlib.Path:
+    """The toy teacher, trained once per test session (shared with tests/test_sweep.py)."""
+    from harness import data, teacher
+    from harness.config import resolve_cell
+
+    folder = tmp_path_factory.getbasetemp() / "harness-cache"
+    cfg = resolve_cell({"data": {"name": "toy2d"}, "teacher": {"kimg": 4}})
+    teacher.load_or_train(cfg, data.from_config(cfg["data"]), str(folder), "cpu",
+                          log=lambda *a: None)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# malformed studies
+
+def test_there_are_enough_malformed_studies():
+    assert len(BAD_FILES) >= 12
+
+
+@pytest.mark.parametrize("path", BAD_FILES, ids=[p.stem for p in BAD_FILES])
+def test_run_malformed_study(path, tmp_path):
+    root = tmp_path / "results"
+    shutil.copytree(FIXTURE, root)
+    before = tree_hash(root)
+    expected = path.read_text().splitlines()[0][len("# expect: "):]
+    code, out, err = cli("run", path, "--results", root, cwd=tmp_path)
+    assert code == 2, err
+    assert f"{path}" in err and " ".join(expected.split()) in err, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert tree_hash(root) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# harness cell
+
+@pytest.mark.parametrize("args, words", [
+    (["--data", "npz", "--data-path", "/nonexistent.npz"], ["/nonexistent.npz"]),
+    (["--data", "toy2d", "--loss", "nope"], ["unknown loss 'nope'", "sid"]),
+    (["--data", "toy2d", "--init", "nope"], ["unknown", "'nope'", "reset_layers"]),
+    (["--data", "toy2d", "--init", "{name: reset_layers, groups: [head]}"], ["'head'", "output"]),
+    (["--data", "toy2d", "--set", "student.lr=fast"], ["student.lr", "'fast'"]),
+], ids=["missing-npz", "unknown-loss", "unknown-init", "unknown-group", "set-not-a-number"])
+def test_cell_user_errors(args, words, tmp_path):
+    code, out, err = cli("cell", *args, "--out", tmp_path / "out", "--cache", tmp_path / "c",
+                         cwd=tmp_path)
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "c" / "teachers").exists()  # failed before any training
+
+
+def test_cell_corrupt_checkpoint(tmp_path, cache):
+    out = tmp_path / "out"
+    (out / "ckpt").mkdir(parents=True)
+    (out / "ckpt" / "cell.pt").write_bytes(b"not a checkpoint")
+    code, _, err = cli("cell", "--data", "toy2d", "--set", "teacher.kimg=4", "--kimg", "0.5",
+                       "--set", "eval.n=200", "--out", out, "--cache", cache, cwd=tmp_path)
+    assert code == 2, err
+    assert "cell.pt" in err and "move it aside" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# harness run: resources, lock, dry run; harness status
+
+def test_run_gpu_study_without_gpus(tmp_path, cache):
+    study = write_study(tmp_path, "wants-gpu", "resources: {gpu: 1}\ngrid: {seed: [0, 1]}\n")
+    code, out, err = cli("run", study, "--results", tmp_path / "r", cwd=tmp_path,
+                         env={"HARNESS_CACHE": str(cache), "RAY_ADDRESS": ""})
+    assert code == 2, out + err
+    assert "1 GPU(s) per cell" in err and "pending forever" in err and "gpu: 0" in err
+    assert "Nothing was run" in err
+    assert not (tmp_path / "r" / "rows").exists() and not (tmp_path / "r" / ".lock").exists()
+
+
+def test_second_run_is_refused_while_locked(tmp_path):
+    study = write_study(tmp_path, "locked", "grid: {seed: [0, 1]}\n")
+    root = tmp_path / "r"
+    with pins.acquire_lock(str(root)):
+        code, out, err = cli("run", study, "--results", root, cwd=tmp_path)
+        assert code == 2, out + err
+        assert f"process {os.getpid()} on host {socket.gethostname()}" in err
+        assert "another `harness run`" in err
+        status = cli("status", study, "--results", root, cwd=tmp_path)[1]
+        assert "a run is in progress" in status
+    assert not (root / ".lock").exists()
+
+
+def test_stale_lock_is_taken_over(tmp_path):
+    study = write_study(tmp_path, "stale", "grid: {seed: [0, 1]}\n")
+    root = tmp_path / "r"
+    fake_rows(study, root, {0: "done", 1: "done"})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (root / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                            "started_at": "earlier", "token": "x"}))
+    code, out, err = cli("run", study, "--results", root, cwd=tmp_path)
+    assert code == 0, out + err
+    assert "taking over the stale lock" in err and f"process {dead.pid}" in err
+    assert "all 2 cells done" in out
+    assert not (root / ".lock").exists()
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    study = write_study(tmp_path, "dry", "grid: {loss: [sid, ratio_kl], seed: [0, 1]}\n")
+    root = tmp_path / "r"
+    ids = fake_rows(study, root, {0: "done", 1: "failed", 2: "running"})
+    before = tree_hash(root)
+    code, out, err = cli("run", study, "--results", root, "--dry-run", cwd=tmp_path)
+    assert code == 0, err
+    assert tree_hash(root) == before
+    lines = {cid: line for cid in ids for line in out.splitlines() if cid in line}
+    assert lines[ids[0]].endswith("done") and "would retry" in lines[ids[1]]
+    assert "would resume" in lines[ids[2]] and lines[ids[3]].endswith("would run")
+    assert "3 to run, 1 done, 0 diverged, 0 orphaned" in out
+    # a fresh root: nothing is created
+    code, out, _ = cli("run", study, "--results", tmp_path / "new", "--dry-run", cwd=tmp_path)
+    assert code == 0 and "4 to run" in out and not (tmp_path / "new").exists()
+
+
+def test_status(tmp_path):
+    study = write_study(tmp_path, "st", "grid: {loss: [sid, ratio_kl], seed: [0, 1, 2]}\n")
+    root = tmp_path / "r"
+    # cells: 0 sid-0, 1 sid-1, 2 sid-2, 3 ratio_kl-0, 4 ratio_kl-1, 5 ratio_kl-2
+    fake_rows(study, root, {0: "done", 1: "failed", 2: "done", 3: "running", 4: "diverged"})
+    # one seed less: the seed-2 cells (2 and 5) become orphaned
+    small = write_study(tmp_path, "st", "grid: {loss: [sid, ratio_kl], seed: [0, 1]}\n")
+    pin_before = (root / "pin.json").read_bytes()
+    code, out, err = cli("status", small, "--results", root, cwd=tmp_path)
+    assert code == 0, err
+    assert (root / "pin.json").read_bytes() == pin_before  # read-only
+    assert "done 1, interrupted 1, failed 1, diverged 1, pending 0, orphaned 2" in out, out
+    assert "compute spent: 1m20s" in out  # 4 cells x 20 s of latest wall_s
+    assert "ETA ~10s" in out  # mean 20 s per done cell x (half of 2 cells left) / 2 CPUs
+
+
+def test_run_study_with_missing_data_files(tmp_path):
+    study = tmp_path / "nodata.yaml"
+    study.write_text("study: nodata\ndata: {name: npz, path: /nonexistent/data.npz}\n"
+                     "grid: {seed: [0, 1]}\n")
+    code, out, err = cli("run", study, "--results", tmp_path / "r", cwd=tmp_path)
+    assert code == 2, out + err
+    assert "/nonexistent/data.npz" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
