@@ -57,11 +57,24 @@ def cell_states(df, ids) -> dict[str, dict]:
     return out
 
 
-def dry_run_report(study, root: str, fp) -> int:
-    """``harness run --dry-run``: the cells, what happens to each, a summary. Writes nothing."""
+def dry_run_report(study, root: str) -> int:
+    """``harness run --dry-run``: the cells, what happens to each, a summary. Writes nothing.
+
+    Data that is not on this machine (a cluster study checked on a laptop) is not an error here:
+    the cells are listed without ids (ids hash the data's fingerprint) and a note says why."""
+    from .data import DataError
+
+    study.results_root = root
+    try:
+        fp, _ = fingerprints(study)
+    except DataError as e:
+        print(describe(study))
+        print(f"note: {e} Cell ids hash the data's fingerprint, so they are listed once the data "
+              f"is there; `harness run` needs it.")
+        print(f"{len(study.cells)} cells would run (dry run: nothing written)")
+        return 0
     pin = pins.pin_study(study, root, fp, write=False)
     states = cell_states(results.load_rows(root), pin.ids)
-    study.results_root = root  # describe() shows the root in use
     words = {"done": "done", "diverged": "diverged (final, not re-run)", "pending": "would run",
              "failed": "failed: would retry", "unfinished": "unfinished: would resume"}
     print(describe(study, pin.ids, [words[states[c]["state"]] for c in pin.ids]))

@@ -210,9 +210,9 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
     """
     study = load_study(path)
     root = _root(results or study.results_root)
-    fp, datasets = fingerprints(study)
     if dry_run:
-        return dry_run_report(study, root, fp)
+        return dry_run_report(study, root)
+    fp, datasets = fingerprints(study)
     with pins.acquire_lock(root):
         pin = pins.pin_study(study, root, fp)
         for note in pin.notes:

@@ -1,0 +1,27 @@
+"""The shipped studies validate and dry-run; the cluster study dry-runs without its data."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.study import load_study
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+
+
+@pytest.mark.parametrize("name,cells", [("quick", 10), ("paper-digits", 150), ("cifar10", 150)])
+def test_shipped_studies_validate(name, cells):
+    study = load_study(str(STUDIES / f"{name}.yaml"))
+    assert len(study.cells) == cells
+    losses = {c.axes["loss"] for c in study.cells}
+    assert losses == {"di", "sid", "ratio_kl", "ratio_js", "ratio_rkl"}
+
+
+def test_cifar10_dry_run_without_data(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(STUDIES / "cifar10.yaml"),
+                          "--dry-run", "--results", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "150 cells would run" in out.stdout and "data.path" in out.stdout
+    assert not (tmp_path / "r").exists()
