@@ -11,7 +11,7 @@ from harness.diffusion import Denoiser
 from harness.results import load_rows
 from harness.train import CheckpointError, train_student
 
-from .conftest import toy_cfg
+from conftest import toy_cfg
 
 
 def _train(cfg, toy_teacher, ckpt, max_steps=None, evaluate=None):
