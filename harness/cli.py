@@ -139,6 +139,18 @@ def cmd_figures(args) -> int:
     return 0
 
 
+def cmd_compact(args) -> int:
+    from .pin import acquire_lock
+    from .results import compact
+    from .study import load_study
+
+    root = args.results or load_study(args.study).results_root
+    with acquire_lock(root):
+        before, after = compact(root)
+    print(f"{root}: {before} result files merged into {after}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import main as bench_main
 
@@ -198,6 +210,12 @@ def parser() -> argparse.ArgumentParser:
                     "transplant, samples, table, claims")
     sp.add_argument("--metric", default=None, help="metric to plot (default: the study's primary)")
     sp.set_defaults(func=cmd_figures)
+
+    sp = sub.add_parser("compact", help="merge a study's result files into one per kind "
+                        "(before committing results; takes the study lock)")
+    sp.add_argument("study")
+    sp.add_argument("--results", default=None)
+    sp.set_defaults(func=cmd_compact)
 
     sp = sub.add_parser("bench", help="overhead and speed benchmarks (prints a table)")
     sp.add_argument("--quick", action="store_true", help="fewer repetitions")

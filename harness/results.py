@@ -148,6 +148,30 @@ def cell_status(df) -> dict[str, str]:
     return out
 
 
+def compact(root: str) -> tuple[int, int]:
+    """Merge each store's part files into one (repeated rows resolved to the newest), then
+    remove the merged files. Run it only while no cell writes (``harness compact`` holds the
+    study lock). A crash in between leaves both copies; loading resolves them to one.
+    Returns (files before, files after)."""
+    fs, base = filesystem(root)
+    before = after = 0
+    for kind, schema, load in (("rows", ROWS, load_rows), ("samples", SAMPLES, load_samples)):
+        folder = posixpath.join(base, kind)
+        info = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        old = [i.path for i in info if i.type == pafs.FileType.File
+               and posixpath.basename(i.path).startswith("part-")]
+        before += len(old)
+        if len(old) <= 1:
+            after += len(old)
+            continue
+        table = pa.Table.from_pandas(load(root), schema=schema, preserve_index=False)
+        _write(root, kind, table)
+        for path in old:
+            fs.delete_file(path)
+        after += 1
+    return before, after
+
+
 def read_bytes(root: str, name: str) -> bytes | None:
     fs, base = filesystem(root)
     path = posixpath.join(base, name)
