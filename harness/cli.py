@@ -226,6 +226,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows up live in logs and pipes too
     errors = _user_errors()
     if args.command in ("teacher", "cell"):
         errors += _torch_errors()
