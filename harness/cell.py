@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import __version__, data as datasets, metrics, results, teacher as teachers
+from . import __version__, data as datasets, losses, metrics, nets, results, teacher as teachers
 from .config import init_label, loss_label
 from .pin import cell_id
 from .train import Evaluation, train_student
@@ -76,6 +76,16 @@ def prepare(cfg: dict, root: str, cache: str, device: str, *, study: str = "adho
     return dataset, teacher, meta, evaluator
 
 
+def network_sizes(cfg: dict, shape: tuple) -> dict:
+    """Parameter counts of the generator and the auxiliary net (fake score or ratio net)."""
+    arch = cfg["teacher"]["arch"]
+    ratio = losses.family_class(cfg["loss"]).aux_kind == "ratio"
+    aux = nets.build_ratio(arch, shape) if ratio else nets.build(arch, shape)
+    return {"generator_params": nets.count_parameters(nets.build(arch, shape)),
+            "aux_params": nets.count_parameters(aux),
+            "aux_net": "ratio net (encoder half)" if ratio else "fake score"}
+
+
 def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "adhoc",
              axes: dict | None = None, device: str = "auto", log: Callable = print,
              on_eval: Callable[[Evaluation], None] | None = None,
@@ -92,6 +102,9 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
     dataset, teacher, meta, evaluator = prepare(cfg, root, cache, device, study=study, log=log)
     cid = cell_id(cfg, dataset.fingerprint)
     columns = cell_columns(cfg, study, cid, axes or {})
+    sizes = network_sizes(cfg, dataset.x.shape[1:])
+    log(f"cell {cid}: generator {sizes['generator_params']:,} parameters, auxiliary "
+        f"{sizes['aux_net']} {sizes['aux_params']:,}")
     start = time.perf_counter()
 
     def report(ev: Evaluation):
@@ -99,6 +112,10 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
                 "status": ev.status, "message": ev.message, "version": __version__}
         rows = [{**base, "metric": m, "value": float(v), "protocol": evaluator.protocol}
                 for m, v in ev.metrics.items()]
+        if ev.step == 0:
+            rows += [{**base, "metric": k, "value": float(sizes[k]), "protocol": f"parameter "
+                      f"count ({sizes['aux_net'] if k == 'aux_params' else 'generator'})"}
+                     for k in ("generator_params", "aux_params")]
         if ev.step and ev.wall_s > 0:
             rows.append({**base, "metric": "img_per_s", "protocol": "training images per second",
                          "value": ev.step * cfg["student"]["batch"] / ev.wall_s})
