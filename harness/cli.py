@@ -24,11 +24,9 @@ def _user_errors() -> tuple[type, ...]:
     from .config import ConfigError
     from .data import DataError
 
-    errors = [ConfigError, DataError, FileNotFoundError]
-    for module, names in (("harness.study", ["StudyError"]), ("harness.pin", ["PinError", "LockedError"])):
-        mod = __import__(module, fromlist=names)
-        errors += [getattr(mod, n) for n in names if hasattr(mod, n)]
-    return tuple(errors)
+    from .pin import LockedError, PinError
+
+    return (ConfigError, DataError, FileNotFoundError, PinError, LockedError)
 
 
 def _torch_errors() -> tuple[type, ...]:
@@ -101,6 +99,8 @@ def cmd_teacher(args) -> int:
 def cmd_cell(args) -> int:
     from .cell import run_cell
     from .config import resolve_cell
+    from .data import from_config
+    from .pin import cell_id
 
     spec = _overrides(args.set)
     spec["data"] = {"name": args.data, "path": args.data_path, **spec.get("data", {})}
@@ -108,7 +108,8 @@ def cmd_cell(args) -> int:
     if args.kimg is not None:
         spec.setdefault("student", {})["kimg"] = args.kimg
     cfg = resolve_cell(spec)
-    last = run_cell(cfg, args.out, args.cache, os.path.join(args.out, "ckpt", "cell.pt"),
+    cid = cell_id(cfg, from_config(cfg["data"]).fingerprint)  # one checkpoint per config
+    last = run_cell(cfg, args.out, args.cache, os.path.join(args.out, "ckpt", f"{cid}.pt"),
                     device=args.device)
     return 0 if last.status in ("done", "running") else 1
 

@@ -22,6 +22,7 @@ import torch
 from . import __version__, losses, nets
 from .diffusion import Denoiser, OneStepGenerator, ema_beta
 from .inits import derive_seed, init_aux, init_generator
+from .pin import canonical_json
 
 
 @dataclass
@@ -140,6 +141,9 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
     step, wall, last = 0, 0.0, None
     if os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path)
+        if canonical_json(state.get("config")) != canonical_json(cfg):
+            raise CheckpointError(f"checkpoint {ckpt_path!r} belongs to another cell config; "
+                                  "move it aside or point this cell at its own checkpoint path")
         generator.load_state_dict(state["generator"])
         aux.load_state_dict(state["aux"])
         ema.load_state_dict(state["ema"])

@@ -124,12 +124,19 @@ def test_cell_user_errors(args, words, tmp_path):
 
 def test_cell_corrupt_checkpoint(tmp_path, cache):
     out = tmp_path / "out"
+    from harness.data import load
+    from harness.pin import cell_id
+
+    cfg = {"data": {"name": "toy2d"}, "teacher": {"kimg": 4}, "student": {"kimg": 0.5},
+           "eval": {"n": 200}}
     (out / "ckpt").mkdir(parents=True)
-    (out / "ckpt" / "cell.pt").write_bytes(b"not a checkpoint")
+    ckpt = out / "ckpt" / f"{cell_id(cfg, load('toy2d').fingerprint)}.pt"  # where `cell` looks
+    ckpt.write_bytes(b"not a checkpoint")
     code, _, err = cli("cell", "--data", "toy2d", "--set", "teacher.kimg=4", "--kimg", "0.5",
                        "--set", "eval.n=200", "--out", out, "--cache", cache, cwd=tmp_path)
     assert code == 2, err
-    assert "cell.pt" in err and "move it aside" in err and "Traceback" not in err
+    assert ckpt.name in err and "move it aside" in err and "Traceback" not in err
+    assert ckpt.read_bytes() == b"not a checkpoint"
 
 
 # ---------------------------------------------------------------------------------------------

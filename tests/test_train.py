@@ -53,6 +53,12 @@ def test_non_finite_loss_records_diverged(toy_teacher, tmp_path):
     assert 0 < last.step < 32 and reports[-1] is last
 
 
+def test_checkpoint_of_another_config_is_refused(toy_teacher, tmp_path):
+    _train(toy_cfg(loss="sid"), toy_teacher, tmp_path / "c.pt", max_steps=3)
+    with pytest.raises(CheckpointError, match="belongs to another cell config"):
+        _train(toy_cfg(loss="di"), toy_teacher, tmp_path / "c.pt")
+
+
 def test_corrupt_checkpoint_is_a_clear_error(toy_teacher, tmp_path):
     bad = tmp_path / "c.pt"
     bad.write_bytes(b"not a checkpoint")

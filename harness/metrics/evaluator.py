@@ -1,0 +1,218 @@
+"""The Evaluator (SPEC §6): built once per cell, it scores generated samples against the dataset
+with protocol-carrying metric names (images through torch-fidelity, toy2d in closed form)."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import torch
+
+from .common import MetricsError, _fingerprint_seed, _torch_device, n_tag, to_uint8
+from .extractor import (FEATURE_LAYER, INCEPTION_URL, _file_hash, _fidelity, _U8Images,
+                        load_or_train_extractor, register_extractor)
+from .toy import (TOY_BANDWIDTH_FACTORS, TOY_DIRECTIONS, TOY_MODE_MIN_FRACTION, TOY_MODE_RADIUS,
+                  _modes_covered, _pair_kernel_sum, _sliced_w1)
+
+FEATURES_VERSION = 1  # bump when the extractor's outputs change for the same weights (cache names)
+KID_SUBSETS = 100
+KID_MAX_SUBSET = 1000
+
+
+class Evaluator:
+    """Built once per cell; evaluates generated samples against the dataset.
+
+    ``metric``: images ``auto``/``fd`` (domain classifier; needs labels) or ``fid`` (Inception,
+    needs ``inception_weights``); toy2d ``auto``/``mmd``. ``extractor_epochs`` overrides the
+    classifier's training length (it enters the cache key, so it never mixes with the default).
+    """
+
+    def __init__(self, dataset, n: int, cache_dir: str, metric: str = "auto",
+                 inception_weights: str | None = None, device="cpu", *,
+                 extractor_epochs: int | None = None):
+        self.dataset = dataset
+        self.n = int(n)
+        if self.n < 2:
+            raise MetricsError(f"metrics need n >= 2 samples, got n={n}")
+        self.cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+        self.metric = metric = (metric or "auto").lower()
+        self.device = _torch_device(device)
+        self.identity: dict = {"data_fingerprint": dataset.fingerprint}
+        self.heldout_acc: float | None = None  # the domain classifier's, for metric fd
+        self._floor = None
+        self._x = np.asarray(dataset.x)
+        tag = n_tag(self.n)
+        if dataset.x.ndim == 4:
+            if metric not in ("auto", "fd", "fid"):
+                raise MetricsError(f"metric {metric!r} is not for images; use 'fd' (domain "
+                                   f"classifier, the offline default) or 'fid' (Inception)")
+            self.kind = "fid" if metric == "fid" else "fd"
+            self._setup_images(tag, inception_weights, extractor_epochs)
+        elif dataset.x.ndim == 2 and dataset.x.shape[1] == 2:
+            if metric not in ("auto", "mmd"):
+                raise MetricsError(f"metric {metric!r} is not for 2-D toy data; use 'mmd' (or 'auto')")
+            self.kind = "toy"
+            self._setup_toy(tag)
+        else:
+            raise MetricsError(f"dataset {dataset.name!r}: array shape {dataset.x.shape} is neither "
+                               f"images (N,C,H,W) nor 2-D points (N,2)")
+
+    # ---- images ------------------------------------------------------------------------------
+
+    def _setup_images(self, tag, inception_weights, epochs):
+        ds = self.dataset
+        n_real = len(self._x)
+        self._real_u8 = to_uint8(torch.from_numpy(self._x))
+        self._kid_subset = min(KID_MAX_SUBSET, self.n, n_real)
+        if self.kind == "fid":
+            if not inception_weights:
+                hub = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
+                found = f" A copy exists at {hub}: pass that path." if os.path.exists(hub) else ""
+                raise MetricsError(
+                    "metric 'fid' needs the Inception weights file (pt_inception-2015-12-05, "
+                    f"torch-fidelity's inception-v3-compat): set inception_weights to its local "
+                    f"path. There is no internet here; download {INCEPTION_URL} on a machine "
+                    f"that has it and copy it over.{found} Without it, use metric 'fd' (the "
+                    f"offline domain-classifier proxy).")
+            path = os.path.abspath(os.path.expanduser(inception_weights))
+            if not os.path.isfile(path):
+                raise MetricsError(f"inception_weights {path!r} does not exist; expected the "
+                                   f"pt_inception-2015-12-05 weights file ({INCEPTION_URL})")
+            weights = _file_hash(path)
+            self._fe_name, self._rgb = "inception-v3-compat", True
+            self._fe_kwargs = {"feature_extractor_weights_path": path}
+            self._batch = 64
+            self.metric_name = f"fid_inception_{tag}"
+            self._names = {"fid": self.metric_name, "kid": f"kid_inception_{tag}"}
+            self.identity.update(extractor="inception-v3-compat", extractor_weights=weights)
+            self.protocol = (
+                f"torch-fidelity FID on inception-v3-compat pool3 features (weights {weights}), "
+                f"{self.n} generated vs {n_real} real {ds.name} images; KID: poly kernel, "
+                f"{KID_SUBSETS} subsets of {self._kid_subset}")
+        else:
+            ext = load_or_train_extractor(ds, self.cache_dir, epochs, self.device)
+            weights = ext["weights"]
+            self.heldout_acc = ext["heldout_acc"]
+            self._fe_name = register_extractor(ds.name, weights, ext["recipe"]["arch"], ext["state_dict"])
+            self._rgb, self._fe_kwargs, self._batch = False, {}, 256
+            self.metric_name = f"fd_{ds.name}_{tag}"
+            self._names = {"fid": self.metric_name, "kid": f"kid_{ds.name}_{tag}"}
+            self.identity.update(extractor=self._fe_name, extractor_weights=weights,
+                                 heldout_acc=round(self.heldout_acc, 4),
+                                 extractor_file=ext["path"])
+            self.protocol = (
+                f"torch-fidelity FD on penultimate ({FEATURE_LAYER}-d) features of harness "
+                f"{ds.name} classifier (held-out acc {self.heldout_acc:.3f}, weights {weights}), "
+                f"{self.n} generated vs {n_real} real; KID: poly kernel, {KID_SUBSETS} subsets of "
+                f"{self._kid_subset}")
+        # torch-fidelity keys its cache on names only: put everything that fixes the features in it
+        self._ref_cache_name = (f"{ds.name}-{ds.fingerprint}-{self._fe_name}-"
+                                f"{self.identity['extractor_weights']}-f{FEATURES_VERSION}")
+        self.metric_names = tuple(self._names.values())
+
+    def _fidelity_metrics(self, u8_a, u8_b, cache_name_b, kid_subset):
+        tf = _fidelity()
+        kw = dict(
+            input1=_U8Images(u8_a, self._rgb), input2=_U8Images(u8_b, self._rgb),
+            feature_extractor=self._fe_name, fid=True, kid=True,
+            kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset, batch_size=self._batch,
+            cuda=self.device.type == "cuda", save_cpu_ram=True, verbose=False, rng_seed=2020,
+            **self._fe_kwargs)
+        if cache_name_b is None:
+            kw["cache"] = False
+        else:  # only input2 (the real reference) is cached: input1 has no cache name
+            kw.update(cache=True, cache_root=os.path.join(self.cache_dir, "fidelity", tf.__version__),
+                      input2_cache_name=cache_name_b)
+        pin = kw["cuda"] and self.device.index is not None
+        with torch.cuda.device(self.device) if pin else contextlib.nullcontext():
+            m = tf.calculate_metrics(**kw)  # torch-fidelity's .cuda() means the current device
+        out = {self._names["fid"]: max(0.0, float(m[tf.KEY_METRIC_FID])),
+               self._names["kid"]: float(m[tf.KEY_METRIC_KID_MEAN])}
+        return out
+
+    # ---- toy2d -------------------------------------------------------------------------------
+
+    def _setup_toy(self, tag):
+        from harness.data import TOY_CENTERS
+
+        ds, x = self.dataset, self._x.astype(np.float64)
+        rng = np.random.default_rng(_fingerprint_seed(ds.fingerprint))
+        self._ref = x[rng.permutation(len(x))[:min(self.n, len(x))]]
+        sub = torch.from_numpy(self._ref[:2000])
+        iu = torch.triu_indices(len(sub), len(sub), 1)
+        med = float(torch.cdist(sub, sub)[iu[0], iu[1]].median())  # median pairwise distance
+        self._bw = tuple(f * med for f in TOY_BANDWIDTH_FACTORS)
+        self._ref_t = torch.from_numpy(self._ref)
+        self._ref_kk = _pair_kernel_sum(self._ref_t, self._ref_t, self._bw)
+        g = np.random.default_rng(0)
+        d = g.standard_normal((TOY_DIRECTIONS, 2))
+        self._dirs = d / np.linalg.norm(d, axis=1, keepdims=True)
+        near = np.linalg.norm(x[:, None] - TOY_CENTERS[None], axis=-1).min(1) < TOY_MODE_RADIUS
+        self._ring = bool(near.mean() > 0.9 and _modes_covered(x, TOY_CENTERS) == 1.0)
+        self._centers = TOY_CENTERS
+        self.metric_name = f"mmd_toy2d_{tag}"
+        self._names = {"mmd": self.metric_name, "swd": f"swd_toy2d_{tag}"}
+        if self._ring:
+            self._names["modes"] = f"modes_toy2d_{tag}"
+        self.metric_names = tuple(self._names.values())
+        bws = "/".join(f"{b:.3g}" for b in self._bw)
+        self.protocol = (
+            f"toy2d: unbiased RBF MMD^2 (mean kernel over bandwidths {bws} = "
+            f"{'/'.join(map(str, TOY_BANDWIDTH_FACTORS))} x median pairwise distance), sliced "
+            f"Wasserstein-1 over {TOY_DIRECTIONS} seeded directions"
+            + (f", fraction of the 8 ring modes with >= {TOY_MODE_MIN_FRACTION:.0%} of samples "
+               f"within {TOY_MODE_RADIUS}" if self._ring else "")
+            + f"; {self.n} generated vs {len(self._ref)} real points (subset seeded by the data "
+              f"fingerprint)")
+
+    def _toy_metrics(self, a: np.ndarray, b: np.ndarray, bb: float | None = None):
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        m, k = len(a), len(b)
+        aa = _pair_kernel_sum(ta, ta, self._bw)
+        bb = _pair_kernel_sum(tb, tb, self._bw) if bb is None else bb
+        ab = _pair_kernel_sum(ta, tb, self._bw)
+        mmd = (aa - m) / (m * (m - 1)) + (bb - k) / (k * (k - 1)) - 2 * ab / (m * k)
+        out = {self._names["mmd"]: float(mmd), self._names["swd"]: _sliced_w1(a, b, self._dirs)}
+        if "modes" in self._names:
+            out[self._names["modes"]] = _modes_covered(a, self._centers)
+        return out
+
+    # ---- public ------------------------------------------------------------------------------
+
+    def _check(self, samples) -> torch.Tensor:
+        s = torch.as_tensor(samples).detach()
+        want = tuple(self._x.shape[1:])
+        if tuple(s.shape[1:]) != want or s.shape[0] != self.n:
+            raise MetricsError(
+                f"{self.metric_name}: expected {self.n} samples of shape {want}, got "
+                f"{tuple(s.shape)}; the metric name carries n, so evaluate exactly n samples")
+        return s
+
+    def __call__(self, samples) -> dict[str, float]:
+        """samples: float in [-1, 1] NCHW (uint8 accepted), or (N, 2) toy points; exactly n."""
+        s = self._check(samples)
+        if s.dtype != torch.uint8 and not bool(torch.isfinite(s).all()):
+            return {k: float("nan") for k in self.metric_names}
+        if self.kind == "toy":
+            return self._toy_metrics(s.cpu().double().numpy(), self._ref, self._ref_kk)
+        return self._fidelity_metrics(to_uint8(s), self._real_u8, self._ref_cache_name,
+                                      self._kid_subset)
+
+    def real_vs_real(self) -> dict[str, float]:
+        """The floor: two disjoint halves of the real data, each min(n, N//2), same metric names."""
+        if self._floor is None:
+            n_real = len(self._x)
+            h = min(self.n, n_real // 2)
+            perm = np.random.default_rng(_fingerprint_seed(self.dataset.fingerprint, 1)).permutation(n_real)
+            ia, ib = perm[:h], perm[h:2 * h]
+            if self.kind == "toy":
+                x = self._x.astype(np.float64)
+                self._floor = self._toy_metrics(x[ia], x[ib])
+            else:
+                ia, ib = torch.from_numpy(np.sort(ia)), torch.from_numpy(np.sort(ib))
+                self._floor = self._fidelity_metrics(self._real_u8[ia], self._real_u8[ib], None,
+                                                     min(KID_MAX_SUBSET, h))
+        return dict(self._floor)
+
+    def __repr__(self):
+        return f"Evaluator({self.metric_name}: {self.protocol})"
