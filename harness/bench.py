@@ -98,8 +98,9 @@ def bench_step(cache: str, device: str, steps: int, loss: str = "sid", repeats: 
 
 def bench_eval(cfg, dataset, teacher, cache: str, device: str):
     """Row 3: one evaluation vs the training time between two evaluations."""
-    evaluator = metrics.Evaluator(dataset, n=cfg["eval"]["n"] if cfg["eval"]["n"] > 100 else 1000,
-                                  cache_dir=cache, metric=cfg["eval"]["metric"], device=device)
+    defaults = resolve_cell({})["eval"]  # the step row used a tiny eval; measure the default one
+    evaluator = metrics.Evaluator(dataset, n=defaults["n"], cache_dir=cache,
+                                  metric=defaults["metric"], device=device)
     z = torch.randn(evaluator.n, *dataset.x.shape[1:])
     evaluator(z.clamp(-1, 1))  # warm: reference statistics are computed and cached once
     t0 = time.perf_counter()
@@ -110,7 +111,7 @@ def bench_eval(cfg, dataset, teacher, cache: str, device: str):
     t0 = time.perf_counter()
     bare_loop(cfg, teacher, x, dataset.sigma_data, steps, device)
     per_step = (time.perf_counter() - t0) / steps
-    every = resolve_cell({})["eval"]["every_kimg"]
+    every = defaults["every_kimg"]
     between = per_step * every * 1000 / cfg["student"]["batch"]
     _row(f"eval ({evaluator.metric_name})", f"{t_eval:.2f} s per evaluation vs {between:.0f} s "
          f"of training between evaluations (every {every:g} kimg): {t_eval / between:.1%}")
@@ -169,7 +170,7 @@ def bench_sweep(sizes=(4, 12)):
          "ok" if per_cell <= 2 else "MISSED")
 
 
-def bench_gpu(cache: str):
+def bench_gpu():
     """Row 4: the cluster-scale SiD iteration under precisions/layouts, and GPU packing."""
     if not torch.cuda.is_available():
         _row("gpu", "not measured: no CUDA device on this machine")
@@ -233,7 +234,7 @@ def main(args) -> int:
     bench_eval(cfg, dataset, teacher, cache, device)
     bench_sweep((2, 6) if args.quick else (4, 12))
     if args.gpu:
-        bench_gpu(cache)
+        bench_gpu()
     else:
         _row("gpu", "not measured (run with --gpu on a CUDA machine)")
     print("\n| row | measured | target | verdict |\n|---|---|---|---|")

@@ -149,10 +149,10 @@ def read_pin(root: str) -> dict | None:
     data = results.read_bytes(root, PIN)
     if data is None:
         return None
-    fix = (f"It is not safe to overwrite it. Move it aside (e.g. rename it to pin.json.bad) and run "
-           f"again: the study is re-pinned from its YAML and finished results are kept (cell ids "
-           f"come from the configs), but cells that are no longer in the YAML will not be listed "
-           f"as orphaned.")
+    fix = ("It is not safe to overwrite it. Move it aside (e.g. rename it to pin.json.bad) and run "
+           "again: the study is re-pinned from its YAML and finished results are kept (cell ids "
+           "come from the configs), but cells that are no longer in the YAML will not be listed "
+           "as orphaned.")
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:

@@ -53,6 +53,8 @@ SAMPLES = pa.schema([
     ("dtype", pa.string()),
     ("written_at", pa.timestamp("us", tz="UTC")),
 ])
+BOOKKEEPING = ("img_per_s", "peak_mem_mb", "generator_params", "aux_params", "diverged", "failed")
+"""Metric rows that describe a run, not its samples' quality."""
 STATUSES = ("running", "done", "diverged", "failed", "reference")
 KEY = ["cell", "kimg", "metric"]
 

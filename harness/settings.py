@@ -235,8 +235,8 @@ def _expand_spec(kind: str, item, path: str, fixed: bool) -> list[_Value]:
                 many = True
             elif any(inner):
                 raise _Bad(ppath, "mixes group names and lists of groups",
-                           f"write [output] for one value or [[output], [encoder, middle]] for "
-                           f"one value per inner list")
+                           "write [output] for one value or [[output], [encoder, middle]] for "
+                           "one value per inner list")
             else:
                 many = False
         else:

@@ -47,7 +47,7 @@ def cell_states(df, ids) -> dict[str, dict]:
                  else "failed" if last.status == "failed" else "unfinished")
         # the primary metric: the first one written at the latest evaluation
         scored = g[(g.kimg == g.kimg.max())
-                   & ~g.metric.isin(["img_per_s", "peak_mem_mb", "diverged", "failed"])]
+                   & ~g.metric.isin(results.BOOKKEEPING)]
         best = scored.iloc[0] if len(scored) else last
         out[cid] = {"state": state, "kimg": float(g.kimg.max()), "step": int(g.step.max()),
                     "wall_s": float(g.wall_s.max()) if g.wall_s.notna().any() else 0.0,

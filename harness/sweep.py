@@ -44,7 +44,6 @@ from .status import FINAL, cell_states, dry_run_report, fingerprints
 from .status import study_status as _study_status
 from .study import load_study
 
-CKPT = "cell.pt"
 REUSE_ACTORS = True  # a finished trial's worker runs the next cell: no process start per cell
 EXIT_USAGE = 2
 
@@ -83,6 +82,8 @@ def _resume_into(ckpt: str, storage: str, saved: str | None):
     import pyarrow.fs as pafs
     from ray import tune
 
+    from .progress import CKPT
+
     found = []
     previous = tune.get_checkpoint()
     if previous is not None:
@@ -112,6 +113,8 @@ def harness_cell(config, cells, root, cache, study, device, threads, cell_fn=Non
     torch.set_num_threads(threads)
     if torch.cuda.is_available():  # a reused worker: peak_mem_mb must be this cell's own
         torch.cuda.reset_peak_memory_stats()
+    from .progress import CKPT
+
     if cell_fn is None:
         from .cell import run_cell as cell_fn
     tmp = tempfile.mkdtemp(prefix=f"harness-{cid}-")
