@@ -9,9 +9,11 @@ Rows (each measured here, on this machine, in this process):
    (``harness run``) vs the same cells called one after another in one process. Target <= 2 s.
 3. ``eval``: one evaluation (FD through torch-fidelity, or toy MMD) vs the training time between
    two evaluations at the configured ``every_kimg``.
-4. ``gpu`` (``--gpu``, CUDA only): step time and peak memory of the cluster-scale SiD iteration
-   under fp32, TF32, bf16 autocast, channels_last and torch.compile; several fractional-GPU
-   cells packed on one GPU vs the same cells one after another.
+4. ``perf``: images/s (and peak memory on CUDA) of the harness's own SiD iteration under each
+   ``harness.perf`` variant: on CUDA the cluster config (unet-edm, 3x32x32, batch 64) in fp32,
+   TF32, bf16 autocast, channels_last and torch.compile; on a CPU the digits config.
+5. ``packing``: several short cells through Ray with a fraction of the device each vs one at a
+   time with the whole device (a fraction of one GPU on CUDA).
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ import time
 import torch
 
 from . import data as datasets, losses, metrics
-from .config import resolve_cell
+from .config import ConfigError, resolve_cell
 from .diffusion import Denoiser
 from .teacher import load_or_train
+from .nets import build as build_net
 from .train import build_student, frozen, train_student
 
 ROWS: list[tuple[str, str, str, str]] = []  # (row, measured, reference, verdict)
@@ -170,74 +173,116 @@ def bench_sweep(sizes=(4, 12)):
          "ok" if per_cell <= 2 else "MISSED")
 
 
-def bench_gpu():
-    """Row 4: the cluster-scale SiD iteration under precisions/layouts, and GPU packing."""
-    if not torch.cuda.is_available():
-        _row("gpu", "not measured: no CUDA device on this machine")
-        return
-    from . import nets
-    from .diffusion import OneStepGenerator
+PERF_CONFIGS = {
+    # device type -> (what, arch, image shape, batch, variants as student settings)
+    "cuda": ("cluster config: unet-edm, 3x32x32", "unet-edm", (3, 32, 32), 64, [
+        ("fp32", {}), ("tf32", {"precision": "tf32"}), ("bf16", {"precision": "bf16"}),
+        ("bf16 + channels_last", {"precision": "bf16", "channels_last": True}),
+        ("bf16 + compile", {"precision": "bf16", "compile": True}),
+        ("bf16 + channels_last + compile", {"precision": "bf16", "channels_last": True,
+                                            "compile": True})]),
+    # tf32 and bf16 are CUDA-only settings (the same float32 arithmetic on a CPU)
+    "cpu": ("digits config: unet-xs, 1x8x8", "unet-xs", (1, 8, 8), 64, [
+        ("fp32", {}), ("channels_last", {"channels_last": True}), ("compile", {"compile": True})]),
+}
 
-    shape, batch = (3, 32, 32), 64
-    results = []
-    for name, prec, layout, compile_ in [("fp32", "fp32", False, False), ("tf32", "tf32", False, False),
-                                         ("bf16", "bf16", False, False), ("bf16+cl", "bf16", True, False),
-                                         ("bf16+cl+compile", "bf16", True, True)]:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = prec != "fp32"
-        mk = lambda: Denoiser(nets.build("unet-edm", shape), 0.5).cuda()  # noqa: E731
-        teacher, fake = mk().requires_grad_(False), mk()
-        gen = OneStepGenerator(mk(), 2.5)
-        if layout:
-            for m in (teacher, fake, gen):
-                m.to(memory_format=torch.channels_last)
-        fam = losses.build({"name": "sid", "alpha": 1.2}, torch.compile(teacher) if compile_ else teacher,
-                           torch.compile(fake) if compile_ else fake, 0.8)
-        g = torch.compile(gen) if compile_ else gen
-        opt_g, opt_a = torch.optim.Adam(gen.parameters()), torch.optim.Adam(fake.parameters())
-        amp = torch.autocast("cuda", torch.bfloat16) if prec == "bf16" else contextlib.nullcontext()
-        torch.cuda.reset_peak_memory_stats()
 
-        def it():
-            with amp:
-                with torch.no_grad():
-                    x = g(torch.randn(batch, *shape, device="cuda"))
-                la = fam.aux_loss(x.float(), x.float()).mean()
-            opt_a.zero_grad()
-            la.backward()
-            opt_a.step()
-            with frozen(fake), amp:
-                lg = fam.generator_loss(g(torch.randn(batch, *shape, device="cuda")).float()).mean()
-            opt_g.zero_grad()
-            lg.backward()
-            opt_g.step()
+def bench_perf(device: str, steps: int = 20, warm: int = 5, config: tuple | None = None):
+    """Row 4: the harness's own SiD iteration (``train.train_student``: aux update, generator
+    update, EMA) under each precision/layout/compile variant, on random weights and data (speed
+    does not depend on them). Images/s over ``steps`` after ``warm`` steps (compilation and
+    cuDNN autotuning happen there); peak memory on CUDA."""
+    what, arch, shape, batch, variants = config or PERF_CONFIGS[torch.device(device).type]
+    cuda = torch.device(device).type == "cuda"
+    out = []
+    for name, student in variants:
+        cfg = resolve_cell({"data": {"name": "digits"}, "teacher": {"arch": arch}, "loss": "sid",
+                            "student": {"kimg": (warm + steps) * batch / 1000, "batch": batch,
+                                        **student},
+                            "eval": {"n": batch, "every_kimg": warm * batch / 1000, "samples": 0}})
+        torch.manual_seed(0)
+        teacher = Denoiser(build_net(arch, shape), 0.5)
+        data = torch.randn(16 * batch, *shape, device=device).clamp(-1, 1)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        walls = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            train_student(cfg, teacher, data, 0.5, lambda x: {}, os.path.join(tmp, "c.pt"),
+                          lambda ev: walls.__setitem__(ev.step, ev.wall_s), device=device)
+        ips = steps * batch / (walls[warm + steps] - walls[warm])
+        peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
+        out.append((name, ips))
+        _row(f"SiD iteration, {what}, batch {batch} [{name}]", f"{ips:.0f} img/s "
+             f"({walls[warm]:.1f} s for the first {warm} steps){peak}",
+             "(target >= 355 img/s on an H200)" if cuda else "")
+    return out
 
-        for _ in range(5):
-            it()
-        torch.cuda.synchronize()
-        t0, n = time.perf_counter(), 20
-        for _ in range(n):
-            it()
-        torch.cuda.synchronize()
-        ips = n * batch / (time.perf_counter() - t0)
-        results.append((name, ips))
-        _row(f"gpu SiD iteration unet-edm batch {batch} [{name}]", f"{ips:.0f} img/s, peak "
-             f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", "(target >= 355 img/s on H200)")
+
+def bench_packing(device: str, n: int = 4, kimg: float = 8):
+    """Row 5: ``n`` short digits cells through Ray with 1/n of the device each (packed) vs one
+    at a time with the whole device (serial). On CUDA the fraction is of one GPU; on a CPU it is
+    of the cores. Wall time of ``harness run`` each, teacher trained before."""
+    from .study import load_study
+    from .sweep import run_study
+
+    cuda = torch.device(device).type == "cuda"
+    cpus = os.cpu_count() or 1
+    modes = {"packed": {"gpu": 1 / n, "cpu": max(1, cpus // n)} if cuda else {"cpu": max(1, cpus // n)},
+             "serial": {"gpu": 1, "cpu": max(1, cpus // n)} if cuda else {"cpu": cpus}}
+    walls = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = os.environ.setdefault("HARNESS_CACHE", os.path.join(tmp, "cache"))  # Ray workers read it
+        for mode, res in modes.items():
+            path = os.path.join(tmp, f"{mode}.yaml")
+            with open(path, "w") as f:
+                f.write(f"study: pack-{mode}\nresults: {tmp}/{mode}\ndata: {{name: digits}}\n"
+                        "teacher: {kimg: 20}\n"
+                        f"student: {{kimg: {kimg}, batch: 64}}\neval: {{n: 500, every_kimg: {kimg / 2}}}\n"
+                        f"loss: sid\ngrid: {{seed: [{', '.join(map(str, range(n)))}]}}\n"
+                        f"resources: {{{', '.join(f'{k}: {v:g}' for k, v in res.items())}}}\n")
+            first = load_study(path).cells[0].config
+            load_or_train(first, datasets.from_config(first["data"]), cache, device,
+                          log=lambda *_: None)
+            with contextlib.redirect_stdout(open(os.devnull, "w")):
+                t0 = time.perf_counter()
+                code = run_study(path, device=device)
+                walls[mode] = time.perf_counter() - t0
+            if code != 0:
+                raise RuntimeError(f"bench packing: the {mode} sweep did not finish every cell "
+                                   f"(exit {code}); see {tmp}/{mode}")
+    share = ", ".join(f"{k} {v:g}" for k, v in modes["packed"].items())
+    _row(f"packing, {n} digits sid cells of {kimg:g} kimg through Ray", f"{share} each: "
+         f"{walls['packed']:.0f} s; one at a time with the whole device: {walls['serial']:.0f} s; "
+         f"speedup {walls['serial'] / walls['packed']:.2f}x")
+    return walls
+
+
+ALL_ROWS = ("step", "eval", "sweep", "perf", "packing")
 
 
 def main(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cache = os.environ.get("HARNESS_CACHE", os.path.expanduser("~/.cache/harness"))
-    print(f"harness bench on {device} ({os.cpu_count()} cpus, torch {torch.__version__}, "
+    cache = os.environ.setdefault("HARNESS_CACHE", os.path.expanduser("~/.cache/harness"))
+    rows = args.rows.split(",") if args.rows else ALL_ROWS
+    unknown = sorted(set(rows) - set(ALL_ROWS))
+    if unknown:
+        raise ConfigError("--rows", f"unknown row {unknown[0]!r}; known: {', '.join(ALL_ROWS)}")
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"harness bench on {name} ({os.cpu_count()} cpus, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads); teachers cached in {cache}")
-    steps = 60 if args.quick else 200
-    cfg, dataset, teacher = bench_step(cache, device, steps, repeats=2 if args.quick else 3)
-    bench_eval(cfg, dataset, teacher, cache, device)
-    bench_sweep((2, 6) if args.quick else (4, 12))
-    if args.gpu:
-        bench_gpu()
-    else:
-        _row("gpu", "not measured (run with --gpu on a CUDA machine)")
-    print("\n| row | measured | target | verdict |\n|---|---|---|---|")
+    if "step" in rows or "eval" in rows:
+        steps = 60 if args.quick else 200
+        cfg, dataset, teacher = bench_step(cache, device, steps, repeats=2 if args.quick else 3)
+        if "eval" in rows:
+            bench_eval(cfg, dataset, teacher, cache, device)
+    if "sweep" in rows:
+        bench_sweep((2, 6) if args.quick else (4, 12))
+    if "perf" in rows:
+        bench_perf(device, steps=8 if args.quick else 20)
+    if "packing" in rows:
+        bench_packing(device, kimg=2 if args.quick else 8)
+    print(f"\n{name}\n\n| row | measured | target | verdict |\n|---|---|---|---|")
     for row in ROWS:
         print("| " + " | ".join(row) + " |")
     return 0

@@ -69,15 +69,12 @@ def _overrides(pairs: list[str]) -> dict:
 def _check_override(section: str, name: str, value):
     """Type and range of a ``--set`` value, by the schema study files use (unknown keys are
     left to ``resolve_cell``)."""
-    from . import settings
-    from .config import DEFAULTS, ConfigError
+    from .config import DEFAULTS
+    from .settings import check_value
 
     if not isinstance(DEFAULTS.get(section), dict) or name not in DEFAULTS[section]:
         return value
-    try:
-        return settings._check(settings._setting(section, name), value, f"{section}.{name}")
-    except settings._Bad as bad:
-        raise ConfigError(f"--set {bad.path}", bad.problem + (f"; {bad.fix}" if bad.fix else ""))
+    return check_value(section, name, value, where="--set ")
 
 
 def cmd_teacher(args) -> int:
@@ -220,7 +217,8 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("bench", help="overhead and speed benchmarks (prints a table)")
     sp.add_argument("--quick", action="store_true", help="fewer repetitions")
-    sp.add_argument("--gpu", action="store_true", help="also the GPU rows (needs CUDA)")
+    sp.add_argument("--rows", default=None, help="comma-separated subset of: step, eval, sweep, "
+                    "perf, packing (default all; perf and packing use CUDA when present)")
     sp.set_defaults(func=cmd_bench)
     return p
 

@@ -76,7 +76,9 @@ DEFAULTS = {
         "aux_init": "teacher",
         "ratio_net": "encoder",
         "ema_halflife_kimg": 2,
-        "precision": "fp32",  # fp32 | tf32 | bf16 (GPU only)
+        "precision": "fp32",  # fp32 | tf32 | bf16: CUDA only, see harness.perf
+        "channels_last": False,  # execution only (not in the cell id), see harness.perf
+        "compile": False,  # torch.compile the nets; execution only, see harness.perf
     },
     "loss": {"name": "sid"},
     "init": {"name": "teacher"},
@@ -90,6 +92,7 @@ DEFAULTS = {
     "seed": 0,
 }
 
+PRECISIONS = ("fp32", "tf32", "bf16")
 STUDY_ONLY = ("resources", "max_failures")
 """Study settings that change scheduling, not numbers: never part of a cell id."""
 
@@ -148,13 +151,19 @@ def _resolve_params(path: str, what: str, schema: dict, given: dict) -> dict:
     return out
 
 
-def resolve_loss(spec, path: str = "loss") -> dict:
-    """``'ratio_js'`` or ``{'name': 'sid', 'alpha': 1}`` -> ``{'name': family, **all params}``."""
+def _named(spec, path: str, kind: str, known) -> tuple[str, dict]:
+    """``'name'`` or ``{'name': name, **params}`` -> (name, params); an unknown name raises."""
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = spec.pop("name", None)
-    if name not in LOSS_NAMES:
+    if name not in known:
         raise ConfigError(f"{path}.name" if name is not None else path,
-                          f"unknown loss {name!r}; known: {', '.join(LOSS_NAMES)}")
+                          f"unknown {kind} {name!r}; known: {', '.join(known)}")
+    return name, spec
+
+
+def resolve_loss(spec, path: str = "loss") -> dict:
+    """``'ratio_js'`` or ``{'name': 'sid', 'alpha': 1}`` -> ``{'name': family, **all params}``."""
+    name, spec = _named(spec, path, "loss", LOSS_NAMES)
     family, fixed = LOSS_NAMES[name]
     for key, value in fixed.items():
         if key in spec and spec[key] != value:
@@ -165,11 +174,7 @@ def resolve_loss(spec, path: str = "loss") -> dict:
 
 def resolve_init(spec, path: str = "init") -> dict:
     """``'teacher'`` or ``{'name': 'reset_layers', 'groups': [...]}`` -> canonical dict."""
-    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
-    name = spec.pop("name", None)
-    if name not in INIT_SCHEMES:
-        raise ConfigError(f"{path}.name" if name is not None else path,
-                          f"unknown init {name!r}; known: {', '.join(INIT_SCHEMES)}")
+    name, spec = _named(spec, path, "init", INIT_SCHEMES)
     return {"name": name, **_resolve_params(path, f"init {name!r}", INIT_SCHEMES[name], spec)}
 
 

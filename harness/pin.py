@@ -3,8 +3,8 @@
 Pure Python (no torch, no Ray). A cell id is a short hash of the canonical JSON of everything that
 changes the cell's numbers: the resolved sections ``data`` (less ``path``: the dataset's
 fingerprint stands for its content, so the same files at another path give the same id),
-``teacher``, ``student``, ``loss``, ``init``, ``eval`` and ``seed``, the dataset fingerprint and
-the teacher id. Scheduling settings (``config.STUDY_ONLY``: resources, max_failures) never enter.
+``teacher``, ``student`` (less ``channels_last`` and ``compile``), ``loss``, ``init``, ``eval`` and
+``seed``, the dataset fingerprint and the teacher id. Scheduling settings (``config.STUDY_ONLY``: resources, max_failures) never enter.
 
 ``pin.json`` in the study's results root records every cell the study ever had; entries are
 added, never changed, so results of unchanged cells stay valid when the YAML grows, and cells that
@@ -33,8 +33,10 @@ PIN = "pin.json"
 LOCK = ".lock"
 ID_SECTIONS = ("data", "teacher", "student", "loss", "init", "eval", "seed")
 # settings that do not change numbers: file locations (data content is fingerprinted; the
-# Inception weights are the one published file, named in each metric's protocol)
-NOT_IDENTITY = {"data": ("path",), "eval": ("inception_weights",)}
+# Inception weights are the one published file, named in each metric's protocol) and execution
+# choices that agree to float rounding (memory layout, torch.compile: see harness.perf)
+NOT_IDENTITY = {"data": ("path",), "eval": ("inception_weights",),
+                "student": ("channels_last", "compile")}
 
 
 class PinError(RuntimeError):

@@ -40,7 +40,7 @@ _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\Z")  # YAML 1.1 r
 class Setting:
     """Type and range of one scalar setting."""
 
-    kind: str  # num | int | str | any
+    kind: str  # num | int | str | bool | any
     lo: float | None = None
     lo_open: bool = True  # True: value > lo; False: value >= lo
     hi: float | None = None
@@ -77,7 +77,8 @@ SCHEMA = {
     "student": {"sigma_init": _num(0), "t_max": _num(0, True, 1, False), "kimg": _num(0),
                 "batch": _int(1), "lr": _num(0), "aux_lr": _num(0), "aux_steps": _int(1),
                 "aux_init": _choice("teacher", "random"), "ratio_net": _choice("encoder"),
-                "ema_halflife_kimg": _num(0, False), "precision": _choice("fp32", "tf32", "bf16")},
+                "ema_halflife_kimg": _num(0, False), "precision": _choice(*C.PRECISIONS),
+                "channels_last": Setting("bool"), "compile": Setting("bool")},
     "eval": {"metric": _choice(*EVAL_METRICS), "n": _int(2), "every_kimg": _num(0),
              "samples": _int(0), "inception_weights": Setting("str", nullable=True)},
     "seed": _int(0),
@@ -101,7 +102,9 @@ def _setting(section: str, key: str | None) -> Setting:
         default = C.DEFAULTS[section]
     if isinstance(spec, Setting):
         return spec
-    if isinstance(default, bool) or default is None:
+    if isinstance(default, bool):
+        return Setting("bool")
+    if default is None:
         return Setting("any", nullable=True)
     return Setting({int: "int", float: "num", str: "str"}.get(type(default), "any"))
 
@@ -145,6 +148,11 @@ def _check(spec: Setting, value, path: str):
             raise _Bad(path, f"must be {spec.range_text()}, got {value!r}",
                        f"use a value {spec.range_text()}")
         return value
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise _Bad(path, f"expected true or false, got {value!r} ({_type_name(value)})",
+                       "write true or false")
+        return value
     if spec.kind == "str":
         if not isinstance(value, str) or not value:
             raise _Bad(path, f"expected a string, got {value!r} ({_type_name(value)})",
@@ -153,6 +161,15 @@ def _check(spec: Setting, value, path: str):
             raise _Bad(path, f"unknown value {value!r}", f"known: {', '.join(spec.choices)}")
         return value
     return value
+
+
+def check_value(section: str, key: str, value, where: str = ""):
+    """Validate and coerce one ``section.key`` value as study files are checked (``--set`` uses
+    it); raises ``config.ConfigError`` at ``where + section.key``."""
+    try:
+        return _check(_setting(section, key), value, f"{section}.{key}")
+    except _Bad as bad:
+        raise C.ConfigError(where + bad.path, bad.problem + (f"; {bad.fix}" if bad.fix else "")) from None
 
 
 # ---------------------------------------------------------------------------------------------

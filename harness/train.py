@@ -19,10 +19,10 @@ from typing import Callable
 
 import torch
 
-from . import __version__, losses, nets
+from . import __version__, losses, nets, perf
 from .diffusion import Denoiser, OneStepGenerator, ema_beta
 from .inits import derive_seed, init_aux, init_generator
-from .pin import canonical_json
+from .pin import canonical_json, identity
 
 
 @dataclass
@@ -67,12 +67,6 @@ def frozen(module: torch.nn.Module):
     finally:
         for p, f in zip(module.parameters(), flags):
             p.requires_grad_(f)
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def build_student(cfg: dict, teacher_state: dict, shape: tuple, sigma_data: float):
@@ -129,19 +123,21 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
     generator, aux = build_student(cfg, teacher_state, shape, sigma_data)
     generator.to(device).train()
     aux.to(device).train()
+    # Precision, layout, compilation (harness.perf): `run(m)` is what to call for module m.
+    run = perf.apply(st, device, [generator, aux, teacher])
+    amp = run.amp
     ema = copy.deepcopy(generator).eval().requires_grad_(False)
     # Adam with beta1 = 0, as SiD and DMD use for one-step distillation.
     opt_g = torch.optim.Adam(generator.parameters(), lr=st["lr"], betas=(0.0, 0.999), eps=1e-8)
     opt_a = torch.optim.Adam(aux.parameters(), lr=st["aux_lr"], betas=(0.0, 0.999), eps=1e-8)
-    family = losses.build(cfg["loss"], teacher, aux, st["t_max"])
+    family = losses.build(cfg["loss"], run(teacher), run(aux), st["t_max"])
     beta = ema_beta(batch, st["ema_halflife_kimg"])
-    amp = autocast(st.get("precision", "fp32"), device)
 
     # Resume, or start from the init scheme's weights.
     step, wall, last = 0, 0.0, None
     if os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path)
-        if canonical_json(state.get("config")) != canonical_json(cfg):
+        if canonical_json(identity(state.get("config") or {})) != canonical_json(identity(cfg)):
             raise CheckpointError(f"checkpoint {ckpt_path!r} belongs to another cell config; "
                                   "move it aside or point this cell at its own checkpoint path")
         generator.load_state_dict(state["generator"])
@@ -190,7 +186,7 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
         t0 = time.perf_counter()
         for _ in range(st["aux_steps"]):
             with torch.no_grad(), amp:
-                x_fake = generator(torch.randn(batch, *shape, device=device))
+                x_fake = run(generator)(torch.randn(batch, *shape, device=device))
             x_real = data[torch.randint(n_data, (batch,), device=device)]
             with amp:
                 aux_loss = family.aux_loss(x_fake.float(), x_real).mean()
@@ -198,7 +194,7 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
             aux_loss.backward()
             opt_a.step()
         with frozen(aux), amp:
-            gen_loss = family.generator_loss(generator(torch.randn(batch, *shape, device=device))).mean()
+            gen_loss = family.generator_loss(run(generator)(torch.randn(batch, *shape, device=device))).mean()
         opt_g.zero_grad(set_to_none=True)
         gen_loss.backward()
         opt_g.step()

@@ -1,0 +1,68 @@
+"""How the training step runs fast: precision, memory layout and compilation (issue 8).
+
+Three student settings, applied here and only here (``train.train_student`` and ``harness bench``
+both call ``apply``, so the bench measures exactly the step the cells run):
+
+- ``precision`` (part of the cell id: it changes the numbers): ``fp32`` runs IEEE float32
+  matmuls *and* convolutions on CUDA (PyTorch's own default lets cuDNN use TF32 for
+  convolutions); ``tf32`` lets both use TF32 tensor cores; ``bf16`` adds bfloat16 autocast
+  around every forward pass (optimizer state, EMA, losses' reductions stay float32). On a CPU the
+  three are the same float32 arithmetic.
+- ``channels_last`` and ``compile`` (not part of the cell id: execution only, numbers agree to
+  float rounding; a checkpoint written with one setting resumes with the other): the networks'
+  4-D weights in NHWC layout, and ``torch.compile`` of the generator, auxiliary net and teacher.
+  The uncompiled modules keep the parameters and the state dicts, so checkpoints never carry
+  ``_orig_mod.`` prefixes.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import PRECISIONS
+
+
+def set_precision(precision: str) -> None:
+    """Process-wide float32 behaviour of CUDA matmuls and cuDNN convolutions (no-op on CPU)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"student.precision {precision!r} unknown; known: {', '.join(PRECISIONS)}")
+    mode = "ieee" if precision == "fp32" else "tf32"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
+
+
+def autocast(precision: str, device: torch.device):
+    """bfloat16 autocast for ``bf16`` on CUDA; nothing otherwise."""
+    if precision == "bf16" and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Step:
+    """The autocast to wrap forward passes in, and ``step(m)``: the function to call for ``m``."""
+
+    amp: contextlib.AbstractContextManager
+    compiled: dict[int, Callable]
+
+    def __call__(self, module: torch.nn.Module) -> Callable:
+        return self.compiled.get(id(module), module)
+
+
+def apply(student: dict, device, modules: list[torch.nn.Module]) -> Step:
+    """Set precision, move ``modules`` to channels_last if asked, and return the callables.
+
+    ``modules`` are changed in place (layout only); ``step(m)`` gives the function to call for
+    module ``m``: ``torch.compile(m)`` when ``compile`` is on (one compiled wrapper per module,
+    sharing its parameters), else ``m`` itself.
+    """
+    precision = student.get("precision", "fp32")
+    set_precision(precision)
+    if student.get("channels_last"):
+        for m in modules:
+            m.to(memory_format=torch.channels_last)
+    compiled = {id(m): torch.compile(m) for m in modules} if student.get("compile") else {}
+    return Step(autocast(precision, device), compiled)
