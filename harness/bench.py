@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from . import data as datasets, losses, metrics
+from . import data as datasets, losses, metrics, perf
 from .config import ConfigError, resolve_cell
 from .diffusion import Denoiser
 from .teacher import load_or_train
@@ -32,40 +32,47 @@ from .nets import build as build_net
 from .train import build_student, frozen, train_student
 
 ROWS: list[tuple[str, str, str, str]] = []  # (row, measured, reference, verdict)
+OUT: list[str] = []  # a markdown file each row is appended to as soon as it is measured
 
 
 def _row(name, measured, reference="", verdict=""):
     ROWS.append((name, measured, reference, verdict))
     print(f"  {name}: {measured} {reference} {verdict}".rstrip(), flush=True)
+    for path in OUT:
+        with open(path, "a") as f:
+            f.write("| " + " | ".join((name, measured, reference, verdict)) + " |\n")
 
 
 def _digits_setup(cache: str, device: str, cfg_over: dict | None = None):
-    cfg = resolve_cell({"data": {"name": "digits"}, **(cfg_over or {})})
+    """Digits with a 20-kimg teacher: the teacher's quality does not change what a step costs."""
+    cfg = resolve_cell({"data": {"name": "digits"}, "teacher": {"kimg": 20}, **(cfg_over or {})})
     dataset = datasets.from_config(cfg["data"])
     teacher, _ = load_or_train(cfg, dataset, cache, device)
     return cfg, dataset, teacher
 
 
 def bare_loop(cfg, teacher: Denoiser, x: torch.Tensor, sigma_data: float, steps: int, device):
-    """The same math as train_student's inner loop, with nothing around it."""
+    """The same math as train_student's inner loop (same perf settings), with nothing around it."""
     shape = tuple(x.shape[1:])
     state = {k: v.cpu() for k, v in teacher.net.state_dict().items()}
     gen, aux = build_student(cfg, state, shape, sigma_data)
     gen.to(device), aux.to(device), teacher.to(device)
     st = cfg["student"]
+    run = perf.apply(st, device, [gen, aux, teacher])
     opt_g = torch.optim.Adam(gen.parameters(), lr=st["lr"], betas=(0.0, 0.999))
     opt_a = torch.optim.Adam(aux.parameters(), lr=st["aux_lr"], betas=(0.0, 0.999))
-    family = losses.build(cfg["loss"], teacher, aux, st["t_max"])
+    family = losses.build(cfg["loss"], run(teacher), run(aux), st["t_max"])
     b = st["batch"]
     for _ in range(steps):
-        with torch.no_grad():
-            fake = gen(torch.randn(b, *shape, device=device))
-        la = family.aux_loss(fake, x[torch.randint(len(x), (b,), device=device)]).mean()
+        with torch.no_grad(), run.amp:
+            fake = run(gen)(torch.randn(b, *shape, device=device))
+        with run.amp:
+            la = family.aux_loss(fake, x[torch.randint(len(x), (b,), device=device)]).mean()
         opt_a.zero_grad(set_to_none=True)
         la.backward()
         opt_a.step()
-        with frozen(aux):
-            lg = family.generator_loss(gen(torch.randn(b, *shape, device=device))).mean()
+        with frozen(aux), run.amp:
+            lg = family.generator_loss(run(gen)(torch.randn(b, *shape, device=device))).mean()
         opt_g.zero_grad(set_to_none=True)
         lg.backward()
         opt_g.step()
@@ -213,7 +220,7 @@ def bench_perf(device: str, steps: int = 20, warm: int = 5, config: tuple | None
         ips = steps * batch / (walls[warm + steps] - walls[warm])
         peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
         out.append((name, ips))
-        _row(f"SiD iteration, {what}, batch {batch} [{name}]", f"{ips:.0f} img/s "
+        _row(f"SiD iteration, {what}, batch {batch} [{name}]", f"{ips:.0f} img/s " if ips >= 100 else f"{ips:.3g} img/s "
              f"({walls[warm]:.1f} s for the first {warm} steps){peak}",
              "(target >= 355 img/s on an H200)" if cuda else "")
     return out
@@ -264,24 +271,31 @@ ALL_ROWS = ("step", "eval", "sweep", "perf", "packing")
 def main(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cache = os.environ.setdefault("HARNESS_CACHE", os.path.expanduser("~/.cache/harness"))
-    rows = args.rows.split(",") if args.rows else ALL_ROWS
+    rows = args.rows.split(",") if args.rows else list(ALL_ROWS)
     unknown = sorted(set(rows) - set(ALL_ROWS))
     if unknown:
         raise ConfigError("--rows", f"unknown row {unknown[0]!r}; known: {', '.join(ALL_ROWS)}")
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"harness bench on {name} ({os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads); teachers cached in {cache}")
-    if "step" in rows or "eval" in rows:
-        steps = 60 if args.quick else 200
-        cfg, dataset, teacher = bench_step(cache, device, steps, repeats=2 if args.quick else 3)
-        if "eval" in rows:
-            bench_eval(cfg, dataset, teacher, cache, device)
-    if "sweep" in rows:
-        bench_sweep((2, 6) if args.quick else (4, 12))
-    if "perf" in rows:
-        bench_perf(device, steps=8 if args.quick else 20)
-    if "packing" in rows:
-        bench_packing(device, kimg=2 if args.quick else 8)
+    head = (f"harness bench on {name} ({os.cpu_count()} cpus, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads); teachers cached in {cache}")
+    print(head)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"{head}\n\n| row | measured | target | verdict |\n|---|---|---|---|\n")
+        OUT.append(args.out)
+    quick = args.quick
+    step_setup = None
+    for row in rows:  # in the order asked: put the most wanted first on a rented machine
+        if row in ("step", "eval") and step_setup is None:
+            step_setup = bench_step(cache, device, 60 if quick else 200, repeats=2 if quick else 3)
+        if row == "eval":
+            bench_eval(*step_setup, cache, device)
+        elif row == "sweep":
+            bench_sweep((2, 6) if quick else (4, 12))
+        elif row == "perf":
+            bench_perf(device, steps=8 if quick else 20)
+        elif row == "packing":
+            bench_packing(device, kimg=2 if quick else 8)
     print(f"\n{name}\n\n| row | measured | target | verdict |\n|---|---|---|---|")
     for row in ROWS:
         print("| " + " | ".join(row) + " |")

@@ -218,7 +218,9 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help="overhead and speed benchmarks (prints a table)")
     sp.add_argument("--quick", action="store_true", help="fewer repetitions")
     sp.add_argument("--rows", default=None, help="comma-separated subset of: step, eval, sweep, "
-                    "perf, packing (default all; perf and packing use CUDA when present)")
+                    "perf, packing, run in that order (default all; CUDA is used when present)")
+    sp.add_argument("--out", default=None, help="also write the table to this markdown file, "
+                    "a row as soon as it is measured")
     sp.set_defaults(func=cmd_bench)
     return p
 

@@ -13,6 +13,9 @@ both call ``apply``, so the bench measures exactly the step the cells run):
   4-D weights in NHWC layout, and ``torch.compile`` of the generator, auxiliary net and teacher.
   The uncompiled modules keep the parameters and the state dicts, so checkpoints never carry
   ``_orig_mod.`` prefixes.
+
+On CUDA, cuDNN autotuning (``cudnn.benchmark``) is always on: every step has the same shapes, and
+EDM's training loop does the same.
 """
 from __future__ import annotations
 
@@ -61,6 +64,8 @@ def apply(student: dict, device, modules: list[torch.nn.Module]) -> Step:
     """
     precision = student.get("precision", "fp32")
     set_precision(precision)
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune convolutions (as EDM does)
     if student.get("channels_last"):
         for m in modules:
             m.to(memory_format=torch.channels_last)
