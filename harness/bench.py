@@ -220,7 +220,8 @@ def bench_perf(device: str, steps: int = 20, warm: int = 5, config: tuple | None
         ips = steps * batch / (walls[warm + steps] - walls[warm])
         peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
         out.append((name, ips))
-        _row(f"SiD iteration, {what}, batch {batch} [{name}]", f"{ips:.0f} img/s " if ips >= 100 else f"{ips:.3g} img/s "
+        rate = f"{ips:.0f}" if ips >= 100 else f"{ips:.3g}"
+        _row(f"SiD iteration, {what}, batch {batch} [{name}]", f"{rate} img/s "
              f"({walls[warm]:.1f} s for the first {warm} steps){peak}",
              "(target >= 355 img/s on an H200)" if cuda else "")
     return out
