@@ -64,6 +64,9 @@ DEFAULTS = {
         "lr": 2e-3,
         "ema_halflife_kimg": 50,
         "seed": 0,
+        "precision": "fp32",  # as student.precision, for teacher training (harness.perf)
+        "channels_last": False,
+        "compile": False,
     },
     "student": {
         "sigma_init": 2.5,  # G(z) = D(sigma_init z; sigma_init)

@@ -3,8 +3,9 @@
 Pure Python (no torch, no Ray). A cell id is a short hash of the canonical JSON of everything that
 changes the cell's numbers: the resolved sections ``data`` (less ``path``: the dataset's
 fingerprint stands for its content, so the same files at another path give the same id),
-``teacher``, ``student`` (less ``channels_last`` and ``compile``), ``loss``, ``init``, ``eval`` and
-``seed``, the dataset fingerprint and the teacher id. Scheduling settings (``config.STUDY_ONLY``: resources, max_failures) never enter.
+``teacher`` and ``student`` (less ``channels_last`` and ``compile``, and ``teacher.precision``
+when ``fp32``: see ``ADDED_LATER``), ``loss``, ``init``, ``eval`` and ``seed``, the dataset
+fingerprint and the teacher id. Scheduling settings (``config.STUDY_ONLY``: resources, max_failures) never enter.
 
 ``pin.json`` in the study's results root records every cell the study ever had; entries are
 added, never changed, so results of unchanged cells stay valid when the YAML grows, and cells that
@@ -36,7 +37,10 @@ ID_SECTIONS = ("data", "teacher", "student", "loss", "init", "eval", "seed")
 # Inception weights are the one published file, named in each metric's protocol) and execution
 # choices that agree to float rounding (memory layout, torch.compile: see harness.perf)
 NOT_IDENTITY = {"data": ("path",), "eval": ("inception_weights",),
-                "student": ("channels_last", "compile")}
+                "teacher": ("channels_last", "compile"), "student": ("channels_last", "compile")}
+# settings added after ids were first stored: left out at the value that reproduces what those
+# ids were computed for, so stored teachers and cells keep their ids (any other value enters)
+ADDED_LATER = {"teacher": {"precision": "fp32"}}
 
 
 class PinError(RuntimeError):
@@ -92,6 +96,9 @@ def identity(config: dict) -> dict:
     resolved = C.resolve_cell(sub)
     for section, keys in NOT_IDENTITY.items():
         resolved[section] = {k: v for k, v in resolved[section].items() if k not in keys}
+    for section, legacy in ADDED_LATER.items():
+        resolved[section] = {k: v for k, v in resolved[section].items()
+                             if k not in legacy or v != legacy[k]}
     return resolved
 
 

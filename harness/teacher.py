@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from . import __version__, nets
+from . import __version__, nets, perf
 from .data import Dataset
 from .diffusion import Denoiser, denoising_loss, ema_beta, heun_sample
 from .inits import derive_seed
@@ -54,6 +54,7 @@ def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=pri
     # Construct, then resume from the last checkpoint if one exists.
     torch.manual_seed(derive_seed(tc["seed"], "teacher-init"))
     denoiser = _build(cfg, dataset).to(device)
+    run = perf.apply(tc, device, [denoiser])  # precision, layout, compile (harness.perf)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = torch.optim.Adam(denoiser.parameters(), lr=tc["lr"], betas=(0.9, 0.999), eps=1e-8)
     beta = ema_beta(batch, tc["ema_halflife_kimg"])
@@ -85,7 +86,8 @@ def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=pri
         for g in opt.param_groups:
             g["lr"] = tc["lr"] * min(1.0, (step + 1) / max(1, LR_RAMP_FRACTION * total))
         x = data[torch.randint(data.shape[0], (batch,), device=device)]
-        loss = denoising_loss(denoiser, x).mean()
+        with run.amp:
+            loss = denoising_loss(run(denoiser), x).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -112,7 +114,7 @@ def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=pri
             "wall_s": wall, "parameters": nets.count_parameters(ema.net), "version": __version__}
     save_atomic({"ema": ema.net.state_dict(), "meta": meta}, final)
     os.remove(ckpt)
-    return ema.cpu().eval().requires_grad_(False), meta
+    return ema.cpu().to(memory_format=torch.contiguous_format).eval().requires_grad_(False), meta
 
 
 def heun_quality(teacher: Denoiser, evaluate, shape: tuple, n: int, seed: int, device="cpu",

@@ -100,3 +100,13 @@ def test_compile_trains_the_same_and_saves_plain_state_dicts(toy_teacher, tmp_pa
         assert a[part].keys() == b[part].keys()  # no _orig_mod. prefixes
         worst = max((a[part][k] - b[part][k]).abs().max().item() for k in a[part])
         assert worst < 1e-4, part
+
+
+def test_teacher_precision_enters_the_ids_only_away_from_fp32():
+    from harness.pin import teacher_id
+
+    base = _image_cfg()
+    bf16 = resolve_cell({**base, "teacher": {**base["teacher"], "precision": "bf16"}})
+    nhwc = resolve_cell({**base, "teacher": {**base["teacher"], "channels_last": True}})
+    assert teacher_id(bf16, "fp") != teacher_id(base, "fp") == teacher_id(nhwc, "fp")
+    assert cell_id(bf16, "fp") != cell_id(base, "fp") == cell_id(nhwc, "fp")

@@ -11,8 +11,8 @@ import textwrap
 import pytest
 
 from harness import __version__, results
-from harness.pin import (LockedError, PinError, acquire_lock, canonical_json, cell_id, pin_study,
-                         read_pin, teacher_id)
+from harness.pin import (LockedError, PinError, acquire_lock, canonical_json, cell_id, identity,
+                         pin_study, read_pin, teacher_id)
 from harness.study import parse_study
 
 FP = "0123456789abcdef"
@@ -105,7 +105,9 @@ def test_pin_study_writes_and_reuses(tmp_path):
     assert entry["axes"] == {"loss": "di", "init": "teacher", "seed": 0}
     assert entry["config"] == s.cells[0].config and entry["data_fingerprint"] == FP
     assert entry["teacher"] in doc["teachers"] and "pinned_at" in entry
-    assert doc["teachers"][entry["teacher"]]["teacher"] == s.cells[0].config["teacher"]
+    # the teacher's identity: execution-only settings and the legacy fp32 precision left out
+    assert doc["teachers"][entry["teacher"]]["teacher"] == identity(s.cells[0].config)["teacher"]
+    assert "compile" not in doc["teachers"][entry["teacher"]]["teacher"]
     # again: nothing new, file unchanged
     before = (tmp_path / "res" / "pin.json").read_bytes()
     again = pin_study(study(), root, FP)

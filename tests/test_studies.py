@@ -25,3 +25,16 @@ def test_cifar10_dry_run_without_data(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "150 cells would run" in out.stdout and "data.path" in out.stdout
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("name", ["quick", "paper-digits"])
+def test_committed_results_keep_their_cell_ids(name):
+    """Settings added since the results were stored (execution-only ones, teacher.precision at
+    fp32) must not orphan them: the study's ids today are exactly the pinned current ones."""
+    from harness.data import from_config
+    from harness.pin import compute_ids, read_pin
+
+    study = load_study(str(STUDIES / f"{name}.yaml"))
+    fingerprint = from_config(study.cells[0].config["data"]).fingerprint
+    pinned = read_pin(str(STUDIES.parent / "results" / name))
+    assert [cid for cid, *_ in compute_ids(study, fingerprint)] == pinned["current"]
