@@ -180,17 +180,19 @@ def bench_sweep(sizes=(4, 12)):
          "ok" if per_cell <= 2 else "MISSED")
 
 
+NCHW, NHWC = {"channels_last": False}, {"channels_last": True}
 PERF_CONFIGS = {
     # device type -> (what, arch, image shape, batch, variants as student settings)
     "cuda": ("cluster config: unet-edm, 3x32x32", "unet-edm", (3, 32, 32), 64, [
-        ("fp32", {}), ("tf32", {"precision": "tf32"}), ("bf16", {"precision": "bf16"}),
-        ("bf16 + channels_last", {"precision": "bf16", "channels_last": True}),
-        ("bf16 + compile", {"precision": "bf16", "compile": True}),
-        ("bf16 + channels_last + compile", {"precision": "bf16", "channels_last": True,
-                                            "compile": True})]),
+        ("fp32", NCHW), ("tf32", {"precision": "tf32", **NCHW}),
+        ("bf16", {"precision": "bf16", **NCHW}),
+        ("bf16 + channels_last", {"precision": "bf16", **NHWC}),
+        ("bf16 + compile", {"precision": "bf16", "compile": True, **NCHW}),
+        ("bf16 + channels_last + compile", {"precision": "bf16", "compile": True, **NHWC})]),
     # tf32 and bf16 are CUDA-only settings (the same float32 arithmetic on a CPU)
     "cpu": ("digits config: unet-xs, 1x8x8", "unet-xs", (1, 8, 8), 64, [
-        ("fp32", {}), ("channels_last", {"channels_last": True}), ("compile", {"compile": True})]),
+        ("fp32", NCHW), ("channels_last", NHWC), ("channels_last + compile",
+                                                   {"compile": True, **NHWC})]),
 }
 
 

@@ -65,7 +65,7 @@ DEFAULTS = {
         "ema_halflife_kimg": 50,
         "seed": 0,
         "precision": "fp32",  # as student.precision, for teacher training (harness.perf)
-        "channels_last": False,
+        "channels_last": True,
         "compile": False,
     },
     "student": {
@@ -80,8 +80,8 @@ DEFAULTS = {
         "ratio_net": "encoder",
         "ema_halflife_kimg": 2,
         "precision": "fp32",  # fp32 | tf32 | bf16: CUDA only, see harness.perf
-        "channels_last": False,  # execution only (not in the cell id), see harness.perf
-        "compile": False,  # torch.compile the nets; execution only, see harness.perf
+        "channels_last": True,  # NHWC: +11% on CPU (README Performance); not in the cell id
+        "compile": False,  # torch.compile the nets (not in the cell id): README Performance
     },
     "loss": {"name": "sid"},
     "init": {"name": "teacher"},

@@ -33,8 +33,9 @@ def _train(cfg, ckpt, device="cuda", max_steps=None):
 
 def test_every_precision_and_layout_trains_and_bf16_stays_near_fp32(tmp_path):
     runs = {}
-    for name, student in [("fp32", {}), ("tf32", {"precision": "tf32"}),
-                          ("bf16", {"precision": "bf16"}),
+    nchw = {"channels_last": False}
+    for name, student in [("fp32", nchw), ("tf32", {"precision": "tf32", **nchw}),
+                          ("bf16", {"precision": "bf16", **nchw}),
                           ("bf16-cl", {"precision": "bf16", "channels_last": True})]:
         last, state = _train(_cfg(**student), tmp_path / f"{name}.pt")
         assert last.status == "done" and state["step"] == 20
