@@ -27,8 +27,8 @@ import torch
 from . import data as datasets, losses, metrics, perf
 from .config import ConfigError, resolve_cell
 from .diffusion import Denoiser
-from .teacher import load_or_train
 from .nets import build as build_net
+from .teacher import load_or_train
 from .train import build_student, frozen, train_student
 
 ROWS: list[tuple[str, str, str, str]] = []  # (row, measured, reference, verdict)
@@ -199,7 +199,7 @@ PERF_CONFIGS = {
 def bench_perf(device: str, steps: int = 20, warm: int = 5, config: tuple | None = None):
     """Row 4: the harness's own SiD iteration (``train.train_student``: aux update, generator
     update, EMA) under each precision/layout/compile variant, on random weights and data (speed
-    does not depend on them). Images/s over ``steps`` after ``warm`` steps (compilation and
+    does not depend on them), without checkpoints (they are outside a step's time anyway). Images/s over ``steps`` after ``warm`` steps (compilation and
     cuDNN autotuning happen there); peak memory on CUDA."""
     what, arch, shape, batch, variants = config or PERF_CONFIGS[torch.device(device).type]
     cuda = torch.device(device).type == "cuda"
@@ -216,9 +216,8 @@ def bench_perf(device: str, steps: int = 20, warm: int = 5, config: tuple | None
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         walls = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            train_student(cfg, teacher, data, 0.5, lambda x: {}, os.path.join(tmp, "c.pt"),
-                          lambda ev: walls.__setitem__(ev.step, ev.wall_s), device=device)
+        train_student(cfg, teacher, data, 0.5, lambda x: {}, None,
+                      lambda ev: walls.__setitem__(ev.step, ev.wall_s), device=device)
         ips = steps * batch / (walls[warm + steps] - walls[warm])
         peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
         out.append((name, ips))
@@ -238,17 +237,20 @@ def bench_packing(device: str, n: int = 4, kimg: float = 8):
 
     cuda = torch.device(device).type == "cuda"
     cpus = os.cpu_count() or 1
-    modes = {"packed": {"gpu": 1 / n, "cpu": max(1, cpus // n)} if cuda else {"cpu": max(1, cpus // n)},
-             "serial": {"gpu": 1, "cpu": max(1, cpus // n)} if cuda else {"cpu": cpus}}
+    share = max(1, cpus // n)
+    modes = {"packed": {"gpu": 1 / n, "cpu": share} if cuda else {"cpu": share},
+             "serial": {"gpu": 1, "cpu": share} if cuda else {"cpu": cpus}}
     walls = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cache = os.environ.setdefault("HARNESS_CACHE", os.path.join(tmp, "cache"))  # Ray workers read it
+        # Ray workers read the cache folder from the environment
+        cache = os.environ.setdefault("HARNESS_CACHE", os.path.join(tmp, "cache"))
         for mode, res in modes.items():
             path = os.path.join(tmp, f"{mode}.yaml")
             with open(path, "w") as f:
                 f.write(f"study: pack-{mode}\nresults: {tmp}/{mode}\ndata: {{name: digits}}\n"
                         "teacher: {kimg: 20}\n"
-                        f"student: {{kimg: {kimg}, batch: 64}}\neval: {{n: 500, every_kimg: {kimg / 2}}}\n"
+                        f"student: {{kimg: {kimg}, batch: 64}}\n"
+                        f"eval: {{n: 500, every_kimg: {kimg / 2}}}\n"
                         f"loss: sid\ngrid: {{seed: [{', '.join(map(str, range(n)))}]}}\n"
                         f"resources: {{{', '.join(f'{k}: {v:g}' for k, v in res.items())}}}\n")
             first = load_study(path).cells[0].config
@@ -261,8 +263,8 @@ def bench_packing(device: str, n: int = 4, kimg: float = 8):
             if code != 0:
                 raise RuntimeError(f"bench packing: the {mode} sweep did not finish every cell "
                                    f"(exit {code}); see {tmp}/{mode}")
-    share = ", ".join(f"{k} {v:g}" for k, v in modes["packed"].items())
-    _row(f"packing, {n} digits sid cells of {kimg:g} kimg through Ray", f"{share} each: "
+    each = ", ".join(f"{k} {v:g}" for k, v in modes["packed"].items())
+    _row(f"packing, {n} digits sid cells of {kimg:g} kimg through Ray", f"{each} each: "
          f"{walls['packed']:.0f} s; one at a time with the whole device: {walls['serial']:.0f} s; "
          f"speedup {walls['serial'] / walls['packed']:.2f}x")
     return walls

@@ -1,7 +1,8 @@
-"""How the training step runs fast: precision, memory layout and compilation (issue 8).
+"""How the training step runs fast: precision, memory layout and compilation.
 
-Three student settings, applied here and only here (``train.train_student`` and ``harness bench``
-both call ``apply``, so the bench measures exactly the step the cells run):
+Three settings of ``student`` (and of ``teacher``, for teacher training), applied here and only
+here (``train.train_student``, ``teacher.load_or_train`` and ``harness bench`` call ``apply``, so
+the bench measures exactly the step the cells run):
 
 - ``precision`` (part of the cell id: it changes the numbers): ``fp32`` runs IEEE float32
   matmuls *and* convolutions on CUDA (PyTorch's own default lets cuDNN use TF32 for

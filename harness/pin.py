@@ -5,7 +5,8 @@ changes the cell's numbers: the resolved sections ``data`` (less ``path``: the d
 fingerprint stands for its content, so the same files at another path give the same id),
 ``teacher`` and ``student`` (less ``channels_last`` and ``compile``, and ``teacher.precision``
 when ``fp32``: see ``ADDED_LATER``), ``loss``, ``init``, ``eval`` and ``seed``, the dataset
-fingerprint and the teacher id. Scheduling settings (``config.STUDY_ONLY``: resources, max_failures) never enter.
+fingerprint and the teacher id. Scheduling settings (``config.STUDY_ONLY``: resources,
+max_failures) never enter.
 
 ``pin.json`` in the study's results root records every cell the study ever had; entries are
 added, never changed, so results of unchanged cells stay valid when the YAML grows, and cells that

@@ -171,7 +171,8 @@ def check_value(section: str, key: str, value, where: str = ""):
     try:
         return _check(_setting(section, key), value, f"{section}.{key}")
     except _Bad as bad:
-        raise C.ConfigError(where + bad.path, bad.problem + (f"; {bad.fix}" if bad.fix else "")) from None
+        fix = f"; {bad.fix}" if bad.fix else ""
+        raise C.ConfigError(where + bad.path, bad.problem + fix) from None
 
 
 # ---------------------------------------------------------------------------------------------

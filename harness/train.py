@@ -92,7 +92,7 @@ def build_student(cfg: dict, teacher_state: dict, shape: tuple, sigma_data: floa
 
 
 def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: float,
-                  evaluate: Callable[[torch.Tensor], dict], ckpt_path: str,
+                  evaluate: Callable[[torch.Tensor], dict], ckpt_path: str | None,
                   report: Callable[[Evaluation], None], device="cpu",
                   max_steps: int | None = None) -> Evaluation:
     """Train one cell's generator; resume from ``ckpt_path`` if it exists.
@@ -103,7 +103,8 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
             teacher-score families call it.
         data: the training set as one tensor on ``device``, float in data range.
         evaluate: ``eval.n`` generated samples -> {metric name: value}.
-        ckpt_path: the checkpoint file (read at start if present, rewritten at every eval).
+        ckpt_path: the checkpoint file (read at start if present, rewritten at every eval);
+            None: no checkpoints (``harness bench`` times steps of nets of any size).
         report: called with every Evaluation (rows, samples, progress).
         max_steps: stop (checkpointed, status ``running``) after this many total steps:
             simulates an interruption in tests.
@@ -135,7 +136,7 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
 
     # Resume, or start from the init scheme's weights.
     step, wall, last = 0, 0.0, None
-    if os.path.exists(ckpt_path):
+    if ckpt_path and os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path)
         if canonical_json(identity(state.get("config") or {})) != canonical_json(identity(cfg)):
             raise CheckpointError(f"checkpoint {ckpt_path!r} belongs to another cell config; "
@@ -153,6 +154,8 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
         torch.manual_seed(derive_seed(cfg["seed"], "train"))
 
     def checkpoint():
+        if not ckpt_path:
+            return
         save_atomic({"generator": generator.state_dict(), "aux": aux.state_dict(),
                      "ema": ema.state_dict(), "opt_g": opt_g.state_dict(),
                      "opt_aux": opt_a.state_dict(), "rng": torch.get_rng_state(),
@@ -194,7 +197,8 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
             aux_loss.backward()
             opt_a.step()
         with frozen(aux), amp:
-            gen_loss = family.generator_loss(run(generator)(torch.randn(batch, *shape, device=device))).mean()
+            x_gen = run(generator)(torch.randn(batch, *shape, device=device))
+            gen_loss = family.generator_loss(x_gen).mean()
         opt_g.zero_grad(set_to_none=True)
         gen_loss.backward()
         opt_g.step()
