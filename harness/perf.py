@@ -32,7 +32,7 @@ from .config import PRECISIONS
 def set_precision(precision: str) -> None:
     """Process-wide float32 behaviour of CUDA matmuls and cuDNN convolutions (no-op on CPU)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"student.precision {precision!r} unknown; known: {', '.join(PRECISIONS)}")
+        raise ValueError(f"precision {precision!r} unknown; known: {', '.join(PRECISIONS)}")
     mode = "ieee" if precision == "fp32" else "tf32"
     torch.backends.cuda.matmul.fp32_precision = mode
     torch.backends.cudnn.conv.fp32_precision = mode
@@ -56,19 +56,20 @@ class Step:
         return self.compiled.get(id(module), module)
 
 
-def apply(student: dict, device, modules: list[torch.nn.Module]) -> Step:
+def apply(settings: dict, device, modules: list[torch.nn.Module]) -> Step:
     """Set precision, move ``modules`` to channels_last if asked, and return the callables.
 
+    ``settings``: the resolved ``student`` (or ``teacher``) section.
     ``modules`` are changed in place (layout only); ``step(m)`` gives the function to call for
     module ``m``: ``torch.compile(m)`` when ``compile`` is on (one compiled wrapper per module,
     sharing its parameters), else ``m`` itself.
     """
-    precision = student.get("precision", "fp32")
+    precision = settings.get("precision", "fp32")
     set_precision(precision)
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune convolutions (as EDM does)
-    if student.get("channels_last"):
+    if settings.get("channels_last"):
         for m in modules:
             m.to(memory_format=torch.channels_last)
-    compiled = {id(m): torch.compile(m) for m in modules} if student.get("compile") else {}
+    compiled = {id(m): torch.compile(m) for m in modules} if settings.get("compile") else {}
     return Step(autocast(precision, device), compiled)

@@ -114,7 +114,9 @@ def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=pri
             "wall_s": wall, "parameters": nets.count_parameters(ema.net), "version": __version__}
     save_atomic({"ema": ema.net.state_dict(), "meta": meta}, final)
     os.remove(ckpt)
-    return ema.cpu().to(memory_format=torch.contiguous_format).eval().requires_grad_(False), meta
+    # NCHW, as a teacher loaded from the cache is: the student's settings choose its layout
+    ema = ema.cpu().to(memory_format=torch.contiguous_format)
+    return ema.eval().requires_grad_(False), meta
 
 
 def heun_quality(teacher: Denoiser, evaluate, shape: tuple, n: int, seed: int, device="cpu",

@@ -29,7 +29,7 @@ def test_precision_sets_cuda_matmul_and_cudnn_conv(precision, mode, restore_prec
 
 
 def test_unknown_precision_is_refused():
-    with pytest.raises(ValueError, match="student.precision 'fp16' unknown"):
+    with pytest.raises(ValueError, match="precision 'fp16' unknown"):
         perf.set_precision("fp16")
 
 
