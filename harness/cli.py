@@ -24,7 +24,8 @@ def _user_errors() -> tuple[type, ...]:
     from .config import ConfigError
     from .data import DataError
 
-    from .pin import LockedError, PinError
+    from .lock import LockedError
+    from .pin import PinError
 
     return (ConfigError, DataError, FileNotFoundError, PinError, LockedError)
 
@@ -138,7 +139,7 @@ def cmd_figures(args) -> int:
 
 
 def cmd_compact(args) -> int:
-    from .pin import acquire_lock
+    from .lock import acquire_lock
     from .results import compact
     from .study import load_study
 

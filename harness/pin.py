@@ -1,4 +1,5 @@
-"""The pinned matrix: cell and teacher ids, ``pin.json``, the study lock (DESIGN "The pinned matrix").
+"""The pinned matrix: cell and teacher ids and ``pin.json`` (DESIGN "The pinned matrix"); the
+study lock is ``harness.lock``.
 
 Pure Python (no torch, no Ray). A cell id is a short hash of the canonical JSON of everything that
 changes the cell's numbers: the resolved sections ``data`` (less ``path``: the dataset's
@@ -22,9 +23,6 @@ import json
 import math
 import os
 import posixpath
-import socket
-import sys
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -32,7 +30,6 @@ from . import __version__
 from . import config as C
 
 PIN = "pin.json"
-LOCK = ".lock"
 ID_SECTIONS = ("data", "teacher", "student", "loss", "init", "eval", "seed")
 # settings that do not change numbers: file locations (data content is fingerprinted; the
 # Inception weights are the one published file, named in each metric's protocol) and execution
@@ -46,10 +43,6 @@ ADDED_LATER = {"teacher": {"precision": "fp32"}}
 
 class PinError(RuntimeError):
     """pin.json cannot be used (corrupt, or another study's): the message names file and fix."""
-
-
-class LockedError(RuntimeError):
-    """The study's results root is locked by another run."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,11 +117,11 @@ def cell_id(config: dict, data_fingerprint: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # pin.json
 
-def _now() -> str:
+def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _where(root: str, name: str) -> str:
+def location(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
@@ -155,7 +148,7 @@ def read_pin(root: str) -> dict | None:
     """The pin.json document of a results root, None if there is none; PinError if corrupt."""
     from . import results
 
-    where = _where(root, PIN)
+    where = location(root, PIN)
     data = results.read_bytes(root, PIN)
     if data is None:
         return None
@@ -242,7 +235,7 @@ def pin_study(study, root: str | None = None, data_fingerprint=None, *, write: b
         before = None
     else:
         if doc["study"] != study.name:
-            raise PinError(f"{_where(root, PIN)} belongs to study {doc['study']!r}, not "
+            raise PinError(f"{location(root, PIN)} belongs to study {doc['study']!r}, not "
                            f"{study.name!r}: two studies cannot share one results root. Give "
                            f"this study its own `results:` path in its YAML (or fix its `study:` "
                            f"name if it was renamed).")
@@ -253,7 +246,7 @@ def pin_study(study, root: str | None = None, data_fingerprint=None, *, write: b
             notes.append(f"pin.json was written by harness {doc.get('version')}, this is "
                          f"{__version__}; cell ids are unchanged unless configs resolve differently")
     rows = compute_ids(study, data_fingerprint)
-    stamp = _now()
+    stamp = utc_now()
     new, teachers, fingerprints = [], {}, {}
     for cid, cell, tid, fp in rows:
         ident = identity(cell.config)
@@ -291,163 +284,3 @@ def pin_study(study, root: str | None = None, data_fingerprint=None, *, write: b
 def dumps(doc: dict) -> bytes:
     """pin.json text: sorted keys, two-space indent (entries re-serialise byte-identically)."""
     return (json.dumps(doc, sort_keys=True, indent=2, allow_nan=False) + "\n").encode()
-
-
-# ---------------------------------------------------------------------------------------------
-# The study lock
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
-
-
-class Lock:
-    """A held lock on a results root; a context manager that releases it on exit."""
-
-    def __init__(self, root: str, path: str, info: dict, fs=None):
-        self.root, self.path, self.info, self._fs = root, path, info, fs
-        self.held = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-        return False
-
-    def release(self):
-        if not self.held:
-            return
-        self.held = False
-        try:
-            current = json.loads(self._read() or b"null")
-        except ValueError:
-            current = None
-        if isinstance(current, dict) and current.get("token") == self.info["token"]:
-            if self._fs is None:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-            else:
-                self._fs.delete_file(self.path)
-
-    def _read(self) -> bytes | None:
-        return _read_lock(self._fs, self.path)
-
-
-def _read_lock(fs, path) -> bytes | None:
-    if fs is None:
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-    import pyarrow.fs as pafs
-
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def _holder(data: bytes | None) -> dict | None:
-    try:
-        info = json.loads((data or b"").decode())
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return info if isinstance(info, dict) else None
-
-
-def _refuse(root: str, where: str, info: dict | None) -> LockedError:
-    if info is None:
-        who = "an unknown process (the lock file is unreadable)"
-    else:
-        who = (f"process {info.get('pid')} on host {info.get('host')}, running since "
-               f"{info.get('started_at')}")
-    return LockedError(
-        f"The results of this study ({root}) are locked by {who}: another `harness run` of the "
-        f"same study is using them, and two runs must not work on one study at once. Wait for it "
-        f"to finish (or stop it); if that process is gone (for example its machine crashed), "
-        f"delete the lock file {where} and run again.")
-
-
-def _is_stale(info: dict | None) -> bool:
-    if not info or info.get("host") != socket.gethostname():
-        return False
-    pid = info.get("pid")
-    return isinstance(pid, int) and not isinstance(pid, bool) and not _alive(pid)
-
-
-def acquire_lock(root: str) -> Lock:
-    """Lock a study's results root (``root/.lock``) or raise LockedError naming the holder.
-
-    Local roots use exclusive create (O_CREAT|O_EXCL); other pyarrow filesystems a best-effort
-    check, write and re-read. A lock left by a dead process on this host is taken over.
-    """
-    from . import results
-
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now(),
-            "token": uuid.uuid4().hex}
-    payload = json.dumps(info).encode()
-    import pyarrow.fs as pafs
-
-    fs, base = results.filesystem(root)
-    where = _where(root, LOCK)
-    if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(base, exist_ok=True)
-        path = os.path.join(base, LOCK)
-        for _ in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                data = _read_lock(None, path)
-                if data is None:
-                    continue  # released meanwhile
-                holder = _holder(data)
-                if not _is_stale(holder):
-                    raise _refuse(root, path, holder) from None
-                # move the stale lock aside; only one contender wins the rename
-                aside = f"{path}.stale-{info['token']}"
-                try:
-                    os.rename(path, aside)
-                except FileNotFoundError:
-                    continue
-                moved = _read_lock(None, aside)
-                if moved != data:  # someone else's fresh lock: put it back
-                    try:
-                        os.link(aside, path)
-                    except FileExistsError:
-                        pass
-                    os.unlink(aside)
-                    raise _refuse(root, path, _holder(moved)) from None
-                os.unlink(aside)
-                print(f"note: taking over the stale lock {path}: process {holder.get('pid')} on "
-                      f"this host (since {holder.get('started_at')}) is gone", file=sys.stderr)
-                continue
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            return Lock(root, path, info)
-        raise _refuse(root, path, _holder(_read_lock(None, path)))
-
-    path = posixpath.join(base, LOCK)
-    data = _read_lock(fs, path)
-    if data is not None:
-        holder = _holder(data)
-        if not _is_stale(holder):
-            raise _refuse(root, where, holder)
-        print(f"note: taking over the stale lock {where}: process {holder.get('pid')} on this "
-              f"host (since {holder.get('started_at')}) is gone", file=sys.stderr)
-    results.write_bytes_atomic(root, LOCK, payload)
-    if _read_lock(fs, path) != payload:  # lost a race
-        raise _refuse(root, where, _holder(_read_lock(fs, path)))
-    return Lock(root, path, info, fs)

@@ -10,7 +10,7 @@ import math
 import os
 import socket
 
-from . import pin as pins, results
+from . import lock, pin as pins, results
 from .pin import canonical_json
 from .study import describe
 
@@ -86,12 +86,6 @@ def dry_run_report(study, root: str) -> int:
     return 0
 
 
-def lock_holder(root: str) -> dict | None:
-    """Who holds the study lock, if a live process does (on another host: assumed live)."""
-    holder = pins._holder(results.read_bytes(root, pins.LOCK))
-    return None if holder is None or pins._is_stale(holder) else holder
-
-
 def duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     h, rest = divmod(seconds, 3600)
@@ -125,7 +119,7 @@ def study_status(path: str, results_root: str | None = None) -> str:
         orphaned = [c for c in doc["cells"] if c not in set(doc["current"])]
     df = results.load_rows(root)
     states = cell_states(df, [cid for cid, _ in current])
-    holder = lock_holder(root)
+    holder = lock.holder(root)
     live = "running" if holder else "interrupted"
     counts = {k: 0 for k in ("done", live, "failed", "diverged", "pending")}
     for s in states.values():

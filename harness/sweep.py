@@ -39,6 +39,7 @@ import sys
 import tempfile
 
 from . import pin as pins, results as store
+from .lock import acquire_lock
 from .pin import canonical_json
 from .status import FINAL, cell_states, dry_run_report, fingerprints
 from .status import study_status as _study_status
@@ -216,7 +217,7 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
     if dry_run:
         return dry_run_report(study, root)
     fp, datasets = fingerprints(study)
-    with pins.acquire_lock(root):
+    with acquire_lock(root):
         pin = pins.pin_study(study, root, fp)
         for note in pin.notes:
             print(f"note: {note}")

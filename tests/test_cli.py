@@ -18,6 +18,7 @@ import textwrap
 import pytest
 
 from harness import pin as pins, results
+from harness.lock import acquire_lock
 
 HERE = pathlib.Path(__file__).parent
 BAD_FILES = sorted((HERE / "studies_bad").glob("*.yaml"))
@@ -155,7 +156,7 @@ def test_run_gpu_study_without_gpus(tmp_path, cache):
 def test_second_run_is_refused_while_locked(tmp_path):
     study = write_study(tmp_path, "locked", "grid: {seed: [0, 1]}\n")
     root = tmp_path / "r"
-    with pins.acquire_lock(str(root)):
+    with acquire_lock(str(root)):
         code, out, err = cli("run", study, "--results", root, cwd=tmp_path)
         assert code == 2, out + err
         assert f"process {os.getpid()} on host {socket.gethostname()}" in err

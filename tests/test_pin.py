@@ -11,8 +11,8 @@ import textwrap
 import pytest
 
 from harness import __version__, results
-from harness.pin import (LockedError, PinError, acquire_lock, canonical_json, cell_id, identity,
-                         pin_study, read_pin, teacher_id)
+from harness.lock import LockedError, acquire_lock
+from harness.pin import PinError, canonical_json, cell_id, identity, pin_study, read_pin, teacher_id
 from harness.study import parse_study
 
 FP = "0123456789abcdef"
@@ -261,7 +261,8 @@ def test_study_and_pin_import_no_torch_or_ray(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         from harness.study import parse_study, describe
-        from harness.pin import pin_study, acquire_lock
+        from harness.lock import acquire_lock
+        from harness.pin import pin_study
         s = parse_study({BASE!r})
         describe(s)
         with acquire_lock({str(tmp_path)!r}):
