@@ -127,26 +127,38 @@ def bench_eval(cfg, dataset, teacher, cache: str, device: str):
          f"of training between evaluations (every {every:g} kimg): {t_eval / between:.1%}")
 
 
-def _sweep_once(tmp: str, n_cells: int, name: str) -> tuple[float, float, object]:
-    """One ``harness run`` of ``n_cells`` tiny toy2d cells: (wall s, cells' compute s, study)."""
-    from .results import load_rows
+def _timed_study(tmp: str, name: str, body: str, device: str):
+    """Write study ``name`` (YAML ``body``, results under ``tmp/name``), train its teacher outside
+    the timing, then time one quiet ``harness run``: (wall s, study). Raises if a cell is left."""
     from .study import load_study
     from .sweep import run_study
 
     path = os.path.join(tmp, f"{name}.yaml")
     with open(path, "w") as f:
-        f.write(f"study: {name}\nresults: {tmp}/{name}\ndata: {{name: toy2d}}\n"
-                "teacher: {kimg: 4}\nstudent: {kimg: 1, batch: 64}\n"
-                "eval: {n: 200, every_kimg: 0.5, samples: 8}\nloss: ratio_kl\n"
-                f"grid: {{seed: [{', '.join(map(str, range(n_cells)))}]}}\nresources: {{cpu: 1}}\n")
+        f.write(f"study: {name}\nresults: {tmp}/{name}\n{body}")
     study = load_study(path)
-    first = study.cells[0].config  # the teacher is trained before, outside every timing
-    load_or_train(first, datasets.from_config(first["data"]), os.environ["HARNESS_CACHE"], "cpu",
+    first = study.cells[0].config
+    load_or_train(first, datasets.from_config(first["data"]), os.environ["HARNESS_CACHE"], device,
                   log=lambda *_: None)
-    with contextlib.redirect_stdout(open(os.devnull, "w")):
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         t0 = time.perf_counter()
-        run_study(path, device="cpu")
+        code = run_study(path, device=device)
         wall = time.perf_counter() - t0
+    if code != 0:
+        raise RuntimeError(f"bench: study {name} did not finish every cell (exit {code}); "
+                           f"see {tmp}/{name}")
+    return wall, study
+
+
+def _sweep_once(tmp: str, n_cells: int, name: str) -> tuple[float, float, object]:
+    """One ``harness run`` of ``n_cells`` tiny toy2d cells: (wall s, cells' compute s, study)."""
+    from .results import load_rows
+
+    wall, study = _timed_study(tmp, name, "data: {name: toy2d}\nteacher: {kimg: 4}\n"
+                               "student: {kimg: 1, batch: 64}\n"
+                               "eval: {n: 200, every_kimg: 0.5, samples: 8}\nloss: ratio_kl\n"
+                               f"grid: {{seed: [{', '.join(map(str, range(n_cells)))}]}}\n"
+                               "resources: {cpu: 1}\n", "cpu")
     rows = load_rows(f"{tmp}/{name}")
     return wall, rows[rows.status != "reference"].groupby("cell").wall_s.max().sum(), study
 
@@ -232,9 +244,6 @@ def bench_packing(device: str, n: int = 4, kimg: float = 8):
     """Row 5: ``n`` short digits cells through Ray with 1/n of the device each (packed) vs one
     at a time with the whole device (serial). On CUDA the fraction is of one GPU; on a CPU it is
     of the cores. Wall time of ``harness run`` each, teacher trained before."""
-    from .study import load_study
-    from .sweep import run_study
-
     cuda = torch.device(device).type == "cuda"
     cpus = os.cpu_count() or 1
     share = max(1, cpus // n)
@@ -243,26 +252,13 @@ def bench_packing(device: str, n: int = 4, kimg: float = 8):
     walls = {}
     with tempfile.TemporaryDirectory() as tmp:
         # Ray workers read the cache folder from the environment
-        cache = os.environ.setdefault("HARNESS_CACHE", os.path.join(tmp, "cache"))
+        os.environ.setdefault("HARNESS_CACHE", os.path.join(tmp, "cache"))
         for mode, res in modes.items():
-            path = os.path.join(tmp, f"{mode}.yaml")
-            with open(path, "w") as f:
-                f.write(f"study: pack-{mode}\nresults: {tmp}/{mode}\ndata: {{name: digits}}\n"
-                        "teacher: {kimg: 20}\n"
-                        f"student: {{kimg: {kimg}, batch: 64}}\n"
-                        f"eval: {{n: 500, every_kimg: {kimg / 2}}}\n"
-                        f"loss: sid\ngrid: {{seed: [{', '.join(map(str, range(n)))}]}}\n"
-                        f"resources: {{{', '.join(f'{k}: {v:g}' for k, v in res.items())}}}\n")
-            first = load_study(path).cells[0].config
-            load_or_train(first, datasets.from_config(first["data"]), cache, device,
-                          log=lambda *_: None)
-            with contextlib.redirect_stdout(open(os.devnull, "w")):
-                t0 = time.perf_counter()
-                code = run_study(path, device=device)
-                walls[mode] = time.perf_counter() - t0
-            if code != 0:
-                raise RuntimeError(f"bench packing: the {mode} sweep did not finish every cell "
-                                   f"(exit {code}); see {tmp}/{mode}")
+            walls[mode], _ = _timed_study(
+                tmp, f"pack-{mode}", "data: {name: digits}\nteacher: {kimg: 20}\n"
+                f"student: {{kimg: {kimg}, batch: 64}}\neval: {{n: 500, every_kimg: {kimg / 2}}}\n"
+                f"loss: sid\ngrid: {{seed: [{', '.join(map(str, range(n)))}]}}\n"
+                f"resources: {{{', '.join(f'{k}: {v:g}' for k, v in res.items())}}}\n", device)
     each = ", ".join(f"{k} {v:g}" for k, v in modes["packed"].items())
     _row(f"packing, {n} digits sid cells of {kimg:g} kimg through Ray", f"{each} each: "
          f"{walls['packed']:.0f} s; one at a time with the whole device: {walls['serial']:.0f} s; "

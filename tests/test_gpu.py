@@ -3,32 +3,23 @@ fp32, peak memory and images/s reach the results, and a CUDA checkpoint resumes 
 import pytest
 import torch
 
-from harness import bench, nets
+from harness import bench
 from harness.cell import run_cell
 from harness.config import resolve_cell
-from harness.diffusion import Denoiser
 from harness.results import load_rows
-from harness.train import train_student
+
+from test_perf import SHAPE, _image_cfg, _train_image
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-SHAPE = (1, 8, 8)
 
-
-def _cfg(**student):
-    return resolve_cell({"data": {"name": "digits"}, "loss": "sid",
-                         "student": {"kimg": 0.64, "batch": 32, **student},
-                         "eval": {"n": 32, "every_kimg": 0.32, "samples": 2}})
+def _cfg(**student):  # 20 steps of batch 32
+    return _image_cfg(kimg=0.64, batch=32, **student)
 
 
 def _train(cfg, ckpt, device="cuda", max_steps=None):
-    torch.manual_seed(0)
-    teacher = Denoiser(nets.build("unet-xs", SHAPE), 0.5)
-    data = torch.randn(256, *SHAPE, device=device).clamp(-1, 1)
-    last = train_student(cfg, teacher, data, 0.5, lambda x: {"mean": float(x.mean())}, str(ckpt),
-                         lambda ev: None, device=device, max_steps=max_steps)
-    return last, torch.load(ckpt, weights_only=True)
+    return _train_image(cfg, ckpt, max_steps=max_steps, device=device)
 
 
 def test_every_precision_and_layout_trains_and_bf16_stays_near_fp32(tmp_path):
@@ -37,8 +28,8 @@ def test_every_precision_and_layout_trains_and_bf16_stays_near_fp32(tmp_path):
     for name, student in [("fp32", nchw), ("tf32", {"precision": "tf32", **nchw}),
                           ("bf16", {"precision": "bf16", **nchw}),
                           ("bf16-cl", {"precision": "bf16", "channels_last": True})]:
-        last, state = _train(_cfg(**student), tmp_path / f"{name}.pt")
-        assert last.status == "done" and state["step"] == 20
+        state = _train(_cfg(**student), tmp_path / f"{name}.pt")
+        assert state["step"] == 20
         runs[name] = state["generator"]
     for name in ("tf32", "bf16", "bf16-cl"):
         worst = max((runs[name][k] - runs["fp32"][k]).abs().max().item() for k in runs["fp32"])
@@ -47,8 +38,8 @@ def test_every_precision_and_layout_trains_and_bf16_stays_near_fp32(tmp_path):
 
 def test_cuda_checkpoint_resumes_on_cpu(tmp_path):
     _train(_cfg(), tmp_path / "c.pt", max_steps=7)
-    last, state = _train(_cfg(), tmp_path / "c.pt", device="cpu")
-    assert last.status == "done" and state["step"] == 20
+    state = _train(_cfg(), tmp_path / "c.pt", device="cpu")
+    assert state["step"] == 20
 
 
 def test_cell_rows_carry_peak_memory_and_throughput(tmp_path):

@@ -46,12 +46,13 @@ def _image_cfg(**student):
                          "eval": {"n": 8, "every_kimg": 0.016, "samples": 2}})
 
 
-def _train_image(cfg, ckpt, max_steps=None):
+def _train_image(cfg, ckpt, max_steps=None, device="cpu"):
+    """Train a cell on random 1x8x8 data from a random unet-xs teacher; the checkpoint."""
     torch.manual_seed(0)
     teacher = Denoiser(nets.build("unet-xs", SHAPE), 0.5)
-    data = torch.randn(64, *SHAPE).clamp(-1, 1)
+    data = torch.randn(64, *SHAPE, device=device).clamp(-1, 1)
     train_student(cfg, teacher, data, 0.5, lambda x: {}, str(ckpt), lambda ev: None,
-                  max_steps=max_steps)
+                  device=device, max_steps=max_steps)
     return torch.load(ckpt, weights_only=True)
 
 
