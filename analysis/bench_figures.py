@@ -73,6 +73,14 @@ def build(root: str, n_rows: int = 1_000_000, seeds: int = 20, lrs=(1e-5, 3e-5, 
         "reset_groups": pa.array(np.array([x[2] for x in INITS], dtype=object)[init_i]),
         "sigma_feat": pa.array(np.array([np.nan if x[3] is None else x[3] for x in INITS])[init_i],
                                from_pandas=True),
+        # the typed columns of harness.config.cell_params (reinit matched for every reset and
+        # transplant, reset_output false for transplants)
+        "loss_family": pa.array(np.array(["ratio" if lo.startswith("ratio_") else lo
+                                          for lo in LOSSES], dtype=object)[loss_i]),
+        "reinit": pa.array(np.array([None if x[1] not in ("reset_layers", "feature_transplant")
+                                     else "matched" for x in INITS], dtype=object)[init_i]),
+        "reset_output": pa.array(np.array([False if x[1] == "feature_transplant" else None
+                                           for x in INITS], dtype=object)[init_i]),
         "seed": pa.array(seed.astype(np.int64)),
         "axes": pa.array(axes[c_idx]),
         "kimg": pa.array(kimgs[k_idx]),
@@ -87,6 +95,8 @@ def build(root: str, n_rows: int = 1_000_000, seeds: int = 20, lrs=(1e-5, 3e-5, 
         "written_at": pa.array(np.full(len(c_idx), np.datetime64("2024-01-01T00:00:00", "us")),
                                type=pa.timestamp("us", tz="UTC")),
     }
+    for f in ROWS:  # every other typed column null
+        cols.setdefault(f.name, pa.nulls(len(c_idx), f.type))
     table = pa.table(cols, schema=ROWS)
     os.makedirs(os.path.join(root, "rows"), exist_ok=True)
     step = -(-len(c_idx) // files)
@@ -96,8 +106,9 @@ def build(root: str, n_rows: int = 1_000_000, seeds: int = 20, lrs=(1e-5, 3e-5, 
     refs = [{n: None for n in ROWS.names} | {
         "study": "bench", "cell": f"ref-{name}", "loss": "reference", "init": name, "seed": 0,
         "metric": "fd_digits_1k", "value": v, "status": "reference",
+        "protocol": f"{name}; synthetic",
         "written_at": dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)}
-        for name, v in (("teacher_heun35", 9.5), ("data_halves", 1.2))]
+        for name, v in (("teacher_heun35", 9.5), ("data_floor", 1.2))]
     pq.write_table(pa.Table.from_pylist(refs, schema=ROWS),
                    os.path.join(root, "rows", "part-bench-ref.parquet"))
     current = [c for c, f in zip(cell_ids, fate) if not 0.03 <= f < 0.04]

@@ -1,61 +1,125 @@
-"""Judge the study's claims C1-C3 (SPEC, top) from its final scores, with bootstrap CIs.
+"""Judge the study's claims C1-C3 (SPEC §8) from its scores, with bootstrap CIs over seeds.
 
-Every number is computed from the results; nothing here is fixed text except the rules.
-Bootstrap: for each (loss, init) group its seeds are resampled with replacement, independently of
-every other group, 2000 times (numpy Generator seeded from ``seed``); each statistic is recomputed
-on every resample and the 95% interval is the 2.5/97.5 percentiles.
+Every number is computed from the results; nothing here is fixed text except the rules, which
+say what the code does. Comparisons are declared before the data are seen: C1 names its fixed pair
+(``C1_PAIR``, or ``pair=`` from the study) and its interval resamples exactly that pair; the
+"best vs best" variant beside it repeats the selection inside every resample. Groups are chosen
+by the typed result columns (loss_family, init_scheme, reset_groups, reinit, sigma_feat,
+reset_output, init_source, mapping_steps), never by parsing labels.
+
+Bootstrap: the seeds of each (loss, init) group are resampled with replacement, independently of
+every other group, ``B`` = 2000 times, from a random stream of the group's own (seeded from the
+output's seed and the group's name, so a claim's interval depends only on the groups it names);
+each statistic is recomputed on every resample and the 95% interval is the 2.5/97.5 percentiles.
+``claims_kimg`` repeats every claim at each evaluated kimg with the same streams.
 """
 from __future__ import annotations
 
 import math
-import os
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from .data import B, Study, boot_means, percentiles
-from .style import base_loss, fmt_num, fmt_pm, init_sort_key
-from .tables import footer_md, footer_tex, fmt_pct, md_escape, tex_escape
+from harness.config import GROUPS, TEACHER_SCORE_FAMILIES
+
+from .data import B, Study, legacy_reinit, percentiles
+from .style import base_loss, fmt_num, fmt_pm
+from .tables import fmt_pct
+
+C1_PAIR = ("ratio_js", "sid")
+"""C1's declared pair (score-free loss, teacher-score loss), fixed before the data are seen."""
 
 STATEMENTS = {
     "C1": "Losses that never call the teacher's score (density-ratio family) train one-step "
           "generators about as well as, or better than, losses that do (di, sid).",
+    "C1-best": "As C1, comparing the best score-free loss with the best teacher-score loss.",
     "C2": "Initializing the generator from the teacher's weights is critical; random init is far "
           "worse.",
     "C3": "The benefit of teacher init comes from the teacher's internal features across noise "
           "levels, not from its latent-to-output mapping.",
-    "C3a": "Resetting the output layers costs little.",
-    "C3b": "Keeping only the input/output layers (resetting encoder+middle+decoder) costs a lot.",
+    "C3a": "Resetting the output layers (matched re-init) costs little.",
+    "C3b": "Keeping only the input/output layers (resetting encoder+middle+decoder, matched "
+           "re-init) costs a lot.",
     "C3c": "Features taken at some noise levels help more than at others (feature transplant).",
+    "C3d": "The teacher's latent-to-output mapping alone (mapping_match) does not carry the "
+           "benefit of teacher init.",
+    "C3e": "Features of one noise band are not enough: init from a band-limited teacher costs a "
+           "large part of the benefit.",
 }
+THRESHOLDS = {"C1": (0.10, "below"), "C1-best": (0.10, "below"), "C2": (0.25, "above"),
+              "C3a": (0.25, "below"), "C3b": (0.5, "above"), "C3c": (0.10, "above"),
+              "C3d": (0.25, "below"), "C3e": (0.25, "above")}
+"""claim -> (threshold, holds_if): 'below' holds if the CI upper bound < threshold and does not
+hold if the CI lower bound > threshold; 'above' the mirror image."""
 RULES = {
-    "C1": "Under teacher init, effect = (best score-free loss − best teacher-score loss) / best "
-          "teacher-score loss, as a relative shortfall (> 0: score-free is worse); score-free = "
-          "loss labels starting `ratio_`, teacher-score = di, sid (any parameters). Holds if the CI "
-          "upper bound < +10% (non-inferior within 10%); does not hold if the CI lower bound > "
-          "+10%; else inconclusive.",
-    "C2": "Over the losses with both teacher- and random-init cells, effect = (mean random − mean "
-          "teacher) / mean teacher, as a relative shortfall. Holds if the CI lower bound > +25%; "
-          "does not hold if the CI upper bound < +25%; else inconclusive.",
-    "C3a": "Over the losses with teacher, random and reset_layers[output] cells, effect = "
-           "(reset − teacher) / (random − teacher) on loss-averaged means: the fraction of the "
-           "random-init gap that resetting the output layers costs. Holds if the CI upper bound < "
-           "0.25; does not hold if the CI lower bound > 0.25; else inconclusive.",
-    "C3b": "As C3a for reset_layers[encoder+middle+decoder] (teacher weights kept only in the "
-           "input/output layers). Holds if the CI lower bound > 0.5; does not hold if the CI upper "
-           "bound < 0.5; else inconclusive.",
-    "C3c": "Over the losses with teacher, random and feature_transplant cells at two or more "
-           "σ_feat, effect = (worst − best loss-averaged mean over σ_feat) / (random − teacher): "
-           "the share of the random-init gap that the choice of σ_feat moves. Best and worst σ_feat "
-           "are fixed by the point estimates; the CI resamples seeds for that difference, so noise "
-           "alone does not widen it (a max − min over resamples would). Holds if the CI lower "
-           "bound > 0.10; does not hold if the CI upper bound < 0.10; else inconclusive. How often "
-           "the best σ_feat is best across resamples is reported.",
-    "C3": "Holds if every sub-claim holds; does not hold if any sub-claim does not hold; not "
-          "tested if none is tested; else inconclusive. Untested sub-claims are named.",
+    "C1": "Declared pair, fixed before the data are seen: the score-free loss `ratio_js` vs the "
+          "teacher-score loss `sid` (`C1_PAIR`, or the pair the study declares), both under "
+          "teacher init (init_scheme teacher, no init_source). Effect = (mean ratio_js − mean "
+          "sid) / mean sid, as a relative shortfall (> 0: the score-free loss is worse). The CI "
+          "resamples the seeds of exactly these two groups. Holds if the CI upper bound < +10% "
+          "(non-inferior within 10%); does not hold if the CI lower bound > +10%; else "
+          "inconclusive. Not tested if either label has no teacher-init cells or the pair is not "
+          "(score-free, teacher-score) by its loss_family column.",
+    "C1-best": "Reported beside C1 (C1's verdict is the declared pair's): the best score-free loss "
+               "(loss_family not in di, sid) vs the best teacher-score loss (loss_family di or "
+               "sid), teacher init, best = best mean final score; both selections are repeated "
+               "inside every resample, so the CI includes the selection. Same effect and "
+               "thresholds as C1.",
+    "C2": "Over the losses with both teacher-init and random-init cells, effect = (mean random − "
+          "mean teacher) / mean teacher on loss-averaged means, as a relative shortfall. Holds if "
+          "the CI lower bound > +25%; does not hold if the CI upper bound < +25%; else "
+          "inconclusive.",
+    "C3a": "reset_layers with reset_groups exactly {output} (or {output, embedding} if that is "
+           "the only one) and reinit matched. Over the losses with teacher, random and reset "
+           "cells, effect = (reset − teacher) / (random − teacher) on loss-averaged means: the "
+           "fraction of the teacher→random gap the reset costs. Holds if the CI upper bound < "
+           "0.25; does not hold if the CI lower bound > 0.25; else inconclusive. Reset cells "
+           "without a recorded reinit (legacy rows: the near-zero output re-init that stalls "
+           "the optimisation, SPEC §4) are never judged: 'not judged (legacy re-init)'.",
+    "C3b": "As C3a for reset_groups {encoder, middle, decoder} (matched): teacher weights kept "
+           "only in the input/output layers. Holds if the CI lower bound > 0.5; does not hold if "
+           "the CI upper bound < 0.5; else inconclusive. Legacy reset cells are not judged.",
+    "C3c": "feature_transplant cells with reset_output false (every teacher weight kept), at two "
+           "or more sigma_feat, over the losses with teacher, random and every such sigma_feat: "
+           "effect = |worst − best loss-averaged mean over sigma_feat| / |random − teacher|, the "
+           "share of the gap that the choice of σ_feat moves. Best and worst σ_feat are fixed by "
+           "the point estimates (a pair chosen from the data, not declared; how often the best "
+           "stays best across resamples is reported, and the spread with the selection repeated "
+           "in every resample is given in the details); the CI resamples seeds for that pair. "
+           "Holds if the CI lower bound > 0.10; does not hold if the CI upper bound < 0.10; else "
+           "inconclusive. Transplant cells without a recorded reset_output (legacy re-init) are "
+           "not judged.",
+    "C3d": "mapping_match (of several, the one with the most mapping_steps: a rule fixed before "
+           "the data). Over the losses with teacher, random and mapping_match cells, effect = "
+           "(random − mapping_match) / (random − teacher) on loss-averaged means: the share of "
+           "the gap that the teacher's latent-to-output mapping alone closes. Holds if the CI "
+           "upper bound < 0.25; does not hold if the CI lower bound > 0.25; else inconclusive.",
+    "C3e": "Band-limited teacher inits (init_scheme teacher with an init_source), each band "
+           "separately: cost = (band − teacher) / (random − teacher) on loss-averaged means over "
+           "the losses with teacher, random and that band, reported as C3e[<band>] with its own "
+           "CI and verdict. The claim over all bands combines them by the minimum cost (the band "
+           "whose features come closest to the full teacher's), recomputed inside every "
+           "resample: holds if the CI lower bound of the minimum > 0.25 (every band costs more "
+           "than a quarter of the gap); does not hold if its CI upper bound < 0.25; else "
+           "inconclusive.",
+    "C3": "Holds if every sub-claim C3a-C3e holds; does not hold if any sub-claim does not hold; "
+          "not tested if none is tested; else inconclusive. Untested and unjudged sub-claims are "
+          "named.",
 }
+SEEDS_RULE = (
+    "Seeds to decide (inconclusive claims): with n seeds in the claim's smallest group, estimate "
+    "e and 95% CI [lo, hi], the CI at m seeds per group is taken as [e − (e − lo)·√(n/m), "
+    "e + (hi − e)·√(n/m)]: the observed bootstrap spread shrinking as 1/√m around an unchanged "
+    "estimate. The number given is the smallest m at which that interval excludes the threshold "
+    "t: m = ⌊n·((e − lo)/(e − t))²⌋ + 1 if e > t (it would then exclude t from above), "
+    "m = ⌊n·((hi − e)/(t − e))²⌋ + 1 if e < t. If e equals t the claim cannot be decided at "
+    "this effect size; with one seed per group there is no spread to scale. A planning estimate, "
+    "not a power analysis.")
 NOT_TESTED = "not tested by this study"
+NOT_JUDGED = "not judged (legacy re-init)"
+UNDECIDABLE = "cannot be decided at this effect size"
 
 
 @dataclass
@@ -70,11 +134,23 @@ class Verdict:
     verdict: str = NOT_TESTED
     details: list = field(default_factory=list)
     pct: bool = True
+    threshold: float = math.nan
+    holds_if: str = ""
+    seeds_needed: int | None = None
+    seeds_note: str = ""
 
     def fmt(self, x: float) -> str:
         if self.pct:
             return fmt_pct(x)
         return "n/a" if not math.isfinite(x) else f"{x:+.3f}"
+
+    @property
+    def tested(self) -> bool:
+        return self.verdict not in (NOT_TESTED, NOT_JUDGED)
+
+    @property
+    def inconclusive(self) -> bool:
+        return self.verdict.startswith("inconclusive")
 
 
 def decide(lo: float, hi: float, threshold: float, holds_if: str, n: int) -> str:
@@ -86,6 +162,45 @@ def decide(lo: float, hi: float, threshold: float, holds_if: str, n: int) -> str
     return "holds" if lo > threshold else "does not hold" if hi < threshold else seeds
 
 
+def seeds_to_decide(effect: float, lo: float, hi: float, threshold: float,
+                    n: int) -> tuple[int | None, str]:
+    """(m, words): the smallest seeds per group m at which the CI, its half-widths scaled by
+    sqrt(n/m) around the unchanged estimate, excludes ``threshold`` (SEEDS_RULE). ``m`` is None
+    where it cannot be computed (the words say why) or the CI already excludes the threshold."""
+    if not math.isfinite(effect):
+        return None, "no estimate"
+    if n < 2 or not (math.isfinite(lo) and math.isfinite(hi)):
+        return None, "one seed per group: no spread to scale; run at least 2 seeds per group"
+    if lo > threshold or hi < threshold:
+        return None, ""
+    if math.isclose(effect, threshold, rel_tol=1e-9, abs_tol=1e-12):
+        return None, UNDECIDABLE + " (the estimate equals the threshold)"
+    if effect > threshold:
+        ratio = (effect - lo) / (effect - threshold)
+    else:
+        ratio = (hi - effect) / (threshold - effect)
+    m = max(int(math.floor(n * ratio * ratio)) + 1, n + 1)
+
+    def decided(k):
+        a, b = scaled_ci(effect, lo, hi, n, k)
+        return a > threshold or b < threshold
+
+    for _ in range(8):  # floating point at the boundary: settle on the exact smallest m
+        if not decided(m):
+            m += 1
+        elif m - 1 > n and decided(m - 1):
+            m -= 1
+        else:
+            break
+    return m, ""
+
+
+def scaled_ci(effect: float, lo: float, hi: float, n: int, m: int) -> tuple[float, float]:
+    """The CI at m seeds per group as SEEDS_RULE scales it from the one at n."""
+    s = math.sqrt(n / m)
+    return effect - (effect - lo) * s, effect + (hi - effect) * s
+
+
 def _ci(samples: np.ndarray) -> tuple[float, float]:
     s = samples[np.isfinite(samples)]
     if len(s) < len(samples) * 0.5:
@@ -94,20 +209,82 @@ def _ci(samples: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-class _Groups:
-    """Seed values and their bootstrap means per (loss, init) group of included cells."""
+def _finish(v: Verdict) -> Verdict:
+    """Verdict from the CI, and for an inconclusive one the seeds that would decide it."""
+    v.verdict = decide(v.ci_low, v.ci_high, v.threshold, v.holds_if, v.n_seeds)
+    if v.inconclusive:
+        v.seeds_needed, v.seeds_note = seeds_to_decide(v.effect, v.ci_low, v.ci_high,
+                                                       v.threshold, v.n_seeds)
+        if v.seeds_needed is not None:
+            toward = ("holds" if (v.effect < v.threshold) == (v.holds_if == "below")
+                      else "does not hold")
+            v.seeds_note = (f"about {v.seeds_needed} seeds per group would decide it at the "
+                            f"observed spread (toward '{toward}')")
+    return v
 
-    def __init__(self, study: Study, rng: np.random.Generator):
+
+def _new(claim: str, comparison: str, effect_name: str, pct: bool = True) -> Verdict:
+    t, h = THRESHOLDS[claim.split("[")[0]]
+    return Verdict(claim, comparison, effect_name, pct=pct, threshold=t, holds_if=h)
+
+
+def _group_values(final: pd.DataFrame) -> dict:
+    """{(loss, init): seed values in seed order} (numpy, no pandas groupby iteration)."""
+    if final.empty:
+        return {}
+    lc, lu = pd.factorize(final["loss"].astype(str), sort=True)
+    ic, iu = pd.factorize(final["init"].astype(str), sort=True)
+    code = lc.astype(np.int64) * len(iu) + ic
+    order = np.lexsort((final["seed"].to_numpy(), code))
+    code, vals = code[order], final["value"].to_numpy(dtype=float)[order]
+    lu, iu = [str(x) for x in lu], [str(x) for x in iu]
+    cuts = np.flatnonzero(np.diff(code)) + 1
+    starts = np.concatenate([[0], cuts])
+    return {(lu[code[a] // len(iu)], iu[code[a] % len(iu)]): chunk
+            for a, chunk in zip(starts, np.split(vals, cuts))}
+
+
+class _Groups:
+    """Seed values per (loss, init) group of the cells in ``final``, and their bootstrap means
+    from a stream of each group's own (``base`` and the group's name), drawn when first used."""
+
+    def __init__(self, study: Study, final: pd.DataFrame, base: int, cache: dict | None = None):
         self.study = study
-        f = study.final.sort_values(["loss", "init", "seed"], kind="stable")
-        self.values = {k: g["value"].to_numpy(dtype=float)
-                       for k, g in f.groupby(["loss", "init"], sort=True)}
-        self.boot = {}
-        for k in sorted(self.values):  # fixed order: deterministic draws
-            v = self.values[k]
-            self.boot[k] = boot_means(v, rng) if len(v) > 1 else np.full(B, np.nan)
-        self.sigma = (f.dropna(subset=["sigma_feat"]).drop_duplicates("init")
-                      .set_index("init")["sigma_feat"].to_dict())
+        self.values = _group_values(final)
+        self.means = {k: float(v.mean()) for k, v in self.values.items()}
+        fam = final[["loss", "loss_family"]].drop_duplicates("loss")
+        self.family = dict(zip(fam["loss"].astype(str), fam["loss_family"]))
+        self.base = int(base)
+        self._boot = {}
+        self._weights = {} if cache is None else cache  # (group, n) -> (B, n) resample weights
+        present = {i for (_, i) in self.values}
+        self.inits = [i for i in study.init_order if i in present]
+
+    def boot(self, key) -> np.ndarray:
+        """(B,) bootstrap means of the group's seed values: the mean of n draws with replacement,
+        written as resample weights (counts / n) so a claims_kimg run reuses one draw per group
+        for every kimg."""
+        if key not in self._boot:
+            v = self.values[key]
+            n = len(v)
+            if n < 2:
+                self._boot[key] = np.full(B, np.nan)
+                return self._boot[key]
+            wkey = (self.base, key, n)
+            if wkey not in self._weights:
+                rng = np.random.default_rng([self.base,
+                                             zlib.crc32(f"{key[0]}\0{key[1]}".encode())])
+                idx = rng.integers(0, n, size=(B, n))
+                counts = np.zeros((B, n))
+                np.add.at(counts, (np.repeat(np.arange(B), n), idx.ravel()), 1.0)
+                self._weights[wkey] = counts / n
+            self._boot[key] = self._weights[wkey] @ v
+        return self._boot[key]
+
+    def where(self, **cols) -> list[str]:
+        """Init labels present here whose typed columns equal ``cols`` (None: null)."""
+        allowed = set(self.study.inits_where(**cols))
+        return [i for i in self.inits if i in allowed]
 
     def losses_with(self, inits) -> list[str]:
         have = [{lo for (lo, i) in self.values if i == init} for init in inits]
@@ -115,12 +292,12 @@ class _Groups:
         return [lo for lo in self.study.loss_order if lo in common]
 
     def mean(self, loss, init) -> float:
-        return float(self.values[(loss, init)].mean())
+        return self.means[(loss, init)]
 
     def avg(self, losses, init) -> tuple[float, np.ndarray]:
         """Point mean and bootstrap means of the loss-average of group means."""
         return (float(np.mean([self.mean(lo, init) for lo in losses])),
-                np.mean([self.boot[(lo, init)] for lo in losses], axis=0))
+                np.mean([self.boot((lo, init)) for lo in losses], axis=0))
 
     def n(self, keys) -> int:
         return min(len(self.values[k]) for k in keys) if keys else 0
@@ -130,197 +307,325 @@ class _Groups:
         return (f"{loss} / {init}: {fmt_pm(v.mean(), v.std(ddof=1) if len(v) > 1 else math.nan)} "
                 f"(n={len(v)})")
 
+    def teacher(self) -> str | None:
+        t = self.where(init_scheme="teacher", init_source=None)
+        return t[0] if t else None
 
-def _c1(g: _Groups) -> Verdict:
+    def random(self) -> str | None:
+        r = self.where(init_scheme="random")
+        return r[0] if r else None
+
+
+# ------------------------------------------------------------------------------------- C1
+def _find_loss(g: _Groups, label: str, init: str) -> tuple[str | None, str]:
+    losses = [lo for (lo, i) in g.values if i == init]
+    if label in losses:
+        return label, ""
+    cands = sorted({lo for lo in losses if base_loss(lo) == label})
+    if len(cands) == 1:
+        return cands[0], ""
+    if cands:
+        return None, (f"`{label}` has {len(cands)} variants under {init} init "
+                      f"({', '.join(cands)}): declare the pair with full labels")
+    return None, f"no {init}-init cells of `{label}`"
+
+
+def _c1_fixed(g: _Groups, pair: tuple[str, str]) -> Verdict:
     st = g.study
-    teach = g.losses_with(["teacher"])
-    ratio = [lo for lo in teach if base_loss(lo).startswith("ratio_")]
-    score = [lo for lo in teach if base_loss(lo).split("[")[0] in ("di", "sid")]
-    v = Verdict("C1", "best score-free vs best teacher-score loss, teacher init",
-                "relative shortfall (score-free − teacher-score) / teacher-score")
-    if not ratio or not score:
-        v.details.append("needs teacher-init cells of at least one `ratio_*` loss and one of "
-                         "di / sid")
+    a, b = pair
+    v = _new("C1", f"{a} vs {b} (declared pair), teacher init",
+             f"relative shortfall ({a} − {b}) / {b}")
+    t = g.teacher()
+    if t is None:
+        v.details.append("needs teacher-init cells")
         return v
-    rm = np.array([g.mean(lo, "teacher") for lo in ratio])
-    sm = np.array([g.mean(lo, "teacher") for lo in score])
-    best_r = ratio[int(np.argmax(rm) if st.higher_better else np.argmin(rm))]
-    best_s = score[int(np.argmax(sm) if st.higher_better else np.argmin(sm))]
-    v.comparison = f"best score-free ({best_r}) vs best teacher-score ({best_s}), teacher init"
+    la, why_a = _find_loss(g, a, t)
+    lb, why_b = _find_loss(g, b, t)
+    if la is None or lb is None:
+        v.details.append(f"the declared pair {a} vs {b} is not in this study: "
+                         + "; ".join(w for w in (why_a, why_b) if w))
+        return v
+    fa, fb = g.family.get(la), g.family.get(lb)
+    if fa in TEACHER_SCORE_FAMILIES or fb not in TEACHER_SCORE_FAMILIES:
+        v.details.append(f"the declared pair must be (score-free, teacher-score); loss_family is "
+                         f"{fa} for {la} and {fb} for {lb}")
+        return v
+    v.comparison = f"{la} vs {lb} (declared pair), {t} init"
+    v.effect = float(st.deficit(g.mean(la, t), g.mean(lb, t)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v.ci_low, v.ci_high = _ci(st.deficit(g.boot((la, t)), g.boot((lb, t))))
+    v.n_seeds = g.n([(la, t), (lb, t)])
+    v.details = [f"score-free: {g.describe(la, t)}", f"teacher-score: {g.describe(lb, t)}"]
+    return _finish(v)
+
+
+def _c1_best(g: _Groups) -> Verdict:
+    st = g.study
+    v = _new("C1-best", "best score-free vs best teacher-score loss, teacher init",
+             "relative shortfall (best score-free − best teacher-score) / best teacher-score")
+    t = g.teacher()
+    teach = g.losses_with([t]) if t else []
+    fam = g.family
+    ratio = [lo for lo in teach if fam.get(lo) is not None
+             and fam.get(lo) not in TEACHER_SCORE_FAMILIES]
+    score = [lo for lo in teach if fam.get(lo) in TEACHER_SCORE_FAMILIES]
+    if not ratio or not score:
+        v.details.append(f"needs teacher-init cells of at least one score-free loss and one of "
+                         f"{', '.join(TEACHER_SCORE_FAMILIES)}")
+        return v
+    rm = np.array([g.mean(lo, t) for lo in ratio])
+    sm = np.array([g.mean(lo, t) for lo in score])
+    pick = np.argmax if st.higher_better else np.argmin
+    best_r, best_s = ratio[int(pick(rm))], score[int(pick(sm))]
+    v.comparison = (f"best score-free ({best_r}) vs best teacher-score ({best_s}), {t} init; "
+                    f"selection repeated in every resample")
     v.effect = float(st.deficit(st.better(rm), st.better(sm)))
-    rb = st.better(np.stack([g.boot[(lo, "teacher")] for lo in ratio], axis=-1))
-    sb = st.better(np.stack([g.boot[(lo, "teacher")] for lo in score], axis=-1))
-    v.ci_low, v.ci_high = _ci(st.deficit(rb, sb))
-    v.n_seeds = g.n([(lo, "teacher") for lo in ratio + score])
-    v.verdict = decide(v.ci_low, v.ci_high, 0.10, "below", v.n_seeds)
-    v.details = [("score-free: " if lo in ratio else "teacher-score: ") + g.describe(lo, "teacher")
+    rb = st.better(np.stack([g.boot((lo, t)) for lo in ratio], axis=-1))
+    sb = st.better(np.stack([g.boot((lo, t)) for lo in score], axis=-1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v.ci_low, v.ci_high = _ci(st.deficit(rb, sb))
+    v.n_seeds = g.n([(lo, t) for lo in ratio + score])
+    v.details = [("score-free: " if lo in ratio else "teacher-score: ") + g.describe(lo, t)
                  for lo in ratio + score]
-    return v
+    return _finish(v)
 
 
+# ------------------------------------------------------------------------------------- C2
 def _c2(g: _Groups) -> Verdict:
     st = g.study
-    losses = g.losses_with(["teacher", "random"])
-    v = Verdict("C2", "random vs teacher init, averaged over losses",
-                "relative shortfall (random − teacher) / teacher")
+    v = _new("C2", "random vs teacher init, averaged over losses",
+             "relative shortfall (random − teacher) / teacher")
+    t, r = g.teacher(), g.random()
+    losses = g.losses_with([t, r]) if t and r else []
     if not losses:
         v.details.append("needs teacher-init and random-init cells of the same loss")
         return v
-    t, tb = g.avg(losses, "teacher")
-    r, rb = g.avg(losses, "random")
-    v.comparison = f"random vs teacher init, averaged over {len(losses)} losses"
-    v.effect = float(st.deficit(r, t))
-    v.ci_low, v.ci_high = _ci(st.deficit(rb, tb))
-    v.n_seeds = g.n([(lo, i) for lo in losses for i in ("teacher", "random")])
-    v.verdict = decide(v.ci_low, v.ci_high, 0.25, "above", v.n_seeds)
-    v.details = [f"{lo}: teacher {fmt_num(g.mean(lo, 'teacher'))}, random "
-                 f"{fmt_num(g.mean(lo, 'random'))} ({fmt_pct(st.deficit(g.mean(lo, 'random'), g.mean(lo, 'teacher')))})"  # noqa: E501
-                 for lo in losses]
-    return v
-
-
-def _reset_label(g: _Groups, groups: set) -> str | None:
-    for init in sorted({i for (_, i) in g.values}, key=init_sort_key):
-        if init.startswith("reset_layers[") and set(init[13:-1].split("+")) == groups:
-            return init
-    return None
-
-
-def _c3_gap(g: _Groups, name: str, groups: set, threshold: float, holds_if: str) -> Verdict:
-    init = (_reset_label(g, groups) or _reset_label(g, groups | {"embedding"})
-            or f"reset_layers[{'+'.join(sorted(groups))}]")
-    v = Verdict(name, f"{init} vs teacher and random init",
-                "fraction of the random-init gap: (reset − teacher) / (random − teacher)",
-                pct=False)
-    losses = g.losses_with(["teacher", "random", init])
-    if not losses:
-        v.details.append(f"needs teacher, random and {init} cells of the same loss")
-        return v
-    t, tb = g.avg(losses, "teacher")
-    r, rb = g.avg(losses, "random")
-    x, xb = g.avg(losses, init)
-    v.comparison = f"{init} within the teacher→random gap, averaged over {len(losses)} losses"
-    v.effect = float((x - t) / (r - t)) if r != t else math.nan
+    tm, tb = g.avg(losses, t)
+    rm, rb = g.avg(losses, r)
+    v.comparison = f"{r} vs {t} init, averaged over {len(losses)} losses"
+    v.effect = float(st.deficit(rm, tm))
     with np.errstate(divide="ignore", invalid="ignore"):
-        v.ci_low, v.ci_high = _ci((xb - tb) / (rb - tb))
-    v.n_seeds = g.n([(lo, i) for lo in losses for i in ("teacher", "random", init)])
-    v.verdict = decide(v.ci_low, v.ci_high, threshold, holds_if, v.n_seeds)
-    v.details = [f"{lo}: teacher {fmt_num(g.mean(lo, 'teacher'))}, {init} "
-                 f"{fmt_num(g.mean(lo, init))}, random {fmt_num(g.mean(lo, 'random'))}"
-                 for lo in losses]
-    return v
+        v.ci_low, v.ci_high = _ci(st.deficit(rb, tb))
+    v.n_seeds = g.n([(lo, i) for lo in losses for i in (t, r)])
+    v.details = [f"{lo}: teacher {fmt_num(g.mean(lo, t))}, random {fmt_num(g.mean(lo, r))} "
+                 f"({fmt_pct(st.deficit(g.mean(lo, r), g.mean(lo, t)))})" for lo in losses]
+    return _finish(v)
+
+
+# ------------------------------------------------------------------------------------- C3
+def _gap_stat(g: _Groups, losses, t, r, x, closes: bool) -> tuple[float, np.ndarray]:
+    """(point, bootstrap) of (x − t)/(r − t) (cost), or (r − x)/(r − t) (closes)."""
+    tm, tb = g.avg(losses, t)
+    rm, rb = g.avg(losses, r)
+    xm, xb = g.avg(losses, x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if closes:
+            return (float((rm - xm) / (rm - tm)) if rm != tm else math.nan), (rb - xb) / (rb - tb)
+        return (float((xm - tm) / (rm - tm)) if rm != tm else math.nan), (xb - tb) / (rb - tb)
+
+
+def _gap_claim(g: _Groups, v: Verdict, x: str, closes: bool = False) -> Verdict:
+    t, r = g.teacher(), g.random()
+    losses = g.losses_with([t, r, x]) if t and r else []
+    if not losses:
+        v.details.append(f"needs teacher, random and {x} cells of the same loss")
+        return v
+    v.comparison = f"{x} within the teacher→random gap, averaged over {len(losses)} losses"
+    v.effect, boot = _gap_stat(g, losses, t, r, x, closes)
+    v.ci_low, v.ci_high = _ci(boot)
+    v.n_seeds = g.n([(lo, i) for lo in losses for i in (t, r, x)])
+    v.details = [f"{lo}: teacher {fmt_num(g.mean(lo, t))}, {x} {fmt_num(g.mean(lo, x))}, "
+                 f"random {fmt_num(g.mean(lo, r))}" for lo in losses]
+    return _finish(v)
+
+
+def _reset_claim(g: _Groups, name: str, groups: set) -> Verdict:
+    want = "+".join(sorted(groups, key=GROUPS.index))
+    v = _new(name, f"reset_layers [{want}] (matched) vs teacher and random init",
+             "fraction of the random-init gap: (reset − teacher) / (random − teacher)", pct=False)
+    cands = g.where(init_scheme="reset_layers")
+
+    def match(gs, reinit):
+        return [i for i in cands if set(str(g.study.info(i).get("reset_groups")).split("+")) == gs
+                and (legacy_reinit(g.study.info(i)) if reinit is None
+                     else g.study.info(i).get("reinit") == reinit)]
+
+    found = match(groups, "matched") or match(groups | {"embedding"}, "matched")
+    if not found:
+        legacy = match(groups, None) or match(groups | {"embedding"}, None)
+        if legacy:
+            v.verdict = NOT_JUDGED
+            v.details.append(f"{', '.join(legacy)}: stored without `reinit` (the near-zero output "
+                             f"re-init that stalls the optimisation, SPEC §4): not judged; rerun "
+                             f"with reinit matched")
+        else:
+            v.details.append(f"needs reset_layers cells with groups [{want}] and reinit matched")
+        return v
+    return _gap_claim(g, v, found[0])
 
 
 def _c3c(g: _Groups) -> Verdict:
     st = g.study
-    v = Verdict("C3c", "spread of feature-transplant scores over σ_feat",
-                "share of the random-init gap: (worst − best σ_feat) / (random − teacher)",
-                pct=False)
-    inits = sorted(g.sigma, key=lambda i: g.sigma[i])
-    losses = g.losses_with(["teacher", "random"] + inits) if len(inits) >= 2 else []
+    v = _new("C3c", "spread of feature-transplant scores over σ_feat",
+             "share of the random-init gap: (worst − best σ_feat) / (random − teacher)", pct=False)
+    inits = [i for i in g.where(init_scheme="feature_transplant", reset_output=False)
+             if st.info(i).get("sigma_feat") is not None]
+    legacy = [i for i in g.where(init_scheme="feature_transplant")
+              if legacy_reinit(st.info(i))]
+    sigma = {i: float(st.info(i)["sigma_feat"]) for i in inits}
+    inits = sorted(inits, key=lambda i: sigma[i])
+    t, r = g.teacher(), g.random()
+    losses = g.losses_with([t, r] + inits) if len(inits) >= 2 and t and r else []
     if not losses:
-        v.details.append("needs teacher-init, random-init and feature_transplant cells at two or "
-                         "more σ_feat values for the same loss")
+        if legacy and len(inits) < 2:
+            v.verdict = NOT_JUDGED
+            v.details.append(f"{len(legacy)} feature_transplant inits stored without "
+                             f"`reset_output` (legacy re-init, SPEC §4): not judged")
+        else:
+            v.details.append("needs teacher-init, random-init and feature_transplant cells "
+                             "(reset_output false) at two or more σ_feat for the same loss")
         return v
-    t, tb = g.avg(losses, "teacher")
-    r, rb = g.avg(losses, "random")
+    tm, tb = g.avg(losses, t)
+    rm, rb = g.avg(losses, r)
     pts = [g.avg(losses, i) for i in inits]
     m = np.array([p[0] for p in pts])
     mb = np.stack([p[1] for p in pts], axis=-1)  # (B, n_sigma)
     pick = np.argmax if st.higher_better else np.argmin
     best, worst = int(pick(m)), int(np.argmin(m) if st.higher_better else np.argmax(m))
-    v.effect = float(abs(m[worst] - m[best]) / abs(r - t)) if r != t else math.nan
+    v.effect = float(abs(m[worst] - m[best]) / abs(rm - tm)) if rm != tm else math.nan
     with np.errstate(divide="ignore", invalid="ignore"):
         v.ci_low, v.ci_high = _ci(np.abs(mb[:, worst] - mb[:, best]) / np.abs(rb - tb))
-    bests = pick(mb, -1)
-    share = float(np.mean(bests[np.isfinite(mb).all(-1)] == best)) if np.isfinite(mb).any() \
-        else math.nan
-    v.comparison = (f"σ_feat in {{{', '.join(f'{g.sigma[i]:g}' for i in inits)}}}, averaged over "
-                    f"{len(losses)} losses; best σ_feat = {g.sigma[inits[best]]:g}"
-                    + (f" (best in {100 * share:.0f}% of resamples)" if math.isfinite(share) else "")
-                    + f", worst {g.sigma[inits[worst]]:g}")
-    v.n_seeds = g.n([(lo, i) for lo in losses for i in ["teacher", "random"] + inits])
-    v.verdict = decide(v.ci_low, v.ci_high, 0.10, "above", v.n_seeds)
-    v.details = [f"σ_feat={g.sigma[i]:g}: loss-averaged mean {fmt_num(mi)} "
-                 f"(teacher init {fmt_num(t)}, random init {fmt_num(r)})"
+        sel_lo, sel_hi = _ci((mb.max(-1) - mb.min(-1)) / np.abs(rb - tb))
+    ok = np.isfinite(mb).all(-1)
+    share = float(np.mean(pick(mb[ok], -1) == best)) if ok.any() else math.nan
+    v.comparison = (f"σ_feat in {{{', '.join(f'{sigma[i]:g}' for i in inits)}}}, averaged over "
+                    f"{len(losses)} losses; best σ_feat = {sigma[inits[best]]:g}"
+                    + (f" (best in {100 * share:.0f}% of resamples)"
+                       if math.isfinite(share) else "")
+                    + f", worst {sigma[inits[worst]]:g}")
+    v.n_seeds = g.n([(lo, i) for lo in losses for i in [t, r] + inits])
+    v.details = [f"σ_feat={sigma[i]:g}: loss-averaged mean {fmt_num(mi)} "
+                 f"(teacher init {fmt_num(tm)}, random init {fmt_num(rm)})"
                  for i, mi in zip(inits, m)]
+    if math.isfinite(sel_lo):
+        v.details.append(f"with best and worst re-selected in every resample (max − min): 95% CI "
+                         f"[{v.fmt(sel_lo)}, {v.fmt(sel_hi)}]")
+    if legacy:
+        v.details.append(f"left out: {len(legacy)} legacy re-init transplant inits")
+    return _finish(v)
+
+
+def _c3d(g: _Groups) -> Verdict:
+    v = _new("C3d", "mapping_match within the teacher→random gap",
+             "share of the gap the mapping alone closes: (random − mapping_match) / "
+             "(random − teacher)", pct=False)
+    mm = g.where(init_scheme="mapping_match")
+    if not mm:
+        v.details.append("needs mapping_match cells with teacher- and random-init cells of the "
+                         "same loss")
+        return v
+    steps = {i: float(g.study.info(i).get("mapping_steps") or 0) for i in mm}
+    x = sorted(mm, key=lambda i: (-steps[i], i))[0]
+    v = _gap_claim(g, v, x, closes=True)
+    if len(mm) > 1:
+        v.details.append(f"of {len(mm)} mapping_match inits, the one with the most steps "
+                         f"({steps[x]:g}) is judged")
     return v
+
+
+def _c3e(g: _Groups) -> list[Verdict]:
+    """The claim over all bands (minimum cost) and one verdict per band."""
+    v = _new("C3e", "band-limited teacher inits within the teacher→random gap",
+             "fraction of the gap the band costs, (band − teacher) / (random − teacher); "
+             "minimum over bands", pct=False)
+    bands = [i for i in g.where(init_scheme="teacher")
+             if g.study.info(i).get("init_source") is not None]
+    t, r = g.teacher(), g.random()
+    if not bands or not t or not r:
+        v.details.append("needs teacher inits with an init_source (band-limited teachers) and "
+                         "teacher- and random-init cells of the same loss")
+        return [v]
+    per, boots, effects, ns = [], [], [], []
+    for b in bands:
+        src = g.study.info(b)["init_source"]
+        pb = _new(f"C3e[{src}]", f"{b} within the teacher→random gap",
+                  "fraction of the gap: (band − teacher) / (random − teacher)", pct=False)
+        losses = g.losses_with([t, r, b])
+        if not losses:
+            pb.details.append(f"needs teacher, random and {b} cells of the same loss")
+            per.append(pb)
+            continue
+        pb.effect, boot = _gap_stat(g, losses, t, r, b, closes=False)
+        pb.ci_low, pb.ci_high = _ci(boot)
+        pb.n_seeds = g.n([(lo, i) for lo in losses for i in (t, r, b)])
+        pb.comparison = f"{b} within the teacher→random gap, averaged over {len(losses)} losses"
+        pb.details = [f"{lo}: teacher {fmt_num(g.mean(lo, t))}, {b} {fmt_num(g.mean(lo, b))}, "
+                      f"random {fmt_num(g.mean(lo, r))}" for lo in losses]
+        per.append(_finish(pb))
+        boots.append(boot)
+        effects.append(pb.effect)
+        ns.append(pb.n_seeds)
+    tested = [p for p in per if p.tested]
+    if not tested:
+        v.details.append("no band has teacher, random and band cells of the same loss")
+        return [v] + per
+    k = int(np.nanargmin(effects)) if np.isfinite(effects).any() else 0
+    v.effect = float(np.min(effects))
+    v.ci_low, v.ci_high = _ci(np.min(np.stack(boots, axis=-1), axis=-1))
+    v.n_seeds = min(ns)
+    v.comparison = (f"{len(tested)} band-limited teacher init{'s' if len(tested) != 1 else ''}, "
+                    f"minimum cost over bands (now {tested[k].claim[4:-1]}), "
+                    f"re-selected in every resample")
+    v.details = [f"{p.claim}: {p.fmt(p.effect)}, 95% CI [{p.fmt(p.ci_low)}, {p.fmt(p.ci_high)}]"
+                 f" — {p.verdict}" for p in per]
+    return [_finish(v)] + per
 
 
 def _c3(subs: list[Verdict]) -> Verdict:
-    tested = [s for s in subs if s.verdict != NOT_TESTED]
+    tested = [s for s in subs if s.tested]
     untested = [s.claim for s in subs if s.verdict == NOT_TESTED]
-    v = Verdict("C3", "sub-claims C3a, C3b, C3c", "see sub-claims")
-    if not tested:
-        return v
-    verdicts = [s.verdict for s in tested]
-    if any(x == "does not hold" for x in verdicts):
-        v.verdict = "does not hold"
-    elif all(x == "holds" for x in verdicts) and not untested:
-        v.verdict = "holds"
-    else:
-        n = min(s.n_seeds for s in tested)
-        v.verdict = f"inconclusive ({n} seed{'s' if n != 1 else ''})"
-    v.n_seeds = min(s.n_seeds for s in tested)
+    unjudged = [s.claim for s in subs if s.verdict == NOT_JUDGED]
+    v = Verdict("C3", "sub-claims " + ", ".join(s.claim for s in subs), "see sub-claims")
     v.details = [f"{s.claim}: {s.verdict}" for s in subs]
     if untested:
         v.details.append(f"not tested: {', '.join(untested)}")
+    if unjudged:
+        v.details.append(f"not judged (legacy re-init): {', '.join(unjudged)}")
+    if not tested:
+        if unjudged:
+            v.verdict = NOT_JUDGED
+        return v
+    verdicts = [s.verdict for s in tested]
+    v.n_seeds = min(s.n_seeds for s in tested)
+    if any(x == "does not hold" for x in verdicts):
+        v.verdict = "does not hold"
+    elif all(x == "holds" for x in verdicts) and not untested and not unjudged:
+        v.verdict = "holds"
+    else:
+        v.verdict = f"inconclusive ({v.n_seeds} seed{'s' if v.n_seeds != 1 else ''})"
+        need = [s.seeds_needed for s in tested if s.inconclusive]
+        if need and all(n is not None for n in need):
+            v.seeds_needed = max(need)
+            v.seeds_note = (f"about {v.seeds_needed} seeds per group would decide its "
+                            f"inconclusive sub-claims at the observed spread")
+        elif need:
+            v.seeds_note = "see the inconclusive sub-claims"
     return v
 
 
-def judge(study: Study, rng: np.random.Generator) -> list[Verdict]:
-    g = _Groups(study, rng)
-    subs = [_c3_gap(g, "C3a", {"output"}, 0.25, "below"),
-            _c3_gap(g, "C3b", {"encoder", "middle", "decoder"}, 0.5, "above"), _c3c(g)]
-    return [_c1(g), _c2(g), _c3(subs)] + subs
+def judge(study: Study, rng: np.random.Generator, final: pd.DataFrame | None = None,
+          pair: tuple[str, str] | None = None, base: int | None = None,
+          cache: dict | None = None) -> list[Verdict]:
+    """Every claim on ``final`` (default: the study's final scores): C1 (declared ``pair``,
+    default C1_PAIR), C1-best, C2, C3 and its sub-claims C3a-C3e (C3e's per-band rows after it).
+    ``base`` seeds the per-group bootstrap streams (default: drawn from ``rng``)."""
+    base = int(rng.integers(2 ** 62)) if base is None else base
+    g = _Groups(study, study.final if final is None else final, base, cache)
+    c3e = _c3e(g)
+    subs = [_reset_claim(g, "C3a", {"output"}),
+            _reset_claim(g, "C3b", {"encoder", "middle", "decoder"}), _c3c(g), _c3d(g), c3e[0]]
+    return ([_c1_fixed(g, tuple(pair or C1_PAIR)), _c1_best(g), _c2(g), _c3(subs)] + subs
+            + c3e[1:])
 
 
-def write_claims(study: Study, out_dir: str, rng: np.random.Generator) -> list[str]:
-    verdicts = judge(study, rng)
-    os.makedirs(out_dir, exist_ok=True)
-    data = pd.DataFrame([{"claim": v.claim, "metric": study.metric, "comparison": v.comparison,
-                          "effect_name": v.effect_name, "effect": v.effect, "ci_low": v.ci_low,
-                          "ci_high": v.ci_high, "n_seeds": v.n_seeds, "verdict": v.verdict}
-                         for v in verdicts])
-    csv = os.path.join(out_dir, "claims.data.csv")
-    data.to_csv(csv, index=False, float_format="%.6g")
-    direction = "higher" if study.higher_better else "lower"
-    head = (f"Metric: `{study.metric}` ({direction} is better), final score = value at each "
-            f"cell's last kimg. Bootstrap: {B} resamples of seeds within each (loss, init) group, "
-            f"Generator seed set by `seed`, 95% percentile intervals.")
-    md = ["# Claims judged from this study's results", "", head, "",
-          "| claim | comparison | effect | 95% CI | seeds | verdict |", "|---|---|---|---|---|---|"]
-    for v in verdicts:
-        tested = v.verdict != NOT_TESTED and v.claim != "C3"
-        ci = f"[{v.fmt(v.ci_low)}, {v.fmt(v.ci_high)}]" if tested else "—"
-        eff = v.fmt(v.effect) if tested else "—"
-        md.append(f"| {v.claim} | {md_escape(v.comparison)} | {eff} | {ci} | {v.n_seeds or '—'} "
-                  f"| **{v.verdict}** |")
-    for v in verdicts:
-        md += ["", f"## {v.claim}: {v.verdict}", "", f"*Claim:* {STATEMENTS[v.claim]}", "",
-               f"- comparison: {v.comparison}", f"- effect: {v.effect_name}"]
-        if v.verdict != NOT_TESTED and v.claim != "C3":
-            md.append(f"- estimate: {v.fmt(v.effect)}, 95% CI [{v.fmt(v.ci_low)}, "
-                      f"{v.fmt(v.ci_high)}], seeds per group ≥ {v.n_seeds}")
-        md.append(f"- rule: {RULES[v.claim]}")
-        md += [f"- {md_escape(d)}" for d in v.details]
-    md += ["", footer_md(study)]
-    md_path = os.path.join(out_dir, "claims.md")
-    with open(md_path, "w") as f:
-        f.write("\n".join(md))
-    tex = ["\\begin{table}[t]", "\\centering", "\\small",
-           f"\\caption{{Claims judged on {tex_escape(study.metric)} ({direction} is better); "
-           f"95\\% bootstrap CI over seeds ({B} resamples).}}", "\\label{tab:claims}",
-           "\\begin{tabular}{lp{0.34\\linewidth}llcp{0.14\\linewidth}}", "\\toprule",
-           "claim & comparison & effect & 95\\% CI & seeds & verdict \\\\", "\\midrule"]
-    for v in verdicts:
-        tested = v.verdict != NOT_TESTED and v.claim != "C3"
-        ci = f"[{v.fmt(v.ci_low)}, {v.fmt(v.ci_high)}]" if tested else "--"
-        tex.append(" & ".join([v.claim, tex_escape(v.comparison),
-                               tex_escape(v.fmt(v.effect)) if tested else "--", tex_escape(ci),
-                               str(v.n_seeds or "--"), tex_escape(v.verdict)]) + " \\\\")
-    tex += ["\\bottomrule", "\\end{tabular}", footer_tex(study).rstrip("\n"), "\\end{table}", ""]
-    tex_path = os.path.join(out_dir, "claims.tex")
-    with open(tex_path, "w") as f:
-        f.write("\n".join(tex))
-    return [md_path, tex_path, csv]
+# -------------------------------------------------------------------------------- writing

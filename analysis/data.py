@@ -1,9 +1,12 @@
 """Read a results store into the tables every figure shares (one primary metric at a time).
 
-``load_study`` resolves: the primary metric, each cell's final status, orphaned cells (not in
-``pin.json``'s ``current``), extra grid axes folded into the loss label, per-cell final scores,
-and the reference values (teacher Heun-35, data floor, initial one-step generator).
-Only cells that are ``done`` and current enter ``scores``/``final``; the rest are ``excluded``.
+``load_study`` resolves: the primary metric and the ONE protocol it is read under, each cell's
+final status, orphaned cells (not in ``pin.json``'s ``current``), extra grid axes folded into the
+loss label, per-cell final scores, and the reference values (teacher Heun-35, data floor, initial
+one-step generator). Only cells that are ``done`` and current enter ``scores``/``final``; the rest
+are ``excluded``. Loss and init parameters are read from their typed result columns
+(``harness.config.param_columns``), never parsed from labels; rows stored before those columns
+existed get ``loss_family``/``init_scheme`` from ``derive_legacy_families`` and nothing else.
 """
 from __future__ import annotations
 
@@ -13,18 +16,33 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from harness.results import cell_status, load_rows, read_bytes
+from harness.config import INIT_SCHEMES, ConfigError, param_columns
+from harness.results import ROWS, cell_status, load_rows, read_bytes
 
-from .style import base_loss, init_sort_key, loss_palette, loss_sort_key
+from .style import _nn, base_loss, init_sort_key, loss_palette, loss_sort_key
 
 QUALITY_PREFIXES = ("fid_", "fd_", "kid_", "mmd_", "swd_", "modes_", "precision_", "recall_")
 HIGHER_BETTER_PREFIXES = ("modes_", "precision_", "recall_")
 DEFAULT_PREFERENCE = ("fid_inception_", "fd_", "mmd_", "kid_", "swd_", "fid_")
-CELL_COLUMNS = ["cell", "loss", "init", "init_scheme", "reset_groups", "sigma_feat", "seed"]
+VERIFIER_MARK = "@"
+"""``fd_digits_1k@resample4``: a verifier score (analysis.verifier), never the plain score."""
+PARAM_COLUMNS = list(param_columns())
+INIT_COLUMNS = ["init_scheme"] + sorted({p.column or n for sch in INIT_SCHEMES.values()
+                                         for n, p in sch.items()})
+"""The typed columns that describe an init (scheme and every scheme parameter)."""
+CELL_COLUMNS = ["cell", "loss", "init", *PARAM_COLUMNS, "seed"]
+SCORE_COLUMNS = ["cell", "loss", "loss_base", "init", "loss_family", "init_scheme", "sigma_feat",
+                 "reset_output", "seed"]
+FLOOR_NAMES = ("data_floor", "data_halves")
+"""Reference rows of the data floor: ``data_floor`` (n real training images scored against the
+held-out reference as generated samples are) and its legacy name ``data_halves``."""
+REFERENCE_ORDER = ("teacher_heun35", "data_floor", "data_halves")
+LEGACY_SUFFIX = " (legacy re-init)"
 
 
 def is_quality(metric: str) -> bool:
-    return metric.startswith(QUALITY_PREFIXES)
+    """A plain quality score (verifier-suffixed names, ``fd_digits_1k@resample4``, are not)."""
+    return metric.startswith(QUALITY_PREFIXES) and VERIFIER_MARK not in metric
 
 
 def higher_is_better(metric: str) -> bool:
@@ -32,14 +50,16 @@ def higher_is_better(metric: str) -> bool:
 
 
 def choose_metric(counts: pd.Series, metric: str | None = None) -> str | None:
-    """The primary metric: ``metric`` if given (must exist), else the first name starting
-    fid_inception_, then fd_, then mmd_ (then kid_, swd_); among several with one prefix the one
-    with most rows, ties by name."""
+    """The primary metric: ``metric`` if given (must exist and be a plain score), else the first
+    name starting fid_inception_, then fd_, then mmd_ (then kid_, swd_); among several with one
+    prefix the one with most rows, ties by name. Verifier names (``...@resample4``) never."""
     quality = sorted(m for m in counts.index if is_quality(m))
     if metric is not None:
-        if metric not in counts.index:
-            raise ValueError(f"metric {metric!r} not in the results; quality metrics present: "
-                             f"{', '.join(quality) or 'none'}")
+        if metric not in counts.index or VERIFIER_MARK in metric:
+            why = ("is a verifier score (see analysis.verifier), not a plain score"
+                   if VERIFIER_MARK in metric else "not in the results")
+            raise ConfigError("metric", f"{metric!r} {why}; quality metrics present: "
+                                        f"{', '.join(quality) or 'none'}")
         return metric
     for prefix in DEFAULT_PREFERENCE:
         cands = [m for m in quality if m.startswith(prefix)]
@@ -79,17 +99,197 @@ def extra_axis_labels(cells: pd.DataFrame) -> pd.Series:
     return loss.where(sfx == "", loss + " (" + sfx + ")")
 
 
+def with_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every ROWS column present (missing ones all null): rows given as a frame by
+    a caller may predate the typed loss/init columns."""
+    missing = [c for c in ROWS.names if c not in df.columns]
+    if not missing:
+        return df
+    return df.assign(**{c: None for c in missing})
+
+
+def derive_legacy_families(cells: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """LEGACY ROWS ONLY: fill a null ``loss_family`` / ``init_scheme`` from the labels, for rows
+    stored before those typed columns existed (``ratio_js`` -> ratio, ``sid[alpha=1]`` -> sid,
+    ``reset_layers[output]`` -> reset_layers; a reference row's scheme is its name). Rows that
+    have the columns are left untouched; nothing else is ever read from a label.
+    Returns (frame, number of rows that needed it)."""
+    out = cells.copy()
+    ref = (out["loss"].astype(str) == "reference").to_numpy()
+    n = 0
+    lf = out["loss_family"].isna().to_numpy() & ~ref
+    if lf.any():
+        def family(label: str) -> str:
+            base = base_loss(str(label)).partition("[")[0]
+            return "ratio" if base.startswith("ratio_") else base
+
+        out.loc[lf, "loss_family"] = out.loc[lf, "loss"].map(family).to_numpy()
+        n = int(lf.sum())
+    sc = out["init_scheme"].isna().to_numpy()
+    if sc.any():
+        out.loc[sc, "init_scheme"] = [str(i).partition("[")[0] for i in out.loc[sc, "init"]]
+        n = max(n, int((sc & ~ref).sum()))
+    return out, n
+
+
+def legacy_reinit(info: dict | None) -> bool:
+    """A reset or transplant cell stored before ``reinit``/``reset_output`` existed: it used the
+    near-zero output re-init (SPEC §4), which breaks the optimisation, not the features."""
+    if not info:
+        return False
+    scheme = info.get("init_scheme")
+    if scheme == "reset_layers":
+        return _nn(info.get("reinit")) is None
+    if scheme == "feature_transplant":
+        return _nn(info.get("reset_output")) is None
+    return False
+
+
+# ----------------------------------------------------------------------------- protocols
+@dataclass
+class ProtocolChoice:
+    """The one protocol a metric is read under, why, and what was left out."""
+
+    protocol: str | None
+    source: str
+    left_out: pd.DataFrame  # protocol, rows, cells, refs: the metric's rows under other protocols
+
+    def left_words(self, full: bool = True) -> str | None:
+        """``None`` if every row had this protocol; else 'left out N rows under K other
+        protocols: ...' (``full``: whole protocol texts; else the parts that differ)."""
+        if self.left_out.empty:
+            return None
+        others = list(self.left_out["protocol"])
+        show = (lambda p: p) if full else (lambda p: protocol_excerpt(p, others + [self.protocol]))
+        parts = []
+        for r in self.left_out.itertuples(index=False):
+            what = []
+            if r.rows - r.refs:
+                what.append(f"{int(r.rows - r.refs)} row{'s' if r.rows - r.refs != 1 else ''} "
+                            f"of {int(r.cells)} cell{'s' if r.cells != 1 else ''}")
+            if r.refs:
+                what.append(f"{int(r.refs)} reference row{'s' if r.refs != 1 else ''}")
+            parts.append(f"{' and '.join(what)} under '{show(r.protocol)}'")
+        n = int(self.left_out["rows"].sum())
+        return (f"left out {n} row{'s' if n != 1 else ''} under {len(others)} other "
+                f"protocol{'s' if len(others) != 1 else ''}: {'; '.join(parts)}")
+
+    def words(self, full: bool = True) -> str | None:
+        """A sentence for figure notes: the protocol, why, and what was left out (None if
+        nothing was)."""
+        left = self.left_words(full)
+        if left is None:
+            return None
+        shown = self.protocol if full else protocol_excerpt(self.protocol,
+                                                             list(self.left_out["protocol"])
+                                                             + [self.protocol])
+        return f"One protocol per metric: '{shown}' ({self.source}); {left}."
+
+
+def protocol_excerpt(p: str, all_protocols: list, width: int = 60) -> str:
+    """The part of protocol ``p`` that tells it apart from the others (common prefix and suffix
+    cut to '…'), at most ``width`` characters."""
+    ps = [str(x) for x in all_protocols if x is not None]
+    p = str(p)
+    if len(set(ps)) < 2:
+        return p if len(p) <= width else p[:width - 1] + "…"
+    pre = len(_common_prefix(ps))
+    suf = len(_common_prefix([x[::-1] for x in ps]))
+    pre = p.rfind(" ", 0, pre) + 1 if pre < len(p) else pre  # cut at a word boundary
+    end = len(p) - suf
+    end = p.find(" ", end) if 0 <= end < len(p) and p.find(" ", end) >= 0 else len(p)
+    if end - pre < 24:  # a short difference: show some words before it for context
+        back = p.rfind(" ", 0, max(0, pre - (24 - (end - pre))))
+        pre = back + 1 if back >= 0 else 0
+    core = p[pre:max(end, pre)]
+    if len(core) > width:
+        core = core[:width - 1] + "…"
+    return ("…" if pre > 0 else "") + core + ("…" if end < len(p) else "")
+
+
+def _common_prefix(ps: list) -> str:
+    a, b = min(ps), max(ps)
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    return a[:i]
+
+
+def reference_protocol(p: str, known) -> str:
+    """The metric part of a reference row's protocol: reference rows store
+    ``'<what the reference is>; <metric protocol>'``; ``known`` are the cells' protocols."""
+    p = "" if p is None else str(p)
+    if p in known:
+        return p
+    for k in known:
+        if k and p.endswith("; " + k):
+            return k
+    return p.split("; ", 1)[1] if "; " in p else p
+
+
+def select_protocol(m: pd.DataFrame, done: set) -> tuple[ProtocolChoice, pd.Series]:
+    """Choose ONE protocol for the rows ``m`` of one metric: the protocol of the newest data-floor
+    reference row among those that done cells also have (any floor row when no done cell has
+    rows), else the one with most done cells (ties: more rows, then newest, then name).
+    Returns the choice and a boolean mask over ``m`` of the rows kept."""
+    proto = m["protocol"].fillna("").astype(str)
+    is_ref = (m["status"] == "reference").to_numpy()
+    cellp = proto[~is_ref]
+    is_done = m["cell"].isin(done).to_numpy() & ~is_ref
+    known = set(cellp.unique())
+    ref_map = {p: reference_protocol(p, known) for p in proto[is_ref].unique()}
+    eff = proto.copy()
+    if is_ref.any():
+        eff[is_ref] = proto[is_ref].map(ref_map).to_numpy()
+    stats = (pd.DataFrame({"protocol": eff[is_done], "cell": m["cell"][is_done],
+                           "t": m["written_at"][is_done]})
+             .groupby("protocol").agg(cells=("cell", "nunique"), rows=("cell", "size"),
+                                      newest=("t", "max")).reset_index())
+    chosen, source = None, ""
+    floor = m.loc[is_ref & m["init"].isin(FLOOR_NAMES).to_numpy()]
+    if len(floor):
+        floor = floor.assign(eff=eff[floor.index]).sort_values("written_at", ascending=False,
+                                                                kind="stable")
+        for r in floor.itertuples(index=False):
+            if stats.empty or r.eff in set(stats["protocol"]):
+                chosen = r.eff
+                source = f"that of the newest data-floor reference row ({r.init})"
+                break
+    if chosen is None and not stats.empty:
+        st = stats.sort_values(["cells", "rows", "newest", "protocol"],
+                               ascending=[False, False, False, True], kind="stable")
+        chosen = st["protocol"].iloc[0]
+        source = (f"the most common among done cells ({int(st['cells'].iloc[0])} of "
+                  f"{len(done & set(m['cell'][is_done]))})")
+    if chosen is None:
+        counts = eff.value_counts()
+        chosen = counts.index[0] if len(counts) else None
+        source = "the most common among all rows"
+    keep = (eff == chosen).to_numpy()
+    out = pd.DataFrame({"protocol": eff[~keep], "cell": m["cell"][~keep],
+                        "ref": is_ref[~keep]})
+    lo = (out.assign(cellname=out["cell"].where(~out["ref"]))
+          .groupby("protocol").agg(rows=("cell", "size"), cells=("cellname", "nunique"),
+                                   refs=("ref", "sum"))
+          .reset_index().sort_values(["rows", "protocol"], ascending=[False, True]))
+    return ProtocolChoice(chosen, source, lo.reset_index(drop=True)), pd.Series(keep, m.index)
+
+
+# --------------------------------------------------------------------------------- study
 @dataclass
 class Study:
     metric: str
     higher_better: bool
     cells: pd.DataFrame  # one row per non-reference cell: CELL_COLUMNS + loss_base, status, reason
-    scores: pd.DataFrame  # included cells x kimg: primary metric
+    scores: pd.DataFrame  # included cells x kimg: primary metric (SCORE_COLUMNS + kimg, value)
     final: pd.DataFrame  # included cells: primary metric at the cell's max kimg
     refs: pd.DataFrame  # name, label, n, mean, std
     loss_order: list = field(default_factory=list)
     init_order: list = field(default_factory=list)
     palette: dict = field(default_factory=dict)
+    protocol: ProtocolChoice | None = None
+    init_info: dict = field(default_factory=dict)  # init label -> {INIT_COLUMNS: value}
+    legacy_rows: int = 0  # cells whose loss_family / init_scheme came from their labels
 
     @property
     def excluded(self) -> pd.DataFrame:
@@ -99,14 +299,50 @@ class Study:
         r = self.refs[self.refs.name == name]
         return None if r.empty else float(r["mean"].iloc[0])
 
+    def floor_name(self) -> str | None:
+        """``data_floor`` (or the legacy ``data_halves``) if the study has one."""
+        return next((n for n in FLOOR_NAMES if self.ref(n) is not None), None)
+
     def note(self) -> str | None:
-        """Short text for figures: what was excluded and why."""
+        """Short text for figures: what was excluded and why, and protocol rows left out."""
+        parts = []
         ex = self.excluded
-        if ex.empty:
-            return None
-        counts = ex["reason"].value_counts().sort_index()
-        parts = ", ".join(f"{n} {r}" for r, n in counts.items())
-        return f"Excluded cells (not plotted): {parts}; listed in table.md."
+        if not ex.empty:
+            counts = ex["reason"].value_counts().sort_index()
+            reasons = ", ".join(f"{n} {r}" for r, n in counts.items())
+            parts.append(f"Excluded cells (not plotted): {reasons}; listed in table.md.")
+        words = self.protocol.words(full=False) if self.protocol else None
+        if words:
+            parts.append(words)
+        return "\n".join(parts) or None
+
+    def info(self, init: str) -> dict:
+        return self.init_info.get(init, {})
+
+    def display(self, init: str) -> str:
+        from .style import display_init
+
+        return display_init(init, self.info(init))
+
+    def inits_where(self, **cols) -> list[str]:
+        """Init labels (in display order) whose typed columns equal ``cols`` (None: null)."""
+        out = []
+        for init in self.init_order:
+            info = self.info(init)
+            if all((_nn(info.get(k)) is None) if v is None else _nn(info.get(k)) == v
+                   for k, v in cols.items()):
+                out.append(init)
+        return out
+
+    def seeds_phrase(self, df: pd.DataFrame | None = None) -> tuple[int, int, str]:
+        """(min, max, words) of seeds per (loss, init) group: 'one seed per cell' or
+        '3 seeds' or '2-3 seeds'."""
+        f = self.final if df is None else df
+        n = f.groupby(["loss", "init"]).size() if len(f) else pd.Series([0])
+        lo, hi = int(n.min()), int(n.max())
+        if hi <= 1:
+            return lo, hi, "one seed per cell"
+        return lo, hi, f"{lo} seeds" if lo == hi else f"{lo}-{hi} seeds"
 
     def better(self, values):
         """The best of an array along its last axis (min, or max when higher is better)."""
@@ -127,6 +363,23 @@ def load_pin(root: str) -> set | None:
     return None if current is None else {str(c) for c in current}
 
 
+def _split_legacy_labels(cells: pd.DataFrame) -> pd.DataFrame:
+    """Where one init label covers both legacy re-init cells and cells with ``reinit`` /
+    ``reset_output`` recorded, the legacy ones get ``LEGACY_SUFFIX`` so the two never pool."""
+    info = cells[INIT_COLUMNS].to_dict("records")
+    legacy = np.array([legacy_reinit(i) for i in info], dtype=bool)
+    if not legacy.any():
+        return cells
+    labels = cells["init"].astype(str).to_numpy()
+    both = set(labels[legacy]) & set(labels[~legacy])
+    if not both:
+        return cells
+    sel = legacy & np.isin(labels, list(both))
+    cells = cells.copy()
+    cells.loc[sel, "init"] = cells.loc[sel, "init"].astype(str) + LEGACY_SUFFIX
+    return cells
+
+
 def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None = None,
                timer=None) -> Study | None:
     """Everything the figures need, or None (with a printed note) when there is nothing to plot."""
@@ -139,6 +392,7 @@ def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None =
         print(f"figures: no result rows under {root}; nothing to plot")
         return None
     with step("prepare: metric, status, orphans"):
+        df = with_columns(df)
         counts = df["metric"].value_counts()
         metric = choose_metric(counts, metric)
         if metric is None:
@@ -146,6 +400,8 @@ def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None =
             return None
         first = df.drop_duplicates("cell")
         cells = first.loc[(first["status"] != "reference").to_numpy(), CELL_COLUMNS + ["axes"]]
+        cells, legacy_rows = derive_legacy_families(cells)
+        cells = _split_legacy_labels(cells)
         # cell_status over the rows that are not 'running' (a cell with none is running): the
         # same answer as cell_status(df), without walking a million rows in Python
         st_rows = df.loc[(df["status"] != "running").to_numpy(), ["cell", "status"]]
@@ -163,11 +419,13 @@ def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None =
         reason = np.where(orphan, "orphaned",
                           np.where(st == "done", "", np.where(st == "running", "unfinished", st)))
         cells["reason"] = reason.astype(str)
-    with step("prepare: scores, final, references"):
+    with step("prepare: protocol, scores, final, references"):
         keep = (df["metric"] == metric).to_numpy() & df["value"].notna().to_numpy()
-        m = df[["cell", "init", "kimg", "value", "status"]].loc[keep]
-        ok = cells.loc[cells.reason == "", ["cell", "loss", "loss_base", "init", "init_scheme",
-                                              "reset_groups", "sigma_feat", "seed"]]
+        m = df[["cell", "init", "kimg", "value", "status", "protocol", "written_at"]].loc[keep]
+        done = set(cells.loc[cells.reason == "", "cell"])
+        choice, kept = select_protocol(m, done)
+        m = m.loc[kept.to_numpy()]
+        ok = cells.loc[cells.reason == "", SCORE_COLUMNS]
         is_ref = (m["status"] == "reference").to_numpy()
         scores = m.loc[~is_ref, ["cell", "kimg", "value"]]
         scores = scores.merge(ok, on="cell", how="inner").dropna(subset=["kimg"])
@@ -176,23 +434,30 @@ def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None =
         cells.loc[cells["cell"].isin(set(missing)), "reason"] = f"no {metric}"
         scores = scores.sort_values(["cell", "kimg"], kind="stable").reset_index(drop=True)
         final = scores.drop_duplicates("cell", keep="last").reset_index(drop=True)
-        refs = _references(m.loc[is_ref], scores)
+        init_info = {}
+        for r in cells.drop_duplicates("init")[["init"] + INIT_COLUMNS].to_dict("records"):
+            init_info[r.pop("init")] = {k: _nn(v) for k, v in r.items()}
+        refs = _references(m.loc[is_ref], scores, init_info)
     loss_order = sorted(final["loss"].unique(), key=loss_sort_key)
-    init_order = sorted(final["init"].unique(), key=init_sort_key)
+    init_order = sorted(final["init"].unique(),
+                        key=lambda i: init_sort_key(init_info.get(i, {}), i))
     palette = loss_palette(cells["loss"].unique())
     cells = cells.drop(columns=["axes"]).sort_values("cell").reset_index(drop=True)
     return Study(metric=metric, higher_better=higher_is_better(metric), cells=cells,
                  scores=scores, final=final, refs=refs, loss_order=loss_order,
-                 init_order=init_order, palette=palette)
+                 init_order=init_order, palette=palette, protocol=choice, init_info=init_info,
+                 legacy_rows=legacy_rows)
 
 
-def _references(ref: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+def _references(ref: pd.DataFrame, scores: pd.DataFrame, init_info: dict) -> pd.DataFrame:
     out = []
-    for name in ("teacher_heun35", "data_halves"):
+    for name in REFERENCE_ORDER:
         v = ref.loc[(ref["init"] == name).to_numpy(), "value"].to_numpy(dtype=float)
         if len(v):
             out.append((name, len(v), v.mean(), v.std(ddof=1) if len(v) > 1 else np.nan))
-    v = scores.loc[(scores["init"] == "teacher").to_numpy() & (scores["kimg"] == 0).to_numpy(),
+    teacher = [i for i, info in init_info.items()
+               if info.get("init_scheme") == "teacher" and info.get("init_source") is None]
+    v = scores.loc[scores["init"].isin(teacher).to_numpy() & (scores["kimg"] == 0).to_numpy(),
                    "value"].to_numpy(dtype=float)
     if len(v):
         out.append(("initial", len(v), v.mean(), v.std(ddof=1) if len(v) > 1 else np.nan))
@@ -260,16 +525,22 @@ def boot_means(values: np.ndarray, rng: np.random.Generator, b: int = B) -> np.n
     return values[rng.integers(0, n, size=(b, n))].mean(axis=1)
 
 
-def ordered(df: pd.DataFrame, loss: str = "loss", init: str | None = "init") -> pd.DataFrame:
-    """Sort rows by the canonical loss order, then init order (see style)."""
+def ordered(df: pd.DataFrame, loss: str = "loss", init: str | None = "init",
+            init_order: list | None = None) -> pd.DataFrame:
+    """Sort rows by the canonical loss order, then by ``init_order`` (a study's
+    ``init_order``; labels not in it follow by name). Stable within equal keys."""
     cols = [loss] + ([init] if init else [])
-    sort_key = {loss: loss_sort_key, init: init_sort_key}
     ranks = {}
-    for c in cols:
-        uniq = sorted(df[c].astype(str).unique(), key=sort_key[c])
-        ranks[c] = df[c].astype(str).map({u: i for i, u in enumerate(uniq)}).to_numpy()
-    order = np.lexsort([ranks[c] for c in reversed(cols)])
-    return df.iloc[order].reset_index(drop=True)
+    uniq = sorted(df[loss].astype(str).unique(), key=loss_sort_key)
+    ranks[loss] = df[loss].astype(str).map({u: i for i, u in enumerate(uniq)}).to_numpy()
+    if init:
+        order = list(init_order or [])
+        rest = sorted(set(df[init].astype(str)) - set(order),
+                      key=lambda i: (i != "teacher", i == "random", i))
+        pos = {u: i for i, u in enumerate(order + rest)}
+        ranks[init] = df[init].astype(str).map(pos).to_numpy()
+    idx = np.lexsort([ranks[c] for c in reversed(cols)])
+    return df.iloc[idx].reset_index(drop=True)
 
 
 def base_of(label: str) -> str:

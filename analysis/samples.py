@@ -12,7 +12,7 @@ import numpy as np
 from harness.results import decode_samples, load_samples
 
 from .data import Study, ordered
-from .style import RC, display_init, save, write_csv
+from .style import RC, save, write_csv
 
 import matplotlib.pyplot as plt  # noqa: E402,I001  (style selected the Agg backend)
 
@@ -32,7 +32,7 @@ def samples(study: Study, out_dir: str, timer, root: str) -> list[str]:
         s = s.sort_values(["cell", "kimg"], kind="stable").drop_duplicates("cell", keep="last")
         s = s.sort_values(["loss", "init", "seed"], kind="stable").drop_duplicates(
             ["loss", "init"], keep="first")
-        s = ordered(s)
+        s = ordered(s, init_order=study.init_order)
         data = s[["loss", "init", "cell", "seed", "kimg"]].copy()
         data["shape"] = ["x".join(str(int(d)) for d in sh) for sh in s["shape"]]
         csv = write_csv(data, out_dir, "samples")
@@ -42,23 +42,32 @@ def samples(study: Study, out_dir: str, timer, root: str) -> list[str]:
         look = {(r.loss, r.init): r for r in s.itertuples(index=False)}
         tiles = {k: decode_samples({"data": r.data, "dtype": r.dtype, "shape": r.shape})
                  for k, r in look.items()}
-        tile_in = 1.15
-        fig, ax = plt.subplots(figsize=(0.9 + tile_in * len(inits), 0.7 + tile_in * len(losses)))
-        ax.set_position((0.9 / fig.get_size_inches()[0], 0.05, 1 - 1.0 / fig.get_size_inches()[0],
-                         1 - 0.75 / fig.get_size_inches()[1]))
+        # tile size from its content: about 0.2 in per stored image side (an 8x8 grid of 8x8
+        # digits is 1.6 in), so digits are legible; toy2d scatters get 1.4 in
+        side = max((int(math.isqrt(min(int(t.shape[0]), 64))) for t in tiles.values()
+                    if t.ndim == 4), default=0)
+        tile_in = max(1.0, min(1.8, 0.2 * side)) if side else 1.4
+        lines = max(study.display(i).count("\n") + 1 for i in inits)
+        head = 0.42 + 0.12 * lines  # tick labels above the tiles, then the two-line title
+        left, right, bottom = 0.85, 0.05, 0.05
+        fw = left + tile_in * len(inits) + right
+        fh = head + tile_in * len(losses) + bottom
+        fig = plt.figure(figsize=(fw, fh))
+        ax = fig.add_axes((left / fw, bottom / fh, tile_in * len(inits) / fw,
+                           tile_in * len(losses) / fh))
         _draw_mosaic(ax, tiles, losses, inits, study.palette)
         # one caption per tile only where seed/kimg differ from the most common pair
         pairs = [(int(r.seed), float(r.kimg)) for r in look.values()]
         common = max(set(pairs), key=pairs.count)
         for (loss, init), r in look.items():
             if (int(r.seed), float(r.kimg)) != common:
-                ax.text(inits.index(init) + 0.5, losses.index(loss) + 0.87,
-                        f"seed {r.seed}, {r.kimg:g} kimg", ha="center", va="top", fontsize=5.5,
+                ax.text(inits.index(init) + 0.5, losses.index(loss) + 0.945,
+                        f"seed {r.seed}, {r.kimg:g} kimg", ha="center", va="top", fontsize=5,
                         color="#555555")
         ax.set_xticks(np.arange(len(inits)) + 0.5)
-        ax.set_xticklabels([display_init(i) for i in inits], fontsize=6.5)
+        ax.set_xticklabels([study.display(i) for i in inits], fontsize=6.5)
         ax.xaxis.tick_top()
-        ax.set_yticks(np.arange(len(losses)) + 0.445)
+        ax.set_yticks(np.arange(len(losses)) + 0.48)
         ax.set_yticklabels(losses, fontsize=8)
         for t, lo in zip(ax.get_yticklabels(), losses):
             t.set_color(study.palette[lo])
@@ -66,8 +75,9 @@ def samples(study: Study, out_dir: str, timer, root: str) -> list[str]:
         for sp in ax.spines.values():
             sp.set_visible(False)
         mostly = "mostly " if len(set(pairs)) > 1 else ""
-        ax.set_title("Stored samples at each cell's last evaluation, smallest seed "
-                     f"({mostly}seed {common[0]}, {common[1]:g} kimg)", fontsize=9, pad=6)
+        fig.suptitle("Stored samples at each cell's last evaluation, smallest seed\n"
+                     f"({mostly}seed {common[0]}, {common[1]:g} kimg)", fontsize=8.5,
+                     x=(left + tile_in * len(inits) / 2) / fw, y=1 - 0.04 / fh, va="top")
         return [csv] + save(fig, out_dir, "samples", study.note())
 
 
@@ -77,7 +87,7 @@ def _draw_mosaic(ax, tiles: dict, losses: list, inits: list, palette: dict):
     ax.set_xlim(0, len(inits))
     ax.set_ylim(len(losses), 0)
     ax.set_autoscale_on(False)
-    pad, bottom = 0.08, 0.85  # tile spans [pad, 1-pad] x [pad/2, bottom] of its unit cell
+    pad, bottom = 0.04, 0.93  # tile spans [pad, 1-pad] x [pad/2, bottom] of its unit cell
     images = {k: _image_grid(a) for k, a in tiles.items() if a.ndim == 4}
     if images:
         size = max(max(g.shape[:2]) for g in images.values())

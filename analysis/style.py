@@ -8,7 +8,6 @@ from __future__ import annotations
 import colorsys
 import math
 import os
-import re
 
 import matplotlib
 
@@ -34,9 +33,16 @@ EXTRA_COLORS = ("#8c564b", "#9467bd", "#bcbd22", "#17becf", "#e377c2", "#1f77b4"
                 "#2ca02c", "#d62728", "#7f7f7f")
 # References are drawn in greys/black, never in a loss colour.
 REFERENCE_STYLE = {
-    "teacher_heun35": {"color": "black", "linestyle": "--", "label": "teacher Heun-35 (35 NFE)"},
-    "data_halves": {"color": "#777777", "linestyle": ":", "label": "data floor (two real halves)"},
-    "initial": {"color": "#777777", "linestyle": "-.", "label": "initial one-step generator"},
+    "teacher_heun35": {"color": "black", "linestyle": (0, (5, 3)), "lw": 1.0,
+                       "label": "teacher Heun-35 (35 NFE)"},
+    # the data floor is drawn dotted and heavier in grey, above the teacher line, so the two stay
+    # distinguishable where their values coincide (dots over dashes)
+    "data_floor": {"color": "#666666", "linestyle": (0, (1, 1.2)), "lw": 1.8,
+                   "label": "data floor (real images scored as samples)"},
+    "data_halves": {"color": "#666666", "linestyle": (0, (1, 1.2)), "lw": 1.8,
+                    "label": "data floor, legacy (two real halves)"},
+    "initial": {"color": "#777777", "linestyle": "-.", "lw": 1.0,
+                "label": "initial one-step generator"},
 }
 REFERENCE_NAMES = {k: v["label"] for k, v in REFERENCE_STYLE.items()}
 
@@ -83,48 +89,102 @@ def loss_sort_key(label: str):
 
 
 _RESET_ORDER = ("input", "encoder", "middle", "decoder", "output", "embedding")
+_REINIT_ORDER = {"matched": 0, "fresh": 1}  # null (legacy rows, broken re-init) sorts last
 
 
-def init_sort_key(label: str):
-    """teacher, reset_layers[...] (fewest groups first), feature_transplant by σ, random, others."""
-    if label == "teacher":
-        return (0, 0.0, "")
-    m = re.fullmatch(r"reset_layers\[(.*)\]", label)
-    if m:
-        groups = m.group(1).split("+")
-        first = min((_RESET_ORDER.index(g) if g in _RESET_ORDER else 9) for g in groups)
-        return (1, float(len(groups) * 10 + first), label)
-    m = re.fullmatch(r"feature_transplant\[(.*)\]", label)
-    if m:
+def _nn(value):
+    """None for a missing value (None, NaN, pandas NA), else the value."""
+    if value is None:
+        return None
+    try:
+        if value != value:  # NaN, NA
+            return None
+    except (TypeError, ValueError):
+        return None
+    return value
+
+
+def _natural_tokens(text: str) -> tuple:
+    """``'band 1.5-4'`` -> ``((1, 'band'), (0, 1.5), (0, 4.0))``: numbers compare as numbers."""
+    out = []
+    for tok in str(text).replace("-", " ").replace(",", " ").split():
         try:
-            return (2, float(m.group(1)), label)
+            out.append((0, float(tok), ""))
         except ValueError:
-            return (2, math.inf, label)
-    if label == "random":
-        return (3, 0.0, "")
-    return (4, 0.0, label)
+            out.append((1, 0.0, tok))
+    return tuple(out)
 
 
-def display_init(label: str) -> str:
-    """Compact multi-line form of an init label for tick labels and panel titles:
-    ``reset_layers[encoder+middle+decoder]`` -> ``reset_layers\n[encoder+middle\n+decoder]``,
-    ``feature_transplant[2.5]`` -> ``feature transplant\nσ_feat=2.5``."""
-    m = re.fullmatch(r"feature_transplant\[(.*)\]", label)
-    if m:
-        return f"feature transplant\nσ_feat={m.group(1)}"
-    m = re.fullmatch(r"(\w+)\[(.*)\]", label)
-    if not m:
-        return label
+def init_sort_key(info: dict, label: str = ""):
+    """Order of init labels from their typed columns (``info``: init_scheme, reset_groups,
+    reinit, sigma_feat, reset_output, init_source, mapping_steps): teacher, band-limited teachers,
+    reset_layers (fewest groups first; matched, fresh, legacy), feature_transplant by σ_feat
+    (reset_output last), mapping_match, random, others by name."""
+    get = (lambda k: _nn(info.get(k))) if info else (lambda k: None)
+    scheme = get("init_scheme")
+    if scheme == "teacher":
+        src = get("init_source")
+        return (0, 0, ()) if src is None else (1, 0, _natural_tokens(src), label)
+    if scheme == "reset_layers":
+        groups = (get("reset_groups") or "").split("+")
+        first = min((_RESET_ORDER.index(g) if g in _RESET_ORDER else 9) for g in groups)
+        return (2, len(groups) * 10 + first, (_REINIT_ORDER.get(get("reinit"), 2),), label)
+    if scheme == "feature_transplant":
+        sigma = get("sigma_feat")
+        ro = get("reset_output")
+        return (3, math.inf if sigma is None else float(sigma),
+                (0 if ro is None or not ro else 1, _REINIT_ORDER.get(get("reinit"), 2)), label)
+    if scheme == "mapping_match":
+        return (4, -float(get("mapping_steps") or 0), (), label)
+    if scheme == "random":
+        return (5, 0, (), label)
+    return (6, 0, (), label)
+
+
+def _wrap_groups(groups: str, width: int = 15) -> list[str]:
     lines, cur = [], "["
-    for k, part in enumerate(m.group(2).split("+")):
+    for k, part in enumerate(groups.split("+")):
         piece = part if k == 0 else "+" + part
-        if len(cur) + len(piece) > 15 and cur != "[":
+        if len(cur) + len(piece) > width and cur != "[":
             lines.append(cur)
             cur = piece
         else:
             cur += piece
-    lines.append(cur + "]")
-    return m.group(1) + "\n" + "\n".join(lines)
+    return lines + [cur + "]"]
+
+
+def display_init(label: str, info: dict | None = None) -> str:
+    """Compact multi-line form of an init for tick labels and panel titles, built from its typed
+    columns (``info``; without them the label itself): ``reset_layers\n[output]\nmatched``,
+    ``feature transplant\nσ_feat=2.5``, ``teacher\n[band 1.5-4]``. Reset and transplant cells
+    stored before ``reinit``/``reset_output`` existed (broken re-init) say ``legacy re-init``."""
+    if not info:
+        return label
+    get = lambda k: _nn(info.get(k))  # noqa: E731
+    scheme = get("init_scheme")
+    if scheme == "teacher" and get("init_source") is not None:
+        return f"teacher\n[{get('init_source')}]"
+    if scheme == "reset_layers" and get("reset_groups") is not None:
+        reinit = get("reinit")
+        return "\n".join(["reset_layers", *_wrap_groups(get("reset_groups")),
+                          reinit if reinit else "legacy re-init"])
+    if scheme == "feature_transplant" and get("sigma_feat") is not None:
+        out = f"feature transplant\nσ_feat={float(get('sigma_feat')):g}"
+        ro = get("reset_output")
+        if ro is None:
+            return out + "\nlegacy re-init"
+        if ro:
+            out += f"\n+reset output ({get('reinit') or 'matched'})"
+        return out
+    if scheme == "mapping_match":
+        from harness.config import INIT_SCHEMES
+
+        extras = [f"{name}={_nn(info.get(p.column or name)):g}"
+                  for name, p in INIT_SCHEMES["mapping_match"].items()
+                  if _nn(info.get(p.column or name)) is not None
+                  and _nn(info.get(p.column or name)) != p.default]
+        return "mapping match" + ("\n" + ", ".join(extras) if extras else "")
+    return label
 
 
 def _shade(color: str, factor: float) -> str:
@@ -178,8 +238,9 @@ def fmt_pm(mean: float, std: float, digits: int = 3, pm: str = "±") -> str:
     return f"{mean:.{d}f}{pm}{std:.{d}f}"
 
 
-def metric_label(metric: str, higher_better: bool) -> str:
-    return f"{metric} ({'higher' if higher_better else 'lower'} is better)"
+def metric_label(metric: str, higher_better: bool, wrap: bool = False) -> str:
+    """``fd_digits_1k (lower is better)``; ``wrap``: on two lines (colorbars, narrow axes)."""
+    return f"{metric}{chr(10) if wrap else ' '}({'higher' if higher_better else 'lower'} is better)"
 
 
 def use_log(values) -> bool:

@@ -35,12 +35,39 @@ def _excluded_rows(study: Study) -> tuple[list[tuple], int]:
     return rows[:MAX_LISTED], max(0, len(rows) - MAX_LISTED)
 
 
+def provenance_lines(study: Study) -> list[str]:
+    """Protocol, legacy rows and legacy re-init cells, in words (shared by table.md and
+    claims.md)."""
+    from .data import legacy_reinit
+
+    out = []
+    if study.protocol is not None and study.protocol.protocol is not None:
+        left = study.protocol.left_words(full=True)
+        proto = study.protocol.protocol or "(none recorded)"
+        out.append(f"**Protocol of {study.metric}:** {proto} "
+                   f"(chosen as {study.protocol.source}; one protocol per metric). "
+                   + (f"{left[0].upper()}{left[1:]}." if left
+                      else "No rows under other protocols."))
+    if study.legacy_rows:
+        out.append(f"**Legacy rows:** {study.legacy_rows} cells were stored before the typed "
+                   f"loss/init columns existed; their loss family and init scheme were derived "
+                   f"from their labels.")
+    legacy = [i for i in study.init_order if legacy_reinit(study.info(i))]
+    if legacy:
+        out.append(f"**Legacy re-init:** {', '.join(f'`{i}`' for i in legacy)} were stored "
+                   f"before `reinit` / `reset_output` existed: they used the near-zero output "
+                   f"re-init that stalls the optimisation (SPEC §4), so they measure the "
+                   f"optimiser, not the features, and claims C3a-C3c are not judged on them.")
+    return out
+
+
 def footer_md(study: Study) -> str:
     rows, more = _excluded_rows(study)
     n_in = study.final["cell"].nunique()
     head = (f"**Cells:** {n_in} done cells enter the figures and tables; "
             f"{len(study.excluded)} excluded (failed, diverged, unfinished, orphaned "
             f"= not in pin.json's `current`, or without {study.metric}).")
+    head = "\n\n".join(provenance_lines(study) + [head])
     if not rows:
         return head + "\n"
     lines = [head, "", "| excluded cell | loss | init | seed | reason | message |",
@@ -55,6 +82,12 @@ def footer_tex(study: Study) -> str:
     rows, more = _excluded_rows(study)
     n_in = study.final["cell"].nunique()
     out = [f"% {n_in} done cells included; {len(study.excluded)} excluded."]
+    if study.protocol is not None and study.protocol.protocol is not None:
+        out.append(f"% protocol of {study.metric}: "
+                   f"{study.protocol.protocol or '(none recorded)'}".replace("\n", " "))
+        words = study.protocol.words(full=True)
+        if words:
+            out.append(f"\\par\\footnotesize {tex_escape(words)}")
     if rows:
         items = "; ".join(f"\\texttt{{{tex_escape(r[0])}}} ({tex_escape(r[1])}, "
                           f"{tex_escape(r[2])}, seed {r[3]}): {tex_escape(r[4])}" for r in rows)
@@ -69,7 +102,7 @@ def aggregate(study: Study) -> pd.DataFrame:
     agg = f.groupby(["loss", "init"], sort=False)["value"].agg(n="count", mean="mean",
                                                                std="std").reset_index()
     agg.insert(0, "metric", study.metric)
-    return ordered(agg)
+    return ordered(agg, init_order=study.init_order)
 
 
 def _cells(study: Study, agg: pd.DataFrame, pm: str, bold) -> tuple[list, list]:
@@ -101,8 +134,10 @@ def write_table(study: Study, out_dir: str) -> list[str]:
     csv = os.path.join(out_dir, "table.data.csv")
     agg.to_csv(csv, index=False, float_format="%.6g")
     direction = "higher" if study.higher_better else "lower"
-    caption = (f"Final {study.metric} ({direction} is better): mean ± std over seeds "
-               f"(number of seeds); best per init in bold.")
+    lo, hi, words = study.seeds_phrase()
+    shown = ("single runs, one seed per cell (n = 1: no std)" if hi <= 1 else
+             f"mean ± std over seeds ({words}; number of seeds in brackets)")
+    caption = f"Final {study.metric} ({direction} is better): {shown}; best per init in bold."
     # markdown
     body, refs = _cells(study, agg, "±", lambda t: f"**{t}**")
     cols = ["loss \\ init"] + study.init_order
@@ -114,9 +149,10 @@ def write_table(study: Study, out_dir: str) -> list[str]:
         md += ["", f"| reference | {md_escape(study.metric)} mean ± std (n) |", "|---|---|"]
         md += [f"| {md_escape(label)} | {val} |" for label, val in refs]
     md += ["", "References: teacher Heun-35 = the teacher's own 35-evaluation sampler; data floor "
-           "= the metric between two disjoint halves of real data; initial one-step generator = "
-           "kimg 0 of teacher-init cells. Random init is the `random` column.", "",
-           footer_md(study)]
+           "= real training images scored against the held-out reference exactly as generated "
+           "samples are (legacy stores: two disjoint halves of the real data, labelled as such); "
+           "initial one-step generator = kimg 0 of teacher-init cells. Random init is the "
+           "`random` column.", "", footer_md(study)]
     md_path = os.path.join(out_dir, "table.md")
     with open(md_path, "w") as f:
         f.write("\n".join(md))

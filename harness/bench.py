@@ -14,6 +14,9 @@ Rows (each measured here, on this machine, in this process):
    TF32, bf16 autocast, channels_last and torch.compile; on a CPU the digits config.
 5. ``packing``: several short cells through Ray with a fraction of the device each vs one at a
    time with the whole device (a fraction of one GPU on CUDA).
+6. ``init``: the gradient reaching each parameter group at step 0 under every init scheme of
+   ``studies/c3-digits.yaml`` (its 600-kimg digits teacher), relative to teacher init
+   (``inits.probe_gradients``; SPEC §4 asks for a factor of 10 on the groups a scheme keeps).
 """
 from __future__ import annotations
 
@@ -266,12 +269,52 @@ def bench_packing(device: str, n: int = 4, kimg: float = 8):
     return walls
 
 
-ALL_ROWS = ("step", "eval", "sweep", "perf", "packing")
+C3_INITS = ("teacher", "random", {"name": "reset_layers", "groups": ["output"]},
+            {"name": "reset_layers", "groups": ["output"], "reinit": "fresh"},
+            {"name": "reset_layers", "groups": ["encoder", "middle", "decoder"]},
+            {"name": "feature_transplant", "sigma_feat": 0.02},
+            {"name": "feature_transplant", "sigma_feat": 20.0},
+            {"name": "feature_transplant", "sigma_feat": 0.2, "reset_output": True},
+            "mapping_match")
+
+
+def bench_init(cache: str, device: str):
+    """Gradient norm per group at step 0 (linear probe), each scheme / teacher init."""
+    from .config import init_label, resolve_init
+    from .diffusion import OneStepGenerator
+    from .inits import InitContext, init_generator, probe_gradients
+    from .nets import GROUPS
+    from .pin import teacher_id
+
+    cfg = resolve_cell({"data": {"name": "digits"}, "teacher": {"kimg": 600}})
+    dataset = datasets.from_config(cfg["data"])
+    teacher, _ = load_or_train(cfg, dataset, cache, "cpu")
+    state = {k: v.detach().cpu() for k, v in teacher.net.state_dict().items()}
+    shape = tuple(dataset.x.shape[1:])
+    ctx = InitContext(state, lambda: build_net("unet-xs", shape), 0, 2.5, dataset.sigma_data,
+                      shape, cache=cache, teacher_id=teacher_id(cfg, dataset.fingerprint))
+    ref = None
+    for spec in C3_INITS:
+        init = resolve_init(spec)
+        out = init_generator(init, ctx)
+        net = build_net("unet-xs", shape)
+        net.load_state_dict(out.state)
+        g = probe_gradients(OneStepGenerator(Denoiser(net, dataset.sigma_data), 2.5,
+                                             out.sigma_feat).train(), shape, seed=0, n=64)
+        ref = g if ref is None else ref
+        _row(f"init {init_label(init)}", " ".join(
+            f"{k} {g[k]:.2g} ({g[k] / ref[k]:.2g}x)" for k in GROUPS if k in g),
+            "gradient norm at step 0 (x teacher init)")
+
+
+ALL_ROWS = ("step", "eval", "sweep", "perf", "packing", "init")
 
 
 def main(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cache = os.environ.setdefault("HARNESS_CACHE", os.path.expanduser("~/.cache/harness"))
+    from .results import cache_for
+
+    cache = os.environ.setdefault("HARNESS_CACHE", cache_for(None))  # sub-runs share it
     rows = args.rows.split(",") if args.rows else list(ALL_ROWS)
     unknown = sorted(set(rows) - set(ALL_ROWS))
     if unknown:
@@ -297,6 +340,8 @@ def main(args) -> int:
             bench_perf(device, steps=8 if quick else 20)
         elif row == "packing":
             bench_packing(device, kimg=2 if quick else 8)
+        elif row == "init":
+            bench_init(cache, device)
     print(f"\n{name}\n\n| row | measured | target | verdict |\n|---|---|---|---|")
     for row in ROWS:
         print("| " + " | ".join(row) + " |")

@@ -7,6 +7,7 @@ teacher's Heun-35 quality) are written beside the cell's rows; they are memoised
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Callable
@@ -15,8 +16,9 @@ import numpy as np
 import torch
 
 from . import __version__, data as datasets, losses, metrics, nets, results, teacher as teachers
-from .config import init_label, loss_label
+from .config import cell_params, init_label, loss_label, source_teacher
 from .pin import cell_id
+from .tracking import open_trackers
 from .train import Evaluation, train_student
 
 
@@ -28,11 +30,8 @@ def pick_device(device: str = "auto") -> str:
 
 def cell_columns(cfg: dict, study: str, cid: str, axes: dict) -> dict:
     """The columns that describe a cell on every one of its rows."""
-    init = cfg["init"]
-    return {"study": study, "cell": cid, "loss": loss_label(cfg["loss"]), "init": init_label(init),
-            "init_scheme": init["name"], "seed": int(cfg["seed"]),
-            "reset_groups": "+".join(init["groups"]) if "groups" in init else None,
-            "sigma_feat": init.get("sigma_feat"),
+    return {"study": study, "cell": cid, "loss": loss_label(cfg["loss"]),
+            "init": init_label(cfg["init"]), **cell_params(cfg), "seed": int(cfg["seed"]),
             "axes": json.dumps(axes, sort_keys=True, default=str)}
 
 
@@ -42,13 +41,13 @@ def _stored(x: torch.Tensor) -> np.ndarray:
 
 def write_references(root: str, study: str, cfg: dict, dataset, teacher, meta, evaluator,
                      folder: str, device: str, log=print):
-    """Rows for the data floor (two disjoint halves) and the teacher's Heun-35 samples."""
+    """Rows for the data floor (``Evaluator.real_vs_real``) and the teacher's Heun-35 samples."""
     key = f"{evaluator.metric_name}|{evaluator.protocol}"
     floor = teachers.cached_quality(folder, "floor|" + key, evaluator.real_vs_real)
     heun = teachers.cached_quality(folder, "heun35|" + key, lambda: teachers.heun_quality(
         teacher, evaluator, dataset.x.shape[1:], evaluator.n, cfg["teacher"]["seed"], device))
     rows = []
-    for name, values, protocol in (("data_halves", floor, "two disjoint halves of the real data"),
+    for name, values, protocol in (("data_floor", floor, evaluator.floor_protocol()),
                                    ("teacher_heun35", heun, "teacher, Heun sampler, 35 evaluations")):
         for metric, value in values.items():
             rows.append({"study": study, "cell": f"ref-{meta['id']}-{name}", "loss": "reference",
@@ -70,7 +69,8 @@ def prepare(cfg: dict, root: str, cache: str, device: str, *, study: str = "adho
     teacher, meta = teachers.load_or_train(cfg, dataset, cache, device, log)
     evaluator = metrics.Evaluator(dataset, n=cfg["eval"]["n"], cache_dir=cache,
                                   metric=cfg["eval"]["metric"], device=device,
-                                  inception_weights=cfg["eval"].get("inception_weights"))
+                                  inception_weights=cfg["eval"].get("inception_weights"),
+                                  extractor=cfg["eval"]["extractor"])
     _, folder = teachers.teacher_dir(cache, cfg, dataset)
     write_references(root, study, cfg, dataset, teacher, meta, evaluator, folder, device, log)
     return dataset, teacher, meta, evaluator
@@ -89,7 +89,8 @@ def network_sizes(cfg: dict, shape: tuple) -> dict:
 def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "adhoc",
              axes: dict | None = None, device: str = "auto", log: Callable = print,
              on_eval: Callable[[Evaluation], None] | None = None,
-             max_steps: int | None = None, teacher_guard: Callable | None = None) -> Evaluation:
+             max_steps: int | None = None, teacher_guard: Callable | None = None,
+             tracking: dict | None = None) -> Evaluation:
     """Run (or resume) one cell and append its rows and samples under ``root``.
 
     Args:
@@ -97,21 +98,31 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
         teachers and extractors. ckpt_path: this cell's checkpoint file.
         on_eval: called after each evaluation's rows are written (Ray reports from here).
         teacher_guard: wraps the teacher before training (tests use it to forbid calls).
+        tracking: the study's ``tracking:`` settings (harness.tracking); None: no trackers.
     """
     device = pick_device(device)
     dataset, teacher, meta, evaluator = prepare(cfg, root, cache, device, study=study, log=log)
+    init_extra = {"cache": cache, "teacher_id": meta["id"]}
+    source = source_teacher(cfg)
+    if source is not None:  # the generator starts from another teacher's weights (SPEC §4)
+        other, other_meta = teachers.load_or_train({**cfg, "teacher": source}, dataset, cache,
+                                                   device, log)
+        init_extra["source_state"] = {k: v.detach().cpu() for k, v in other.net.state_dict().items()}
+        log(f"cell: generator initialized from teacher {other_meta['id']} ({init_label(cfg['init'])})")
     cid = cell_id(cfg, dataset.fingerprint)
     columns = cell_columns(cfg, study, cid, axes or {})
     sizes = network_sizes(cfg, dataset.x.shape[1:])
     log(f"cell {cid}: generator {sizes['generator_params']:,} parameters, auxiliary "
         f"{sizes['aux_net']} {sizes['aux_params']:,}")
     start = time.perf_counter()
+    tracker = open_trackers(tracking, root, study, cid, cfg, axes or {}, log=log)
 
     def report(ev: Evaluation):
         base = {**columns, "kimg": ev.kimg, "step": ev.step, "wall_s": ev.wall_s,
                 "status": ev.status, "message": ev.message, "version": __version__}
         rows = [{**base, "metric": m, "value": float(v), "protocol": evaluator.protocol}
                 for m, v in ev.metrics.items()]
+        rows += [{**base, **r} for r in ev.extra_rows]  # after the plain score (status reads it)
         if ev.step == 0:
             rows += [{**base, "metric": k, "value": float(sizes[k]), "protocol": f"parameter "
                       f"count ({sizes['aux_net'] if k == 'aux_params' else 'generator'})"}
@@ -125,10 +136,15 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
         if ev.status == "diverged":
             rows.append({**base, "metric": "diverged", "value": float(ev.step),
                          "protocol": "step at which a loss went non-finite"})
+        meta = {k: columns[k] for k in ("study", "cell", "loss", "init", "seed")} | {"kimg": ev.kimg}
         if ev.samples is not None and ev.status != "diverged":
-            results.write_samples(root, {k: columns[k] for k in ("study", "cell", "loss", "init", "seed")}
-                                  | {"kimg": ev.kimg}, _stored(ev.samples))
+            results.write_samples(root, meta, _stored(ev.samples[:cfg["eval"]["samples"]]))
+            if ev.status == "done" and keep_final(cfg, ev.samples.shape[1:]):
+                results.write_samples(root, meta, _stored(ev.samples), kind="final")
         results.write_rows(root, rows)
+        tracker.log_rows(rows)  # views of what was just stored; a tracker never raises
+        if ev.samples is not None and ev.status != "diverged":
+            tracker.log_samples(ev.kimg, _stored(ev.samples[:cfg["eval"]["samples"]]))
         score = ev.metrics.get(evaluator.metric_name)
         log(f"cell {cid} [{columns['loss']} | {columns['init']} | seed {columns['seed']}] "
             f"kimg {ev.kimg:.1f}/{cfg['student']['kimg']} {evaluator.metric_name} "
@@ -139,5 +155,21 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
 
     guarded = teacher_guard(teacher) if teacher_guard else teacher
     os.makedirs(os.path.dirname(os.path.abspath(ckpt_path)), exist_ok=True)
-    return train_student(cfg, guarded, torch.from_numpy(dataset.x).to(device), dataset.sigma_data,
-                         evaluator, ckpt_path, report, device=device, max_steps=max_steps)
+    status = "failed"  # unless training returns
+    try:
+        last = train_student(cfg, guarded, torch.from_numpy(dataset.x).to(device),
+                             dataset.sigma_data, evaluator, ckpt_path, report, device=device,
+                             max_steps=max_steps, init_extra=init_extra)
+        status = last.status
+        return last
+    finally:
+        tracker.close(status)
+
+
+FINAL_AUTO_MAX = 3 * 32 * 32  # eval.final_samples: auto keeps images up to 32x32x3 (3 KB each)
+
+
+def keep_final(cfg: dict, shape: tuple) -> bool:
+    """Whether all ``eval.n`` final samples are stored (``eval.final_samples``)."""
+    mode = cfg["eval"]["final_samples"]
+    return mode == "all" or (mode == "auto" and len(shape) == 3 and math.prod(shape) <= FINAL_AUTO_MAX)

@@ -1,11 +1,14 @@
-"""``harness``: thin CLI. Parse, validate, dispatch; every user error exits 2 with one paragraph.
+"""Ablation studies for one-step diffusion generators: teacher score vs teacher weights.
 
   harness run studies/quick.yaml [--dry-run] [--address auto] [--results DIR]
   harness status studies/quick.yaml
   harness figures studies/quick.yaml [--only heatmap]
+  harness rescore studies/quick.yaml [--set eval.extractor=shipped]
   harness teacher --data digits --arch unet-xs
   harness cell --data digits --loss sid --init teacher --kimg 20 --out /tmp/cell
-  harness bench
+  harness bench [--rows step,init]
+
+Every user error prints one paragraph naming the problem and the fix, and exits with code 2.
 """
 from __future__ import annotations
 
@@ -26,17 +29,19 @@ def _user_errors() -> tuple[type, ...]:
 
     from .lock import LockedError
     from .pin import PinError
+    from .results import RootError
 
-    return (ConfigError, DataError, FileNotFoundError, PinError, LockedError)
+    return (ConfigError, DataError, FileNotFoundError, PinError, LockedError, RootError)
 
 
 def _torch_errors() -> tuple[type, ...]:
     from .inits import InitError
     from .metrics import MetricsError
     from .nets import ArchError
-    from .train import CheckpointError
+    from .edm_import import EDMImportError
+    from .io import CheckpointError
 
-    return (InitError, ArchError, CheckpointError, MetricsError)
+    return (InitError, ArchError, CheckpointError, MetricsError, EDMImportError)
 
 
 def _fail(message: str) -> int:
@@ -78,16 +83,25 @@ def _check_override(section: str, name: str, value):
     return check_value(section, name, value, where="--set ")
 
 
+def _one_cell(spec: dict) -> dict:
+    """The config of the one cell that ``spec`` (options and --set, as study-file sections)
+    names, validated like a study file (``study.study_from_mapping``)."""
+    from .study import study_from_mapping
+
+    (cell,) = study_from_mapping({"study": "adhoc", **spec}).cells
+    return cell.config
+
+
 def cmd_teacher(args) -> int:
     from .cell import pick_device, prepare
-    from .config import resolve_cell
 
     spec = _overrides(args.set)
-    spec["data"] = {"name": args.data, "path": args.data_path, **spec.get("data", {})}
+    spec["data"] = {"name": args.data, **({"path": args.data_path} if args.data_path else {}),
+                    **spec.get("data", {})}
     spec["teacher"] = {**{k: v for k, v in (("arch", args.arch), ("kimg", args.kimg),
                                             ("seed", args.seed)) if v is not None},
                        **spec.get("teacher", {})}
-    cfg = resolve_cell(spec)
+    cfg = _one_cell(spec)
     _, _, meta, _ = prepare(cfg, args.out, args.cache, pick_device(args.device))
     print(f"teacher {meta['id']}: {meta['arch']}, {meta['parameters']:,} parameters, "
           f"{meta['steps']} steps, {meta['wall_s']:.0f} s of training")
@@ -96,16 +110,16 @@ def cmd_teacher(args) -> int:
 
 def cmd_cell(args) -> int:
     from .cell import run_cell
-    from .config import resolve_cell
     from .data import from_config
     from .pin import cell_id
 
     spec = _overrides(args.set)
-    spec["data"] = {"name": args.data, "path": args.data_path, **spec.get("data", {})}
+    spec["data"] = {"name": args.data, **({"path": args.data_path} if args.data_path else {}),
+                    **spec.get("data", {})}
     spec.update(loss=_parse_value(args.loss), init=_parse_value(args.init), seed=args.seed)
     if args.kimg is not None:
         spec.setdefault("student", {})["kimg"] = args.kimg
-    cfg = resolve_cell(spec)
+    cfg = _one_cell(spec)
     cid = cell_id(cfg, from_config(cfg["data"]).fingerprint)  # one checkpoint per config
     last = run_cell(cfg, args.out, args.cache, os.path.join(args.out, "ckpt", f"{cid}.pt"),
                     device=args.device)
@@ -117,6 +131,20 @@ def cmd_run(args) -> int:
 
     return run_study(args.study, results=args.results, address=args.address,
                      dry_run=args.dry_run, device=args.device)
+
+
+def cmd_rescore(args) -> int:
+    from .rescore import rescore_study
+
+    from .config import ConfigError
+
+    overrides = _overrides(args.set or [])
+    unknown = sorted(set(overrides) - {"eval"})
+    if unknown:
+        raise ConfigError(unknown[0], "rescore changes evaluation settings only; use "
+                                      "--set eval.KEY=VALUE")
+    return rescore_study(args.study, results=args.results, eval_overrides=overrides.get("eval"),
+                         device=args.device)
 
 
 def cmd_status(args) -> int:
@@ -150,6 +178,20 @@ def cmd_compact(args) -> int:
     return 0
 
 
+def _check_cache(args):
+    """Refuse an object-store cache before anything starts (``results.cache_folder``)."""
+    from .results import cache_folder
+
+    from .results import cache_for
+
+    if getattr(args, "cache", None):
+        args.cache = cache_folder(args.cache, "--cache (default $HARNESS_CACHE)")
+    elif hasattr(args, "cache"):  # teacher, cell: the one resolver, rooted at --out
+        args.cache = cache_for(args.out)
+    elif os.environ.get("HARNESS_CACHE"):
+        cache_folder(os.environ["HARNESS_CACHE"])
+
+
 def cmd_bench(args) -> int:
     from .bench import main as bench_main
 
@@ -157,10 +199,9 @@ def cmd_bench(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="harness", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="harness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    cache_default = os.environ.get("HARNESS_CACHE", os.path.expanduser("~/.cache/harness"))
 
     def common_data(sp):
         sp.add_argument("--data", default="digits", help="dataset name (default: digits)")
@@ -168,8 +209,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
         sp.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override any setting, e.g. --set student.lr=3e-4 (repeatable)")
-        sp.add_argument("--cache", default=cache_default,
-                        help=f"teachers and extractors (default: $HARNESS_CACHE or {cache_default})")
+        sp.add_argument("--cache", default=None, help="teachers and extractors (default: "
+                        "$HARNESS_CACHE, else <--out>/cache: where `harness run` of that results "
+                        "root keeps them)")
         sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
 
     sp = sub.add_parser("teacher", help="train (or reuse) a teacher and report its quality")
@@ -197,29 +239,38 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     sp.set_defaults(func=cmd_run)
 
+    sp = sub.add_parser("rescore", help="score the stored final samples of done cells again "
+                        "(a new protocol: rows are added beside the old ones, nothing retrains)")
+    sp.add_argument("study", help="study YAML file")
+    sp.add_argument("--results", default=None, help="results root (default: the study's)")
+    sp.add_argument("--set", action="append", metavar="eval.KEY=VALUE",
+                    help="evaluation setting to score under, e.g. --set eval.extractor=shipped")
+    sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    sp.set_defaults(func=cmd_rescore)
+
     sp = sub.add_parser("status", help="cells done / running / failed / pending, time, ETA")
-    sp.add_argument("study")
-    sp.add_argument("--results", default=None)
+    sp.add_argument("study", help="study YAML file")
+    sp.add_argument("--results", default=None, help="results root (default: the study's)")
     sp.set_defaults(func=cmd_status)
 
     sp = sub.add_parser("figures", help="every figure and table, from stored results alone")
-    sp.add_argument("study")
-    sp.add_argument("--results", default=None)
+    sp.add_argument("study", help="study YAML file")
+    sp.add_argument("--results", default=None, help="results root (default: the study's)")
     sp.add_argument("--only", default=None, help="one output: heatmap, curves, reset, "
-                    "transplant, samples, table, claims")
+                    "transplant, mapping, samples, table, claims, claims_kimg, verifier")
     sp.add_argument("--metric", default=None, help="metric to plot (default: the study's primary)")
     sp.set_defaults(func=cmd_figures)
 
     sp = sub.add_parser("compact", help="merge a study's result files into one per kind "
                         "(before committing results; takes the study lock)")
-    sp.add_argument("study")
-    sp.add_argument("--results", default=None)
+    sp.add_argument("study", help="study YAML file")
+    sp.add_argument("--results", default=None, help="results root (default: the study's)")
     sp.set_defaults(func=cmd_compact)
 
     sp = sub.add_parser("bench", help="overhead and speed benchmarks (prints a table)")
     sp.add_argument("--quick", action="store_true", help="fewer repetitions")
     sp.add_argument("--rows", default=None, help="comma-separated subset of: step, eval, sweep, "
-                    "perf, packing, run in that order (default all; CUDA is used when present)")
+                    "perf, packing, init, run in that order (default all; CUDA is used when present)")
     sp.add_argument("--out", default=None, help="also write the table to this markdown file, "
                     "a row as soon as it is measured")
     sp.set_defaults(func=cmd_bench)
@@ -230,15 +281,21 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up live in logs and pipes too
     errors = _user_errors()
-    if args.command in ("teacher", "cell"):
+    if args.command in ("teacher", "cell", "rescore"):
         errors += _torch_errors()
     try:
+        _check_cache(args)
         return args.func(args)
     except errors as e:
         return _fail(e)
     except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
+        again = " ".join(["harness", *(argv if argv is not None else sys.argv[1:])])
+        print(f"\ninterrupted: finished cells and the last checkpoints are kept. Resume with: "
+              f"{again}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `harness run --dry-run | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ canonical form (every parameter explicit), which is what cell ids hash (see ``pi
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 GROUPS = ("input", "encoder", "middle", "decoder", "output", "embedding")
 """Named parameter groups every network exposes (SPEC §4)."""
 
 DATASETS = ("toy2d", "digits", "mnist5k", "cifar10", "mnist", "npz", "folder")
-ARCHS = ("mlp", "unet-xs", "unet-s", "unet-m", "unet-edm")
+ARCHS = ("mlp", "unet-xs", "unet-s", "unet-m", "unet-edm", "ddpmpp")
 
 
 @dataclass(frozen=True)
@@ -21,21 +22,25 @@ class Param:
     """One parameter of a loss family or init scheme: default, type and allowed values."""
 
     default: object = None  # None with required=True: the user must give it
-    kind: type = float
+    kind: type = float  # float | int | str | bool | list (of ``of``) | dict (a teacher section)
     choices: tuple | None = None
     positive: bool = False
     required: bool = False
     of: tuple | None = None  # for kind=list: allowed items
+    hi: float | None = None  # upper bound (inclusive) for float and int
+    omit_default: bool = False  # added after ids were stored: left out of the canonical form
+    # (and so of ids and labels) at its default, which reproduces what those ids computed
+    column: str | None = None  # its typed column in result rows (default: the name)
 
 
 # Registered loss names -> (family, fixed parameters). A short name such as ``ratio_kl`` is the
 # ``ratio`` family with ``divergence`` fixed; it resolves to the same canonical config.
 LOSS_FAMILIES = {
     "di": {"weighting": Param("dmd", str, choices=("dmd", "sigma2"))},
-    "sid": {"alpha": Param(1.2, float)},
+    "sid": {"alpha": Param(1.2, float, hi=100.0)},
     "ratio": {
         "divergence": Param("kl", str, choices=("kl", "js", "rkl")),
-        "sigma": Param("schedule", str, choices=("schedule", "fixed")),
+        "sigma": Param("schedule", str, choices=("schedule", "fixed"), column="ratio_sigma"),
     },
 }
 LOSS_NAMES = {
@@ -48,12 +53,76 @@ LOSS_NAMES = {
 }
 TEACHER_SCORE_FAMILIES = ("di", "sid")
 
-INIT_SCHEMES = {
-    "teacher": {},
+REINITS = ("matched", "fresh")
+INIT_SCHEMES = {  # SPEC §4; the functions are registered in harness.inits
+    # source: a partial teacher section naming another teacher whose weights start the generator
+    "teacher": {"source": Param(None, dict, omit_default=True, column="init_source")},
     "random": {},
-    "reset_layers": {"groups": Param(None, list, required=True, of=GROUPS)},
-    "feature_transplant": {"sigma_feat": Param(None, float, required=True, positive=True)},
+    "reset_layers": {"groups": Param(None, list, required=True, of=GROUPS, column="reset_groups"),
+                     "reinit": Param("matched", str, choices=REINITS)},
+    "feature_transplant": {"sigma_feat": Param(None, float, required=True, positive=True, hi=1e3),
+                           "reset_output": Param(False, bool),
+                           "reinit": Param("matched", str, choices=REINITS)},
+    "mapping_match": {"steps": Param(2000, int, positive=True, hi=1e6, column="mapping_steps"),
+                      "lr": Param(1e-3, float, positive=True, hi=1.0, column="mapping_lr"),
+                      "batch": Param(64, int, positive=True, hi=4096, column="mapping_batch")},
 }
+
+
+VERIFIER = {  # eval.verifier (harness.verifier): best-of-n / resampled one-step samples
+    "n": Param([1, 2, 4, 8, 16], list, hi=1024),  # candidates per kept sample (whole numbers)
+    "mode": Param("resample", str, choices=("resample", "best")),
+    "sigma": Param(0.05, float, positive=True, hi=80.0),  # noise level the ratio net scores at
+    "net": Param("auto", str, choices=("auto", "post_hoc")),  # auto: a ratio cell's own net
+    "fit_steps": Param(500, int, positive=True, hi=1e6),  # post-hoc ratio net (di, sid)
+    "fit_batch": Param(None, int, positive=True, hi=65536),  # null: student.batch
+    "fit_lr": Param(None, float, positive=True, hi=1.0),  # null: student.aux_lr
+}
+
+
+def resolve_verifier(spec, path: str = "eval.verifier") -> dict | None:
+    """``eval.verifier``: null (off) or a mapping of ``VERIFIER`` keys -> canonical dict."""
+    if spec is None or spec is False:
+        return None
+    if not isinstance(spec, dict):
+        raise ConfigError(path, f"expected a mapping such as {{n: [1, 4], mode: resample}}, got "
+                                f"{_short(spec)}")
+    out = _resolve_params(path, "the verifier", VERIFIER, {k: v for k, v in spec.items()
+                                                           if v is not None or k not in VERIFIER})
+    for key in ("fit_batch", "fit_lr"):
+        out.setdefault(key, None)
+    return out
+
+
+def param_columns() -> dict[str, type]:
+    """Result-row column -> Python kind for every loss and init parameter (one typed column each,
+    declared by its ``Param``), plus ``loss_family`` and ``init_scheme``."""
+    out = {"loss_family": str, "init_scheme": str}
+    for schema in (*LOSS_FAMILIES.values(), *INIT_SCHEMES.values()):
+        for name, p in schema.items():
+            kind = str if p.kind in (list, dict) else p.kind
+            col = p.column or name
+            if out.setdefault(col, kind) is not kind:
+                raise TypeError(f"result column {col!r} declared with two types")
+    return out
+
+
+def cell_params(cfg: dict) -> dict:
+    """A canonical cell config's loss and init parameters as typed column values (lists
+    '+'-joined, a teacher source as its label); parameters of other schemes are absent."""
+    out = {"loss_family": cfg["loss"]["name"], "init_scheme": cfg["init"]["name"]}
+    for part, schemas in (("loss", LOSS_FAMILIES), ("init", INIT_SCHEMES)):
+        schema = schemas[cfg[part]["name"]]
+        for name, value in cfg[part].items():
+            if name == "name":
+                continue
+            p = schema[name]
+            if p.kind is list:
+                value = "+".join(value)
+            elif p.kind is dict:
+                value = init_label(cfg[part])[len("teacher["):-1]
+            out[p.column or name] = value
+    return out
 
 DEFAULTS = {
     "data": {"name": "digits", "path": None, "kind": None},  # kind: toy2d ring8|checkerboard
@@ -67,6 +136,11 @@ DEFAULTS = {
         "precision": "fp32",  # as student.precision, for teacher training (harness.perf)
         "channels_last": True,
         "compile": False,
+        # training noise levels: {name: edm} (ln s ~ N(P_mean, P_std)) or {band: [lo, hi]}
+        # (ln s uniform on [ln lo, ln hi]: a band-limited teacher, SPEC §4)
+        "noise": {"name": "edm"},
+        # a local EDM .pkl (NVIDIA's published teachers): loaded, never trained; arch ddpmpp
+        "import": None,
     },
     "student": {
         "sigma_init": 2.5,  # G(z) = D(sigma_init z; sigma_init)
@@ -90,7 +164,12 @@ DEFAULTS = {
         "n": 1000,
         "every_kimg": 20,
         "samples": 64,  # uint8 samples stored per evaluation
+        "final_samples": "auto",  # all n final samples kept for `harness rescore`: auto (images
+        # up to 32x32x3: 1000 digits are 64 KB) | all | none
+        "extractor": "auto",  # fd features: auto (shipped weights where the package has them,
+        # else trained here) | shipped | train
         "inception_weights": None,  # local pt_inception-2015-12-05 file for metric: fid
+        "verifier": None,  # {n: [...], mode: resample | best, ...}: see VERIFIER
     },
     "seed": 0,
 }
@@ -114,44 +193,123 @@ def defaults() -> dict:
 
 def _check_param(path: str, name: str, spec: Param, value):
     where = f"{path}.{name}"
-    if spec.kind is float:
+    if spec.kind in (float, int):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(where, f"expected a number, got {value!r}")
-        value = float(value)
+            raise ConfigError(where, f"expected a number, got {_short(value)}")
+        if spec.kind is int and not (isinstance(value, int) or float(value).is_integer()):
+            raise ConfigError(where, f"expected a whole number, got {_short(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(where, f"must be a finite number, got {value!r}")
+        value = spec.kind(value)
         if spec.positive and not value > 0:
-            raise ConfigError(where, f"must be > 0, got {value}")
+            raise ConfigError(where, f"must be > 0, got {_short(value)}")
+        if spec.hi is not None and value > spec.hi:
+            raise ConfigError(where, f"must be <= {spec.hi:g}, got {_short(value)}")
+    elif spec.kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, f"expected true or false, got {_short(value)}")
+    elif spec.kind is dict:
+        value = resolve_teacher_source(value, where)
     elif spec.kind is str:
         if not isinstance(value, str):
-            raise ConfigError(where, f"expected a string, got {value!r}")
+            raise ConfigError(where, f"expected a string, got {_short(value)}")
         if spec.choices and value not in spec.choices:
-            raise ConfigError(where, f"unknown value {value!r}; known: {', '.join(spec.choices)}")
+            raise ConfigError(where, f"unknown value {_short(value)}; known: {', '.join(spec.choices)}")
+    elif spec.kind is list and spec.of is None:  # whole numbers >= 1, sorted, unique
+        value = value if isinstance(value, (list, tuple)) else [value]
+        if not value or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= spec.hi
+                            for v in value):
+            raise ConfigError(where, f"expected whole numbers in [1, {spec.hi:g}], got "
+                                     f"{_short(value)}")
+        value = sorted(set(value))
     elif spec.kind is list:
         if not isinstance(value, (list, tuple)) or not value:
-            raise ConfigError(where, f"expected a non-empty list, got {value!r}")
+            raise ConfigError(where, f"expected a non-empty list, got {_short(value)}")
         for i, item in enumerate(value):
-            if item not in spec.of:
+            if not isinstance(item, str) or item not in spec.of:
                 raise ConfigError(f"{where}[{i}]",
-                                  f"unknown group {item!r}; known: {', '.join(spec.of)}")
+                                  f"unknown group {_short(item)}; known: {', '.join(spec.of)}")
         if len(set(value)) != len(value):
             raise ConfigError(where, f"repeated entries in {list(value)}")
         value = sorted(value, key=spec.of.index)
     return value
 
 
+def cut(text, limit: int = 80) -> str:
+    """At most ``limit`` characters of ``str(text)``."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _short(value, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: error messages never echo a huge value in full."""
+    return cut(repr(value), limit)
+
+
 def _resolve_params(path: str, what: str, schema: dict, given: dict) -> dict:
-    unknown = sorted(set(given) - set(schema))
+    unknown = sorted(set(given) - set(schema), key=str)
     if unknown:
         known = ", ".join(schema) or "none"
-        raise ConfigError(f"{path}.{unknown[0]}", f"unknown parameter for {what}; known: {known}")
+        raise ConfigError(f"{path}.{cut(unknown[0], 40)}",
+                          f"unknown parameter for {what}; known: {known}")
     out = {}
     for name, spec in schema.items():
         if name in given:
-            out[name] = _check_param(path, name, spec, given[name])
+            value = _check_param(path, name, spec, given[name])
         elif spec.required:
             raise ConfigError(f"{path}.{name}", f"{what} needs {name!r}")
         else:
-            out[name] = spec.default
+            value = spec.default
+        if not (spec.omit_default and value == spec.default):
+            out[name] = value
     return out
+
+
+NOISE_MAX = 1e3  # a band edge beyond sigma_max = 80 trains on pure noise; 1e3 is generous
+
+
+def resolve_noise(value, path: str = "teacher.noise") -> dict:
+    """``{name: edm}`` or ``{band: [lo, hi]}`` (0 < lo < hi) -> canonical form."""
+    if value == "edm" or value == {"name": "edm"}:
+        return {"name": "edm"}
+    if not isinstance(value, dict) or set(value) != {"band"}:
+        raise ConfigError(path, f"expected {{name: edm}} or {{band: [lo, hi]}}, got {_short(value)}")
+    band = value["band"]
+    ok = (isinstance(band, (list, tuple)) and len(band) == 2
+          and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in band))
+    if not ok or not (0 < band[0] < band[1] <= NOISE_MAX):
+        raise ConfigError(f"{path}.band", f"expected [lo, hi] with 0 < lo < hi <= {NOISE_MAX:g}, "
+                                          f"got {_short(band)}")
+    return {"band": [float(band[0]), float(band[1])]}
+
+
+def resolve_teacher_source(value, path: str) -> dict:
+    """A partial teacher section (``init: {teacher: {source: {...}}}``): known keys, checked."""
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(path, f"expected a non-empty partial teacher section such as "
+                                f"{{noise: {{band: [1.5, 4.0]}}}}, got {_short(value)}")
+    out = {}
+    for key, v in value.items():
+        if key not in DEFAULTS["teacher"]:
+            raise ConfigError(f"{path}.{cut(key, 40)}",
+                              f"unknown teacher key; known: {', '.join(DEFAULTS['teacher'])}")
+        if key == "noise":
+            out[key] = resolve_noise(v, f"{path}.noise")
+            continue
+        from .settings import check_value  # the one scalar schema of the teacher section
+
+        try:
+            out[key] = check_value("teacher", key, v)
+        except ConfigError as e:
+            raise ConfigError(f"{path}.{key}", str(e).split(": ", 1)[-1]) from None
+    return out
+
+
+def source_teacher(cfg: dict) -> dict | None:
+    """The teacher section of the teacher whose weights start the generator, if not the study's
+    own (``init: {name: teacher, source: {...}}``)."""
+    source = cfg["init"].get("source") if cfg["init"]["name"] == "teacher" else None
+    return None if not source else {**cfg["teacher"], **source}
 
 
 def _named(spec, path: str, kind: str, known) -> tuple[str, dict]:
@@ -193,12 +351,24 @@ def loss_label(loss: dict) -> str:
 
 
 def init_label(init: dict) -> str:
-    """Short display name of a canonical init config: ``reset_layers[output]``."""
+    """Short display name of a canonical init config: ``reset_layers[output]``,
+    ``reset_layers[output,fresh]``, ``teacher[band 1.5-4]``."""
     name = init["name"]
+    fresh = ",fresh" if init.get("reinit") == "fresh" else ""
     if name == "reset_layers":
-        return f"reset_layers[{'+'.join(init['groups'])}]"
+        return f"reset_layers[{'+'.join(init['groups'])}{fresh}]"
     if name == "feature_transplant":
-        return f"feature_transplant[{init['sigma_feat']:g}]"
+        reset = f",reset_output{fresh}" if init["reset_output"] else ""
+        return f"feature_transplant[{init['sigma_feat']:g}{reset}]"
+    if name == "teacher" and init.get("source"):
+        src = init["source"]
+        parts = [f"band {src['noise']['band'][0]:g}-{src['noise']['band'][1]:g}"
+                 if k == "noise" and "band" in v else f"{k}={v}" for k, v in src.items()]
+        return f"teacher[{', '.join(parts)}]"
+    if name == "mapping_match":
+        defaults = {k: p.default for k, p in INIT_SCHEMES[name].items()}
+        extras = [f"{k}={v:g}" for k, v in init.items() if k != "name" and v != defaults[k]]
+        return name + (f"[{','.join(extras)}]" if extras else "")
     return name
 
 
@@ -232,4 +402,9 @@ def resolve_cell(cfg: dict) -> dict:
                                     f"known: {', '.join(ARCHS)}")
     if out["student"]["aux_init"] not in ("teacher", "random"):
         raise ConfigError("student.aux_init", "must be 'teacher' or 'random'")
+    out["teacher"]["noise"] = resolve_noise(out["teacher"]["noise"])
+    if out["teacher"]["import"] is not None and out["teacher"]["arch"] != "ddpmpp":
+        raise ConfigError("teacher.import", f"an imported EDM teacher is a DDPM++ network: set "
+                                            f"teacher.arch: ddpmpp (got {out['teacher']['arch']!r})")
+    out["eval"]["verifier"] = resolve_verifier(out["eval"]["verifier"])
     return out

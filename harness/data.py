@@ -1,8 +1,18 @@
 """Datasets: embedded (toy2d, digits, mnist5k) and full-scale local files (SPEC §5).
 
 Everything here is numpy: images come back as float32 NCHW in [-1, 1], toy data as (N, 2)
-float32. Each dataset carries a fingerprint (sha256 of its array) that cell ids include, so a
+float32. Each dataset carries a fingerprint (sha256 of its arrays) that cell ids include, so a
 changed file never mixes with results of the old one.
+
+Held-out reference split (the metric protocol of ``harness.metrics``): for the embedded image
+sets a fixed number of images (``HELD_OUT``) is set aside by a permutation seeded from the full
+array's fingerprint. ``Dataset.x`` is then the training split, the only images the teacher, the
+generator and the metric's feature extractor ever see, and ``Dataset.reference`` the held-out
+images that generated samples (and the data floor) are scored against, so a model that memorised
+its training images cannot score better than real, unseen data. digits (1797 images) keeps 1200
+for training and 597 for the reference: a third of its training data is the price of a floor that
+means something. mnist5k keeps 4000 and 1000. User datasets (cifar10, mnist, npz, folder) keep
+every image for training and are scored against their training set, the published FID protocol.
 """
 from __future__ import annotations
 
@@ -19,20 +29,37 @@ class DataError(ValueError):
     """A dataset that cannot be loaded: the message names the path and the expected format."""
 
 
+HELD_OUT = {"digits": 597, "mnist5k": 1000}
+"""Images held out from training as the metric's reference set, per embedded image dataset."""
+
+
 @dataclass(frozen=True)
 class Dataset:
     name: str
-    x: np.ndarray  # float32; images (N, C, H, W) in [-1, 1], toy (N, 2)
+    x: np.ndarray  # float32; images (N, C, H, W) in [-1, 1], toy (N, 2): the training split
     labels: np.ndarray | None  # int64 class labels where the dataset has them
     sigma_data: float  # EDM sigma_data: 0.5 for images, the data's std for toy 2-D
-
-    @property
-    def is_image(self) -> bool:
-        return self.x.ndim == 4
+    reference: np.ndarray | None = None  # held-out images, never trained on (HELD_OUT)
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint_array(self.x)
+        if self.reference is None:
+            return fingerprint_array(self.x)
+        both = f"{fingerprint_array(self.x)}/held-out/{fingerprint_array(self.reference)}"
+        return hashlib.sha256(both.encode()).hexdigest()[:16]
+
+
+def split_held_out(name: str, x: np.ndarray, y: np.ndarray | None):
+    """(training x, training labels, held-out x): ``HELD_OUT[name]`` images set aside by a
+    permutation seeded from the full array's fingerprint (identical on every machine)."""
+    k = HELD_OUT.get(name, 0)
+    if not k:
+        return x, y, None
+    rng = np.random.default_rng(int(fingerprint_array(x)[:8], 16))
+    perm = rng.permutation(len(x))
+    ref, train = np.sort(perm[:k]), np.sort(perm[k:])
+    return (np.ascontiguousarray(x[train]), None if y is None else y[train],
+            np.ascontiguousarray(x[ref]))
 
 
 def fingerprint_array(x: np.ndarray) -> str:
@@ -166,7 +193,8 @@ def load(name: str, path: str | None = None, kind: str | None = None) -> Dataset
     if name not in loaders:
         raise DataError(f"unknown dataset {name!r}; known: toy2d, {', '.join(loaders)}")
     x, y = loaders[name]()
-    return Dataset(name, np.ascontiguousarray(x), y, 0.5)
+    x, y, reference = split_held_out(name, np.ascontiguousarray(x), y)
+    return Dataset(name, x, y, 0.5, reference)
 
 
 def from_config(data_cfg: dict) -> Dataset:

@@ -6,6 +6,8 @@ levels used by every generator loss.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -61,14 +63,14 @@ class Denoiser(nn.Module):
         return c_skip(s, sd) * x + c_out(s, sd) * f.to(x.dtype)
 
 
-def score(denoiser, x, sigma):
-    """score(x; s) = (D(x; s) - x) / s^2."""
-    return (denoiser(x, sigma) - x) / _bcast(sigma, x) ** 2
-
-
 def sample_sigma_train(n: int, device=None, generator=None) -> torch.Tensor:
     """ln s ~ N(P_mean, P_std): the teacher (and fake-score) training distribution."""
     return torch.exp(P_MEAN + P_STD * torch.randn(n, device=device, generator=generator))
+
+
+def sample_sigma_band(n: int, lo: float, hi: float, device=None) -> torch.Tensor:
+    """ln s ~ U(ln lo, ln hi): a band-limited teacher's training distribution (SPEC §4)."""
+    return torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * torch.rand(n, device=device))
 
 
 def denoising_loss(denoiser, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:

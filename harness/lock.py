@@ -1,7 +1,20 @@
 """The study lock: one ``harness run`` per results root at a time (``root/.lock``).
 
-Local roots use exclusive create; other pyarrow filesystems a best-effort check, write and
-re-read. A lock left by a dead process on this host is taken over. Pure Python (no torch, no Ray).
+- Local roots (and ``file://``): exclusive create (``O_CREAT|O_EXCL``).
+- ``s3://`` roots: S3 conditional writes through boto3 (``pip install 'harness[s3]'``): the lock
+  is created with ``PutObject`` + ``If-None-Match: *``, which the store refuses (412) when the
+  object exists, so of two runs racing for it exactly one wins; a stale lock is taken over with
+  ``If-Match: <its ETag>`` (only one contender can replace that version) and released with
+  ``DeleteObject`` + ``If-Match``. The endpoint and credentials come from the standard AWS
+  variables (``AWS_ENDPOINT_URL``, ...), as for pyarrow. Amazon S3 honours these conditions;
+  an S3-compatible store that ignores ``If-None-Match`` silently turns this into the best-effort
+  scheme below, and one that rejects it (501 NotImplemented) gets that scheme with a note.
+- Other pyarrow filesystems (``gs://``, ``hdfs://``, and S3 without boto3): a best-effort check,
+  write and re-read. The failure it accepts: two runs that start within the same moment can both
+  see no lock, both write, and each read back its own write before the other's lands, so both run
+  (their rows stay correct, being append-only; only the work is doubled).
+
+A lock left by a dead process on this host is taken over. Pure Python (no torch, no Ray).
 """
 from __future__ import annotations
 
@@ -115,8 +128,9 @@ def _is_stale(info: dict | None) -> bool:
 def acquire_lock(root: str) -> Lock:
     """Lock a study's results root (``root/.lock``) or raise LockedError naming the holder.
 
-    Local roots use exclusive create (O_CREAT|O_EXCL); other pyarrow filesystems a best-effort
-    check, write and re-read. A lock left by a dead process on this host is taken over.
+    Local roots use exclusive create (O_CREAT|O_EXCL), ``s3://`` roots conditional writes, other
+    pyarrow filesystems a best-effort check, write and re-read (see the module docstring). A lock
+    left by a dead process on this host is taken over.
     """
     from . import results
 
@@ -166,6 +180,11 @@ def acquire_lock(root: str) -> Lock:
         raise _refuse(root, path, _holder(_read_lock(None, path)))
 
     path = posixpath.join(base, LOCK)
+    if root.startswith("s3://"):
+        try:
+            return _acquire_s3(root, where, info, payload)
+        except _NoConditions as e:
+            print(f"note: {e}; the study lock of {root} is best-effort", file=sys.stderr)
     data = _read_lock(fs, path)
     if data is not None:
         holder = _holder(data)
@@ -185,3 +204,117 @@ def holder(root: str) -> dict | None:
 
     info = _holder(results.read_bytes(root, LOCK))
     return None if info is None or _is_stale(info) else info
+
+
+# ---------------------------------------------------------------------------------------------
+# S3: conditional writes (If-None-Match / If-Match) through boto3
+
+class _NoConditions(Exception):
+    """boto3 is missing, or the store rejects conditional requests."""
+
+
+def _code(error) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+_GONE = ("NoSuchKey", "404")
+_LOST = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409") + _GONE
+_UNSUPPORTED = ("NotImplemented", "501")
+
+
+def _s3_target(root: str):
+    """(boto3 client, bucket, key of the lock) for an ``s3://bucket/prefix`` root."""
+    from urllib.parse import urlsplit
+
+    try:
+        import boto3
+    except ImportError:
+        raise _NoConditions("boto3 is not installed (pip install 'harness[s3]')") from None
+    url = urlsplit(root)
+    prefix = url.path.strip("/")
+    return boto3.client("s3"), url.netloc, f"{prefix}/{LOCK}" if prefix else LOCK
+
+
+class _S3Lock(Lock):
+    """A lock object that this process created; released only while it is that version."""
+
+    def __init__(self, root, where, info, client, bucket, key, etag):
+        super().__init__(root, where, info)
+        self._client, self._bucket, self._key, self._etag = client, bucket, key, etag
+
+    def _read(self) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._client.get_object(Bucket=self._bucket, Key=self._key)["Body"].read()
+        except ClientError as e:
+            if _code(e) in _GONE:
+                return None
+            raise
+
+    def release(self):
+        if not self.held:
+            return
+        self.held = False
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.delete_object(Bucket=self._bucket, Key=self._key, IfMatch=self._etag)
+        except ClientError as e:
+            if _code(e) in _LOST:  # not our version any more (taken over as stale): keep it
+                return
+            if _code(e) not in _UNSUPPORTED + ("InvalidArgument", "400"):
+                raise
+            current = _holder(self._read())  # no conditional delete here: check, then delete
+            if current is not None and current.get("token") == self.info["token"]:
+                self._client.delete_object(Bucket=self._bucket, Key=self._key)
+
+
+def _acquire_s3(root: str, where: str, info: dict, payload: bytes) -> Lock:
+    from botocore.exceptions import ClientError
+
+    client, bucket, key = _s3_target(root)
+
+    def put(**condition):
+        """The new lock's ETag, or None when the condition failed (another run was first)."""
+        try:
+            return client.put_object(Bucket=bucket, Key=key, Body=payload, **condition)["ETag"]
+        except ClientError as e:
+            if _code(e) in _LOST:
+                return None
+            if _code(e) in _UNSUPPORTED:
+                raise _NoConditions(f"the S3 store at {client.meta.endpoint_url} does not "
+                                    f"support conditional writes ({_code(e)})") from None
+            if _code(e) == "NoSuchBucket":
+                raise FileNotFoundError(
+                    f"the results root {root} is in bucket {bucket!r}, which does not exist at "
+                    f"{client.meta.endpoint_url}: create the bucket, or check --results / "
+                    f"results: and AWS_ENDPOINT_URL. Nothing was run.") from None
+            raise
+
+    for _ in range(5):
+        etag = put(IfNoneMatch="*")
+        if etag is not None:
+            return _S3Lock(root, where, info, client, bucket, key, etag)
+        try:
+            held = client.get_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if _code(e) in _GONE:
+                continue  # released meanwhile: try again
+            raise
+        holder = _holder(held["Body"].read())
+        if not _is_stale(holder):
+            raise _refuse(root, where, holder)
+        etag = put(IfMatch=held["ETag"])  # replace exactly the stale version, or lose the race
+        if etag is not None:
+            print(f"note: taking over the stale lock {where}: process {holder.get('pid')} on this "
+                  f"host (since {holder.get('started_at')}) is gone", file=sys.stderr)
+            return _S3Lock(root, where, info, client, bucket, key, etag)
+    raise _refuse(root, where, _holder(_read_lock(*_pyarrow(root))))
+
+
+def _pyarrow(root: str):
+    from . import results
+
+    fs, base = results.filesystem(root)
+    return fs, posixpath.join(base, LOCK)

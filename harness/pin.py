@@ -34,11 +34,12 @@ ID_SECTIONS = ("data", "teacher", "student", "loss", "init", "eval", "seed")
 # settings that do not change numbers: file locations (data content is fingerprinted; the
 # Inception weights are the one published file, named in each metric's protocol) and execution
 # choices that agree to float rounding (memory layout, torch.compile: see harness.perf)
-NOT_IDENTITY = {"data": ("path",), "eval": ("inception_weights",),
+NOT_IDENTITY = {"data": ("path",), "eval": ("inception_weights", "extractor", "final_samples"),
                 "teacher": ("channels_last", "compile"), "student": ("channels_last", "compile")}
 # settings added after ids were first stored: left out at the value that reproduces what those
 # ids were computed for, so stored teachers and cells keep their ids (any other value enters)
-ADDED_LATER = {"teacher": {"precision": "fp32"}}
+ADDED_LATER = {"teacher": {"precision": "fp32", "noise": {"name": "edm"}, "import": None},
+               "eval": {"verifier": None}}
 
 
 class PinError(RuntimeError):
@@ -93,10 +94,39 @@ def identity(config: dict) -> dict:
     for section, legacy in ADDED_LATER.items():
         resolved[section] = {k: v for k, v in resolved[section].items()
                              if k not in legacy or v != legacy[k]}
+    if resolved["teacher"].get("import"):  # the file's content is the teacher, not its path
+        resolved["teacher"]["import"] = "sha256:" + file_sha256(resolved["teacher"]["import"])
     return resolved
 
 
+_FILE_SHA: dict = {}
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local file (memoised by path, size and mtime: teacher pickles are ~200 MB)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise C.ConfigError("teacher.import", f"{path} does not exist or cannot be read: put the "
+                                              f"EDM .pkl there (see README, Running on a "
+                                              f"cluster) or fix teacher.import") from None
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _FILE_SHA:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FILE_SHA[key] = h.hexdigest()
+    return _FILE_SHA[key]
+
+
 def _teacher_id(ident: dict, data_fingerprint: str) -> str:
+    """``t-`` + hash of data, teacher section and fingerprint; an imported teacher: ``t-`` + the
+    first 12 hex digits of its file's sha256 (the id ``teacher.load_imported`` reports)."""
+    imported = ident["teacher"].get("import")
+    if imported:
+        return "t-" + imported[len("sha256:"):][:12]
     doc = {"data": ident["data"], "teacher": ident["teacher"], "data_fingerprint": data_fingerprint}
     return "t-" + _sha(doc)[:12]
 
@@ -235,10 +265,11 @@ def pin_study(study, root: str | None = None, data_fingerprint=None, *, write: b
         before = None
     else:
         if doc["study"] != study.name:
-            raise PinError(f"{location(root, PIN)} belongs to study {doc['study']!r}, not "
-                           f"{study.name!r}: two studies cannot share one results root. Give "
-                           f"this study its own `results:` path in its YAML (or fix its `study:` "
-                           f"name if it was renamed).")
+            raise PinError(f"{location(root, PIN)} belongs to study {C.cut(doc['study'], 80)!r}, "
+                           f"not {study.name!r}: two studies cannot share one results root. Give "
+                           f"this study its own `results:` path in its YAML "
+                           f"({study.path or 'the study file'}) or --results, or fix its "
+                           f"`study:` name if it was renamed.")
         before = copy.deepcopy(doc)
         for key, empty in (("current", []), ("teachers", {}), ("fingerprints", {})):
             doc.setdefault(key, empty)

@@ -61,12 +61,26 @@ def drop_older(fs, trial_dir: str, keep: str | None, name: str = "cell.pt"):
 class Progress(tune.Callback):
     """Print one line per cell report, retry and failure; remember the failures."""
 
-    def __init__(self, labels: dict[str, str], kimg: dict[str, float], n_cells: int):
+    def __init__(self, labels: dict[str, str], kimg: dict[str, float], n_cells: int,
+                 done_before: int = 0, study_cells: int | None = None):
         self.labels, self.kimg, self.n_cells = labels, kimg, n_cells
+        self.done_before = done_before  # cells of the study already final before this run
+        self.study_cells = study_cells or n_cells
         self.t0, self.finished, self.errors = time.time(), set(), {}
+        self.seen, self.first = {}, {}  # cell -> latest / first reported kimg (for the ETA)
 
     def setup(self, **info):
         self.t0 = time.time()
+
+    def _eta(self) -> str:
+        """Study-wide ETA from the kimg trained in this run so far (all cells together)."""
+        gained = sum(self.seen[c] - self.first[c] for c in self.seen)
+        elapsed = time.time() - self.t0
+        if gained <= 0 or elapsed < 1:
+            return ""
+        left = sum(max(0.0, total - self.seen.get(c, 0.0)) for c, total in self.kimg.items()
+                   if c not in self.finished)
+        return f", study ETA {duration(left * elapsed / gained)}"
 
     def _head(self, trial) -> tuple[str, str]:
         cid = trial.config.get("cell", "?")
@@ -77,11 +91,15 @@ class Progress(tune.Callback):
         metric = result.get("primary")
         value = f"  {metric} {result[metric]:.4g}" if metric in result else ""
         status = result.get("status", "?")
+        kimg = float(result.get("kimg", 0))
+        self.first.setdefault(cid, kimg)
+        self.seen[cid] = kimg
         if status in ("done", "diverged"):
             self.finished.add(cid)
-        print(f"{head}  kimg {result.get('kimg', 0):g}/{self.kimg.get(cid, 0):g}{value}  {status}"
-              f"  ({duration(result.get('wall_s', 0))}; {len(self.finished)}/{self.n_cells} "
-              f"finished)", flush=True)
+        done = self.done_before + len(self.finished)
+        print(f"{head}  kimg {kimg:.1f}/{self.kimg.get(cid, 0):g}{value}  {status}"
+              f"  ({duration(result.get('wall_s', 0))}; {done}/{self.study_cells} cells "
+              f"finished{self._eta()})", flush=True)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         drop_older(checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/")),

@@ -13,6 +13,7 @@ No torch and no Ray here: analysis reads results through this module alone.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import posixpath
 import uuid
 
@@ -20,14 +21,18 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .config import param_columns
+
+_ARROW = {str: pa.string(), float: pa.float64(), int: pa.int64(), bool: pa.bool_()}
 ROWS = pa.schema([
     ("study", pa.string()),
     ("cell", pa.string()),  # cell id, or ``ref-...`` for reference rows
     ("loss", pa.string()),  # loss label (config.loss_label), "reference" for reference rows
     ("init", pa.string()),  # init label (config.init_label), or the reference's name
-    ("init_scheme", pa.string()),
-    ("reset_groups", pa.string()),  # '+'-joined, null unless reset_layers
-    ("sigma_feat", pa.float64()),  # null unless feature_transplant
+    # one typed column per loss/init parameter, declared in harness.config (null where the
+    # cell's scheme has no such parameter): loss_family, init_scheme, reset_groups ('+'-joined),
+    # reinit, sigma_feat, ...
+    *((col, _ARROW[kind]) for col, kind in param_columns().items()),
     ("seed", pa.int64()),
     ("axes", pa.string()),  # JSON {axis path: value} of every grid axis of the cell
     ("kimg", pa.float64()),
@@ -56,11 +61,33 @@ SAMPLES = pa.schema([
 BOOKKEEPING = ("img_per_s", "peak_mem_mb", "generator_params", "aux_params", "diverged", "failed")
 """Metric rows that describe a run, not its samples' quality."""
 STATUSES = ("running", "done", "diverged", "failed", "reference")
-KEY = ["cell", "kimg", "metric"]
+KEY = ["cell", "kimg", "metric", "protocol"]
+"""A row is one (cell, kimg, metric) under one protocol: `harness rescore` adds rows under a new
+protocol beside the old ones; a resumed cell's repeated rows resolve to the newest."""
+
+
+class RootError(ValueError):
+    """A results root that cannot hold results (for example an existing file)."""
+
+
+def check_root(root: str) -> None:
+    """Refuse a results root that exists but is not a folder, before anything is written."""
+    fs, base = filesystem(root)
+    kind = fs.get_file_info(base).type
+    if kind not in (pafs.FileType.NotFound, pafs.FileType.Directory):
+        raise RootError(f"the results root {root} exists and is a file, not a folder: results "
+                        f"cannot be stored there. Give the study another `results:` path (or "
+                        f"--results), or move that file aside.")
 
 
 def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it for a local path or a URI (s3://, file://)."""
+    """A pyarrow filesystem and the path inside it for a local path or a URI (s3://, file://).
+
+    ``s3://`` takes its endpoint, credentials and region from the standard AWS variables
+    (``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3`` for an S3-compatible store,
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), which pyarrow's
+    ``FileSystem.from_uri`` honours itself (``AWS_ENDPOINT_URL`` since Arrow 13, the ``_S3``
+    form since 15; checked in tests/test_s3.py), as do Ray's storage and boto3."""
     if "://" in root:
         return pafs.FileSystem.from_uri(root)
     return pafs.LocalFileSystem(), posixpath.abspath(root)
@@ -94,11 +121,17 @@ def write_rows(root: str, rows: list[dict]) -> str | None:
     return _write(root, "rows", pa.Table.from_pylist(rows, schema=ROWS))
 
 
-def write_samples(root: str, meta: dict, array) -> str:
+SAMPLE_KINDS = ("samples", "final")
+"""``samples``: the first ``eval.samples`` of every evaluation (grids); ``final``: all ``eval.n``
+samples of a cell's final evaluation (``eval.final_samples``), what ``harness rescore`` reads."""
+
+
+def write_samples(root: str, meta: dict, array, kind: str = "samples") -> str:
     """Store one evaluation's samples: ``array`` is a numpy array (uint8 images or 2-D points)."""
+    assert kind in SAMPLE_KINDS, kind
     row = {**{n: None for n in SAMPLES.names}, **meta, "shape": list(array.shape),
            "data": array.tobytes(), "dtype": str(array.dtype), "written_at": now()}
-    return _write(root, "samples", pa.Table.from_pylist([row], schema=SAMPLES))
+    return _write(root, kind, pa.Table.from_pylist([row], schema=SAMPLES))
 
 
 def _read(root: str, kind: str, schema: pa.Schema) -> pa.Table:
@@ -123,9 +156,9 @@ def load_rows(root: str):
     return df.drop_duplicates(KEY, keep="last").reset_index(drop=True)
 
 
-def load_samples(root: str):
+def load_samples(root: str, kind: str = "samples"):
     """Stored samples as a DataFrame; decode one with ``decode_samples(row)``."""
-    df = _read(root, "samples", SAMPLES).to_pandas()
+    df = _read(root, kind, SAMPLES).to_pandas()
     if df.empty:
         return df
     df = df.sort_values("written_at", kind="stable")
@@ -157,7 +190,9 @@ def compact(root: str) -> tuple[int, int]:
     Returns (files before, files after)."""
     fs, base = filesystem(root)
     before = after = 0
-    for kind, schema, load in (("rows", ROWS, load_rows), ("samples", SAMPLES, load_samples)):
+    stores = [("rows", ROWS, load_rows)] + [
+        (kind, SAMPLES, lambda r, k=kind: load_samples(r, k)) for kind in SAMPLE_KINDS]
+    for kind, schema, load in stores:
         folder = posixpath.join(base, kind)
         info = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         old = [i.path for i in info if i.type == pafs.FileType.File
@@ -194,3 +229,37 @@ def write_bytes_atomic(root: str, name: str, data: bytes) -> None:
     fs.move(tmp, path)
 
 
+def cache_for(root: str | None, log=print) -> str:
+    """THE cache resolver (teachers, extractors, mapping_match nets) of every command:
+    ``$HARNESS_CACHE`` if set, else ``<results root>/cache`` for a local root (``harness run``,
+    ``harness cell --out ROOT``: the same root finds the same teachers), else
+    ``~/.cache/harness`` (a remote root, said in a note: every Ray node must see that path)."""
+    import os
+
+    if os.environ.get("HARNESS_CACHE"):  # a local or mounted folder; s3:// is a user error
+        return cache_folder(os.environ["HARNESS_CACHE"])
+    if root is not None and "://" not in root:
+        return os.path.join(os.path.abspath(os.path.expanduser(root)), "cache")
+    path = os.path.expanduser("~/.cache/harness")
+    if root is not None:
+        log(f"note: teachers are cached in {path} (HARNESS_CACHE is not set and the results root "
+            f"{root} is not a local folder): every Ray node must see the same cache at that path")
+    return path
+
+
+def cache_folder(value: str, where: str = "HARNESS_CACHE") -> str:
+    """The teacher and extractor cache as an absolute local folder; an object-store URI is a
+    user error (``config.ConfigError``, exit 2): torch and torch-fidelity open cache files by
+    path, so the cache cannot live on S3."""
+    if "://" in value and not value.startswith("file://"):
+        from .config import ConfigError
+
+        raise ConfigError(where, (
+            f"{value!r} is an object-store URI, but the cache of teachers and feature "
+            f"extractors must be a folder on the filesystem (torch and torch-fidelity open its "
+            f"files by path); only the results root (--results / results:) may be s3://. Set "
+            f"{where} to a local folder, on a Ray cluster to a shared mount that every node sees "
+            f"at the same path (NFS, or the bucket mounted with a FUSE tool such as "
+            f"mountpoint-s3), or leave it unset (`harness run` then uses <results root>/cache "
+            f"for a local results root, ~/.cache/harness otherwise). Nothing was run."))
+    return os.path.abspath(os.path.expanduser(value.removeprefix("file://")))

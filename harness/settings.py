@@ -49,49 +49,65 @@ class Setting:
     nullable: bool = False
 
     def range_text(self) -> str:
+        fmt = (lambda v: f"{int(v):,}") if self.kind == "int" else (lambda v: f"{v:g}")
         if self.lo is not None and self.hi is not None:
-            return (f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+            return (f"in {'(' if self.lo_open else '['}{fmt(self.lo)}, {fmt(self.hi)}"
                     f"{')' if self.hi_open else ']'}")
         if self.lo is not None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+            return f"{'>' if self.lo_open else '>='} {fmt(self.lo)}"
+        return f"{'<' if self.hi_open else '<='} {fmt(self.hi)}"
 
 
 def _num(lo=None, lo_open=True, hi=None, hi_open=False):
     return Setting("num", lo, lo_open, hi, hi_open)
 
 
-def _int(lo=None):
-    return Setting("int", lo, False)
+def _int(lo=None, hi=None):
+    return Setting("int", lo, False, hi)
 
 
 def _choice(*choices, nullable=False):
     return Setting("str", choices=choices, nullable=nullable)
 
 
+# Upper bounds: far above any real study, low enough that a typo (1e14, 1e300) is refused at
+# validation instead of crashing a worker or running forever.
+KIMG_MAX = 1e6  # 1 billion images: a long CIFAR-10 run is 200 Mimg
+BATCH_MAX = 65536
+SEED_MAX = 2 ** 31 - 1
+LR_MAX = 10.0
+EVAL_N_MAX = 1_000_000  # the FID protocol is 50k
+
 SCHEMA = {
     "data": {"name": _choice(*C.DATASETS), "path": Setting("str", nullable=True),
              "kind": _choice(*TOY_KINDS, nullable=True)},
-    "teacher": {"arch": _choice(*C.ARCHS), "kimg": _num(0), "batch": _int(1), "lr": _num(0),
-                "ema_halflife_kimg": _num(0, False), "seed": _int(0),
+    "teacher": {"arch": _choice(*C.ARCHS), "kimg": _num(0, hi=KIMG_MAX),
+                "batch": _int(1, BATCH_MAX), "lr": _num(0, hi=LR_MAX),
+                "ema_halflife_kimg": _num(0, False, KIMG_MAX), "seed": _int(0, SEED_MAX),
                 "precision": _choice(*C.PRECISIONS), "channels_last": Setting("bool"),
-                "compile": Setting("bool")},
-    "student": {"sigma_init": _num(0), "t_max": _num(0, True, 1, False), "kimg": _num(0),
-                "batch": _int(1), "lr": _num(0), "aux_lr": _num(0), "aux_steps": _int(1),
+                "compile": Setting("bool"), "noise": Setting("any"),  # config.resolve_noise
+                "import": Setting("str", nullable=True)},  # harness.edm_import
+    "student": {"sigma_init": _num(0, hi=1e3), "t_max": _num(0, True, 1, False),
+                "kimg": _num(0, hi=KIMG_MAX), "batch": _int(1, BATCH_MAX),
+                "lr": _num(0, hi=LR_MAX), "aux_lr": _num(0, hi=LR_MAX), "aux_steps": _int(1, 100),
                 "aux_init": _choice("teacher", "random"), "ratio_net": _choice("encoder"),
-                "ema_halflife_kimg": _num(0, False), "precision": _choice(*C.PRECISIONS),
+                "ema_halflife_kimg": _num(0, False, KIMG_MAX), "precision": _choice(*C.PRECISIONS),
                 "channels_last": Setting("bool"), "compile": Setting("bool")},
-    "eval": {"metric": _choice(*EVAL_METRICS), "n": _int(2), "every_kimg": _num(0),
-             "samples": _int(0), "inception_weights": Setting("str", nullable=True)},
-    "seed": _int(0),
+    "eval": {"metric": _choice(*EVAL_METRICS), "n": _int(2, EVAL_N_MAX),
+             "every_kimg": _num(0, hi=KIMG_MAX), "samples": _int(0, 10_000),
+             "final_samples": _choice("auto", "all", "none"),
+             "extractor": _choice("auto", "shipped", "train"),
+             "verifier": Setting("any", nullable=True),  # config.resolve_verifier
+             "inception_weights": Setting("str", nullable=True)},
+    "seed": _int(0, SEED_MAX),
 }
-RESOURCES = {"cpu": _num(0), "gpu": _num(0, False)}
+RESOURCES = {"cpu": _num(0, hi=1024), "gpu": _num(0, False, 64)}
 DEFAULT_RESOURCES = {"cpu": 1.0, "gpu": 0.0}
-MAX_FAILURES = _int(0)
+MAX_FAILURES = _int(0, 100)
 DEFAULT_MAX_FAILURES = 0
 SECTIONS = tuple(k for k, v in C.DEFAULTS.items() if isinstance(v, dict) and k not in ("loss", "init"))
 TOP_KEYS = ("study", "description", "results", *SECTIONS, "loss", "init", "seed", "grid",
-            *C.STUDY_ONLY)
+            *C.STUDY_ONLY, "tracking")  # tracking: harness.tracking.check, not in cell ids
 
 
 def _setting(section: str, key: str | None) -> Setting:
@@ -137,30 +153,30 @@ def _check(spec: Setting, value, path: str):
             value = float(value)  # 1e-4: YAML 1.1 reads it as a string
         if spec.kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
-                raise _Bad(path, f"expected a whole number, got {value!r} ({_type_name(value)})",
+                raise _Bad(path, f"expected a whole number, got {C._short(value)} ({_type_name(value)})",
                            "write an integer such as 1")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Bad(path, f"expected a number, got {value!r} ({_type_name(value)})",
+            raise _Bad(path, f"expected a number, got {C._short(value)} ({_type_name(value)})",
                        "write a number such as 0.5 or 1.0e-4")
         if isinstance(value, float) and not math.isfinite(value):
-            raise _Bad(path, f"must be a finite number, got {value!r}", "write a finite number")
+            raise _Bad(path, f"must be a finite number, got {C._short(value)}", "write a finite number")
         lo_bad = spec.lo is not None and (value <= spec.lo if spec.lo_open else value < spec.lo)
         hi_bad = spec.hi is not None and (value >= spec.hi if spec.hi_open else value > spec.hi)
         if lo_bad or hi_bad:
-            raise _Bad(path, f"must be {spec.range_text()}, got {value!r}",
+            raise _Bad(path, f"must be {spec.range_text()}, got {C._short(value)}",
                        f"use a value {spec.range_text()}")
         return value
     if spec.kind == "bool":
         if not isinstance(value, bool):
-            raise _Bad(path, f"expected true or false, got {value!r} ({_type_name(value)})",
+            raise _Bad(path, f"expected true or false, got {C._short(value)} ({_type_name(value)})",
                        "write true or false")
         return value
     if spec.kind == "str":
         if not isinstance(value, str) or not value:
-            raise _Bad(path, f"expected a string, got {value!r} ({_type_name(value)})",
+            raise _Bad(path, f"expected a string, got {C._short(value)} ({_type_name(value)})",
                        "write a name" + (f": one of {', '.join(spec.choices)}" if spec.choices else ""))
         if spec.choices and value not in spec.choices:
-            raise _Bad(path, f"unknown value {value!r}", f"known: {', '.join(spec.choices)}")
+            raise _Bad(path, f"unknown value {C._short(value)}", f"known: {', '.join(spec.choices)}")
         return value
     return value
 
@@ -207,7 +223,7 @@ def _param_text(spec: C.Param) -> str:
         kind = "a list of " + "|".join(spec.of)
     if spec.positive:
         kind += " > 0"
-    return kind + (", required" if spec.required else f", default {spec.default!r}")
+    return kind + (", required" if spec.required else f", default {C._short(spec.default)}")
 
 
 def _expand_spec(kind: str, item, path: str, fixed: bool) -> list[_Value]:
@@ -221,7 +237,7 @@ def _expand_spec(kind: str, item, path: str, fixed: bool) -> list[_Value]:
         name, prefix = item["name"], path
         params = {k: v for k, v in item.items() if k != "name"}
         if not isinstance(name, str):
-            raise _Bad(f"{path}.name", f"expected a {kind} name, got {name!r}",
+            raise _Bad(f"{path}.name", f"expected a {kind} name, got {C._short(name)}",
                        f"known: {', '.join(names)}")
     elif isinstance(item, dict) and len(item) == 1:
         (name, params), = item.items()
@@ -229,14 +245,14 @@ def _expand_spec(kind: str, item, path: str, fixed: bool) -> list[_Value]:
         if params is None:
             params = {}
         if not isinstance(params, dict):
-            raise _Bad(prefix, f"expected a mapping of parameters, got {params!r}",
+            raise _Bad(prefix, f"expected a mapping of parameters, got {C._short(params)}",
                        f"write e.g. {example}")
     else:
-        raise _Bad(path, f"expected a {kind} name or a one-key mapping, got {item!r}",
+        raise _Bad(path, f"expected a {kind} name or a one-key mapping, got {C._short(item)}",
                    f"write e.g. {example}")
     if name not in names:
         raise _Bad(prefix if prefix != path or isinstance(item, str) else f"{path}.name",
-                   f"unknown {kind} {name!r}",
+                   f"unknown {kind} {C._short(name)}",
                    f"known: {', '.join(names)}")
     family = C.LOSS_NAMES[name][0] if kind == "loss" else name
     schema = C.LOSS_FAMILIES[family] if kind == "loss" else C.INIT_SCHEMES[name]
@@ -262,7 +278,7 @@ def _expand_spec(kind: str, item, path: str, fixed: bool) -> list[_Value]:
         else:
             many = isinstance(pvalue, list)
         if many and fixed:
-            raise _Bad(ppath, f"a fixed {kind} takes one value, got a list {pvalue!r}",
+            raise _Bad(ppath, f"a fixed {kind} takes one value, got a list {C._short(pvalue)}",
                        f"to compare several values, move it into grid.{kind}")
         if many and not pvalue:
             raise _Bad(ppath, "empty list of values", "give at least one value")

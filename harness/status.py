@@ -57,11 +57,39 @@ def cell_states(df, ids) -> dict[str, dict]:
     return out
 
 
-def dry_run_report(study, root: str) -> int:
-    """``harness run --dry-run``: the cells, what happens to each, a summary. Writes nothing.
+def teacher_plan(study, pin, cache: str) -> list[str]:
+    """One line per teacher the study needs (its own and generator-init sources): cached,
+    partly trained, or to be trained (steps), so a dry run says what the first minutes do."""
+    import math
 
-    Data that is not on this machine (a cluster study checked on a laptop) is not an error here:
-    the cells are listed without ids (ids hash the data's fingerprint) and a note says why."""
+    from .config import source_teacher
+    from .pin import teacher_id
+
+    needed = {}
+    for cid, cell in pin.current:
+        cfg = cell.config
+        fp = pin.document["cells"][cid]["data_fingerprint"]
+        for role, section in (("teacher", cfg["teacher"]), ("init source", source_teacher(cfg))):
+            if section is not None:
+                needed.setdefault(teacher_id({**cfg, "teacher": section}, fp), (role, section))
+    lines = []
+    for tid, (role, t) in needed.items():
+        folder = os.path.join(cache, "teachers", tid)
+        steps = max(1, math.ceil(t["kimg"] * 1000 / t["batch"]))
+        what = f"{t['arch']}, {t['kimg']:g} kimg = {steps:,} steps of {t['batch']}" + (
+            f", noise band {t['noise']['band']}" if "band" in t["noise"] else "")
+        state = ("cached, reused" if os.path.exists(os.path.join(folder, "teacher.pt")) else
+                 "partly trained: resumes from its checkpoint" if os.path.exists(
+                     os.path.join(folder, "ckpt.pt")) else
+                 "not cached: trained before the first cell")
+        lines.append(f"{role} {tid} ({what}): {state} [{folder}]")
+    return lines
+
+
+def dry_run_report(study, root: str, cache: str | None = None) -> int:
+    """``harness run --dry-run``: the cells, what happens to each, the teachers, a summary.
+    Writes nothing. Data that is not on this machine (a cluster study checked on a laptop) is
+    an error (exit 2) after the cells are listed without ids (ids hash the data)."""
     from .data import DataError
 
     study.results_root = root
@@ -69,15 +97,18 @@ def dry_run_report(study, root: str) -> int:
         fp, _ = fingerprints(study)
     except DataError as e:
         print(describe(study))
-        print(f"note: {e} Cell ids hash the data's fingerprint, so they are listed once the data "
-              f"is there; `harness run` needs it.")
-        print(f"{len(study.cells)} cells would run (dry run: nothing written)")
-        return 0
+        print(f"{len(study.cells)} cells would run once the data is there (dry run: nothing "
+              f"written). Cell ids hash the data's fingerprint, so they are listed then.")
+        raise
+    pin = pins.pin_study(study, root, fp, write=False)
+    teachers = teacher_plan(study, pin, cache) if cache else []
     pin = pins.pin_study(study, root, fp, write=False)
     states = cell_states(results.load_rows(root), pin.ids)
     words = {"done": "done", "diverged": "diverged (final, not re-run)", "pending": "would run",
              "failed": "failed: would retry", "unfinished": "unfinished: would resume"}
     print(describe(study, pin.ids, [words[states[c]["state"]] for c in pin.ids]))
+    for line in teachers:
+        print(line)
     for note in pin.notes:
         print(f"note: {note}")
     count = lambda *s: sum(states[c]["state"] in s for c in pin.ids)  # noqa: E731

@@ -28,6 +28,12 @@ from .pin import canonical_json
 from .settings import (DEFAULT_MAX_FAILURES, DEFAULT_RESOURCES, IMAGE_ARCHS, MAX_FAILURES, NAME_RE,
                        PATH_DATASETS, RESOURCES, SECTIONS, TOP_KEYS, _Bad, _check, _expand_spec,
                        _setting, _type_name, _Value)
+from .tracking import check as _check_tracking
+
+
+MAX_BYTES = 1 << 20  # a study file is a few KB; 1 MB leaves room and stops a runaway file
+MAX_DEPTH = 32  # a study nests about 5 levels
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where available: faster
 
 
 class StudyError(C.ConfigError):
@@ -36,6 +42,7 @@ class StudyError(C.ConfigError):
     def __init__(self, problem: str, *, source: str = "<string>", line: int | None = None,
                  path: str = "", fix: str | None = None):
         where = source + (f":{line}" if line else "")
+        path, problem, fix = C.cut(path, 120), C.cut(problem, 300), fix and C.cut(fix, 400)
         text = f"{where}: " + (f"{path}: " if path else "") + problem + (f"; {fix}" if fix else "")
         ValueError.__init__(self, text)
         self.path, self.source, self.line, self.problem, self.fix = path, source, line, problem, fix
@@ -70,6 +77,7 @@ class Study:
     raw: dict  # the YAML as loaded
     description: str = ""
     lines: dict = field(default_factory=dict, repr=False)  # yaml path -> line
+    tracking: dict = field(default_factory=lambda: _check_tracking(None))  # harness.tracking
 
     @property
     def axis_names(self) -> list[str]:
@@ -97,9 +105,38 @@ class _Parser:
                           path=bad.path, fix=bad.fix)
 
     # -- YAML ------------------------------------------------------------------------------
+    def _prescan(self):
+        """Refuse what a study file has no use for before anything is composed: anchors and
+        aliases (an alias bomb expands exponentially), nesting deeper than ``MAX_DEPTH`` (the
+        composer recurses), more than ``MAX_BYTES``. The scanner is linear and builds nothing."""
+        if len(self.text) > MAX_BYTES:
+            raise StudyError(f"the file is {len(self.text):,} characters, more than a study file "
+                             f"needs ({MAX_BYTES:,})", source=self.source,
+                             fix="check that this is the study YAML; a study is a few dozen lines")
+        depth = 0
+        for token in yaml.scan(self.text, Loader=_LOADER):
+            if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
+                kind = "anchor" if isinstance(token, yaml.AnchorToken) else "alias"
+                raise StudyError(f"YAML {kind} {C.cut(token.value, 40)!r}: anchors and aliases "
+                                 f"are not allowed in study files", source=self.source,
+                                 line=token.start_mark.line + 1,
+                                 fix="write the values out; a grid axis lists several values")
+            if isinstance(token, (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken,
+                                  yaml.FlowMappingStartToken, yaml.FlowSequenceStartToken)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise StudyError(f"nesting deeper than {MAX_DEPTH} levels",
+                                     source=self.source, line=token.start_mark.line + 1,
+                                     fix="a study file needs a few levels; check the brackets")
+            elif isinstance(token, (yaml.BlockEndToken, yaml.FlowMappingEndToken,
+                                    yaml.FlowSequenceEndToken)):
+                depth -= 1
+
     def load(self):
-        loader = yaml.SafeLoader(self.text)
+        loader = None
         try:
+            self._prescan()
+            loader = _LOADER(self.text)
             node = loader.get_single_node()
             if node is None:
                 return None
@@ -113,11 +150,16 @@ class _Parser:
                              line=mark.line + 1 if mark else None,
                              fix="check the indentation, colons and brackets on this line and "
                                  "the one before") from None
-        except yaml.YAMLError as e:
-            raise StudyError(f"YAML syntax error: {e}", source=self.source,
-                             fix="check the YAML syntax") from None
+        except yaml.YAMLError as e:  # e.g. a NUL or control character (yaml.reader.ReaderError)
+            raise StudyError(f"YAML error: {C.cut(str(e).splitlines()[0], 120)}",
+                             source=self.source, fix="check the YAML syntax; a study file is "
+                                                     "plain UTF-8 text") from None
+        except RecursionError:
+            raise StudyError("nesting too deep to parse", source=self.source,
+                             fix="check the brackets") from None
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
 
     def _walk(self, node, path: str, depth: int):
         if depth > 64:
@@ -130,7 +172,7 @@ class _Parser:
                 line = key.start_mark.line + 1
                 if name in seen and name != "<<":
                     p = f"{path}.{name}" if path else name
-                    raise StudyError(f"duplicate key {name!r} (first on line {seen[name]})",
+                    raise StudyError(f"duplicate key {C._short(name)} (first on line {seen[name]})",
                                      source=self.source, line=line, path=p,
                                      fix="remove or merge one of them")
                 seen[name] = line
@@ -158,15 +200,15 @@ class _Parser:
                        "write `key: value` lines starting with `study: NAME`")
         for key in raw:
             if key not in TOP_KEYS:
-                raise _Bad(str(key), f"unknown top-level key {key!r}", f"known: {', '.join(TOP_KEYS)}")
+                raise _Bad(str(key), f"unknown top-level key {C._short(key)}", f"known: {', '.join(TOP_KEYS)}")
 
         if "study" not in raw:
             raise _Bad("study", "missing study name", "add a line `study: NAME` at the top")
         name = raw["study"]
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise _Bad("study", f"invalid study name {name!r}",
-                       "use lowercase letters, digits and _ . - (starting with a letter or "
-                       "digit), e.g. paper-digits")
+        if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > 100:
+            raise _Bad("study", f"invalid study name {C._short(name)}",
+                       "use at most 100 lowercase letters, digits and _ . - (starting with a "
+                       "letter or digit), e.g. c3-digits")
         description = raw.get("description") or ""
         if not isinstance(description, str):
             raise _Bad("description", f"expected a string, got {_type_name(description)}",
@@ -176,11 +218,11 @@ class _Parser:
         if results is None:
             results = os.path.abspath(os.path.join("results", name))
         elif not isinstance(results, str) or not results.strip():
-            raise _Bad("results", f"expected a path or URI, got {results!r}",
+            raise _Bad("results", f"expected a path or URI, got {C._short(results)}",
                        "write e.g. results/NAME, /shared/results/NAME or s3://bucket/NAME")
         elif "://" in results:
             if not re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", results):
-                raise _Bad("results", f"malformed URI {results!r}",
+                raise _Bad("results", f"malformed URI {C._short(results)}",
                            "write SCHEME://PATH, e.g. s3://bucket/NAME or file:///abs/path")
         else:
             results = os.path.abspath(os.path.expanduser(results))
@@ -198,7 +240,7 @@ class _Parser:
             out = {}
             for key, value in body.items():
                 if key not in C.DEFAULTS[section]:
-                    raise _Bad(f"{section}.{key}", f"unknown key {key!r} in {section}",
+                    raise _Bad(f"{section}.{key}", f"unknown key {C._short(key)} in {section}",
                                f"known: {', '.join(C.DEFAULTS[section])}")
                 out[key] = _check(_setting(section, key), value, f"{section}.{key}")
             fixed[section] = out
@@ -217,7 +259,7 @@ class _Parser:
                            "write e.g. resources: {cpu: 1, gpu: 0.5}")
             for key, value in body.items():
                 if key not in RESOURCES:
-                    raise _Bad(f"resources.{key}", f"unknown key {key!r}",
+                    raise _Bad(f"resources.{key}", f"unknown key {C._short(key)}",
                                f"known: {', '.join(RESOURCES)}")
                 resources[key] = float(_check(RESOURCES[key], value, f"resources.{key}"))
             if resources["gpu"] > 1 and not float(resources["gpu"]).is_integer():
@@ -227,13 +269,14 @@ class _Parser:
         max_failures = DEFAULT_MAX_FAILURES
         if raw.get("max_failures") is not None:
             max_failures = _check(MAX_FAILURES, raw["max_failures"], "max_failures")
+        tracking = _check_tracking(raw.get("tracking"))
 
         axes = self._grid(raw.get("grid"), raw, fixed)
         cells = self._cells(fixed, axes)
         return Study(name=name, path=None, results_root=results, fixed=fixed,
                      axes=[(a, [v.value for v in vals]) for a, vals in axes], cells=cells,
                      resources=resources, max_failures=max_failures, raw=raw,
-                     description=description, lines=dict(self.lines))
+                     description=description, lines=dict(self.lines), tracking=tracking)
 
     def _grid(self, grid, raw, fixed) -> list:
         if grid is None:
@@ -253,19 +296,19 @@ class _Parser:
             else:
                 section, _, key = axis.partition(".")
                 if section not in SECTIONS:
-                    raise _Bad(path, f"unknown axis {axis!r}",
+                    raise _Bad(path, f"unknown axis {C._short(axis)}",
                                f"an axis is loss, init, seed or SECTION.KEY with SECTION one of "
                                f"{', '.join(SECTIONS)} (e.g. student.lr)")
                 if key not in C.DEFAULTS[section]:
-                    raise _Bad(path, f"unknown axis {axis!r}: {section} has no key {key!r}",
+                    raise _Bad(path, f"unknown axis {C._short(axis)}: {section} has no key {C._short(key)}",
                                f"known {section} keys: {', '.join(C.DEFAULTS[section])}")
                 if key in fixed.get(section, {}):
                     raise _Bad(path, f"{axis} is both an axis and fixed ({axis}, line "
                                      f"{self.line(axis)})",
                                f"remove {key} from {section} or remove the grid axis")
             if not isinstance(items, list):
-                raise _Bad(path, f"an axis must be a list of values, got {items!r}",
-                           f"write e.g. {axis}: [{items!r}, ...] (a list, even of one value)")
+                raise _Bad(path, f"an axis must be a list of values, got {C._short(items)}",
+                           f"write e.g. {axis}: [{C._short(items)}, ...] (a list, even of one value)")
             if not items:
                 raise _Bad(path, "empty axis (no values)", "give at least one value or remove the axis")
             values: list[_Value] = []
@@ -328,26 +371,26 @@ class _Parser:
         if name in PATH_DATASETS and not data["path"]:
             raise _Bad(where("data.path") if given("data.path") else
                        (origin["data.name"] if "data.name" in origin else "data.path"),
-                       f"dataset {name!r} needs data.path: {PATH_DATASETS[name]}",
+                       f"dataset {C._short(name)} needs data.path: {PATH_DATASETS[name]}",
                        "set data.path in the study file (its existence is checked when the "
                        "data is loaded)")
         if name not in PATH_DATASETS and data["path"]:
-            raise _Bad(where("data.path"), f"dataset {name!r} is built in and reads no path",
+            raise _Bad(where("data.path"), f"dataset {C._short(name)} is built in and reads no path",
                        "remove data.path")
         if data["kind"] is not None and name != "toy2d":
-            raise _Bad(where("data.kind"), f"only toy2d takes a kind, not dataset {name!r}",
+            raise _Bad(where("data.kind"), f"only toy2d takes a kind, not dataset {C._short(name)}",
                        "remove data.kind")
         arch = cfg["teacher"]["arch"]
         if name == "toy2d" and arch != "mlp":
             raise _Bad(where("teacher.arch") if given("teacher.arch") else where("data.name"),
-                       f"toy2d data needs architecture 'mlp', got {arch!r}",
+                       f"toy2d data needs architecture 'mlp', got {C._short(arch)}",
                        "set teacher.arch: mlp")
         if name != "toy2d" and arch == "mlp":
             raise _Bad(where("teacher.arch"), f"architecture 'mlp' is for toy2d, not images "
                                               f"({name})", f"use one of {', '.join(IMAGE_ARCHS)}")
         metric = cfg["eval"]["metric"]
         if name == "toy2d" and metric in ("fd", "fid"):
-            raise _Bad(where("eval.metric"), f"metric {metric!r} needs images, not toy2d",
+            raise _Bad(where("eval.metric"), f"metric {C._short(metric)} needs images, not toy2d",
                        "use metric: mmd or auto")
         if name != "toy2d" and metric == "mmd":
             raise _Bad(where("eval.metric"), f"metric 'mmd' is for toy2d, not images ({name})",
@@ -358,6 +401,16 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def study_from_mapping(raw: dict, source: str = "the command line") -> Study:
+    """Validate settings given as a mapping (``harness cell`` / ``teacher`` build one from their
+    options) exactly as a study file is validated: the same schema and cross-checks."""
+    parser = _Parser("", source)
+    try:
+        return parser._study(raw)
+    except _Bad as bad:
+        raise parser.error(bad) from None
 
 
 def parse_study(text: str, source: str = "<string>") -> Study:

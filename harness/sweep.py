@@ -25,7 +25,7 @@ setting: export ``RAY_AUTH_MODE=token`` and the same ``RAY_AUTH_TOKEN`` (or a sh
 ``RAY_AUTH_MODE=disabled`` on all of them, only on a private network.
 
 Safety: study files are parsed as data (``yaml.safe_load``), nothing in them is evaluated, and
-checkpoints are read with ``torch.load(weights_only=True)`` (``train.load_checkpoint``).
+checkpoints are read with ``torch.load(weights_only=True)`` (``io.load_torch``).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import shutil
 import sys
 import tempfile
 
-from . import pin as pins, results as store
+from . import pin as pins, results as store, tracking
 from .lock import acquire_lock
 from .pin import canonical_json
 from .status import FINAL, cell_states, dry_run_report, fingerprints
@@ -64,14 +64,7 @@ def storage_of(root: str) -> str:
 
 
 def _cache(root: str) -> str:
-    if os.environ.get("HARNESS_CACHE"):
-        return os.path.abspath(os.path.expanduser(os.environ["HARNESS_CACHE"]))
-    if "://" not in root:
-        return os.path.join(root, "cache")
-    path = os.path.expanduser("~/.cache/harness")
-    print(f"note: teachers are cached in {path} (HARNESS_CACHE is not set and the results root "
-          f"{root} is not a local folder): every Ray node must see the same cache at that path")
-    return path
+    return store.cache_for(root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +95,8 @@ def _resume_into(ckpt: str, storage: str, saved: str | None):
             shutil.copyfileobj(src, dst)
 
 
-def harness_cell(config, cells, root, cache, study, device, threads, cell_fn=None, storage=None):
+def harness_cell(config, cells, root, cache, study, device, threads, cell_fn=None, storage=None,
+                 tracking=None):
     """Ray Tune function trainable: run (or resume) one cell with ``cell_fn`` (run_cell)."""
     cid = config["cell"]
     cell = cells.get(cid)
@@ -132,7 +126,7 @@ def harness_cell(config, cells, root, cache, study, device, threads, cell_fn=Non
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp) if keep else None)
 
         cell_fn(cell["config"], root, cache, ckpt, study=study, axes=cell["axes"], device=device,
-                log=print, on_eval=on_eval)
+                log=print, on_eval=on_eval, tracking=tracking)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -150,7 +144,8 @@ def _trainable(study, cells: dict, todo, root, cache, device, cell_fn):
                      "saved": saved.get(cid)} for cid in todo}
     fn = tune.with_parameters(harness_cell, cells=payload, root=root, cache=cache,
                               study=study.name, device=device, storage=storage,
-                              threads=max(1, int(study.resources["cpu"])), cell_fn=cell_fn)
+                              threads=max(1, int(study.resources["cpu"])), cell_fn=cell_fn,
+                              tracking=study.tracking)
     return tune.with_resources(fn, {"cpu": study.resources["cpu"], "gpu": study.resources["gpu"]})
 
 
@@ -161,12 +156,21 @@ def _connect(address: str | None) -> bool:
     """Start or join Ray unless this process already did; True if this call started it."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ctrl-C raises KeyboardInterrupt in the driver (exit 130 and the harness's own resume line)
+    # instead of Tune's handler, which stops the sweep and prints its Tuner.restore hint
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     import ray
 
     if ray.is_initialized():
         return False
-    ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING,
-             include_dashboard=False)
+    quiet = logging.getLogger("ray")  # the token-auth notice is not the user's first line
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING,
+                 include_dashboard=False)
+    finally:
+        quiet.setLevel(level)
     return True
 
 
@@ -214,56 +218,72 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
     """
     study = load_study(path)
     root = _root(results or study.results_root)
+    store.check_root(root)
+    cache = _cache(root)
     if dry_run:
-        return dry_run_report(study, root)
+        return dry_run_report(study, root, cache)
     fp, datasets = fingerprints(study)
-    with acquire_lock(root):
-        pin = pins.pin_study(study, root, fp)
-        for note in pin.notes:
-            print(f"note: {note}")
-        if pin.orphaned:
-            print(f"{len(pin.orphaned)} orphaned cells (no longer in the study; their results are "
-                  f"kept and left out of figures): {', '.join(pin.orphaned)}")
-        states = cell_states(store.load_rows(root), pin.ids)
-        pending = [c for c in pin.ids if states[c]["state"] not in FINAL]
-        if not pending:
-            diverged = sum(s["state"] == "diverged" for s in states.values())
-            print(f"all {len(pin.ids)} cells done"
-                  + (f" ({diverged} of them diverged)" if diverged else ""))
-            return 0
-        started = _connect(address)
-        try:
-            problem = _resource_problem(study)
-            if problem:
-                print("error: " + problem, file=sys.stderr)
-                return EXIT_USAGE
-            cache = _cache(root)
+    # Read-only first: what is pinned and done. Nothing is written before resources are checked.
+    plan = pins.pin_study(study, root, fp, write=False)
+    states = cell_states(store.load_rows(root), plan.ids)
+    pending = [c for c in plan.ids if states[c]["state"] not in FINAL]
+    if not pending:
+        diverged = sum(s["state"] == "diverged" for s in states.values())
+        print(f"all {len(plan.ids)} cells done"
+              + (f" ({diverged} of them diverged)" if diverged else "")
+              + f": their results are stored in {root}, so nothing was trained. To compute "
+                f"them again, run with another --results folder (or move this one aside).")
+        return 0
+    started = _connect(address)
+    try:
+        problem = _resource_problem(study)
+        if problem:
+            print("error: " + problem, file=sys.stderr)
+            return EXIT_USAGE
+        study.tracking = tracking.preflight(study.tracking, study.name)
+        with acquire_lock(root):
+            pin = pins.pin_study(study, root, fp)
+            for note in pin.notes:
+                print(f"note: {note}")
+            if pin.orphaned:
+                print(f"{len(pin.orphaned)} orphaned cells (no longer in the study; their "
+                      f"results are kept and left out of figures): {', '.join(pin.orphaned)}")
+            states = cell_states(store.load_rows(root), pin.ids)
+            pending = [c for c in pin.ids if states[c]["state"] not in FINAL]
+            for line in tracking.describe(study.tracking, root):
+                print(line)
             _teachers(study, pin, pending, datasets, root, cache, device)
             from .progress import quiet_tune
 
             with quiet_tune():
                 return _sweep(study, pin, pending, root, cache, device, cell_fn)
-        finally:
-            if started:
-                import ray
+    finally:
+        if started:
+            import ray
 
-                ray.shutdown()
+            ray.shutdown()
 
 
 def _teachers(study, pin, pending, datasets, root, cache, device):
-    """Train (or load) each teacher once in the driver and write its reference rows."""
+    """Train (or load) each teacher once in the driver and write its reference rows; also every
+    teacher whose weights start a generator (``init: {name: teacher, source: ...}``)."""
     from .cell import pick_device, prepare
+    from .config import source_teacher
+    from .teacher import load_or_train
 
     dev = pick_device(device)
     cells, seen = dict(pin.current), set()
     for cid in pending:
         cfg = cells[cid].config
+        dataset = datasets[canonical_json(cfg["data"])]
         key = (pin.teacher_of(cid), cfg["eval"]["n"], cfg["eval"]["metric"])
-        if key in seen:
-            continue
-        seen.add(key)
-        prepare(cfg, root, cache, dev, study=study.name,
-                dataset=datasets[canonical_json(cfg["data"])])
+        if key not in seen:
+            seen.add(key)
+            prepare(cfg, root, cache, dev, study=study.name, dataset=dataset)
+        source = source_teacher(cfg)
+        if source is not None and canonical_json(source) not in seen:
+            seen.add(canonical_json(source))
+            load_or_train({**cfg, "teacher": source}, dataset, cache, dev)
 
 
 def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
@@ -281,7 +301,9 @@ def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
 
     def run_config(name, n):
         return tune.RunConfig(
-            name=name, storage_path=storage, verbose=0, callbacks=[Progress(labels, kimg, n)],
+            name=name, storage_path=storage, verbose=0,
+            callbacks=[Progress(labels, {c: kimg[c] for c in pending}, n,
+                                len(pin.ids) - len(pending), len(pin.ids))],
             failure_config=tune.FailureConfig(max_failures=study.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None))  # see progress.Progress
 

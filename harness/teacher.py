@@ -17,10 +17,10 @@ import torch
 
 from . import __version__, nets, perf
 from .data import Dataset
-from .diffusion import Denoiser, denoising_loss, ema_beta, heun_sample
+from .diffusion import Denoiser, denoising_loss, ema_beta, heun_sample, sample_sigma_band
 from .inits import derive_seed
 from .pin import teacher_id
-from .train import load_checkpoint, save_atomic
+from .io import ema_update, load_torch as load_checkpoint, save_atomic, write_json_atomic
 
 LR_RAMP_FRACTION = 0.05  # linear warm-up over the first 5% of steps (EDM ramps over 10 Mimg)
 
@@ -37,6 +37,8 @@ def _build(cfg: dict, dataset: Dataset) -> Denoiser:
 def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=print,
                   max_steps: int | None = None) -> tuple[Denoiser, dict]:
     """The teacher's EMA denoiser and its metadata, training (or resuming) it if needed."""
+    if cfg["teacher"].get("import"):  # NVIDIA's published EDM teacher: loaded, never trained
+        return load_imported(cfg["teacher"]["import"], dataset, device)
     tid, folder = teacher_dir(cache, cfg, dataset)
     final = os.path.join(folder, "teacher.pt")
     denoiser = _build(cfg, dataset)
@@ -59,6 +61,7 @@ def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=pri
     opt = torch.optim.Adam(denoiser.parameters(), lr=tc["lr"], betas=(0.9, 0.999), eps=1e-8)
     beta = ema_beta(batch, tc["ema_halflife_kimg"])
     ckpt = os.path.join(folder, "ckpt.pt")
+    band = (tc.get("noise") or {}).get("band")  # a band-limited teacher (SPEC §4)
     step, wall = 0, 0.0
     if os.path.exists(ckpt):
         state = load_checkpoint(ckpt)
@@ -86,17 +89,16 @@ def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=pri
         for g in opt.param_groups:
             g["lr"] = tc["lr"] * min(1.0, (step + 1) / max(1, LR_RAMP_FRACTION * total))
         x = data[torch.randint(data.shape[0], (batch,), device=device)]
+        sigma = None if band is None else sample_sigma_band(batch, *band, device=device)
         with run.amp:
-            loss = denoising_loss(run(denoiser), x).mean()
+            loss = denoising_loss(run(denoiser), x, sigma).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"teacher {tid}: non-finite loss at step {step}; lower "
                                      f"teacher.lr (now {tc['lr']})")
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-                p_ema.lerp_(p, 1 - beta)
+        ema_update(ema, denoiser, beta)
         step += 1
         wall += time.perf_counter() - t0
         if step % save_every == 0 or step == total:
@@ -135,8 +137,24 @@ def cached_quality(folder: str, key: str, compute) -> dict:
     known = json.load(open(path)) if os.path.exists(path) else {}
     if key not in known:
         known[key] = compute()
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(known, f, indent=1)
-        os.replace(tmp, path)
+        write_json_atomic(known, path)
     return known[key]
+
+
+def load_imported(path: str, dataset: Dataset, device="cpu") -> tuple[Denoiser, dict]:
+    """A teacher imported from one of NVIDIA's EDM pickles (``teacher: {import: PATH}``), read
+    without running anything from it (``harness.edm_import``), as the harness's ``ddpmpp``.
+    Its id is ``t-`` + the first 12 hex digits of the file's sha256."""
+    from .edm_import import EDMImportError, harness_teacher, load_edm_pickle
+
+    state, edm = load_edm_pickle(path)
+    net, info = harness_teacher(state, edm, tuple(dataset.x.shape[1:]))
+    sigma_data = info["sigma_data"]
+    if sigma_data is None or abs(sigma_data - dataset.sigma_data) > 1e-9:
+        raise EDMImportError(f"{path}: the teacher was trained with sigma_data {sigma_data}, the "
+                             f"data have {dataset.sigma_data}")
+    meta = {"id": "t-" + edm["sha256"][:12], "arch": "ddpmpp", "imported": str(path),
+            "data": dataset.name, "data_fingerprint": dataset.fingerprint, "edm": info,
+            "parameters": nets.count_parameters(net), "version": __version__}
+    denoiser = Denoiser(net, sigma_data).to(device)
+    return denoiser.eval().requires_grad_(False), meta

@@ -14,14 +14,15 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from . import __version__, losses, nets, perf
+from . import __version__, losses, nets, perf, verifier
 from .diffusion import Denoiser, OneStepGenerator, ema_beta
-from .inits import derive_seed, init_aux, init_generator
+from .inits import InitContext, derive_seed, init_aux, init_generator
+from .io import CheckpointError, ema_update, load_torch as load_checkpoint, save_atomic
 from .pin import canonical_json, identity
 
 
@@ -34,27 +35,9 @@ class Evaluation:
     metrics: dict[str, float]
     status: str  # running | done | diverged
     wall_s: float  # training compute seconds so far (all resumes together)
-    samples: torch.Tensor | None = None  # first few evaluation samples, float in data range
+    samples: torch.Tensor | None = None  # the evaluation's samples (all eval.n), float, on CPU
     message: str | None = None
-
-
-def save_atomic(obj, path: str):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-def load_checkpoint(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(f"checkpoint {path!r} is unreadable ({type(e).__name__}: {e}). "
-                              "It is corrupt or not a harness checkpoint: move it aside and run "
-                              "again to restart this cell from step 0.") from None
+    extra_rows: list = field(default_factory=list)  # more metric rows (the verifier's, at the end)
 
 
 @contextlib.contextmanager
@@ -69,10 +52,14 @@ def frozen(module: torch.nn.Module):
             p.requires_grad_(f)
 
 
-def build_student(cfg: dict, teacher_state: dict, shape: tuple, sigma_data: float):
-    """Generator, auxiliary network and loss family at step 0 (SPEC §3-§4)."""
+def build_student(cfg: dict, teacher_state: dict, shape: tuple, sigma_data: float,
+                  init_extra: dict | None = None):
+    """Generator and auxiliary network at step 0 (SPEC §3-§4). ``init_extra``: more
+    ``inits.InitContext`` fields (cache, teacher_id, source_state, device)."""
     arch, st, seed = cfg["teacher"]["arch"], cfg["student"], cfg["seed"]
-    gen_init = init_generator(cfg["init"], teacher_state, lambda: nets.build(arch, shape), seed)
+    ctx = InitContext(teacher_state, lambda: nets.build(arch, shape), seed, st["sigma_init"],
+                      sigma_data, shape, **(init_extra or {}))
+    gen_init = init_generator(cfg["init"], ctx)
     net = nets.build(arch, shape)
     net.load_state_dict(gen_init.state)
     generator = OneStepGenerator(Denoiser(net, sigma_data), st["sigma_init"], gen_init.sigma_feat)
@@ -94,7 +81,7 @@ def build_student(cfg: dict, teacher_state: dict, shape: tuple, sigma_data: floa
 def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: float,
                   evaluate: Callable[[torch.Tensor], dict], ckpt_path: str | None,
                   report: Callable[[Evaluation], None], device="cpu",
-                  max_steps: int | None = None) -> Evaluation:
+                  max_steps: int | None = None, init_extra: dict | None = None) -> Evaluation:
     """Train one cell's generator; resume from ``ckpt_path`` if it exists.
 
     Args:
@@ -108,6 +95,7 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
         report: called with every Evaluation (rows, samples, progress).
         max_steps: stop (checkpointed, status ``running``) after this many total steps:
             simulates an interruption in tests.
+        init_extra: passed to ``build_student`` (what some init schemes need besides weights).
     Returns: the last Evaluation.
     """
     device = torch.device(device)
@@ -115,13 +103,14 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
     batch = st["batch"]
     total_steps = max(1, math.ceil(st["kimg"] * 1000 / batch))
     eval_every = max(1, round(ev["every_kimg"] * 1000 / batch))
-    n_eval, n_stored = ev["n"], ev["samples"]
+    n_eval = ev["n"]
     teacher.to(device).eval().requires_grad_(False)
     teacher_state = {k: v.detach().cpu() for k, v in teacher.net.state_dict().items()}
 
     # Construct nets, optimizers and the loss family.
     shape = tuple(data.shape[1:])
-    generator, aux = build_student(cfg, teacher_state, shape, sigma_data)
+    generator, aux = build_student(cfg, teacher_state, shape, sigma_data,
+                                   {"device": str(device), **(init_extra or {})})
     generator.to(device).train()
     aux.to(device).train()
     # Precision, layout, compilation (harness.perf): `run(m)` is what to call for module m.
@@ -171,8 +160,16 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
             with torch.no_grad(), amp:
                 x = torch.cat([ema(chunk) for chunk in z.split(500)]).float()
             metrics = evaluate(x) if status != "diverged" else {}
-        return Evaluation(step * batch / 1000, step, metrics, status, wall,
-                          x[:n_stored].cpu(), message)
+            extra = []
+            if status == "done":  # eval.verifier: best-of-n / resampled scores (harness.verifier)
+                def sample_fn(zz):
+                    with amp:
+                        return ema(zz)
+
+                extra = verifier.cell_rows(cfg, evaluate, sample_fn, aux, teacher_state, data,
+                                           sigma_data, device, plain=metrics, amp=amp)
+        return Evaluation(step * batch / 1000, step, metrics, status, wall, x.cpu(), message,
+                          extra)
 
     def emit(status: str, message=None) -> Evaluation:
         result = evaluation(status, message)
@@ -206,9 +203,7 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
             step += 1
             return emit("diverged", f"non-finite loss at step {step}: generator "
                                     f"{gen_loss.item():.3g}, aux {aux_loss.item():.3g}")
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), generator.parameters()):
-                p_ema.lerp_(p, 1 - beta)
+        ema_update(ema, generator, beta)
         step += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -13,6 +13,9 @@ How the inputs are made:
       UPDATE_GOLDEN=1 python -m pytest tests/test_analysis.py -q
 
   and review the diff before committing.
+- Legacy store: ``tests/fixtures/legacy_quick/`` is the quick study's store as committed before the
+  typed loss/init columns existed (rows without loss_family, reinit, ...; a ``data_halves`` floor),
+  with ``expected/`` = the figure data the analysis of that time wrote from it.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "results_small")
 GOLDEN = os.path.join(HERE, "fixtures", "golden")
 ROOT = os.path.dirname(HERE)
-FIGURES = ("heatmap", "curves", "reset", "transplant", "samples")
+LEGACY = os.path.join(HERE, "fixtures", "legacy_quick")
+FIGURES = ("heatmap", "curves", "reset", "transplant", "mapping", "samples", "claims_kimg")
 EXCLUDED = {"c-sid-teacher-s2": "failed", "c-ratio_js-random-s2": "diverged",
             "c-di-random-s3": "unfinished", "c-di-teacher-s7": "orphaned"}
 
@@ -120,11 +124,15 @@ def test_only_heatmap(tmp_path):
 
 def test_unknown_only_and_metric(tmp_path):
     from analysis.figures import OUTPUTS, make_all
+    from harness.cli import main
 
     with pytest.raises(ValueError) as e:
         make_all(FIXTURE, str(tmp_path), only="histogram")
     for name in OUTPUTS:
         assert name in str(e.value)
+    # the CLI reports it in one line with exit code 2 (a ConfigError), not a traceback
+    study = os.path.join(ROOT, "studies", "quick.yaml")
+    assert main(["figures", study, "--results", FIXTURE, "--only", "histogram"]) == 2
     with pytest.raises(ValueError, match="fd_digits_1k"):
         make_all(FIXTURE, str(tmp_path), metric="fid_inception_50k")
     assert os.listdir(tmp_path) == []
@@ -138,22 +146,24 @@ def test_no_torch_or_ray_import():
 
 
 def test_missing_inputs_are_skipped(tmp_path):
-    """No feature_transplant / reset cells: those figures are skipped, claims say not tested."""
+    """Only teacher and random init: reset/transplant/mapping figures are skipped, C3 not tested."""
     from analysis.figures import make_all
 
     rows = load_rows(FIXTURE)
-    keep = ~rows["init"].astype(str).str.startswith(("feature_transplant", "reset_layers"))
+    plain = rows["init_scheme"].isin(["random"]) | (
+        (rows["init_scheme"] == "teacher") & rows["init_source"].isna())
+    keep = plain | (rows["status"] == "reference")
     root = str(tmp_path / "store")
     write_rows(root, [{k: (None if pd.isna(v) else v) for k, v in r.items()}
                       for r in rows[keep].to_dict("records")])
     with open(os.path.join(root, "pin.json"), "w") as f:
         f.write(_read(FIXTURE, "pin.json"))
     out = str(tmp_path / "out")
-    assert make_all(root, out, only="transplant") == []
-    assert make_all(root, out, only="reset") == []
+    for name in ("transplant", "reset", "mapping"):
+        assert make_all(root, out, only=name) == []
     make_all(root, out, only="claims")
     claims = pd.read_csv(os.path.join(out, "claims.data.csv")).set_index("claim")
-    for c in ("C3", "C3a", "C3b", "C3c"):
+    for c in ("C3", "C3a", "C3b", "C3c", "C3d", "C3e"):
         assert claims.loc[c, "verdict"] == "not tested by this study"
     assert claims.loc["C2", "verdict"] == "holds"
     assert make_all(root, out, only="samples") == []  # no samples in this store
@@ -210,12 +220,14 @@ def test_claim_rules_change_with_the_numbers():
 
     study = load_study(FIXTURE)
     f = study.final
-    ratio = f["loss"].str.startswith("ratio_")
+    ratio = (f["loss_family"] == "ratio").to_numpy()
     study.final = f.assign(value=np.where(ratio, f["value"] * 1.5, f["value"]))
     v = {x.claim: x for x in judge(study, np.random.default_rng(0))}
     assert v["C1"].verdict == "does not hold" and v["C1"].effect > 0.4
-    # transplant as good as teacher everywhere: no spread over sigma_feat
-    ft = study.final["init"].str.startswith("feature_transplant")
+    assert v["C1-best"].verdict == "does not hold"
+    # transplant (all weights kept) as good as teacher everywhere: no spread over sigma_feat
+    ft = ((study.final["init_scheme"] == "feature_transplant")
+          & (study.final["reset_output"] == False)).to_numpy()  # noqa: E712
     teach = study.final[study.final["init"] == "teacher"].set_index(["loss", "seed"])["value"]
     key = pd.MultiIndex.from_frame(study.final[["loss", "seed"]])
     study.final = study.final.assign(value=np.where(ft, teach.reindex(key).to_numpy(),
@@ -225,6 +237,7 @@ def test_claim_rules_change_with_the_numbers():
     study.final = study.final[study.final["seed"] == 0]
     v = {x.claim: x for x in judge(study, np.random.default_rng(0))}
     assert v["C2"].verdict == "inconclusive (1 seed)"
+    assert v["C2"].seeds_needed is None and "no spread" in v["C2"].seeds_note
 
 
 def test_toy2d_store(tmp_path):
@@ -259,3 +272,210 @@ def test_toy2d_store(tmp_path):
     claims = pd.read_csv(os.path.join(out, "claims.data.csv")).set_index("claim")
     assert claims.loc["C2", "verdict"] == "holds"
     assert "mmd_toy2d_1k" in _read(out, "table.md")
+
+
+# ----------------------------------------------------------------------- claims: properties
+def _study():
+    from analysis.data import load_study
+
+    return load_study(FIXTURE)
+
+
+def test_fixed_pair_ci_resamples_the_fixed_pair():
+    """C1's interval is the bootstrap of exactly the declared pair: it equals the percentile CI
+    of the pair's own resampled means, and nothing about the other losses moves it (while the
+    best-vs-best variant beside it does move)."""
+    import numpy as np
+
+    from analysis.claims import C1_PAIR, _ci, _Groups, judge
+
+    study = _study()
+    base = 12345
+    v = {x.claim: x for x in judge(study, np.random.default_rng(0), base=base)}
+    c1 = v["C1"]
+    assert C1_PAIR == ("ratio_js", "sid") and "ratio_js vs sid" in c1.comparison
+    g = _Groups(study, study.final, base)
+    a, b = g.boot(("ratio_js", "teacher")), g.boot(("sid", "teacher"))
+    lo, hi = _ci((a - b) / np.abs(b))
+    assert (c1.ci_low, c1.ci_high) == (lo, hi)
+    t = study.final[study.final["init"] == "teacher"].groupby("loss")["value"].mean()
+    assert c1.effect == pytest.approx((t["ratio_js"] - t["sid"]) / t["sid"])
+    # make ratio_kl far better and di far worse: the fixed pair does not move, best-vs-best does
+    f = study.final
+    scale = np.select([(f["loss"] == "ratio_kl").to_numpy(), (f["loss"] == "di").to_numpy()],
+                      [0.5, 3.0], 1.0)
+    study.final = f.assign(value=f["value"] * scale)
+    w = {x.claim: x for x in judge(study, np.random.default_rng(0), base=base)}
+    assert (w["C1"].effect, w["C1"].ci_low, w["C1"].ci_high) == (c1.effect, c1.ci_low,
+                                                                  c1.ci_high)
+    assert "ratio_kl" in w["C1-best"].comparison and w["C1-best"].effect < -0.4
+    # a declared pair the study lacks: not tested, with the reason
+    x = {v.claim: v for v in judge(study, np.random.default_rng(0), pair=("ratio_rkl", "sid"))}
+    assert x["C1"].verdict == "not tested by this study"
+    assert any("ratio_rkl" in d for d in x["C1"].details)
+
+
+def test_seeds_needed_shrinks_the_ci_as_stated():
+    """The seeds-to-decide number m is the smallest seeds per group at which the CI, its
+    half-widths scaled by sqrt(n/m), excludes the threshold; equal effect and threshold, or one
+    seed, cannot be decided."""
+    import math
+
+    import numpy as np
+
+    from analysis.claims import UNDECIDABLE, judge, scaled_ci, seeds_to_decide
+
+    for e, lo, hi, t, n in ((0.05, -0.03, 0.16, 0.10, 3), (0.3, 0.05, 0.5, 0.25, 4),
+                            (0.2, 0.1, 0.26, 0.25, 2), (0.099, -0.02, 0.102, 0.10, 5)):
+        m, why = seeds_to_decide(e, lo, hi, t, n)
+        assert m is not None and m > n and why == ""
+        a, b = scaled_ci(e, lo, hi, n, m)
+        assert not (a <= t <= b), (e, m, a, b)  # decided at m
+        if m - 1 > n:
+            a, b = scaled_ci(e, lo, hi, n, m - 1)
+            assert a <= t <= b  # ... and not at m - 1
+    assert seeds_to_decide(0.1, 0.0, 0.2, 0.1, 3)[1].startswith(UNDECIDABLE)
+    assert seeds_to_decide(0.1, math.nan, math.nan, 0.2, 1)[0] is None
+    assert seeds_to_decide(0.05, -0.02, 0.08, 0.10, 3) == (None, "")  # already decided
+
+    # on a real claim: spread ratio_js's seeds until C1 is inconclusive
+    study = _study()
+    f = study.final
+    js = ((f["loss"] == "ratio_js") & (f["init"] == "teacher")).to_numpy()
+    study.final = f.assign(value=np.where(js, f["value"] * np.where(f["seed"] == 0, 0.8, 1.3),
+                                          f["value"]))
+    c1 = {v.claim: v for v in judge(study, np.random.default_rng(0))}["C1"]
+    assert c1.verdict == "inconclusive (2 seeds)" and c1.seeds_needed > 2
+    assert f"about {c1.seeds_needed} seeds per group" in c1.seeds_note
+    a, b = scaled_ci(c1.effect, c1.ci_low, c1.ci_high, 2, c1.seeds_needed)
+    assert not (a <= 0.10 <= b)
+
+
+def test_bootstrap_ci_shrinks_like_sqrt_n():
+    """The scaling behind the seeds rule: repeating every group's seeds k times (same spread,
+    k times the seeds) narrows a claim's bootstrap CI by about sqrt(k)."""
+    import numpy as np
+
+    from analysis.claims import judge
+
+    study = _study()
+    c2 = {v.claim: v for v in judge(study, np.random.default_rng(0))}["C2"]
+    k = 8
+    f = study.final
+    study.final = pd.concat([f.assign(seed=f["seed"] + 10 * i) for i in range(k)],
+                            ignore_index=True)
+    big = {v.claim: v for v in judge(study, np.random.default_rng(0))}["C2"]
+    ratio = (big.ci_high - big.ci_low) / (c2.ci_high - c2.ci_low)
+    # n = 2 -> 16 seeds; the bootstrap's own small-n shrinkage (sqrt((n-1)/n)) is part of it
+    assert ratio == pytest.approx(np.sqrt(1 / k) * np.sqrt(2), rel=0.25)
+
+
+def test_protocol_selection_leaves_other_protocols_out(full_run):
+    """One protocol per metric: the newest data floor's (v2); the teacher cells' superseded v1
+    rows and the v1 references are left out, and the note says how many."""
+    from analysis.data import select_protocol
+
+    study = _study()
+    assert study.protocol.protocol == "synthetic fixture v2"
+    lo = study.protocol.left_out.set_index("protocol")
+    assert lo.loc["synthetic fixture v1", "rows"] == 10 and lo.loc["synthetic fixture v1",
+                                                                    "refs"] == 2
+    assert study.ref("data_floor") == 1.25 and study.ref("teacher_heun35") == 9.5
+    assert "left out 10 rows under 1 other protocol" in study.note()
+    t = study.final[study.final["init"] == "teacher"]["value"]
+    assert t.max() < 25  # the v1 values (3x) never enter
+    out, _ = full_run
+    for doc in ("table.md", "claims.md"):
+        assert "synthetic fixture v1" in _read(out, doc) and "Left out 10 rows" in _read(out, doc)
+
+    def frame(rows):
+        return pd.DataFrame(rows, columns=["cell", "init", "status", "protocol", "written_at"])
+
+    t0 = pd.Timestamp("2024-01-01", tz="UTC")
+    rows = [("a", "x", "done", "P1", t0), ("b", "x", "done", "P1", t0),
+            ("a", "x", "done", "P2", t0 + pd.Timedelta(1, "h"))]
+    # no floor row: the protocol most done cells have
+    choice, keep = select_protocol(frame(rows), {"a", "b"})
+    assert choice.protocol == "P1" and list(keep) == [True, True, False]
+    assert "the most common among done cells" in choice.source
+    # the newest floor row's protocol, even with fewer cells ...
+    rows += [("ref-t-data_floor", "data_floor", "reference", "floor; P1", t0),
+             ("ref-t-data_floor", "data_floor", "reference", "floor; P2",
+              t0 + pd.Timedelta(2, "h"))]
+    choice, keep = select_protocol(frame(rows), {"a", "b"})
+    assert choice.protocol == "P2" and list(keep) == [False, False, True, False, True]
+    assert int(choice.left_out["rows"].sum()) == 3
+    # ... unless no done cell has it: then the newest floor whose protocol the cells have
+    rows += [("ref-t2-data_floor", "data_floor", "reference", "floor; P3",
+              t0 + pd.Timedelta(3, "h"))]
+    choice, _ = select_protocol(frame(rows), {"a", "b"})
+    assert choice.protocol == "P2"
+
+
+def test_verifier_metrics_stay_out(tmp_path):
+    """``<metric>@<mode><n>`` rows are verifier scores: never the primary metric."""
+    from analysis.data import choose_metric
+    from harness.config import ConfigError
+
+    counts = pd.Series({"fd_digits_1k@resample4": 100, "fd_digits_1k": 10, "img_per_s": 5})
+    assert choose_metric(counts) == "fd_digits_1k"
+    assert choose_metric(pd.Series({"fd_digits_1k@best2": 3})) is None
+    with pytest.raises(ConfigError, match="verifier"):
+        choose_metric(counts, "fd_digits_1k@resample4")
+
+
+def test_groups_come_from_columns_not_labels():
+    """Renaming every init label to an opaque name changes no claim: selection reads the typed
+    columns (init_scheme, reset_groups, reinit, sigma_feat, reset_output, init_source, ...)."""
+    import numpy as np
+
+    from analysis.claims import judge
+    from analysis.data import load_study
+
+    rows = load_rows(FIXTURE)
+    cell = rows["status"] != "reference"
+    names = {i: f"init{k}" for k, i in enumerate(sorted(rows.loc[cell, "init"].unique()))}
+    renamed = rows.assign(init=np.where(cell, rows["init"].map(names), rows["init"]))
+    a = load_study(FIXTURE)
+    b = load_study(FIXTURE, rows=renamed)
+    va = {v.claim: v for v in judge(a, np.random.default_rng(0), base=7)}
+    vb = {v.claim.replace("init", ""): v for v in judge(b, np.random.default_rng(0), base=7)}
+    for c in ("C2", "C3a", "C3b", "C3c", "C3d", "C3e"):
+        assert va[c].verdict == vb[c].verdict != "not tested by this study", c
+        assert va[c].effect == pytest.approx(vb[c].effect), c
+
+
+def test_legacy_store_same_numbers_as_before(tmp_path):
+    """The quick study's store from before the typed columns (no loss_family, reinit, ...;
+    a `data_halves` floor) still loads, and its figures carry the numbers the analysis wrote
+    then (tests/fixtures/legacy_quick/expected/)."""
+    import numpy as np
+
+    from analysis.data import load_study
+    from analysis.figures import make_all
+
+    rows = load_rows(LEGACY)
+    assert rows["loss_family"].isna().all() and rows["reinit"].isna().all()
+    study = load_study(LEGACY)
+    assert study.legacy_rows == 10
+    assert set(study.cells["loss_family"]) == {"di", "sid", "ratio"}
+    assert study.floor_name() == "data_halves"
+    out = str(tmp_path / "out")
+    make_all(LEGACY, out)
+    key = {"heatmap": ["loss", "init"], "table": ["loss", "init"],
+           "curves": ["loss", "init", "kimg"]}
+    for name, cols in key.items():
+        old = pd.read_csv(os.path.join(LEGACY, "expected", f"{name}.data.csv"))
+        new = pd.read_csv(os.path.join(out, f"{name}.data.csv"))
+        merged = old.merge(new, on=cols, how="outer", suffixes=("_old", "_new"),
+                           indicator=True)
+        assert (merged["_merge"] == "both").all(), name
+        for c in ("n", "mean"):
+            np.testing.assert_allclose(merged[f"{c}_new"], merged[f"{c}_old"], rtol=1e-5,
+                                       err_msg=f"{name}.{c}")
+    old = pd.read_csv(os.path.join(LEGACY, "expected", "claims.data.csv")).set_index("claim")
+    new = pd.read_csv(os.path.join(out, "claims.data.csv")).set_index("claim")
+    assert new.loc["C2", "effect"] == pytest.approx(old.loc["C2", "effect"], rel=1e-5)
+    # the old C1 was best vs best: now C1-best
+    assert new.loc["C1-best", "effect"] == pytest.approx(old.loc["C1", "effect"], rel=1e-5)
+    assert "data floor, legacy" in _read(out, "table.md")

@@ -174,10 +174,12 @@ def test_stale_lock_is_taken_over(tmp_path):
     dead.wait()
     (root / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
                                             "started_at": "earlier", "token": "x"}))
-    code, out, err = cli("run", study, "--results", root, cwd=tmp_path)
+    code, out, err = cli("run", study, "--results", root, cwd=tmp_path)  # all done: reads only
+    assert code == 0 and "all 2 cells done" in out and "nothing was trained" in out, out + err
+    assert (root / ".lock").exists()
+    code, out, err = cli("compact", study, "--results", root, cwd=tmp_path)  # takes the lock
     assert code == 0, out + err
     assert "taking over the stale lock" in err and f"process {dead.pid}" in err
-    assert "all 2 cells done" in out
     assert not (root / ".lock").exists()
 
 
@@ -222,3 +224,21 @@ def test_run_study_with_missing_data_files(tmp_path):
     assert code == 2, out + err
     assert "/nonexistent/data.npz" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_cell_reuses_the_teacher_that_run_trained(tmp_path, monkeypatch):
+    """One cache resolver: `harness cell --out ROOT` finds the teacher that `harness run` of the
+    results root ROOT trained (same settings): no second training, the same teacher folder."""
+    monkeypatch.delenv("HARNESS_CACHE", raising=False)
+    env = {k: v for k, v in os.environ.items() if k != "HARNESS_CACHE"}
+    study = write_study(tmp_path, "reuse", "grid: {seed: [0]}\n")
+    root = tmp_path / "r"
+    code, out, err = cli("run", study, "--results", root, cwd=tmp_path, env=env, timeout=300)
+    assert code == 0, out + err
+    assert "training mlp on toy2d" in out
+    trained = sorted(os.listdir(root / "cache" / "teachers"))
+    code, out, err = cli("cell", "--data", "toy2d", "--set", "teacher.kimg=4", "--kimg", "0.2",
+                         "--set", "eval.n=200", "--out", root, cwd=tmp_path, env=env)
+    assert code == 0, out + err
+    assert "training mlp" not in out and " done " in out
+    assert sorted(os.listdir(root / "cache" / "teachers")) == trained

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import harness.losses as losses
+from harness.config import resolve_loss
 from gaussian_oracle import (
     DT, denoiser_oracle, fisher, gh2, js_gh, js_grid, kl_pq, kl_qp, logratio_oracle, raising,
 )
@@ -305,7 +306,7 @@ def test_di_surrogate_gradient_is_g_per_sample(samples, weighting):
 def test_ratio_surrogate_gradient_flows_through_x_s_only(samples, divergence):
     """d L / d x = f''(r) r * d l / d x_s at x_s (for kl: exactly d l / d x_s)."""
     (mu, S, a0, b0), x, e, sigma = samples
-    fam = oracle_family({"name": "ratio", "divergence": divergence}, mu, S, a0, b0)
+    fam = oracle_family(resolve_loss(f"ratio_{divergence}"), mu, S, a0, b0)
     gx = _per_sample_dx(fam, x, sigma, e)
     logit = logratio_oracle(a0, b0, mu, S)
     x_s = (x + sigma[:, None] * e).detach().requires_grad_(True)

@@ -45,7 +45,7 @@ def test_names_carry_protocol(ev_1k, digits):
     r = ev_1k(_subset(digits.x, 1000, 0))
     assert set(r) == {"fd_digits_1k", "kid_digits_1k"} == set(ev_1k.metric_names)
     w = ev_1k.identity["extractor_weights"]
-    assert len(w) == 8 and w in ev_1k.protocol and "1000 generated vs 1797 real" in ev_1k.protocol
+    assert len(w) == 8 and w in ev_1k.protocol and "1000 generated vs 597 held-out real" in ev_1k.protocol
     assert ev_1k.identity["extractor"] == f"harness-digits-{w}"
     assert ev_1k.identity["data_fingerprint"] == digits.fingerprint
     with pytest.raises(ValueError, match="expected 1000 samples"):
@@ -71,9 +71,9 @@ def test_fd_real_small_noise_large(ev_1k, digits):
 
 
 def test_fd_real_vs_itself_deterministic(digits, digits_cache):
-    ev = metrics.Evaluator(digits, len(digits.x), digits_cache, extractor_epochs=EPOCHS)
-    assert ev.metric_name == f"fd_digits_{len(digits.x)}"
-    x = torch.from_numpy(digits.x)
+    ev = metrics.Evaluator(digits, len(digits.reference), digits_cache, extractor_epochs=EPOCHS)
+    assert ev.metric_name == f"fd_digits_{len(digits.reference)}"
+    x = torch.from_numpy(digits.reference)  # the held-out reference against itself
     shuffled = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(3))]
     a, b = ev(shuffled), ev(shuffled)
     assert a == b

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from harness import __version__, results
+from harness import __version__, pin as pins, results
 from harness.lock import LockedError, acquire_lock
 from harness.pin import PinError, canonical_json, cell_id, identity, pin_study, read_pin, teacher_id
 from harness.study import parse_study
@@ -273,3 +273,27 @@ def test_study_and_pin_import_no_torch_or_ray(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=str(pathlib.Path(__file__).parent.parent))
     assert out.returncode == 0, out.stderr
+
+
+def test_imported_teacher_id_is_its_file_content(tmp_path):
+    """``teacher.import``: the teacher id is ``t-`` + the file's sha256 (what
+    ``teacher.load_imported`` reports), the same file at another path gives the same ids."""
+    import hashlib
+    import shutil
+
+    from harness.config import ConfigError
+
+    a = tmp_path / "a.pkl"
+    a.write_bytes(b"not really a pickle, only its bytes are hashed here")
+    b = tmp_path / "sub" / "b.pkl"
+    b.parent.mkdir()
+    shutil.copy(a, b)
+    sha = hashlib.sha256(a.read_bytes()).hexdigest()
+    cfg = {"data": {"name": "digits"}, "teacher": {"arch": "ddpmpp", "import": str(a)}}
+    moved = {**cfg, "teacher": {"arch": "ddpmpp", "import": str(b)}}
+    assert pins.teacher_id(cfg, "fp") == pins.teacher_id(moved, "fp") == "t-" + sha[:12]
+    assert pins.cell_id(cfg, "fp") == pins.cell_id(moved, "fp")
+    with pytest.raises(ConfigError, match="teacher.arch: ddpmpp"):
+        pins.teacher_id({**cfg, "teacher": {"import": str(a)}}, "fp")
+    with pytest.raises(ConfigError, match="does not exist"):
+        pins.teacher_id({**cfg, "teacher": {"arch": "ddpmpp", "import": str(tmp_path / "x")}}, "fp")

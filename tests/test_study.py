@@ -53,7 +53,8 @@ def test_design_example_expands():
     assert first.axes == {"loss": "di", "init": "teacher", "seed": 0}
     assert last.axes == {"loss": "ratio_js", "init": "feature_transplant[80]", "seed": 2}
     assert last.config["loss"] == {"name": "ratio", "divergence": "js", "sigma": "schedule"}
-    assert last.config["init"] == {"name": "feature_transplant", "sigma_feat": 80.0}
+    assert last.config["init"] == {"name": "feature_transplant", "sigma_feat": 80.0,
+                                   "reset_output": False, "reinit": "matched"}
     assert last.config["seed"] == 2
     # the order is the cartesian product in YAML order: seed varies fastest
     assert [c.axes["seed"] for c in s.cells[:4]] == [0, 1, 2, 0]
@@ -158,7 +159,8 @@ def test_fixed_loss_init_seed_and_name_mapping():
           student.aux_steps: [1, 2]
     """)
     assert s.fixed["loss"] == {"name": "sid", "alpha": 1.0}
-    assert all(c.config["init"] == {"name": "reset_layers", "groups": ["output"]} for c in s.cells)
+    assert all(c.config["init"] == {"name": "reset_layers", "groups": ["output"],
+                                    "reinit": "matched"} for c in s.cells)
     assert all(c.config["seed"] == 7 for c in s.cells)
     assert [c.axes for c in s.cells] == [{"student.aux_steps": 1}, {"student.aux_steps": 2}]
 

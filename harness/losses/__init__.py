@@ -1,7 +1,9 @@
 """Loss families, registered by the names study files use (SPEC §3).
 
 ``build(loss_cfg, teacher, aux, t_max)`` takes a canonical loss config (``config.resolve_loss``)
-and returns the family object; its parameters are exactly those of ``config.LOSS_FAMILIES``.
+and returns the family object; its parameters are exactly those of ``config.LOSS_FAMILIES``,
+which holds their one declaration (type, range, default, result column): the constructors take
+them as required keywords, with no second default.
 """
 from __future__ import annotations
 

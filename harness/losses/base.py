@@ -29,7 +29,7 @@ class LossFamily(ABC):
     aux_kind: str = "score"
     uses_teacher_score: bool = True
 
-    def __init__(self, teacher: NetFn | None, aux: NetFn, *, t_max: float = 0.8):
+    def __init__(self, teacher: NetFn | None, aux: NetFn, *, t_max: float):
         self.teacher, self.aux, self.t_max = teacher, aux, t_max
 
     def sample_sigma(self, n: int, device=None) -> torch.Tensor:

@@ -27,7 +27,7 @@ class DensityRatio(LossFamily):
     aux_kind = "ratio"
     uses_teacher_score = False
 
-    def __init__(self, teacher, aux, *, t_max=0.8, divergence="kl", sigma="schedule"):
+    def __init__(self, teacher, aux, *, t_max, divergence, sigma):
         super().__init__(None, aux, t_max=t_max)  # the teacher is never held, so never called
         self.divergence, self.fixed_sigma = divergence, sigma == "fixed"
 

@@ -26,7 +26,7 @@ class DistributionMatching(_FakeScoreFamily):
     (``weighting='sigma2'``: the exact reverse-KL gradient at that noise level).
     """
 
-    def __init__(self, teacher, aux, *, t_max=0.8, weighting="dmd"):
+    def __init__(self, teacher, aux, *, t_max, weighting):
         super().__init__(teacher, aux, t_max=t_max)
         self.weighting = weighting
 
@@ -43,7 +43,7 @@ class ScoreIdentity(_FakeScoreFamily):
     """SiD: ``L = (D_T - D_psi) . ((D_T - x) - alpha (D_T - D_psi)) / w`` at x_s, with the
     networks' parameters frozen and gradients flowing through x_s (and x) into G."""
 
-    def __init__(self, teacher, aux, *, t_max=0.8, alpha=1.2):
+    def __init__(self, teacher, aux, *, t_max, alpha):
         super().__init__(teacher, aux, t_max=t_max)
         self.alpha = alpha
 

@@ -10,7 +10,8 @@ import torch
 
 from .common import MetricsError, _fingerprint_seed, _torch_device, n_tag, to_uint8
 from .extractor import (FEATURE_LAYER, INCEPTION_URL, _file_hash, _fidelity, _U8Images,
-                        load_or_train_extractor, register_extractor)
+                        has_shipped, load_or_train_extractor, load_shipped_extractor,
+                        register_extractor)
 from .toy import (TOY_BANDWIDTH_FACTORS, TOY_DIRECTIONS, TOY_MODE_MIN_FRACTION, TOY_MODE_RADIUS,
                   _modes_covered, _pair_kernel_sum, _sliced_w1)
 
@@ -23,13 +24,19 @@ class Evaluator:
     """Built once per cell; evaluates generated samples against the dataset.
 
     ``metric``: images ``auto``/``fd`` (domain classifier; needs labels) or ``fid`` (Inception,
-    needs ``inception_weights``); toy2d ``auto``/``mmd``. ``extractor_epochs`` overrides the
-    classifier's training length (it enters the cache key, so it never mixes with the default).
+    needs ``inception_weights``); toy2d ``auto``/``mmd``. ``extractor``: ``auto`` (the shipped
+    weights where the package has them, else trained), ``shipped`` or ``train``.
+    ``extractor_epochs`` overrides the trained classifier's length (it enters the cache key).
+
+    The reference set is ``dataset.reference`` (held-out images, see ``harness.data``) where the
+    dataset has one, else the training images. The data floor (:meth:`real_vs_real`) is measured
+    on the same terms as generated samples: ``n`` real training images against the same
+    reference, with the same KID subsets.
     """
 
     def __init__(self, dataset, n: int, cache_dir: str, metric: str = "auto",
                  inception_weights: str | None = None, device="cpu", *,
-                 extractor_epochs: int | None = None):
+                 extractor: str = "auto", extractor_epochs: int | None = None):
         self.dataset = dataset
         self.n = int(n)
         if self.n < 2:
@@ -47,7 +54,7 @@ class Evaluator:
                 raise MetricsError(f"metric {metric!r} is not for images; use 'fd' (domain "
                                    f"classifier, the offline default) or 'fid' (Inception)")
             self.kind = "fid" if metric == "fid" else "fd"
-            self._setup_images(tag, inception_weights, extractor_epochs)
+            self._setup_images(tag, inception_weights, extractor, extractor_epochs)
         elif dataset.x.ndim == 2 and dataset.x.shape[1] == 2:
             if metric not in ("auto", "mmd"):
                 raise MetricsError(f"metric {metric!r} is not for 2-D toy data; use 'mmd' (or 'auto')")
@@ -59,11 +66,17 @@ class Evaluator:
 
     # ---- images ------------------------------------------------------------------------------
 
-    def _setup_images(self, tag, inception_weights, epochs):
+    def _setup_images(self, tag, inception_weights, extractor, epochs):
         ds = self.dataset
-        n_real = len(self._x)
-        self._real_u8 = to_uint8(torch.from_numpy(self._x))
+        held_out = getattr(ds, "reference", None)
+        self._held_out = held_out is not None
+        ref = np.asarray(held_out if self._held_out else self._x)
+        n_real = len(ref)
+        self._real_u8 = to_uint8(torch.from_numpy(ref))
         self._kid_subset = min(KID_MAX_SUBSET, self.n, n_real)
+        against = (f"{self.n} generated vs {n_real} held-out real {ds.name} images (never trained "
+                   f"on)" if self._held_out else
+                   f"{self.n} generated vs {n_real} real {ds.name} images (the training set)")
         if self.kind == "fid":
             if not inception_weights:
                 hub = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
@@ -87,10 +100,19 @@ class Evaluator:
             self.identity.update(extractor="inception-v3-compat", extractor_weights=weights)
             self.protocol = (
                 f"torch-fidelity FID on inception-v3-compat pool3 features (weights {weights}), "
-                f"{self.n} generated vs {n_real} real {ds.name} images; KID: poly kernel, "
-                f"{KID_SUBSETS} subsets of {self._kid_subset}")
+                f"{against}; KID: poly kernel, {KID_SUBSETS} subsets of {self._kid_subset}")
         else:
-            ext = load_or_train_extractor(ds, self.cache_dir, epochs, self.device)
+            if extractor not in ("auto", "shipped", "train"):
+                raise MetricsError(f"eval.extractor {extractor!r} unknown; known: auto, shipped, "
+                                   f"train")
+            shipped = extractor == "shipped" or (extractor == "auto" and has_shipped(ds.name)
+                                                 and epochs is None)
+            if shipped:
+                ext = load_shipped_extractor(ds)
+                origin = f"shipped weights sha256 {ext['sha256'][:12]}"
+            else:
+                ext = load_or_train_extractor(ds, self.cache_dir, epochs, self.device)
+                origin = f"trained on this machine, weights {ext['weights']}"
             weights = ext["weights"]
             self.heldout_acc = ext["heldout_acc"]
             self._fe_name = register_extractor(ds.name, weights, ext["recipe"]["arch"], ext["state_dict"])
@@ -100,11 +122,11 @@ class Evaluator:
             self.identity.update(extractor=self._fe_name, extractor_weights=weights,
                                  heldout_acc=round(self.heldout_acc, 4),
                                  extractor_file=ext["path"])
+            self.identity["extractor_origin"] = "shipped" if shipped else "trained"
             self.protocol = (
                 f"torch-fidelity FD on penultimate ({FEATURE_LAYER}-d) features of harness "
-                f"{ds.name} classifier (held-out acc {self.heldout_acc:.3f}, weights {weights}), "
-                f"{self.n} generated vs {n_real} real; KID: poly kernel, {KID_SUBSETS} subsets of "
-                f"{self._kid_subset}")
+                f"{ds.name} classifier ({origin}, held-out acc {self.heldout_acc:.3f}), "
+                f"{against}; KID: poly kernel, {KID_SUBSETS} subsets of {self._kid_subset}")
         # torch-fidelity keys its cache on names only: put everything that fixes the features in it
         self._ref_cache_name = (f"{ds.name}-{ds.fingerprint}-{self._fe_name}-"
                                 f"{self.identity['extractor_weights']}-f{FEATURES_VERSION}")
@@ -198,12 +220,36 @@ class Evaluator:
         return self._fidelity_metrics(to_uint8(s), self._real_u8, self._ref_cache_name,
                                       self._kid_subset)
 
+    def floor_protocol(self) -> str:
+        """In words, what :meth:`real_vs_real` computes (true to the numbers)."""
+        n_train = len(self._x)
+        if self.kind != "toy" and self._held_out:
+            drawn = (f"drawn with replacement: the training split has only {n_train}, fewer "
+                     f"than n" if self.n > n_train else "drawn without replacement")
+            return (f"data floor: {self.n} real training images ({drawn}) scored exactly as "
+                    f"generated samples")
+        h = min(self.n, n_train // 2)
+        return (f"data floor: two disjoint halves of {h} real images each"
+                + (f" (fewer than n = {self.n}: the dataset is too small for this protocol; "
+                   f"a lower bound on other terms)" if h < self.n else ""))
+
     def real_vs_real(self) -> dict[str, float]:
-        """The floor: two disjoint halves of the real data, each min(n, N//2), same metric names."""
+        """The data floor under the metric's names: real images in place of generated ones.
+
+        With a held-out reference: ``n`` training images (seeded by the fingerprint) against the
+        same reference and KID subsets as generated samples. Otherwise two disjoint halves of
+        ``min(n, N//2)`` images each (see :meth:`floor_protocol`)."""
         if self._floor is None:
-            n_real = len(self._x)
-            h = min(self.n, n_real // 2)
-            perm = np.random.default_rng(_fingerprint_seed(self.dataset.fingerprint, 1)).permutation(n_real)
+            n_train = len(self._x)
+            rng = np.random.default_rng(_fingerprint_seed(self.dataset.fingerprint, 1))
+            if self.kind != "toy" and self._held_out:
+                idx = np.sort(rng.choice(n_train, self.n, replace=self.n > n_train))
+                real = to_uint8(torch.from_numpy(self._x[idx]))
+                self._floor = self._fidelity_metrics(real, self._real_u8, self._ref_cache_name,
+                                                     self._kid_subset)
+                return dict(self._floor)
+            h = min(self.n, n_train // 2)
+            perm = rng.permutation(n_train)
             ia, ib = perm[:h], perm[h:2 * h]
             if self.kind == "toy":
                 x = self._x.astype(np.float64)

@@ -9,7 +9,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import threading
 import time
 import warnings
@@ -19,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..io import save_atomic
 from .common import MetricsError, _torch_device, _u8_to_float, to_uint8
 
 try:  # POSIX advisory lock: concurrent workers train an extractor once, not once each
@@ -49,22 +49,6 @@ def state_dict_hash(state_dict: dict) -> str:
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:8]
-
-
-def _atomic_torch_save(obj, path: str) -> None:
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager
@@ -200,6 +184,82 @@ def train_domain_classifier(dataset, epochs: int | None = None, device="cpu"):
     return state, correct / n_hold, recipe, time.perf_counter() - t0
 
 
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+SHIPPED = {  # dataset -> sha256 of harness/metrics/weights/<dataset>.pt (python -m harness.metrics.ship)
+    "digits": "27b94a394a610aa9bdd3772fcb91c52ce3463ea831c415d37c00ad63b2a09de1",
+    "mnist5k": "8ab0ce2c18ca5c1793ac984cb45b7fef04f1985d1453d2581fc68e4689aade5d",
+}
+"""Extractor weights shipped inside the package, trained once by ``harness.metrics.ship`` on the
+dataset's training split: every machine scores with the same features (issue: one metric)."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _extractor_blob(state, acc, recipe, secs, dataset) -> dict:
+    return {"format": 1, "state_dict": state, "heldout_acc": float(acc),
+            "recipe": json.dumps(recipe, sort_keys=True), "train_seconds": float(secs),
+            "dataset": dataset.name, "fingerprint": dataset.fingerprint}
+
+
+def _read_extractor(path: str, fix: str) -> dict:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        state, acc = blob["state_dict"], float(blob["heldout_acc"])
+        recipe = json.loads(blob["recipe"])
+        DomainNet(**recipe["arch"]).load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - any failure means the file is not usable
+        raise MetricsError(f"extractor file {path!r} is corrupt or does not match the classifier "
+                           f"({type(e).__name__}: {e}). {fix}") from None
+    return {"state_dict": state, "heldout_acc": acc, "recipe": recipe, "path": path,
+            "weights": state_dict_hash(state), "fingerprint": blob.get("fingerprint"),
+            "train_seconds": float(blob.get("train_seconds", float("nan")))}
+
+
+def has_shipped(dataset_name: str) -> bool:
+    return SHIPPED.get(dataset_name) is not None
+
+
+def load_shipped_extractor(dataset) -> dict:
+    """The packaged extractor of an embedded dataset, its file's sha256 verified; never trains.
+
+    Returns the dict of :func:`load_or_train_extractor` with ``sha256`` and ``trained=False``."""
+    want = SHIPPED.get(dataset.name)
+    if want is None:
+        raise MetricsError(f"no shipped extractor for dataset {dataset.name!r} (shipped: "
+                           f"{', '.join(k for k, v in SHIPPED.items() if v)}); set eval.extractor: "
+                           f"train to train one on this machine (its hash is recorded in the "
+                           f"protocol)")
+    path = os.path.join(SHIPPED_DIR, f"{dataset.name}.pt")
+    rerun = "Reinstall the package, or rerun `python -m harness.metrics.ship` and update SHIPPED."
+    if not os.path.isfile(path):
+        raise MetricsError(f"the shipped extractor {path!r} is missing. {rerun}")
+    got = _sha256(path)
+    if got != want:
+        raise MetricsError(f"the shipped extractor {path!r} has sha256 {got[:16]}..., expected "
+                           f"{want[:16]}...: the file was changed. {rerun}")
+    ext = _read_extractor(path, rerun)
+    if ext["fingerprint"] != dataset.fingerprint:
+        raise MetricsError(f"the shipped {dataset.name} extractor was trained on data with "
+                           f"fingerprint {ext['fingerprint']}, this dataset is "
+                           f"{dataset.fingerprint}. {rerun}")
+    return {**ext, "sha256": got, "trained": False}
+
+
+def ship_extractor(dataset, folder: str = SHIPPED_DIR, device="cpu") -> tuple[str, str, float]:
+    """Train the dataset's classifier with the fixed recipe and write ``<folder>/<name>.pt``;
+    returns (path, sha256, held-out accuracy)."""
+    state, acc, recipe, _ = train_domain_classifier(dataset, None, device)
+    path = os.path.join(folder, f"{dataset.name}.pt")  # no timing inside: the bytes repeat
+    save_atomic(_extractor_blob(state, acc, recipe, float("nan"), dataset), path)
+    return path, _sha256(path), acc
+
+
 def load_or_train_extractor(dataset, cache_dir: str, epochs: int | None = None, device="cpu"):
     """The dataset's classifier from ``cache_dir/extractors/`` (trained and cached on a miss).
 
@@ -219,23 +279,9 @@ def load_or_train_extractor(dataset, cache_dir: str, epochs: int | None = None, 
         trained = not os.path.exists(path)
         if trained:
             state, acc, recipe, secs = train_domain_classifier(dataset, epochs, device)
-            _atomic_torch_save({"format": 1, "state_dict": state, "heldout_acc": float(acc),
-                                "recipe": json.dumps(recipe, sort_keys=True),
-                                "train_seconds": float(secs), "dataset": dataset.name,
-                                "fingerprint": dataset.fingerprint}, path)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        state, acc = blob["state_dict"], float(blob["heldout_acc"])
-        recipe = json.loads(blob["recipe"])
-        DomainNet(**recipe["arch"]).load_state_dict(state)
-    except Exception as e:  # noqa: BLE001 - any failure means the file is not usable
-        raise MetricsError(
-            f"extractor cache file {path!r} is corrupt or does not match the classifier "
-            f"({type(e).__name__}: {e}). Delete it; the classifier is retrained on the next "
-            f"run.") from None
-    return {"state_dict": state, "heldout_acc": acc, "recipe": recipe, "path": path,
-            "weights": state_dict_hash(state), "trained": trained,
-            "train_seconds": float(blob.get("train_seconds", float("nan")))}
+            save_atomic(_extractor_blob(state, acc, recipe, secs, dataset), path)
+    ext = _read_extractor(path, "Delete it; the classifier is retrained on the next run.")
+    return {**ext, "trained": trained}
 
 
 # ----------------------------------------------------------------------------------------------

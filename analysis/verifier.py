@@ -1,0 +1,252 @@
+"""The ratio verifier (issue 16): score vs candidates per kept sample, and claim C4.
+
+Reads result rows only (a DataFrame as ``harness.results.load_rows`` returns; no torch). The
+verifier rows are written at a cell's final evaluation under ``<metric>@<mode><n>`` (for example
+``fd_digits_1k@resample4``); n = 1 carries the plain one-step score of the same samples.
+
+    verifier_figure(df, out_dir, metric=None, seed=0) -> [verifier.data.csv, .png, .pdf]
+    claim_c4(df, metric=None, mode=None, rng=None, seed=0) -> analysis.claims.Verdict
+
+Only ``done`` cells with teacher init enter (``cells``, when given, restricts further: pass the
+included cells of ``analysis.data.load_study`` to apply its exclusions, orphans among them).
+"""
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import numpy as np
+import pandas as pd
+
+from .data import (B, FLOOR_NAMES, choose_metric, extra_axis_labels, higher_is_better, mean_ci,
+                   ordered)
+from .style import (RC, REFERENCE_STYLE, fmt_num, fmt_pm, loss_palette, loss_sort_key,
+                    metric_label, panel_grid, save, use_log, write_csv)
+
+import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
+from matplotlib.lines import Line2D  # noqa: E402
+
+VERIFIER_RE = re.compile(r"(?P<base>.+)@(?P<mode>resample|best)(?P<n>\d+)\Z")
+MODE_ORDER = ("resample", "best")
+MODE_WORDS = {"resample": "importance resampling, weights exp(−l)",
+              "best": "best of n (lowest l)"}
+N_LABEL = "candidates per kept sample n (log2 scale)"
+STATEMENT_C4 = ("The density-ratio network used as a verifier (n = 4 one-step candidates per kept "
+                "sample, resampled by the ratio) improves the score over the plain one-step "
+                "samples (n = 1) for every loss family.")
+RULE_C4 = ("Teacher-init cells only. For each loss, the fixed pair is the score at n = 4 vs n = 1 "
+           "of the same cells (n = 1 are the plain samples, which are also candidates at n = 4), "
+           "effect = (mean n=4 − mean n=1) / mean n=1 as a relative shortfall (< 0: the verifier "
+           "improves). Seeds are resampled with replacement within each loss, the two n of a seed "
+           "together (paired), 2000 times, each loss independently; the statistic is the worst "
+           "(largest) effect over losses, recomputed in every resample. Holds if the CI upper "
+           "bound < 0 (every family improves); does not hold if the CI lower bound > 0; else "
+           "inconclusive.")
+
+
+def parse(metric: str):
+    """``'fd_digits_1k@resample4'`` -> ``('fd_digits_1k', 'resample', 4)``; None otherwise."""
+    m = VERIFIER_RE.match(str(metric))
+    return None if m is None else (m["base"], m["mode"], int(m["n"]))
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([int(seed), zlib.crc32(name.encode())])
+
+
+def verifier_table(df: pd.DataFrame, metric: str | None = None, cells=None,
+                   init: str = "teacher") -> tuple[pd.DataFrame, str | None]:
+    """One row per (cell, mode, n): cell, loss, init, seed, mode, n, value, at the cell's last
+    kimg with verifier rows; ``init`` cells of status done only. Returns (table, base metric)."""
+    cols = ["cell", "loss", "init", "seed", "mode", "n", "kimg", "value"]
+    empty = pd.DataFrame(columns=cols)
+    if df is None or df.empty:
+        return empty, metric
+    parsed = {m: parse(m) for m in df["metric"].unique()}
+    parsed = {m: p for m, p in parsed.items() if p is not None}
+    if not parsed:
+        return empty, metric
+    if metric is None:
+        bases = pd.Series([p[0] for p in parsed.values()])
+        metric = choose_metric(bases.value_counts())
+        if metric is None:
+            return empty, None
+    keep = {m: p for m, p in parsed.items() if p[0] == metric}
+    if not keep:
+        return empty, metric
+    d = df[df["metric"].isin(list(keep)) & (df["status"] == "done") & (df["init"] == init)
+           & df["value"].notna()].copy()
+    if cells is not None:
+        d = d[d["cell"].isin(set(cells))]
+    if d.empty:
+        return empty, metric
+    if "axes" in d.columns and d["axes"].notna().any():
+        d["loss"] = extra_axis_labels(d).to_numpy()
+    d["mode"] = [keep[m][1] for m in d["metric"]]
+    d["n"] = [keep[m][2] for m in d["metric"]]
+    last = d.groupby("cell")["kimg"].transform("max")
+    d = d[d["kimg"] == last]
+    d = d[cols].sort_values(["loss", "mode", "n", "seed", "cell"], kind="stable")
+    return d.reset_index(drop=True), metric
+
+
+def _refs(df: pd.DataFrame, metric: str) -> list[tuple[str, float]]:
+    out = []
+    if "status" not in df.columns:
+        return out
+    ref = df[(df["status"] == "reference") & (df["metric"] == metric)]
+    for name in ("teacher_heun35", *FLOOR_NAMES):
+        v = ref.loc[ref["init"] == name, "value"].to_numpy(dtype=float)
+        if len(v):
+            out.append((name, float(v.mean())))
+    return out
+
+
+def verifier_figure(df: pd.DataFrame, out_dir: str, metric: str | None = None, seed: int = 0,
+                    rng: np.random.Generator | None = None, cells=None) -> list[str]:
+    """Score vs n (log2 axis), one line per loss, teacher-init cells, mean and 95% bootstrap CI
+    over seeds; one panel per verifier mode. Writes verifier.data.csv, .png, .pdf."""
+    t, metric = verifier_table(df, metric, cells)
+    if t.empty:
+        print("figures: verifier skipped (no <metric>@<mode><n> rows of done teacher-init cells)")
+        return []
+    rng = rng if rng is not None else _rng(seed, "verifier")
+    higher = higher_is_better(metric)
+    agg = mean_ci(t.rename(columns={"n": "cand"}), ["loss", "mode", "cand"], rng)
+    agg = agg.rename(columns={"n": "seeds"}).rename(columns={"cand": "n"})
+    agg["_m"] = agg["mode"].map({m: i for i, m in enumerate(MODE_ORDER)})
+    agg = agg.sort_values(["_m", "n"], kind="stable").drop(columns="_m")
+    agg = ordered(agg, init=None)  # stable sort: loss order first, then mode, then n
+    agg = agg[["loss", "mode", "n", "seeds", "mean", "std", "ci_low", "ci_high"]]
+    refs = _refs(df, metric)
+    data = pd.concat([agg, pd.DataFrame([{"loss": "reference", "mode": name, "mean": v}
+                                         for name, v in refs])], ignore_index=True)
+    data.insert(0, "metric", metric)
+    csv = write_csv(data, out_dir, "verifier")
+    modes = [m for m in MODE_ORDER if m in set(agg["mode"])]
+    losses = sorted(agg["loss"].unique(), key=loss_sort_key)
+    palette = loss_palette(losses)
+    with plt.rc_context(RC):
+        fig, axes, _ = panel_grid(len(modes), len(modes), w=3.2, h=2.4, wgap=0.25)
+        band = pd.concat([agg["mean"], agg["ci_low"], agg["ci_high"]]).dropna().tolist()
+        band += [v for _, v in refs]
+        log = use_log(band)
+        lo, hi = (min(band), max(band)) if band else (0.0, 1.0)
+        pad = (hi / lo) ** 0.05 if log else 0.05 * (hi - lo) or max(abs(hi), 1.0) * 0.05
+        ylim = (lo / pad, hi * pad) if log else (lo - pad, hi + pad)
+        ns = sorted(agg["n"].unique())
+        for k, (ax, mode) in enumerate(zip(axes, modes)):
+            for loss in losses:
+                g = agg[(agg["loss"] == loss) & (agg["mode"] == mode)].sort_values("n")
+                if g.empty:
+                    continue
+                x = g["n"].to_numpy(float)
+                ax.plot(x, g["mean"], color=palette[loss], lw=1.4, marker="o", ms=3)
+                if g["ci_low"].notna().any():
+                    ax.fill_between(x, g["ci_low"].to_numpy(float), g["ci_high"].to_numpy(float),
+                                    color=palette[loss], alpha=0.18, lw=0)
+            for name, val in refs:
+                s = REFERENCE_STYLE[name]
+                ax.axhline(val, color=s["color"], ls=s["linestyle"], lw=1)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ns)
+            ax.set_xticklabels([str(int(n)) for n in ns])
+            ax.minorticks_off()
+            if log:
+                ax.set_yscale("log")
+            ax.set_ylim(*ylim)  # one scale for every panel
+            ax.set_title(f"{mode}: {MODE_WORDS[mode]}", fontsize=8)
+            ax.set_xlabel(N_LABEL)
+            if k == 0:
+                ax.set_ylabel(metric_label(metric, higher) + (" (log scale)" if log else ""))
+        handles = [Line2D([], [], color=palette[lo], marker="o", lw=1.4) for lo in losses]
+        labels = list(losses)
+        for name, val in refs:
+            s = REFERENCE_STYLE[name]
+            handles.append(Line2D([], [], color=s["color"], ls=s["linestyle"], lw=1.2))
+            labels.append(f"{s['label']}: {fmt_num(val)}")
+        fig.suptitle(f"Ratio verifier: final {metric} vs candidates per kept sample "
+                     f"(teacher init; mean, 95% CI over seeds)", fontsize=9,
+                     y=1 - 0.12 / fig.get_size_inches()[1], va="top")
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   frameon=False, title="loss")
+        note = ("n = 1: the plain one-step samples (the same draw as the plain score); n > 1 costs "
+                "n generator + n ratio-net evaluations per kept sample.")
+        return [csv] + save(fig, out_dir, "verifier", note)
+
+
+def claim_c4(df: pd.DataFrame, metric: str | None = None, mode: str | None = None,
+             rng: np.random.Generator | None = None, seed: int = 0, cells=None):
+    """C4: the ratio verifier improves the score at n = 4 over n = 1 for every loss family.
+
+    Returns an ``analysis.claims.Verdict`` (as C1/C2): effect = the worst family's relative
+    shortfall of n=4 against n=1 (< 0: improvement), its 95% bootstrap CI with the worst family
+    re-selected in every resample (seeds paired within a family), verdict by ``claims.decide``
+    with threshold 0, ``holds_if='below'``. The statement and rule are STATEMENT_C4 / RULE_C4.
+    """
+    from .claims import NOT_TESTED, Verdict, _ci, decide
+    from .tables import fmt_pct
+
+    t, metric = verifier_table(df, metric, cells)
+    v = Verdict("C4", "n=4 vs n=1 of the ratio verifier, every loss, teacher init",
+                "relative shortfall (n=4 − n=1) / n=1, worst loss")
+    if t.empty:
+        v.details.append("needs <metric>@resample1 and @resample4 rows (eval.verifier with n "
+                         "including 1 and 4) of done teacher-init cells")
+        return v
+    present = set(t["mode"])
+    mode = mode or next(m for m in MODE_ORDER if m in present)
+    t = t[t["mode"] == mode]
+    higher = higher_is_better(metric)
+    rng = rng if rng is not None else _rng(seed, "claims")
+
+    def deficit(x, ref):
+        d = (x - ref) / np.abs(ref)
+        return -d if higher else d
+
+    losses = sorted(t["loss"].unique(), key=loss_sort_key)
+    effects, boots, tested, untested, ns = [], [], [], [], []
+    for loss in losses:
+        g = t[(t["loss"] == loss) & t["n"].isin([1, 4])]
+        w = g.groupby(["seed", "n"])["value"].mean().unstack("n")
+        if 1 not in w.columns or 4 not in w.columns:
+            untested.append(loss)
+            continue
+        w = w.dropna(subset=[1, 4]).sort_index()
+        if w.empty:
+            untested.append(loss)
+            continue
+        a1, a4 = w[1].to_numpy(float), w[4].to_numpy(float)
+        m = len(a1)
+        eff = float(deficit(a4.mean(), a1.mean()))
+        if m > 1:
+            idx = rng.integers(0, m, size=(B, m))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                bt = deficit(a4[idx].mean(1), a1[idx].mean(1))
+        else:
+            bt = np.full(B, np.nan)
+        effects.append(eff)
+        boots.append(bt)
+        tested.append(loss)
+        ns.append(m)
+        lo, hi = _ci(bt)
+        v.details.append(f"{loss}: n=1 {fmt_pm(a1.mean(), a1.std(ddof=1) if m > 1 else math.nan)}"
+                         f", n=4 {fmt_pm(a4.mean(), a4.std(ddof=1) if m > 1 else math.nan)} "
+                         f"({fmt_pct(eff)}, 95% CI [{fmt_pct(lo)}, {fmt_pct(hi)}], {m} seeds)")
+    if untested:
+        v.details.append(f"not tested (no paired n=1 and n=4 rows): {', '.join(untested)}")
+    if not tested:
+        v.verdict = NOT_TESTED
+        return v
+    worst = int(np.argmax(effects))
+    v.effect = effects[worst]
+    stacked = np.stack(boots, axis=-1)  # (B, losses): NaN in any loss -> NaN in the max
+    v.ci_low, v.ci_high = _ci(np.max(stacked, axis=-1))
+    v.n_seeds = min(ns)
+    v.comparison = (f"n=4 vs n=1 ({mode}), paired by seed, teacher init, every one of "
+                    f"{len(tested)} losses; worst: {tested[worst]}")
+    v.verdict = decide(v.ci_low, v.ci_high, 0.0, "below", v.n_seeds)
+    if untested and v.verdict == "holds":
+        v.verdict = f"inconclusive ({v.n_seeds} seed{'s' if v.n_seeds != 1 else ''})"
+    return v

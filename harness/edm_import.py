@@ -1,0 +1,446 @@
+"""NVIDIA's published EDM networks (NVlabs/edm pickles), read without running their code.
+
+An EDM training snapshot (``network-snapshot-*.pkl``, ``edm-cifar10-32x32-uncond-vp.pkl``) is
+a plain pickle of ``{'ema': EDMPrecond, 'loss_fn': ..., 'augment_pipe': ...,
+'dataset_kwargs': {...}}``. Each network object was pickled through EDM's
+``torch_utils.persistence``, which stores the *source code* of its Python module inside the pickle;
+unpickling it normally calls ``torch_utils.persistence._reconstruct_persistent_obj``, which
+``exec``s that source. ``load_edm_pickle`` never does: a restricted unpickler resolves only
+
+- ``torch_utils.persistence._reconstruct_persistent_obj`` -> a ``PersistentRecord`` (class name,
+  persistence version, the sha256 of the embedded source, the object's state as plain data;
+  the source is neither kept nor run);
+- the classes of plain ``torch.nn`` containers (``torch.nn.modules.*``, e.g. ``ModuleDict``)
+  -> inert ``ModuleRecord`` objects holding the pickled state (no torch class is instantiated);
+- tensor rebuilding: ``torch._utils._rebuild_tensor_v2``, ``_rebuild_parameter``,
+  ``_rebuild_parameter_with_state`` (our own versions: backward hooks and Python attributes are
+  dropped), and ``torch.storage._load_from_bytes`` (the storage bytes are read with
+  ``torch.load(weights_only=True)``, torch's own restricted loader);
+- ``collections.OrderedDict``, ``builtins.set``/``frozenset``, ``_codecs.encode`` (str to
+  latin-1 bytes only: how protocol 2 stores bytes), NumPy scalars
+  (``numpy.core.multiarray.scalar`` with ``numpy.dtype``: numeric dtypes only, decoded from
+  their bytes) and ``dnnlib.util.EasyDict`` (read as a plain dict).
+
+Any other global (``os.system``, ``builtins.exec``, ``subprocess.*``, a torch function outside
+the list...) raises ``EDMImportError`` at the moment the unpickler meets it, before anything it
+names is called: nothing from the file is executed. Persistent ids (torch.save's zip format)
+are refused the same way.
+
+From the records, ``load_edm_pickle`` builds the flat state dict (parameters and persistent
+buffers, nested modules included, ``None`` entries skipped, exactly as ``Module.state_dict``
+would) of the network under ``key`` (``ema``), and its metadata. ``ddpmpp_settings`` checks
+that the metadata describe an ``EDMPrecond`` around a DDPM++ ``SongUNet`` and returns the
+``harness.nets.ddpmpp.DDPMpp`` keyword arguments; ``build_ddpmpp`` builds the network and loads
+the weights with ``strict=True``.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import pickle
+
+import numpy as np
+import torch
+
+
+class EDMImportError(ValueError):
+    """An EDM pickle could not be read (safely) or does not hold a network we support."""
+
+
+class PersistentRecord:
+    """What ``torch_utils.persistence._reconstruct_persistent_obj`` would have rebuilt, as data."""
+
+    def __init__(self, class_name: str, version, source_sha256: str, state: dict):
+        self.class_name = class_name
+        self.version = version
+        self.source_sha256 = source_sha256
+        self.state = state
+
+    def __repr__(self):
+        return f"PersistentRecord({self.class_name})"
+
+
+class ModuleRecord:
+    """A pickled plain ``torch.nn`` object (e.g. ``ModuleDict``): its class name and state."""
+
+    qualname = "?"
+
+    def __setstate__(self, state):
+        self.state = state
+
+    @property
+    def class_name(self) -> str:
+        return self.qualname.rsplit(".", 1)[-1]
+
+    def __repr__(self):
+        return f"ModuleRecord({self.qualname})"
+
+
+_RECORD_CLASSES: dict[str, type] = {}
+
+
+def _module_record_class(module: str, name: str) -> type:
+    qualname = f"{module}.{name}"
+    if qualname not in _RECORD_CLASSES:
+        _RECORD_CLASSES[qualname] = type(name, (ModuleRecord,), {"qualname": qualname})
+    return _RECORD_CLASSES[qualname]
+
+
+def _reconstruct_persistent_obj(meta):
+    if not isinstance(meta, dict) or meta.get("type") != "class" \
+            or not isinstance(meta.get("class_name"), str) \
+            or not isinstance(meta.get("module_src"), str):
+        raise EDMImportError("a torch_utils.persistence record without the expected fields "
+                             "(type 'class', class_name, module_src); nothing was executed")
+    state = meta.get("state")
+    if state is None:
+        state = {}
+    if not isinstance(state, dict):
+        raise EDMImportError(f"the persistent {meta['class_name']} record's state is not a dict")
+    src_hash = hashlib.sha256(meta["module_src"].encode()).hexdigest()
+    return PersistentRecord(meta["class_name"], meta.get("version"), src_hash, dict(state))
+
+
+def _load_storage(data):
+    if not isinstance(data, (bytes, bytearray)):
+        raise EDMImportError("torch.storage._load_from_bytes got no bytes")
+    try:
+        storage = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's restricted loader refused or the bytes are corrupt
+        raise EDMImportError(f"a tensor storage could not be read with torch.load(weights_only="
+                             f"True): {e}") from None
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise EDMImportError(f"a tensor storage decoded to {type(storage).__name__}")
+    return storage
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None,
+                    metadata=None):
+    if not isinstance(storage, torch.TypedStorage):
+        raise EDMImportError("a tensor record does not point at a tensor storage")
+    if not (isinstance(offset, int) and all(isinstance(v, int) for v in (*size, *stride))):
+        raise EDMImportError("a tensor record has a malformed size or stride")
+    t = torch.empty((0,), dtype=storage.dtype)
+    return t.set_(storage._untyped_storage, offset, tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
+    if not isinstance(data, torch.Tensor):
+        raise EDMImportError("a parameter record does not hold a tensor")
+    return data  # a plain tensor: the state dict needs the values only
+
+
+class _DType:
+    """``numpy.dtype(name, align, copy)`` as data; ``_np_scalar`` decodes numeric ones only."""
+
+    def __init__(self, name, align=False, copy=True):
+        self.name, self.byteorder = name, "="
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.byteorder = state[1]
+
+
+def _np_scalar(dtype, data=None):
+    if not isinstance(dtype, _DType) or not isinstance(dtype.name, str) \
+            or not isinstance(data, bytes):
+        raise EDMImportError("a NumPy scalar record is malformed")
+    try:
+        dt = np.dtype(dtype.name)
+    except TypeError:
+        raise EDMImportError(f"a NumPy scalar of unknown dtype {dtype.name!r}") from None
+    if dt.kind not in "biufc" or len(data) != dt.itemsize:
+        raise EDMImportError(f"a NumPy scalar of dtype {dtype.name!r} is not a plain number")
+    if dtype.byteorder in "<>":
+        dt = dt.newbyteorder(dtype.byteorder)
+    return np.frombuffer(data, dtype=dt)[0].item()
+
+
+class _EasyDict(dict):
+    pass
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    """``_codecs.encode``, as protocol-2 pickles store bytes: str -> bytes, nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise EDMImportError("a _codecs.encode record other than str -> latin1 bytes")
+    return text.encode("latin1")
+
+
+SAFE_GLOBALS = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_storage,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "set"): set,  # protocol-2 names
+    ("__builtin__", "frozenset"): frozenset,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("numpy", "dtype"): _DType,
+    ("numpy.core.multiarray", "scalar"): _np_scalar,
+    ("numpy._core.multiarray", "scalar"): _np_scalar,
+    ("dnnlib.util", "EasyDict"): _EasyDict,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, where: str):
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module, name):
+        if (module, name) in SAFE_GLOBALS:
+            return SAFE_GLOBALS[(module, name)]
+        if module.startswith("torch.nn.modules.") and name.isidentifier() \
+                and not name.startswith("_"):
+            return _module_record_class(module, name)
+        raise EDMImportError(
+            f"{self.where}: the pickle references the global {module}.{name}, which an EDM "
+            f"network pickle does not need; refused before it was called (nothing from the file "
+            f"was executed). Only tensors, torch_utils.persistence records, torch.nn containers, "
+            f"OrderedDict/set, NumPy scalars and EasyDict are read.")
+
+    def persistent_load(self, pid):
+        raise EDMImportError(f"{self.where}: the pickle uses persistent ids ({str(pid)[:40]}), "
+                             f"which EDM's pickles do not (is it a torch.save file?); refused")
+
+
+def _is_record(obj) -> bool:
+    return isinstance(obj, (PersistentRecord, ModuleRecord))
+
+
+def flat_state(record, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers of a module record and its submodules, by dotted name,
+    in ``Module.state_dict`` order (own parameters, own buffers, then submodules)."""
+    state = record.state if isinstance(getattr(record, "state", None), dict) else {}
+    out: dict[str, torch.Tensor] = {}
+    skip = state.get("_non_persistent_buffers_set") or set()
+    for kind in ("_parameters", "_buffers"):
+        for name, t in (state.get(kind) or {}).items():
+            if t is None or (kind == "_buffers" and name in skip):
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise EDMImportError(f"{prefix}{name} is a {type(t).__name__}, not a tensor")
+            out[prefix + name] = t.detach()
+    for name, sub in (state.get("_modules") or {}).items():
+        if sub is None:
+            continue
+        if not _is_record(sub):
+            raise EDMImportError(f"submodule {prefix}{name} is a {type(sub).__name__}")
+        out.update(flat_state(sub, f"{prefix}{name}."))
+    return out
+
+
+def _plain(value, depth: int = 0):
+    """JSON-friendly copy of pickled metadata (records become their class names)."""
+    if depth > 20:
+        return "..."
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_plain(v, depth + 1) for v in value), key=str)
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if _is_record(value):
+        return f"<{value.class_name}>"
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {list(value.shape)}>"
+    return f"<{type(value).__name__}>"
+
+
+def _classes(record, out: set) -> set:
+    out.add(record.class_name)
+    for sub in (record.state.get("_modules") or {}).values():
+        if _is_record(sub):
+            _classes(sub, out)
+    return out
+
+
+def _init_kwargs(record):
+    kw = record.state.get("_init_kwargs")
+    return _plain(kw) if isinstance(kw, dict) else None
+
+
+def load_edm_pickle(path: str, key: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
+    """(flat state dict, metadata) of the network ``key`` of an EDM pickle; executes nothing.
+
+    The state dict keeps EDM's names (an ``EDMPrecond`` holds its network as ``model.*``).
+    ``meta``: ``sha256`` (of the file), ``keys`` (of the pickled dict), ``contents`` (class or
+    type per key), ``class_name`` / ``init_args`` / ``init_kwargs`` / ``source_sha256`` /
+    ``persistence_version`` of the network, ``attrs`` (its plain scalar attributes, e.g.
+    ``sigma_data``), ``model_class`` / ``model_init_kwargs`` (of its ``model`` submodule),
+    ``classes`` (every class name in the network) and ``dataset_kwargs`` when present.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise EDMImportError(f"cannot read the EDM pickle {path}: {e.strerror}") from None
+    sha = hashlib.sha256(raw).hexdigest()
+    try:
+        obj = _Unpickler(io.BytesIO(raw), path).load()
+    except EDMImportError:
+        raise
+    except Exception as e:
+        raise EDMImportError(f"{path} is not a readable EDM pickle ({type(e).__name__}: "
+                             f"{str(e)[:200]}); nothing from it was executed") from None
+    if not isinstance(obj, dict) or key not in obj:
+        keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise EDMImportError(f"{path}: expected a dict with the network under {key!r} (an EDM "
+                             f"training snapshot); found {keys}")
+    net = obj[key]
+    if not _is_record(net):
+        raise EDMImportError(f"{path}: {key!r} holds a {type(net).__name__}, not a network")
+    state = flat_state(net)
+    model = (net.state.get("_modules") or {}).get("model")
+    attrs = {k: v for k, v in net.state.items()
+             if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    meta = {
+        "sha256": sha,
+        "path": str(path),
+        "key": key,
+        "keys": sorted(map(str, obj)),
+        "contents": {str(k): (v.class_name if _is_record(v) else type(v).__name__)
+                     for k, v in obj.items()},
+        "class_name": net.class_name,
+        "persistence_version": getattr(net, "version", None),
+        "source_sha256": getattr(net, "source_sha256", None),
+        "init_args": _plain(net.state.get("_init_args")),
+        "init_kwargs": _init_kwargs(net),
+        "attrs": attrs,
+        "model_class": model.class_name if _is_record(model) else None,
+        "model_init_kwargs": _init_kwargs(model) if _is_record(model) else None,
+        "classes": sorted(_classes(net, set())),
+        "parameters": sum(t.numel() for k, t in state.items()
+                          if not k.endswith("resample_filter")),
+    }
+    if isinstance(obj.get("dataset_kwargs"), dict):
+        meta["dataset_kwargs"] = _plain(obj["dataset_kwargs"])
+    return state, meta
+
+
+# SongUNet's constructor defaults (EDM's training/networks.py), for keys a pickle leaves out
+_SONG_DEFAULTS = {"label_dim": 0, "augment_dim": 0, "model_channels": 128,
+                  "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4, "num_blocks": 4,
+                  "attn_resolutions": [16], "dropout": 0.10, "label_dropout": 0,
+                  "embedding_type": "positional", "channel_mult_noise": 1,
+                  "encoder_type": "standard", "decoder_type": "standard",
+                  "resample_filter": [1, 1]}
+# what DDPM++ fixes (EDM's train.py --arch=ddpmpp) and DDPMpp implements
+_DDPMPP_FIXED = {"embedding_type": "positional", "channel_mult_noise": 1,
+                 "encoder_type": "standard", "decoder_type": "standard", "resample_filter": [1, 1]}
+_PRECOND_KEYS = {"img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min",
+                 "sigma_max", "sigma_data", "model_type"}
+
+
+def ddpmpp_settings(meta: dict) -> dict:
+    """``DDPMpp`` keyword arguments for an EDM network's metadata; ``EDMImportError`` unless it
+    is an ``EDMPrecond`` around a DDPM++ ``SongUNet``."""
+    where = meta.get("path", "the EDM pickle")
+    if meta.get("class_name") != "EDMPrecond":
+        raise EDMImportError(
+            f"{where}: the network is a {meta.get('class_name')}, not an EDMPrecond; the harness "
+            f"applies EDM's preconditioning (c_noise = ln(sigma)/4), so a VP/VE-preconditioned "
+            f"network (the 'baseline-*' pickles) would be fed the wrong inputs")
+    pre = meta.get("init_kwargs")
+    if pre is None:
+        raise EDMImportError(f"{where}: the pickle does not record the network's constructor "
+                             f"arguments, so its architecture cannot be checked")
+    model_type = pre.get("model_type", "DhariwalUNet")
+    if model_type != "SongUNet" or meta.get("model_class") not in (None, "SongUNet"):
+        raise EDMImportError(f"{where}: the network is a {model_type}; only DDPM++ (SongUNet, "
+                             f"train.py --arch=ddpmpp) is supported")
+    song = meta.get("model_init_kwargs")
+    if song is None:  # rebuild SongUNet's arguments the way EDMPrecond passes them
+        song = {k: v for k, v in pre.items() if k not in _PRECOND_KEYS}
+        song.update(img_resolution=pre["img_resolution"], in_channels=pre["img_channels"],
+                    out_channels=pre["img_channels"], label_dim=pre.get("label_dim", 0))
+    kw = {**_SONG_DEFAULTS, **song}
+    for k, want in _DDPMPP_FIXED.items():
+        got = list(kw[k]) if isinstance(kw[k], tuple) else kw[k]
+        if got != want:
+            raise EDMImportError(f"{where}: SongUNet {k}={got!r} is not DDPM++ ({k}={want!r}; "
+                                 f"NCSN++ pickles use fourier/residual/[1,3,3,1]); unsupported")
+    known = set(_SONG_DEFAULTS) | {"img_resolution", "in_channels", "out_channels"}
+    unknown = sorted(set(kw) - known)
+    if unknown:
+        raise EDMImportError(f"{where}: unknown SongUNet arguments {unknown}; unsupported")
+    return {"img_resolution": int(kw["img_resolution"]), "in_channels": int(kw["in_channels"]),
+            "out_channels": int(kw["out_channels"]), "label_dim": int(kw["label_dim"]),
+            "augment_dim": int(kw["augment_dim"]), "model_channels": int(kw["model_channels"]),
+            "channel_mult": tuple(int(m) for m in kw["channel_mult"]),
+            "channel_mult_emb": int(kw["channel_mult_emb"]), "num_blocks": int(kw["num_blocks"]),
+            "attn_resolutions": tuple(int(r) for r in kw["attn_resolutions"]),
+            "dropout": float(kw["dropout"]), "label_dropout": float(kw["label_dropout"])}
+
+
+def model_state(state: dict[str, torch.Tensor], prefix: str = "model.") -> dict:
+    """The ``EDMPrecond``'s inner network's tensors, ``model.`` stripped."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def build_ddpmpp(state: dict[str, torch.Tensor], meta: dict):
+    """(``DDPMpp`` holding the pickle's weights, its keyword arguments); strict loading."""
+    from .nets.ddpmpp import DDPMpp
+
+    kwargs = ddpmpp_settings(meta)
+    net = DDPMpp(**kwargs)
+    try:
+        net.load_state_dict(model_state(state), strict=True)
+    except RuntimeError as e:
+        raise EDMImportError(f"{meta.get('path', 'the EDM pickle')}: the weights do not fit a "
+                             f"DDPM++ built from its own settings: {str(e)[:400]}") from None
+    return net, kwargs
+
+
+# tensors of an EDM pickle that the harness's own ``ddpmpp`` does not have, and why dropping
+# them changes no output: EDM feeds augmentation labels only while training (augment_dim 9)
+UNUSED_AT_INFERENCE = ("map_augment.weight",)
+
+
+def harness_teacher(state: dict[str, torch.Tensor], meta: dict, shape: tuple):
+    """(the harness's ``ddpmpp`` network for data of ``shape`` holding the pickle's weights,
+    a summary for the teacher's metadata).
+
+    The network is ``harness.nets.build("ddpmpp", shape)``, so generator and auxiliary nets
+    built from it take these weights by name (every init scheme works). Refused: other
+    architectures (``ddpmpp_settings``), class-conditional networks (EDM trains them without
+    label dropout, so they have no unconditional mode for a one-step generator to distil),
+    settings other than the harness's ``ddpmpp`` and a resolution or channel count other than
+    the data's. ``map_augment`` is dropped (``UNUSED_AT_INFERENCE``).
+    """
+    from . import nets
+
+    where = meta.get("path", "the EDM pickle")
+    kw = ddpmpp_settings(meta)
+    if kw["label_dim"]:
+        raise EDMImportError(
+            f"{where}: the network is class-conditional (label_dim {kw['label_dim']}); EDM trains "
+            f"those without label dropout, so they have no unconditional mode to distil. Use an "
+            f"unconditional pickle (e.g. edm-cifar10-32x32-uncond-vp.pkl)")
+    want = (kw["in_channels"], kw["img_resolution"], kw["img_resolution"])
+    if tuple(shape) != want:
+        raise EDMImportError(f"{where}: the network is for {want[0]}x{want[1]}x{want[2]} images, "
+                             f"the study's data are {'x'.join(map(str, shape))}")
+    for k, v in nets.DDPMPP_SETTINGS.items():
+        if k != "dropout" and kw[k] != v:  # dropout is no weight: a frozen teacher never uses it
+            raise EDMImportError(f"{where}: {k}={kw[k]!r}, the harness's ddpmpp has {k}={v!r}; "
+                                 f"only EDM's CIFAR-10 DDPM++ shape is supported")
+    net = nets.build("ddpmpp", tuple(shape))
+    inner = {k: v for k, v in model_state(state).items() if k not in UNUSED_AT_INFERENCE}
+    try:
+        net.load_state_dict(inner, strict=True)
+    except RuntimeError as e:
+        raise EDMImportError(f"{where}: the weights do not fit the harness's ddpmpp: "
+                             f"{str(e)[:400]}") from None
+    dropped = sorted(set(model_state(state)) - set(inner))
+    info = {"sha256": meta["sha256"], "class_name": meta["class_name"],
+            "model_class": meta["model_class"], "settings": {k: _plain(v) for k, v in kw.items()},
+            "dropped": dropped, "sigma_data": meta.get("attrs", {}).get("sigma_data")}
+    return net, info
