@@ -33,8 +33,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from .data import Study, legacy_reinit, load_study, mean_ci, ordered  # noqa: E402
 
-OUTPUTS = ("heatmap", "curves", "reset", "transplant", "mapping", "samples", "table", "claims",
-           "claims_kimg", "verifier")
+# OUTPUTS: the keys of BUILDERS (below), in order: a new figure is one function + one entry
 
 
 class Timer:
@@ -536,6 +535,7 @@ def _claims_kimg(study, out_dir, rng, timer, c1_pair=None):
 BUILDERS = {"heatmap": heatmap, "curves": curves, "reset": reset, "transplant": transplant,
             "mapping": mapping, "samples": _samples, "table": _table, "claims": _claims,
             "claims_kimg": _claims_kimg, "verifier": _verifier}
+OUTPUTS = tuple(BUILDERS)
 
 
 def rng_for(seed: int, name: str) -> np.random.Generator:

@@ -17,6 +17,7 @@ import torch
 
 from . import __version__, data as datasets, losses, metrics, nets, results, teacher as teachers
 from .config import cell_params, init_label, loss_label, source_teacher
+from .parallel import SINGLE, Shard
 from .pin import cell_id
 from .tracking import open_trackers
 from .train import Evaluation, train_student
@@ -63,10 +64,13 @@ def write_references(root: str, study: str, cfg: dict, dataset, teacher, meta, e
 
 
 def prepare(cfg: dict, root: str, cache: str, device: str, *, study: str = "adhoc",
-            log: Callable = print, dataset=None):
-    """Data, teacher (trained or reused), evaluator, and the reference rows under ``root``."""
+            log: Callable = print, dataset=None, evaluate: bool = True):
+    """Data, teacher (trained or reused), evaluator, and the reference rows under ``root``
+    (``evaluate=False``: no evaluator and no rows, for ranks > 0 of a data-parallel cell)."""
     dataset = dataset if dataset is not None else datasets.from_config(cfg["data"])
     teacher, meta = teachers.load_or_train(cfg, dataset, cache, device, log)
+    if not evaluate:
+        return dataset, teacher, meta, None
     evaluator = metrics.Evaluator(dataset, n=cfg["eval"]["n"], cache_dir=cache,
                                   metric=cfg["eval"]["metric"], device=device,
                                   inception_weights=cfg["eval"].get("inception_weights"),
@@ -90,7 +94,7 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
              axes: dict | None = None, device: str = "auto", log: Callable = print,
              on_eval: Callable[[Evaluation], None] | None = None,
              max_steps: int | None = None, teacher_guard: Callable | None = None,
-             tracking: dict | None = None) -> Evaluation:
+             tracking: dict | None = None, shard: Shard = SINGLE) -> Evaluation:
     """Run (or resume) one cell and append its rows and samples under ``root``.
 
     Args:
@@ -99,9 +103,13 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
         on_eval: called after each evaluation's rows are written (Ray reports from here).
         teacher_guard: wraps the teacher before training (tests use it to forbid calls).
         tracking: the study's ``tracking:`` settings (harness.tracking); None: no trackers.
+        shard: this worker's rank of a data-parallel cell (``harness.parallel``): rank 0 alone
+            evaluates, writes rows and samples, tracks and checkpoints; every rank calls
+            ``on_eval`` at every evaluation, so Ray Train's reports stay in step.
     """
     device = pick_device(device)
-    dataset, teacher, meta, evaluator = prepare(cfg, root, cache, device, study=study, log=log)
+    dataset, teacher, meta, evaluator = prepare(cfg, root, cache, device, study=study, log=log,
+                                                evaluate=shard.lead)
     init_extra = {"cache": cache, "teacher_id": meta["id"]}
     source = source_teacher(cfg)
     if source is not None:  # the generator starts from another teacher's weights (SPEC §4)
@@ -115,9 +123,14 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
     log(f"cell {cid}: generator {sizes['generator_params']:,} parameters, auxiliary "
         f"{sizes['aux_net']} {sizes['aux_params']:,}")
     start = time.perf_counter()
-    tracker = open_trackers(tracking, root, study, cid, cfg, axes or {}, log=log)
+    tracker = open_trackers(tracking if shard.lead else None, root, study, cid, cfg, axes or {},
+                            log=log)
 
     def report(ev: Evaluation):
+        if not shard.lead:
+            if on_eval is not None:
+                on_eval(ev)
+            return
         base = {**columns, "kimg": ev.kimg, "step": ev.step, "wall_s": ev.wall_s,
                 "status": ev.status, "message": ev.message, "version": __version__}
         rows = [{**base, "metric": m, "value": float(v), "protocol": evaluator.protocol}
@@ -130,7 +143,7 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
         if ev.step and ev.wall_s > 0:
             rows.append({**base, "metric": "img_per_s", "protocol": "training images per second",
                          "value": ev.step * cfg["student"]["batch"] / ev.wall_s})
-        if device == "cuda":
+        if torch.device(device).type == "cuda":
             rows.append({**base, "metric": "peak_mem_mb", "protocol": "torch.cuda.max_memory_allocated",
                          "value": torch.cuda.max_memory_allocated() / 2**20})
         if ev.status == "diverged":
@@ -159,7 +172,7 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
     try:
         last = train_student(cfg, guarded, torch.from_numpy(dataset.x).to(device),
                              dataset.sigma_data, evaluator, ckpt_path, report, device=device,
-                             max_steps=max_steps, init_extra=init_extra)
+                             max_steps=max_steps, init_extra=init_extra, shard=shard)
         status = last.status
         return last
     finally:

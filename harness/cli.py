@@ -256,8 +256,8 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("figures", help="every figure and table, from stored results alone")
     sp.add_argument("study", help="study YAML file")
     sp.add_argument("--results", default=None, help="results root (default: the study's)")
-    sp.add_argument("--only", default=None, help="one output: heatmap, curves, reset, "
-                    "transplant, mapping, samples, table, claims, claims_kimg, verifier")
+    sp.add_argument("--only", default=None, help="one output by name, e.g. heatmap or claims "
+                    "(an unknown name is refused with the list of outputs)")
     sp.add_argument("--metric", default=None, help="metric to plot (default: the study's primary)")
     sp.set_defaults(func=cmd_figures)
 

@@ -175,8 +175,8 @@ DEFAULTS = {
 }
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-STUDY_ONLY = ("resources", "max_failures")
-"""Study settings that change scheduling, not numbers: never part of a cell id."""
+STUDY_ONLY = ("resources", "max_failures", "teacher_resources")
+"""Study settings that change scheduling, not numbers: never part of a cell or teacher id."""
 
 
 class ConfigError(ValueError):

@@ -1,4 +1,5 @@
-"""Live progress of a sweep: one compact line per cell evaluation, printed by the driver.
+"""Live progress of a sweep: one compact line per cell evaluation, printed by the driver, and
+one per teacher checkpoint (``TeacherProgress``, from the teachers' ``status.json`` files).
 
 ``Progress`` is a ``tune.Callback``; Ray's own output is turned down (``verbose=0``, no worker log
 forwarding) and its result logs stay in the experiment's storage folder. A line reads::
@@ -28,7 +29,7 @@ import pyarrow.fs as pafs
 from ray import tune
 
 from . import results as store
-from .status import FINAL, cell_states, duration
+from .status import FINAL, cell_states, duration, read_teacher_status
 
 CKPT = "cell.pt"  # the file sweep.harness_cell checkpoints to
 
@@ -68,6 +69,7 @@ class Progress(tune.Callback):
         self.study_cells = study_cells or n_cells
         self.t0, self.finished, self.errors = time.time(), set(), {}
         self.seen, self.first = {}, {}  # cell -> latest / first reported kimg (for the ETA)
+        self.t_first = time.time()
 
     def setup(self, **info):
         self.t0 = time.time()
@@ -75,7 +77,7 @@ class Progress(tune.Callback):
     def _eta(self) -> str:
         """Study-wide ETA from the kimg trained in this run so far (all cells together)."""
         gained = sum(self.seen[c] - self.first[c] for c in self.seen)
-        elapsed = time.time() - self.t0
+        elapsed = time.time() - self.t_first  # from the first report: Ray's start excluded
         if gained <= 0 or elapsed < 1:
             return ""
         left = sum(max(0.0, total - self.seen.get(c, 0.0)) for c, total in self.kimg.items()
@@ -92,6 +94,8 @@ class Progress(tune.Callback):
         value = f"  {metric} {result[metric]:.4g}" if metric in result else ""
         status = result.get("status", "?")
         kimg = float(result.get("kimg", 0))
+        if not self.first:
+            self.t_first = time.time()
         self.first.setdefault(cid, kimg)
         self.seen[cid] = kimg
         if status in ("done", "diverged"):
@@ -126,6 +130,59 @@ class Progress(tune.Callback):
 
     def __getstate__(self):
         return {**self.__dict__, "finished": set(), "errors": {}}
+
+
+class TeacherProgress:
+    """The driver's lines for teachers that train as Ray tasks (possibly on other nodes): one
+    per change of a teacher's ``status.json`` (written at every 5% checkpoint), e.g.::
+
+        [+0m41s] teacher t-5d0c51ac2f5e (mlp on toy2d)  step 94/313  loss 0.2153  (38s of
+        training, ETA 1m28s)
+    """
+
+    def __init__(self, folders: dict[str, str]):
+        self.folders, self.t0, self.done = folders, time.time(), set()
+        self.seen = {tid: self._key(read_teacher_status(f)) for tid, f in folders.items()}
+
+    @staticmethod
+    def _key(st):
+        return None if not st else (st.get("host"), st.get("pid"), st.get("started_at"),
+                                    st.get("state"), st.get("step"))
+
+    def _head(self, tid, st=None) -> str:
+        what = f" ({st['arch']} on {st['data']})" if st and "arch" in st else ""
+        return f"[+{duration(time.time() - self.t0)}] teacher {tid}{what}"
+
+    def poll(self):
+        for tid, folder in self.folders.items():
+            st = read_teacher_status(folder)
+            key = self._key(st)
+            if key is None or key == self.seen[tid]:
+                continue  # nothing new since the last line (or since before this run)
+            self.seen[tid] = key
+            step, total, wall = st.get("step", 0), st.get("total", 0), st.get("wall_s", 0.0)
+            if st["state"] == "done":
+                self.done.add(tid)
+                what = f"done: {total:,} steps, {duration(wall)} of training"
+            elif st["state"] == "training" and step == st.get("resumed_at") and step:
+                what = f"resuming at step {step:,}/{total:,} from its checkpoint"
+            elif st["state"] == "training" and not step:
+                what = f"training: {total:,} steps"
+            else:
+                loss = f"  loss {st['loss']:.4g}" if st.get("loss") is not None else ""
+                eta = wall / max(1, step - (st.get("resumed_at") or 0)) * (total - step) \
+                    if step else 0
+                what = (f"step {step:,}/{total:,}{loss}  ({duration(wall)} of training, ETA "
+                        f"{duration(eta)})" + ("" if st["state"] == "training" else
+                                               f"  {st['state']}"))
+            print(f"{self._head(tid, st)}  {what}", flush=True)
+
+    def finished(self, tid: str, meta: dict):
+        """The task returned: a last line, unless ``poll`` already printed it done."""
+        self.poll()
+        if tid not in self.done:
+            print(f"{self._head(tid)}  cached, reused ({meta.get('steps')} steps)", flush=True)
+            self.done.add(tid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,17 +232,21 @@ def experiments(storage: str, study: str) -> list[tuple[int, str, list[str]]]:
 
 
 def checkpoint_files(storage: str, study: str) -> list[tuple[str, str, float]]:
-    """[(cell id, path relative to storage, mtime)] of every stored ``cell.pt`` of the study."""
+    """[(cell id, path relative to storage, mtime)] of every stored ``cell.pt`` of the study:
+    in its Tune experiments and in the Ray Train runs of its data-parallel cells
+    (``train/<cell id>/checkpoint_*/cell.pt``)."""
     import pyarrow.fs as pafs
 
     fs, base = store.filesystem(storage)
     pattern = re.compile(r"[^/]*_cell=([0-9a-f]+)_[^/]*/checkpoint_\d+/" + re.escape(CKPT) + r"\Z")
+    trained = re.compile(r"([0-9a-f]+)/checkpoint_[^/]+/" + re.escape(CKPT) + r"\Z")
     out = []
-    for _, name, _ in experiments(storage, study):
+    for name, where in [(name, pattern) for _, name, _ in experiments(storage, study)] + \
+            [("train", trained)]:
         for info in fs.get_file_info(pafs.FileSelector(posixpath.join(base, name),
                                                        allow_not_found=True, recursive=True)):
             rel = posixpath.relpath(info.path, base)
-            match = pattern.match(posixpath.relpath(info.path, posixpath.join(base, name)))
+            match = where.match(posixpath.relpath(info.path, posixpath.join(base, name)))
             if match and info.type == pafs.FileType.File:
                 out.append((match.group(1), rel, info.mtime.timestamp()))
     return out

@@ -101,8 +101,10 @@ SCHEMA = {
              "inception_weights": Setting("str", nullable=True)},
     "seed": _int(0, SEED_MAX),
 }
-RESOURCES = {"cpu": _num(0, hi=1024), "gpu": _num(0, False, 64)}
+RESOURCES = {"cpu": _num(0, hi=1024), "gpu": _num(0, False, 64),
+             "workers": _int(1, 1024)}  # per worker: cpu, gpu; workers: Ray Train data parallel
 DEFAULT_RESOURCES = {"cpu": 1.0, "gpu": 0.0}
+TEACHER_RESOURCES = {k: RESOURCES[k] for k in ("cpu", "gpu")}  # a teacher: one Ray task
 MAX_FAILURES = _int(0, 100)
 DEFAULT_MAX_FAILURES = 0
 SECTIONS = tuple(k for k, v in C.DEFAULTS.items() if isinstance(v, dict) and k not in ("loss", "init"))

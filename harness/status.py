@@ -1,14 +1,17 @@
 """Read-only views of a study's progress: per-cell state, ``harness status``, dry-run notes.
 
-No torch and no Ray: everything comes from the study file, ``pin.json``, the lock file and the
-stored rows (``harness.results``), so ``harness status`` is quick and safe while a sweep runs.
-The rows are the truth: a cell is done when its ``status=done`` row exists, whatever Ray says.
+No torch and no Ray: everything comes from the study file, ``pin.json``, the lock file, the
+stored rows (``harness.results``) and the teachers' ``status.json`` files in the cache, so
+``harness status`` is quick and safe while a sweep runs. The rows are the truth: a cell is done
+when its ``status=done`` row exists, whatever Ray says.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
+import time
 
 from . import lock, pin as pins, results
 from .pin import canonical_json
@@ -57,9 +60,42 @@ def cell_states(df, ids) -> dict[str, dict]:
     return out
 
 
-def teacher_plan(study, pin, cache: str) -> list[str]:
+TEACHER_STATUS = "status.json"  # beside a teacher's ckpt.pt / teacher.pt (teacher.load_or_train)
+
+
+def read_teacher_status(folder: str) -> dict | None:
+    """A teacher folder's ``status.json`` (state, step, total, loss, times), or None."""
+    try:
+        with open(os.path.join(folder, TEACHER_STATUS)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def teacher_state(folder: str, live: bool | None = None) -> str:
+    """What a teacher folder says: cached, training (``live``: a run holds the study lock),
+    interrupted or failed at a step, or not trained yet. ``live=None``: a dry run's words."""
+    st = read_teacher_status(folder) or {}
+    at = f"step {st.get('step', 0):,}/{st.get('total', 0):,}" if st else ""
+    if os.path.exists(os.path.join(folder, "teacher.pt")):
+        return "cached, reused" if live is None else "done (cached)"
+    if st.get("state") == "failed":
+        return f"failed at {at}: {st.get('message', '')}"
+    if os.path.exists(os.path.join(folder, "ckpt.pt")) or st:
+        if live and st.get("state") == "training":
+            loss = f", loss {st['loss']:.4g}" if st.get("loss") is not None else ""
+            ago = duration(time.time() - st.get("updated_at", time.time()))
+            return (f"training: {at}{loss}, {duration(st.get('wall_s', 0))} of training "
+                    f"(updated {ago} ago on {st.get('host', '?')})")
+        return (f"partly trained ({at}): resumes from its checkpoint" if live is None else
+                f"interrupted at {at}: the next `harness run` resumes it from its checkpoint")
+    return "not cached: trained before the first cell" if live is None else "not trained yet"
+
+
+def teacher_plan(study, pin, cache: str, live: bool | None = None) -> list[str]:
     """One line per teacher the study needs (its own and generator-init sources): cached,
-    partly trained, or to be trained (steps), so a dry run says what the first minutes do."""
+    partly trained, or to be trained (steps), so a dry run says what the first minutes do;
+    ``harness status`` (``live``: whether a run holds the lock) adds training progress."""
     import math
 
     from .config import source_teacher
@@ -78,10 +114,7 @@ def teacher_plan(study, pin, cache: str) -> list[str]:
         steps = max(1, math.ceil(t["kimg"] * 1000 / t["batch"]))
         what = f"{t['arch']}, {t['kimg']:g} kimg = {steps:,} steps of {t['batch']}" + (
             f", noise band {t['noise']['band']}" if "band" in t["noise"] else "")
-        state = ("cached, reused" if os.path.exists(os.path.join(folder, "teacher.pt")) else
-                 "partly trained: resumes from its checkpoint" if os.path.exists(
-                     os.path.join(folder, "ckpt.pt")) else
-                 "not cached: trained before the first cell")
+        state = teacher_state(folder, live)
         lines.append(f"{role} {tid} ({what}): {state} [{folder}]")
     return lines
 
@@ -137,7 +170,7 @@ def study_status(path: str, results_root: str | None = None) -> str:
 
     study = load_study(path)
     root = results_root or study.results_root
-    notes = []
+    notes, pin = [], None
     try:
         fp, _ = fingerprints(study)
         pin = pins.pin_study(study, root, fp, write=False)
@@ -158,7 +191,7 @@ def study_status(path: str, results_root: str | None = None) -> str:
 
     done_walls = [s["wall_s"] for s in states.values() if s["state"] == "done"]
     spent = sum(s["wall_s"] for s in states.values())
-    per_cpu = max(study.resources["cpu"], 1e-9)
+    per_cpu = max(study.resources["cpu"] * getattr(study, "workers", 1), 1e-9)
     concurrency = max(1, math.floor((os.cpu_count() or 1) / per_cpu))
     out = [f"study {study.name} ({path}): {len(current)} cells; results {root}"]
     if holder:
@@ -179,6 +212,9 @@ def study_status(path: str, results_root: str | None = None) -> str:
         eta = (f"~{duration(left / concurrency)} at {concurrency} cells at a time on this "
                f"machine (mean {duration(mean)} per done cell)") if left else "none: nothing left"
     out.append(f"compute spent: {duration(spent)} (sum of each cell's latest wall_s); ETA {eta}")
+    if pin is not None and current:
+        out += teacher_plan(study, pin, results.cache_for(root, log=lambda *a: None),
+                            live=holder is not None)
     out += [f"note: {n}" for n in notes]
     rows = []
     for cid, cell in current:

@@ -26,7 +26,8 @@ import yaml
 from . import config as C
 from .pin import canonical_json
 from .settings import (DEFAULT_MAX_FAILURES, DEFAULT_RESOURCES, IMAGE_ARCHS, MAX_FAILURES, NAME_RE,
-                       PATH_DATASETS, RESOURCES, SECTIONS, TOP_KEYS, _Bad, _check, _expand_spec,
+                       PATH_DATASETS, RESOURCES, SECTIONS, TEACHER_RESOURCES, TOP_KEYS, _Bad,
+                       _check, _expand_spec,
                        _setting, _type_name, _Value)
 from .tracking import check as _check_tracking
 
@@ -72,12 +73,14 @@ class Study:
     fixed: dict  # validated fixed settings: partial sections, canonical loss/init, seed
     axes: list  # [(axis path, [config values...])] in grid order
     cells: list
-    resources: dict  # {"cpu": float, "gpu": float} per cell
+    resources: dict  # {"cpu": float, "gpu": float} per cell (per worker when workers > 1)
     max_failures: int
     raw: dict  # the YAML as loaded
     description: str = ""
     lines: dict = field(default_factory=dict, repr=False)  # yaml path -> line
     tracking: dict = field(default_factory=lambda: _check_tracking(None))  # harness.tracking
+    workers: int = 1  # resources.workers: Ray Train workers per cell (data parallel)
+    teacher_resources: dict = field(default_factory=lambda: dict(DEFAULT_RESOURCES))  # per task
 
     @property
     def axis_names(self) -> list[str]:
@@ -251,21 +254,11 @@ class _Parser:
         if "seed" in raw:
             fixed["seed"] = _check(_setting("seed", None), raw["seed"], "seed")
 
-        resources = dict(DEFAULT_RESOURCES)
-        if raw.get("resources") is not None:
-            body = raw["resources"]
-            if not isinstance(body, dict):
-                raise _Bad("resources", f"expected a mapping, got {_type_name(body)}",
-                           "write e.g. resources: {cpu: 1, gpu: 0.5}")
-            for key, value in body.items():
-                if key not in RESOURCES:
-                    raise _Bad(f"resources.{key}", f"unknown key {C._short(key)}",
-                               f"known: {', '.join(RESOURCES)}")
-                resources[key] = float(_check(RESOURCES[key], value, f"resources.{key}"))
-            if resources["gpu"] > 1 and not float(resources["gpu"]).is_integer():
-                raise _Bad("resources.gpu", f"a fraction of a GPU must be below 1, got "
-                                            f"{resources['gpu']:g}",
-                           "use a fraction (< 1) or a whole number of GPUs")
+        resources = self._resources(raw, "resources", RESOURCES, dict(DEFAULT_RESOURCES))
+        workers = int(resources.pop("workers", 1))
+        # a teacher is one Ray task; by default it gets what one cell (worker) gets
+        teacher_resources = self._resources(raw, "teacher_resources", TEACHER_RESOURCES,
+                                            dict(resources))
         max_failures = DEFAULT_MAX_FAILURES
         if raw.get("max_failures") is not None:
             max_failures = _check(MAX_FAILURES, raw["max_failures"], "max_failures")
@@ -273,10 +266,38 @@ class _Parser:
 
         axes = self._grid(raw.get("grid"), raw, fixed)
         cells = self._cells(fixed, axes)
+        for cell in cells if workers > 1 else ():
+            batch = cell.config["student"]["batch"]
+            if batch % workers:
+                raise _Bad("resources.workers", f"{workers} workers cannot split student.batch "
+                           f"{batch} (cell {cell.index}: {cell.label}): each worker trains on "
+                           f"batch / workers samples", f"use a number of workers that divides "
+                           f"every cell's student.batch, or a batch that is a multiple of "
+                           f"{workers}")
         return Study(name=name, path=None, results_root=results, fixed=fixed,
                      axes=[(a, [v.value for v in vals]) for a, vals in axes], cells=cells,
                      resources=resources, max_failures=max_failures, raw=raw,
-                     description=description, lines=dict(self.lines), tracking=tracking)
+                     description=description, lines=dict(self.lines), tracking=tracking,
+                     workers=workers, teacher_resources=teacher_resources)
+
+    @staticmethod
+    def _resources(raw: dict, key: str, schema: dict, out: dict) -> dict:
+        """``resources`` / ``teacher_resources``: a mapping of ``schema``'s keys over ``out``."""
+        if raw.get(key) is None:
+            return out
+        body = raw[key]
+        if not isinstance(body, dict):
+            raise _Bad(key, f"expected a mapping, got {_type_name(body)}",
+                       f"write e.g. {key}: {{cpu: 1, gpu: 0.5}}")
+        for name, value in body.items():
+            if name not in schema:
+                raise _Bad(f"{key}.{name}", f"unknown key {C._short(name)}",
+                           f"known: {', '.join(schema)}")
+            out[name] = float(_check(schema[name], value, f"{key}.{name}"))
+        if out["gpu"] > 1 and not float(out["gpu"]).is_integer():
+            raise _Bad(f"{key}.gpu", f"a fraction of a GPU must be below 1, got {out['gpu']:g}",
+                       "use a fraction (< 1) or a whole number of GPUs")
+        return out
 
     def _grid(self, grid, raw, fixed) -> list:
         if grid is None:
@@ -438,6 +459,9 @@ def describe(study: Study, ids: list[str] | None = None, notes: list[str] | None
     """A dry-run table: the study's settings, then one line per cell (index, [id], axes, [note])."""
     n = len(study.cells)
     res = ", ".join(f"{k} {v:g}" for k, v in study.resources.items())
+    if study.workers > 1:
+        res += f" per worker, {study.workers} workers (data parallel)"
+    res += "; per teacher: " + ", ".join(f"{k} {v:g}" for k, v in study.teacher_resources.items())
     out = [f"study {study.name}" + (f" ({study.path})" if study.path else "")
            + f": {n} cell{'s' if n != 1 else ''}"
            + (" = " + " x ".join(f"{len(v)} {a}" for a, v in study.axes) if study.axes else ""),

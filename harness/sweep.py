@@ -1,13 +1,36 @@
 """Ray Tune sweep of a study's unfinished cells (DESIGN "Ray Tune"): ``harness run`` / ``status``.
 
-``run_study`` pins the study (``pin.json``), takes the study lock, trains each teacher once in the
-driver and has Ray Tune run every cell that has no final row yet, one function trainable per cell
-(``harness_cell``, which calls ``harness.cell.run_cell``, the code of ``harness cell``):
+``run_study`` pins the study (``pin.json``), takes the study lock, has each teacher trained once
+as a Ray task, then has Ray Tune run every cell that has no final row yet, one function trainable
+per cell (``harness_cell``, which calls ``harness.cell.run_cell``, the code of ``harness cell``).
+The driver only plans, prints progress and waits.
+
+Teachers (``harness_teacher``): one Ray task per teacher id the pending cells need (their own
+and generator-init sources), with the study's ``teacher_resources`` (default: one cell's), all
+submitted at once, so they train in parallel as far as resources allow. A task trains or resumes
+with ``teacher.load_or_train`` (a complete checkpoint every 5% in the cache folder, so a killed
+task, driver or node resumes bit-identically; Ray retries a task whose worker or node died) and
+writes the teacher's reference rows (``cell.write_references``) itself, so the driver never
+loads a teacher. Its ``status.json`` beside the checkpoint is what the driver prints progress
+from and what ``harness status`` shows. A task, not a Tune trial: a teacher is one function with
+one result and its own resume (the cache), so a Tune experiment would only add state to restore.
+
+Cells:
 
 - ``tune.grid_search`` over the pending cell ids; ``tune.with_resources`` from the study's
   ``resources`` (fractions of a GPU allowed); ``FailureConfig(max_failures)`` from the study.
 - every evaluation reports with ``tune.Checkpoint.from_directory`` holding the cell's complete
   training state (``cell.pt``); a retried or resumed trial starts from ``tune.get_checkpoint()``.
+- ``resources: {workers: W}`` with W > 1 (data parallel, ``harness.parallel``): the trial
+  reserves nothing itself and runs a ``ray.train.torch.TorchTrainer`` with
+  ``ScalingConfig(num_workers=W, use_gpu=gpu > 0)``, ``cpu``/``gpu`` per worker, calling
+  ``.fit()`` (Ray Train V2's way to run Train inside Tune; ``Tuner(trainer)`` is deprecated).
+  Each worker runs ``run_cell`` on its rank (``cell_worker``); rank 0 reports each evaluation
+  with its ``cell.pt`` as a Train checkpoint (``<results root>/ray/train/<cell id>``, the newest
+  kept; Train's run snapshot survives a kill), ``TuneReportCallback`` hands the metrics to the
+  trial, so the same progress lines print. A failed worker fails the fit; Tune retries the trial
+  (``max_failures``) and its new TorchTrainer of the same name resumes from the newest
+  checkpoint. ``max_concurrent_trials`` keeps the fits within the cluster's resources.
 - Ray's storage is ``<results root>/ray``: experiments ``<study>-<k>``, each with a
   ``<study>-<k>.cells.json`` beside it naming its cells. A later ``harness run`` first restores
   (``Tuner.restore(..., resume_errored=True)``) the experiments that still own unfinished cells,
@@ -17,7 +40,9 @@ driver and has Ray Tune run every cell that has no final row yet, one function t
 
 Clusters: ``--address auto`` (or ``RAY_ADDRESS``) joins a running cluster; the results root (and
 so Ray's storage) must then be a path every node sees or a pyarrow URI (``s3://...``), and the
-cache folder (``HARNESS_CACHE``) a shared path too. The harness must be installed on every node.
+cache folder (``HARNESS_CACHE``, else ``<results root>/cache``) a shared path too: teachers are
+trained on any node and read by every cell. On a cluster of several nodes, a cache on a local
+filesystem gets one printed note. The harness must be installed on every node.
 Ray 2.60 turns on token authentication when ``ray.init()`` starts a local instance (token in
 ``~/.ray/auth_token``); every node of a cluster and every driver joining it needs the same
 setting: export ``RAY_AUTH_MODE=token`` and the same ``RAY_AUTH_TOKEN`` (or a shared
@@ -67,20 +92,51 @@ def _cache(root: str) -> str:
     return store.cache_for(root)
 
 
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "gpfs",
+              "beegfs", "9p", "afs", "panfs", "wekafs", "juicefs", "fuse")
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem that holds ``path`` (Linux ``/proc/mounts``), or None."""
+    path, best = os.path.realpath(path), (-1, None)
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) > 2]
+    except OSError:
+        return None
+    for point, kind in mounts:
+        point = point.replace("\\040", " ")
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > best[0]:
+            best = (len(point), kind)
+    return best[1]
+
+
+def cache_note(cache: str, nodes: int) -> str | None:
+    """The one note for a teacher cache on a local filesystem when Ray has several nodes."""
+    kind = filesystem_type(cache)
+    if nodes < 2 or (kind and kind.split(".")[0] in NETWORK_FS):
+        return None
+    return (f"note: the teacher cache {cache} is a local path ({kind or 'filesystem unknown'}) "
+            f"and this Ray cluster has {nodes} nodes: teachers train on any node and every cell "
+            f"reads them, so every node must see this folder at the same path (a shared mount). "
+            f"Otherwise set HARNESS_CACHE to one (README, Running on a cluster).")
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainable (runs in a Ray worker)
 
-def _resume_into(ckpt: str, storage: str, saved: str | None):
-    """Copy the newest ``cell.pt`` of this trial's Ray checkpoint and of the cell's newest saved
-    one (``saved``, relative to storage; found by the driver) into ``ckpt``."""
+def _resume_into(ckpt: str, storage: str, saved: str | None, previous=None):
+    """Copy the newest ``cell.pt`` of this trial's Ray checkpoint (``previous``, default
+    ``tune.get_checkpoint()``) and of the cell's newest saved one (``saved``, relative to
+    storage; found by the driver) into ``ckpt``."""
     import pyarrow.fs as pafs
     from ray import tune
 
     from .progress import CKPT
 
     found = []
-    previous = tune.get_checkpoint()
-    if previous is not None:
+    previous = tune.get_checkpoint() if previous is None else previous
+    if previous:
         found.append((previous.filesystem, posixpath.join(previous.path, CKPT)))
     if saved:
         fs, base = store.filesystem(storage)
@@ -95,13 +151,24 @@ def _resume_into(ckpt: str, storage: str, saved: str | None):
             shutil.copyfileobj(src, dst)
 
 
+def _metrics(cid: str, ev) -> dict:
+    """What a cell reports to Tune at each evaluation (progress.Progress prints it)."""
+    return {"cell": cid, "kimg": float(ev.kimg), "step": int(ev.step), "status": ev.status,
+            "wall_s": float(ev.wall_s), "primary": next(iter(ev.metrics), ""),
+            **{k: float(v) for k, v in ev.metrics.items()}}
+
+
 def harness_cell(config, cells, root, cache, study, device, threads, cell_fn=None, storage=None,
-                 tracking=None):
-    """Ray Tune function trainable: run (or resume) one cell with ``cell_fn`` (run_cell)."""
+                 tracking=None, workers=1, per_worker=None):
+    """Ray Tune function trainable: run (or resume) one cell with ``cell_fn`` (run_cell); with
+    ``workers`` > 1, as a data-parallel TorchTrainer of ``per_worker`` {cpu, gpu} each."""
     cid = config["cell"]
     cell = cells.get(cid)
     if cell is None:  # finished or orphaned since this experiment was made: nothing to do
         return
+    if workers > 1:
+        return _data_parallel(cid, cell, root, cache, study, cell_fn, storage, tracking, workers,
+                              per_worker)
     import torch
     from ray import tune
 
@@ -118,15 +185,75 @@ def harness_cell(config, cells, root, cache, study, device, threads, cell_fn=Non
         _resume_into(ckpt, storage, cell.get("saved"))
 
         def on_eval(ev):
-            metrics = {"cell": cid, "kimg": float(ev.kimg), "step": int(ev.step),
-                       "status": ev.status, "wall_s": float(ev.wall_s),
-                       "primary": next(iter(ev.metrics), ""),
-                       **{k: float(v) for k, v in ev.metrics.items()}}
             keep = ev.status != "diverged" and os.path.exists(ckpt)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp) if keep else None)
+            tune.report(_metrics(cid, ev),
+                        checkpoint=tune.Checkpoint.from_directory(tmp) if keep else None)
 
         cell_fn(cell["config"], root, cache, ckpt, study=study, axes=cell["axes"], device=device,
                 log=print, on_eval=on_eval, tracking=tracking)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_storage(storage: str) -> str:
+    """Where data-parallel cells' Ray Train runs live: ``<storage>/train/<cell id>``."""
+    return storage.rstrip("/") + "/train"
+
+
+def _data_parallel(cid, cell, root, cache, study, cell_fn, storage, tracking, workers, per_worker):
+    """One data-parallel cell: a TorchTrainer of ``workers`` ranks inside this Tune trial."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    gpu = float(per_worker.get("gpu", 0))
+    each = {"CPU": float(per_worker["cpu"]), **({"GPU": gpu} if gpu else {})}
+    trainer = TorchTrainer(
+        cell_worker,
+        train_loop_config={"cid": cid, "cell": cell, "root": root, "cache": cache,
+                           "study": study, "cell_fn": cell_fn, "storage": storage,
+                           "tracking": tracking, "threads": max(1, int(per_worker["cpu"]))},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu > 0,
+                                               resources_per_worker=each),
+        run_config=ray.train.RunConfig(
+            name=cid, storage_path=train_storage(storage), callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=0),  # Tune retries the trial
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
+    trainer.fit()
+
+
+def cell_worker(config):
+    """A Ray Train worker of a data-parallel cell: ``run_cell`` (``cell_fn``) on this rank,
+    resumed from the newest of the Train run's checkpoint and the cell's older Tune ones."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from .parallel import Shard
+    from .progress import CKPT
+
+    context = ray.train.get_context()
+    shard = Shard(context.get_world_rank(), context.get_world_size())
+    torch.set_num_threads(config["threads"])
+    cell_fn = config["cell_fn"]
+    if cell_fn is None:
+        from .cell import run_cell as cell_fn
+    cid, cell = config["cid"], config["cell"]
+    tmp = tempfile.mkdtemp(prefix=f"harness-{cid}-r{shard.rank}-")
+    ckpt = os.path.join(tmp, CKPT)
+    try:
+        _resume_into(ckpt, config["storage"], cell.get("saved"),
+                     previous=ray.train.get_checkpoint() or False)
+
+        def on_eval(ev):  # every rank reports (Train's barrier); rank 0's checkpoint is kept
+            keep = shard.lead and ev.status != "diverged" and os.path.exists(ckpt)
+            ray.train.report(_metrics(cid, ev),
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp) if keep else None,
+                             delete_local_checkpoint_after_upload=False)
+
+        cell_fn(cell["config"], config["root"], config["cache"], ckpt, study=config["study"],
+                axes=cell["axes"], device=str(ray.train.torch.get_device()), log=print,
+                on_eval=on_eval, tracking=config["tracking"], shard=shard)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -142,11 +269,15 @@ def _trainable(study, cells: dict, todo, root, cache, device, cell_fn):
         saved[cid] = path
     payload = {cid: {"config": cells[cid].config, "axes": cells[cid].axes,
                      "saved": saved.get(cid)} for cid in todo}
+    per = {"cpu": study.resources["cpu"], "gpu": study.resources["gpu"]}
     fn = tune.with_parameters(harness_cell, cells=payload, root=root, cache=cache,
                               study=study.name, device=device, storage=storage,
                               threads=max(1, int(study.resources["cpu"])), cell_fn=cell_fn,
-                              tracking=study.tracking)
-    return tune.with_resources(fn, {"cpu": study.resources["cpu"], "gpu": study.resources["gpu"]})
+                              tracking=study.tracking, workers=study.workers, per_worker=per)
+    if study.workers > 1:  # the trial only waits on its TorchTrainer, whose workers hold `per`
+        # (Tune refuses an empty request: one byte of memory is the smallest non-empty one)
+        return tune.with_resources(fn, {"cpu": 0, "gpu": 0, "memory": 1})
+    return tune.with_resources(fn, per)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,34 +294,53 @@ def _connect(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    quiet = logging.getLogger("ray")  # the token-auth notice is not the user's first line
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING,
-                 include_dashboard=False)
-    finally:
-        quiet.setLevel(level)
+    # Ray's notice that a local instance turned token auth on (README, cluster section) is not
+    # the user's first line: dropped from its own logger only, nothing else is silenced
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: "Token authentication is enabled" not in record.getMessage())
+    ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING,
+             include_dashboard=False)
     return True
 
 
 def _resource_problem(study) -> str | None:
-    """Why no trial could ever be scheduled, or None (Ray would leave them pending forever)."""
+    """Why no trial (or teacher task) could ever be scheduled, or None (Ray would leave them
+    pending forever)."""
     import ray
 
-    need = study.resources
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    for kind, key, setting in (("GPU", "gpu", "resources: {gpu: 0}"),
-                               ("CPU", "cpu", "a smaller resources.cpu")):
-        biggest = max((n.get(kind, 0) for n in nodes), default=0)
-        if need[key] > 0 and biggest < need[key]:
+    w = study.workers
+    for what, key, need, count in (("cell" if w == 1 else "worker of a cell", "resources",
+                                    study.resources, w),
+                                   ("teacher", "teacher_resources", study.teacher_resources, 1)):
+        for kind, res in (("GPU", "gpu"), ("CPU", "cpu")):
+            biggest = max((n.get(kind, 0) for n in nodes), default=0)
             total = ray.cluster_resources().get(kind, 0)
-            return (f"study {study.name!r} ({study.path}) asks for {need[key]:g} {kind}(s) per "
-                    f"cell (resources.{key}), but the Ray cluster has {total:g} {kind}(s) in all "
-                    f"and at most {biggest:g} on one node, so Ray would leave every cell pending "
-                    f"forever. Run it where such nodes exist (--address / RAY_ADDRESS to join a "
-                    f"cluster) or set {setting} in the study file. Nothing was run.")
+            if need[res] > 0 and (biggest < need[res] or total < count * need[res]):
+                setting = "resources: {gpu: 0}" if res == "gpu" else f"a smaller {key}.cpu"
+                if count > 1:
+                    setting += " or fewer resources.workers"
+                return (f"study {study.name!r} ({study.path}) asks for {need[res]:g} {kind}(s) "
+                        f"per {what} ({key}.{res}"
+                        + (f", {count} workers: {count * need[res]:g} in all" if count > 1 else "")
+                        + f"), but the Ray cluster has {total:g} {kind}(s) in all and at most "
+                        f"{biggest:g} on one node, so Ray would leave it pending forever. Run it "
+                        f"where such nodes exist (--address / RAY_ADDRESS to join a cluster) or "
+                        f"set {setting} in the study file. Nothing was run.")
     return None
+
+
+def _concurrency(study) -> int | None:
+    """At most how many data-parallel cells fit the cluster at once (None: no limit needed,
+    Tune packs one-worker trials by their own resources)."""
+    import ray
+
+    if study.workers == 1:
+        return None
+    total = ray.cluster_resources()
+    fits = [total.get(kind, 0) // (study.workers * study.resources[key])
+            for kind, key in (("CPU", "cpu"), ("GPU", "gpu")) if study.resources[key] > 0]
+    return max(1, int(min(fits, default=1)))
 
 
 def _fit(tuner) -> dict[str, str]:
@@ -210,11 +360,12 @@ def _fit(tuner) -> dict[str, str]:
 # run_study
 
 def run_study(path: str, results: str | None = None, address: str | None = None,
-              dry_run: bool = False, device: str = "auto", cell_fn=None) -> int:
+              dry_run: bool = False, device: str = "auto", cell_fn=None, teacher_fn=None) -> int:
     """Run (or resume) every unfinished cell of a study; 0 when all are done or diverged, 1 when
     some failed or remain, 2 when the study cannot run (locked, impossible resources).
 
-    ``cell_fn`` replaces ``harness.cell.run_cell`` in the trainable (tests inject failures).
+    ``cell_fn`` replaces ``harness.cell.run_cell`` in the trainable, ``teacher_fn``
+    ``harness.teacher.load_or_train`` in the teacher tasks (tests inject failures).
     """
     study = load_study(path)
     root = _root(results or study.results_root)
@@ -240,6 +391,11 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
         if problem:
             print("error: " + problem, file=sys.stderr)
             return EXIT_USAGE
+        import ray
+
+        note = cache_note(cache, sum(1 for n in ray.nodes() if n.get("Alive")))
+        if note:
+            print(note)
         study.tracking = tracking.preflight(study.tracking, study.name)
         with acquire_lock(root):
             pin = pins.pin_study(study, root, fp)
@@ -252,7 +408,7 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
             pending = [c for c in pin.ids if states[c]["state"] not in FINAL]
             for line in tracking.describe(study.tracking, root):
                 print(line)
-            _teachers(study, pin, pending, datasets, root, cache, device)
+            _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn)
             from .progress import quiet_tune
 
             with quiet_tune():
@@ -264,26 +420,81 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
             ray.shutdown()
 
 
-def _teachers(study, pin, pending, datasets, root, cache, device):
-    """Train (or load) each teacher once in the driver and write its reference rows; also every
-    teacher whose weights start a generator (``init: {name: teacher, source: ...}``)."""
-    from .cell import pick_device, prepare
+def teacher_plan(pin, pending, datasets) -> dict[str, dict]:
+    """{teacher id: {"cfg": a cell config with that teacher section, "refs": {eval protocol:
+    cell config}}} for every teacher the pending cells need: their own (with the reference rows
+    to write, one per evaluation protocol) and those whose weights start a generator (``init:
+    {name: teacher, source: ...}``)."""
     from .config import source_teacher
-    from .teacher import load_or_train
+    from .pin import teacher_id
 
-    dev = pick_device(device)
-    cells, seen = dict(pin.current), set()
+    cells, plan = dict(pin.current), {}
     for cid in pending:
         cfg = cells[cid].config
-        dataset = datasets[canonical_json(cfg["data"])]
-        key = (pin.teacher_of(cid), cfg["eval"]["n"], cfg["eval"]["metric"])
-        if key not in seen:
-            seen.add(key)
-            prepare(cfg, root, cache, dev, study=study.name, dataset=dataset)
+        entry = plan.setdefault(pin.teacher_of(cid), {"cfg": cfg, "refs": {}})
+        entry["refs"].setdefault(canonical_json([cfg["eval"]["n"], cfg["eval"]["metric"]]), cfg)
         source = source_teacher(cfg)
-        if source is not None and canonical_json(source) not in seen:
-            seen.add(canonical_json(source))
-            load_or_train({**cfg, "teacher": source}, dataset, cache, dev)
+        if source is not None:
+            other = {**cfg, "teacher": source}
+            fp = datasets[canonical_json(cfg["data"])].fingerprint
+            plan.setdefault(teacher_id(other, fp), {"cfg": other, "refs": {}})
+    return plan
+
+
+def harness_teacher(entry: dict, root: str, cache: str, study: str, device: str, threads: int,
+                    teacher_fn=None) -> dict:
+    """Ray task: train, resume or load one teacher (``teacher_fn``, default
+    ``teacher.load_or_train``) and write its reference rows; returns a little metadata."""
+    import torch
+
+    from . import data
+    from .cell import pick_device, prepare
+
+    torch.set_num_threads(threads)
+    if teacher_fn is None:
+        from .teacher import load_or_train as teacher_fn
+    dev = pick_device(device)
+    dataset = data.from_config(entry["cfg"]["data"])
+    _, meta = teacher_fn(entry["cfg"], dataset, cache, dev, print)
+    for cfg in entry["refs"].values():  # the teacher is cached now: this loads it
+        prepare(cfg, root, cache, dev, study=study, dataset=dataset)
+    return {k: meta.get(k) for k in ("id", "steps", "wall_s")}
+
+
+def _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn=None):
+    """Each teacher the pending cells need, trained (or resumed, or loaded) by one Ray task
+    (``harness_teacher``), all at once; the driver prints their progress and waits."""
+    import ray
+
+    from .progress import TeacherProgress, error_summary
+
+    plan = teacher_plan(pin, pending, datasets)
+    if not plan:
+        return
+    res = study.teacher_resources
+    print(f"teachers: {len(plan)} Ray task(s), {res['cpu']:g} CPU and {res['gpu']:g} GPU each: "
+          f"{', '.join(plan)} (cache {cache})")
+    watch = TeacherProgress({tid: os.path.join(cache, "teachers", tid) for tid in plan})
+    task = ray.remote(harness_teacher)  # retried (resuming) when its worker or node dies
+    running = {task.options(num_cpus=res["cpu"], num_gpus=res["gpu"], name=f"teacher {tid}",
+                            max_retries=3, retry_exceptions=False).remote(
+        entry, root, cache, study.name, device, max(1, int(res["cpu"])), teacher_fn): tid
+        for tid, entry in plan.items()}
+    failed = {}
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=len(running), timeout=1.0)
+        watch.poll()
+        for ref in ready:
+            tid = running.pop(ref)
+            try:
+                watch.finished(tid, ray.get(ref))
+            except Exception as e:  # noqa: BLE001 (reported below, once all have ended)
+                failed[tid] = e
+                print(f"teacher {tid} FAILED: {error_summary(str(e))}", flush=True)
+    if failed:  # the cause itself, so a user error still gets its one paragraph (cli)
+        error = next(iter(failed.values()))
+        cause = getattr(error, "cause", None)
+        raise cause if isinstance(cause, Exception) else error
 
 
 def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
@@ -340,12 +551,15 @@ def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
         name = f"{study.name}-{k}"
         store.write_bytes_atomic(storage, f"{name}.cells.json", json.dumps(
             {"experiment": name, "study": study.name, "cells": rest}, indent=1).encode())
-        print(f"Ray experiment {name}: {len(rest)} cells, {study.resources['cpu']:g} CPU and "
-              f"{study.resources['gpu']:g} GPU each, max_failures {study.max_failures}; Ray's "
-              f"logs in {storage}/{name}")
+        each = (f"{study.resources['cpu']:g} CPU and {study.resources['gpu']:g} GPU each"
+                if study.workers == 1 else f"{study.workers} Ray Train workers each (data "
+                f"parallel), {study.resources['cpu']:g} CPU and {study.resources['gpu']:g} GPU "
+                f"per worker")
+        print(f"Ray experiment {name}: {len(rest)} cells, {each}, max_failures "
+              f"{study.max_failures}; Ray's logs in {storage}/{name}")
         tuner = tune.Tuner(_trainable(study, cells, rest, root, cache, device, cell_fn),
                            param_space={"cell": tune.grid_search(rest)},
-                           tune_config=tune.TuneConfig(max_concurrent_trials=None,
+                           tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(study),
                                                        reuse_actors=REUSE_ACTORS),
                            run_config=run_config(name, len(rest)))
         errors.update(_fit(tuner))

@@ -4,6 +4,12 @@
 resumable) and ``teacher.pt`` (the EMA weights and the config) when done. A teacher id hashes
 the data fingerprint and the ``teacher`` section, so a second call with the same config reuses
 it instantly, from any cell or node that sees the same cache folder.
+
+Beside them, ``status.json`` (written atomically at the start, at every checkpoint and log line,
+and at the end) says what the training is doing: ``state`` (training / stopped / failed / done),
+``step`` of ``total``, the last loss, training seconds, when this attempt started and the file
+was updated, host and pid. ``harness run`` prints the teachers' progress from it (they train as
+Ray tasks, possibly on other nodes) and ``harness status`` shows it.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import copy
 import json
 import math
 import os
+import socket
 import time
 
 import torch
@@ -20,6 +27,7 @@ from .data import Dataset
 from .diffusion import Denoiser, denoising_loss, ema_beta, heun_sample, sample_sigma_band
 from .inits import derive_seed
 from .pin import teacher_id
+from .status import TEACHER_STATUS
 from .io import ema_update, load_torch as load_checkpoint, save_atomic, write_json_atomic
 
 LR_RAMP_FRACTION = 0.05  # linear warm-up over the first 5% of steps (EDM ramps over 10 Mimg)
@@ -62,7 +70,7 @@ def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=pri
     beta = ema_beta(batch, tc["ema_halflife_kimg"])
     ckpt = os.path.join(folder, "ckpt.pt")
     band = (tc.get("noise") or {}).get("band")  # a band-limited teacher (SPEC §4)
-    step, wall = 0, 0.0
+    step, wall, resumed = 0, 0.0, None
     if os.path.exists(ckpt):
         state = load_checkpoint(ckpt)
         denoiser.net.load_state_dict(state["net"])
@@ -70,20 +78,32 @@ def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=pri
         opt.load_state_dict(state["opt"])
         torch.set_rng_state(state["rng"])
         step, wall = state["step"], state["wall_s"]
+        resumed = step
         log(f"teacher {tid}: resuming at step {step}/{total}")
     else:
         torch.manual_seed(derive_seed(tc["seed"], "teacher-train"))
         log(f"teacher {tid}: training {tc['arch']} on {dataset.name} for {tc['kimg']} kimg "
             f"({total} steps of {batch}); {nets.count_parameters(denoiser.net):,} parameters")
     data = torch.from_numpy(dataset.x).to(device)
+    info = {"id": tid, "arch": tc["arch"], "data": dataset.name, "total": total,
+            "resumed_at": resumed, "started_at": time.time(), "host": socket.gethostname(),
+            "pid": os.getpid()}
+
+    def status(state: str, loss=None, **extra):  # harness.status reads it
+        write_json_atomic({**info, "state": state, "step": step, "wall_s": wall,
+                           "loss": None if loss is None else float(loss),
+                           "updated_at": time.time(), **extra},
+                          os.path.join(folder, TEACHER_STATUS))
 
     def checkpoint():
         save_atomic({"net": denoiser.net.state_dict(), "ema": ema.net.state_dict(),
                      "opt": opt.state_dict(), "rng": torch.get_rng_state(), "step": step,
                      "wall_s": wall, "config": cfg["teacher"], "version": __version__}, ckpt)
 
+    status("training")
+
     # Train: EDM denoising loss, Adam with warm-up, EMA; checkpoint every 5% of the run.
-    t_log = time.perf_counter()
+    t_log, loss = time.perf_counter(), None
     while step < total:
         t0 = time.perf_counter()
         for g in opt.param_groups:
@@ -96,19 +116,24 @@ def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=pri
         loss.backward()
         opt.step()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"teacher {tid}: non-finite loss at step {step}; lower "
-                                     f"teacher.lr (now {tc['lr']})")
+            message = f"teacher {tid}: non-finite loss at step {step}; lower teacher.lr " \
+                      f"(now {tc['lr']})"
+            status("failed", message=message)
+            raise FloatingPointError(message)
         ema_update(ema, denoiser, beta)
         step += 1
         wall += time.perf_counter() - t0
         if step % save_every == 0 or step == total:
             checkpoint()
+            status("training", loss.item())
         if time.perf_counter() - t_log > 30 or step == total:
             t_log = time.perf_counter()
             log(f"teacher {tid}: step {step}/{total} loss {loss.item():.4f} "
                 f"({wall:.0f} s, ETA {wall / step * (total - step):.0f} s)")
+            status("training", loss.item())
         if max_steps is not None and step >= max_steps and step < total:
             checkpoint()
+            status("stopped", loss.item())
             raise InterruptedError(f"teacher {tid}: stopped at step {step} (max_steps)")
 
     meta = {"id": tid, "arch": tc["arch"], "data": dataset.name,
@@ -116,6 +141,7 @@ def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=pri
             "wall_s": wall, "parameters": nets.count_parameters(ema.net), "version": __version__}
     save_atomic({"ema": ema.net.state_dict(), "meta": meta}, final)
     os.remove(ckpt)
+    status("done", None if loss is None else loss.item(), finished_at=time.time())
     # NCHW, as a teacher loaded from the cache is: the student's settings choose its layout
     ema = ema.cpu().to(memory_format=torch.contiguous_format)
     return ema.eval().requires_grad_(False), meta

@@ -6,6 +6,11 @@ Every evaluation (each ``eval.every_kimg``, and at the end) also writes a comple
 atomically, so a resumed run continues bit-for-bit where the last one stopped (the RNG state is
 in the checkpoint and evaluation runs on a forked RNG). A non-finite loss ends the run with
 status ``diverged``.
+
+Data parallel (``resources.workers`` > 1): the same loop runs on every Ray Train worker with a
+``parallel.Shard``; its three hooks (DDP-wrapped generator and auxiliary net, per-sample draws
+cut to this rank's rows of the global batch, a collective divergence check) are all it takes,
+and rank 0 alone evaluates and checkpoints (see ``harness.parallel``).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Callable
 import torch
 
 from . import __version__, losses, nets, perf, verifier
+from .parallel import SINGLE, Shard
 from .diffusion import Denoiser, OneStepGenerator, ema_beta
 from .inits import InitContext, derive_seed, init_aux, init_generator
 from .io import CheckpointError, ema_update, load_torch as load_checkpoint, save_atomic
@@ -81,7 +87,8 @@ def build_student(cfg: dict, teacher_state: dict, shape: tuple, sigma_data: floa
 def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: float,
                   evaluate: Callable[[torch.Tensor], dict], ckpt_path: str | None,
                   report: Callable[[Evaluation], None], device="cpu",
-                  max_steps: int | None = None, init_extra: dict | None = None) -> Evaluation:
+                  max_steps: int | None = None, init_extra: dict | None = None,
+                  shard: Shard = SINGLE) -> Evaluation:
     """Train one cell's generator; resume from ``ckpt_path`` if it exists.
 
     Args:
@@ -96,11 +103,14 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
         max_steps: stop (checkpointed, status ``running``) after this many total steps:
             simulates an interruption in tests.
         init_extra: passed to ``build_student`` (what some init schemes need besides weights).
+        shard: this worker's rank of a data-parallel cell (``harness.parallel``); other ranks
+            than 0 get ``report`` calls with no metrics and no samples (``evaluate`` unused).
     Returns: the last Evaluation.
     """
     device = torch.device(device)
     st, ev = cfg["student"], cfg["eval"]
     batch = st["batch"]
+    local = shard.local_batch(batch)  # this worker's share of the global batch
     total_steps = max(1, math.ceil(st["kimg"] * 1000 / batch))
     eval_every = max(1, round(ev["every_kimg"] * 1000 / batch))
     n_eval = ev["n"]
@@ -116,11 +126,14 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
     # Precision, layout, compilation (harness.perf): `run(m)` is what to call for module m.
     run = perf.apply(st, device, [generator, aux, teacher])
     amp = run.amp
+    gen_fn, aux_fn = run(generator), run(aux)
+    if shard.world > 1:  # DDP (ray.train.torch.prepare_model) averages the gradients
+        gen_fn, aux_fn = shard.wrap(generator, st), shard.wrap(aux, st)
     ema = copy.deepcopy(generator).eval().requires_grad_(False)
     # Adam with beta1 = 0, as SiD and DMD use for one-step distillation.
     opt_g = torch.optim.Adam(generator.parameters(), lr=st["lr"], betas=(0.0, 0.999), eps=1e-8)
     opt_a = torch.optim.Adam(aux.parameters(), lr=st["aux_lr"], betas=(0.0, 0.999), eps=1e-8)
-    family = losses.build(cfg["loss"], run(teacher), run(aux), st["t_max"])
+    family = losses.build(cfg["loss"], run(teacher), aux_fn, st["t_max"])
     beta = ema_beta(batch, st["ema_halflife_kimg"])
 
     # Resume, or start from the init scheme's weights.
@@ -139,11 +152,11 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         step, wall = state["step"], state["wall_s"]
-    else:
+    else:  # every rank of a data-parallel cell too: one stream, cut per rank (parallel.Shard)
         torch.manual_seed(derive_seed(cfg["seed"], "train"))
 
     def checkpoint():
-        if not ckpt_path:
+        if not ckpt_path or not shard.lead:
             return
         save_atomic({"generator": generator.state_dict(), "aux": aux.state_dict(),
                      "ema": ema.state_dict(), "opt_g": opt_g.state_dict(),
@@ -153,6 +166,8 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
                     ckpt_path)
 
     def evaluation(status: str, message=None) -> Evaluation:
+        if not shard.lead:  # rank 0 evaluates; the others only keep in step with its reports
+            return Evaluation(step * batch / 1000, step, {}, status, wall, None, message)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             z = torch.randn(n_eval, *shape, device=device,
                             generator=torch.Generator(device).manual_seed(
@@ -184,22 +199,23 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
     n_data = data.shape[0]
     while step < total_steps:
         t0 = time.perf_counter()
-        for _ in range(st["aux_steps"]):
-            with torch.no_grad(), amp:
-                x_fake = run(generator)(torch.randn(batch, *shape, device=device))
-            x_real = data[torch.randint(n_data, (batch,), device=device)]
-            with amp:
-                aux_loss = family.aux_loss(x_fake.float(), x_real).mean()
-            opt_a.zero_grad(set_to_none=True)
-            aux_loss.backward()
-            opt_a.step()
-        with frozen(aux), amp:
-            x_gen = run(generator)(torch.randn(batch, *shape, device=device))
-            gen_loss = family.generator_loss(x_gen).mean()
-        opt_g.zero_grad(set_to_none=True)
-        gen_loss.backward()
-        opt_g.step()
-        if not (torch.isfinite(gen_loss) and torch.isfinite(aux_loss)):
+        with shard.draws(local):
+            for _ in range(st["aux_steps"]):
+                with torch.no_grad(), amp:
+                    x_fake = gen_fn(torch.randn(local, *shape, device=device))
+                x_real = data[torch.randint(n_data, (local,), device=device)]
+                with amp:
+                    aux_loss = family.aux_loss(x_fake.float(), x_real).mean()
+                opt_a.zero_grad(set_to_none=True)
+                aux_loss.backward()
+                opt_a.step()
+            with frozen(aux), amp:
+                x_gen = gen_fn(torch.randn(local, *shape, device=device))
+                gen_loss = family.generator_loss(x_gen).mean()
+            opt_g.zero_grad(set_to_none=True)
+            gen_loss.backward()
+            opt_g.step()
+        if not shard.all_finite(gen_loss, aux_loss):
             step += 1
             return emit("diverged", f"non-finite loss at step {step}: generator "
                                     f"{gen_loss.item():.3g}, aux {aux_loss.item():.3g}")

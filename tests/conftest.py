@@ -1,6 +1,10 @@
 """Shared fixtures: a tiny toy2d teacher trained once per test session."""
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 
@@ -32,3 +36,27 @@ def toy_teacher(toy_cache):
     dataset = data.load("toy2d")
     denoiser, meta = teachers.load_or_train(toy_cfg(), dataset, toy_cache, "cpu", log=lambda *_: None)
     return denoiser, meta, dataset
+
+
+def ray_leftovers(tag: str) -> list[int]:
+    """Pids of processes whose command line names ``tag`` (a killed driver's Ray temp dir)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if tag.encode() in f.read():
+                        out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+def reap_ray(tag: str):
+    """After a SIGKILLed driver: Ray's reaper takes its processes down; kill any it missed."""
+    for _ in range(100):
+        if not ray_leftovers(tag):
+            return
+        time.sleep(0.1)
+    for pid in ray_leftovers(tag):
+        os.kill(pid, signal.SIGKILL)

@@ -24,6 +24,7 @@ import pytest
 pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
+from conftest import reap_ray
 from harness import lock as locks, results  # noqa: E402
 from harness.lock import LockedError, acquire_lock  # noqa: E402
 
@@ -219,28 +220,6 @@ def test_tensorboard_event_files_are_uploaded_to_s3(s3):
 # ---------------------------------------------------------------------------------------------
 # slow: harness run on S3, SIGKILLed and resumed, against a file:// run of the same study
 
-def _ray_leftovers(tag: str) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if tag.encode() in f.read():
-                        out.append(int(d))
-            except OSError:
-                pass
-    return out
-
-
-def _reap(tag: str):
-    for _ in range(100):  # Ray's reaper takes its processes down; kill any it missed
-        if not _ray_leftovers(tag):
-            return
-        time.sleep(0.1)
-    for pid in _ray_leftovers(tag):
-        os.kill(pid, signal.SIGKILL)
-
-
 def _figure_data(folder) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(pathlib.Path(folder).glob("*.data.csv"))}
 
@@ -289,7 +268,7 @@ def test_killed_run_on_s3_resumes_and_matches_a_local_run(s3, tmp_path):
         t_kill = results.now()
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    _reap(ray_tmp)
+    reap_ray(ray_tmp)
     assert second is not None and second.returncode == 2, second and second.stderr
     assert "are locked by process" in second.stderr
     before = results.load_rows(root)

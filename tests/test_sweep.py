@@ -25,6 +25,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import reap_ray
 from harness import pin as pins, results
 from harness.status import cell_states, fingerprints
 from harness.study import load_study
@@ -139,20 +140,6 @@ def local_ray(cache, monkeypatch):
     yield
 
 
-def _ray_leftovers(tag: str) -> list[int]:
-    """Pids of processes whose command line names ``tag`` (the killed driver's Ray temp dir)."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if tag.encode() in f.read():
-                        out.append(int(d))
-            except OSError:
-                pass
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. a SIGKILLed driver (first: before any in-process Ray of this module starts)
 
@@ -186,12 +173,7 @@ def test_killed_driver_resumes(tmp_path, cache):
     done = set(before.cell[before.status == "done"])  # as of the kill
     running = {c for c in running if c not in done}
     assert running
-    for _ in range(100):  # Ray's reaper takes its processes down; kill any it missed
-        if not _ray_leftovers(ray_tmp):
-            break
-        time.sleep(0.1)
-    for pid in _ray_leftovers(ray_tmp):
-        os.kill(pid, signal.SIGKILL)
+    reap_ray(ray_tmp)
 
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     print(second.stdout, second.stderr)  # shown with -s
