@@ -20,6 +20,7 @@ from harness.config import INIT_SCHEMES, ConfigError, param_columns
 from harness.results import ROWS, cell_status, load_rows, read_bytes
 
 from .style import _nn, base_loss, init_sort_key, loss_palette, loss_sort_key
+from .tuning import load_tuned
 
 QUALITY_PREFIXES = ("fid_", "fd_", "kid_", "mmd_", "swd_", "modes_", "precision_", "recall_")
 HIGHER_BETTER_PREFIXES = ("modes_", "precision_", "recall_")
@@ -290,6 +291,7 @@ class Study:
     protocol: ProtocolChoice | None = None
     init_info: dict = field(default_factory=dict)  # init label -> {INIT_COLUMNS: value}
     legacy_rows: int = 0  # cells whose loss_family / init_scheme came from their labels
+    tuned: dict | None = None  # pin.json's `tuned` entry (harness tune; analysis.tuning)
 
     @property
     def excluded(self) -> pd.DataFrame:
@@ -388,6 +390,8 @@ def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None =
     step = timer or (lambda name: nullcontext())
     with step("load rows"):
         df = load_rows(root) if rows is None else rows
+        if len(df) and "status" in df.columns:  # harness tune trials: analysis.tuning
+            df = df[(df["status"] != "tuning").to_numpy()]
     if df.empty:
         print(f"figures: no result rows under {root}; nothing to plot")
         return None
@@ -446,7 +450,7 @@ def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None =
     return Study(metric=metric, higher_better=higher_is_better(metric), cells=cells,
                  scores=scores, final=final, refs=refs, loss_order=loss_order,
                  init_order=init_order, palette=palette, protocol=choice, init_info=init_info,
-                 legacy_rows=legacy_rows)
+                 legacy_rows=legacy_rows, tuned=load_tuned(root))
 
 
 def _references(ref: pd.DataFrame, scores: pd.DataFrame, init_info: dict) -> pd.DataFrame:

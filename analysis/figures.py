@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
 
 from .data import Study, legacy_reinit, load_study, mean_ci, ordered  # noqa: E402
+from .tuning import build as _tuning  # noqa: E402  (harness tune: metric vs hyperparameters)
 
 # OUTPUTS: the keys of BUILDERS (below), in order: a new figure is one function + one entry
 
@@ -534,7 +535,7 @@ def _claims_kimg(study, out_dir, rng, timer, c1_pair=None):
 
 BUILDERS = {"heatmap": heatmap, "curves": curves, "reset": reset, "transplant": transplant,
             "mapping": mapping, "samples": _samples, "table": _table, "claims": _claims,
-            "claims_kimg": _claims_kimg, "verifier": _verifier}
+            "claims_kimg": _claims_kimg, "verifier": _verifier, "tuning": _tuning}
 OUTPUTS = tuple(BUILDERS)
 
 
@@ -574,6 +575,8 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
         from harness.results import load_rows
 
         rows = load_rows(root)
+    if only == "tuning":  # right after `harness tune`: no done cell needed
+        return _tuning(None, out_dir, rng_for(seed, only), timer, root=root, rows=rows)
     study = load_study(root, metric, rows=rows, timer=timer)
     if study is None:
         return []
@@ -585,7 +588,8 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
         kw = ({"root": root} if name == "samples" else
               {"c1_pair": c1_pair, "rows": rows} if name == "claims" else
               {"c1_pair": c1_pair} if name == "claims_kimg" else
-              {"rows": rows} if name == "verifier" else {})
+              {"rows": rows} if name == "verifier" else
+              {"root": root, "rows": rows} if name == "tuning" else {})
         # claims_kimg draws from the claims stream: its last kimg reproduces claims.md
         stream = "claims" if name == "claims_kimg" else name
         paths += BUILDERS[name](study, out_dir, rng_for(seed, stream), timer, **kw)

@@ -58,7 +58,9 @@ def provenance_lines(study: Study) -> list[str]:
                    f"before `reinit` / `reset_output` existed: they used the near-zero output "
                    f"re-init that stalls the optimisation (SPEC §4), so they measure the "
                    f"optimiser, not the features, and claims C3a-C3c are not judged on them.")
-    return out
+    from .tuning import protocol_lines  # harness tune: the protocol and the choice
+
+    return out + protocol_lines(getattr(study, "tuned", None))
 
 
 def footer_md(study: Study) -> str:

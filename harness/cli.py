@@ -1,6 +1,7 @@
 """Ablation studies for one-step diffusion generators: teacher score vs teacher weights.
 
   harness run studies/quick.yaml [--dry-run] [--address auto] [--results DIR]
+  harness tune studies/tune-digits.yaml [--dry-run]   (a study with a tune: section, before run)
   harness status studies/quick.yaml
   harness figures studies/quick.yaml [--only heatmap]
   harness rescore studies/quick.yaml [--set eval.extractor=shipped]
@@ -238,6 +239,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--results", default=None, help="results root (default: the study's)")
     sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     sp.set_defaults(func=cmd_run)
+
+    from .tuning import add_parser as add_tune_parser  # harness tune (harness.tuning)
+
+    add_tune_parser(sub)
 
     sp = sub.add_parser("rescore", help="score the stored final samples of done cells again "
                         "(a new protocol: rows are added beside the old ones, nothing retrains)")

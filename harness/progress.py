@@ -143,6 +143,7 @@ class TeacherProgress:
     def __init__(self, folders: dict[str, str]):
         self.folders, self.t0, self.done = folders, time.time(), set()
         self.seen = {tid: self._key(read_teacher_status(f)) for tid, f in folders.items()}
+        self.attempt = {tid: (key or ())[:3] for tid, key in self.seen.items()}
 
     @staticmethod
     def _key(st):
@@ -161,17 +162,20 @@ class TeacherProgress:
                 continue  # nothing new since the last line (or since before this run)
             self.seen[tid] = key
             step, total, wall = st.get("step", 0), st.get("total", 0), st.get("wall_s", 0.0)
+            start = st.get("resumed_at") or 0
+            if key[:3] != self.attempt[tid]:  # this run's attempt: say how it starts, once
+                self.attempt[tid] = key[:3]
+                print(f"{self._head(tid, st)}  " + (
+                    f"resuming at step {start:,}/{total:,} from its checkpoint" if start else
+                    f"training: {total:,} steps"), flush=True)
+                if st["state"] == "training" and step == start:
+                    continue
             if st["state"] == "done":
                 self.done.add(tid)
                 what = f"done: {total:,} steps, {duration(wall)} of training"
-            elif st["state"] == "training" and step == st.get("resumed_at") and step:
-                what = f"resuming at step {step:,}/{total:,} from its checkpoint"
-            elif st["state"] == "training" and not step:
-                what = f"training: {total:,} steps"
             else:
                 loss = f"  loss {st['loss']:.4g}" if st.get("loss") is not None else ""
-                eta = wall / max(1, step - (st.get("resumed_at") or 0)) * (total - step) \
-                    if step else 0
+                eta = wall / step * (total - step) if step else 0
                 what = (f"step {step:,}/{total:,}{loss}  ({duration(wall)} of training, ETA "
                         f"{duration(eta)})" + ("" if st["state"] == "training" else
                                                f"  {st['state']}"))

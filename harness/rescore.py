@@ -21,6 +21,7 @@ from .lock import acquire_lock
 from .pin import canonical_json
 from .status import FINAL, cell_states, fingerprints
 from .study import load_study
+from .tuning import apply_pinned
 
 
 def rescore_study(path: str, results: str | None = None, eval_overrides: dict | None = None,
@@ -35,6 +36,7 @@ def rescore_study(path: str, results: str | None = None, eval_overrides: dict | 
 
     study = load_study(path)
     root = _root(results or study.results_root)
+    study = apply_pinned(study, root)  # harness.tuning: the cells as run
     fp, datasets = fingerprints(study)
     dev = pick_device(device)
     with acquire_lock(root):

@@ -41,7 +41,7 @@ ROWS = pa.schema([
     ("value", pa.float64()),
     ("protocol", pa.string()),  # how the metric was computed, in words
     ("wall_s", pa.float64()),  # the cell's own compute seconds so far
-    ("status", pa.string()),  # running | done | diverged | failed | reference
+    ("status", pa.string()),  # running | done | diverged | failed | reference | tuning
     ("message", pa.string()),  # why a cell failed or diverged; null otherwise
     ("version", pa.string()),
     ("written_at", pa.timestamp("us", tz="UTC")),
@@ -60,7 +60,8 @@ SAMPLES = pa.schema([
 ])
 BOOKKEEPING = ("img_per_s", "peak_mem_mb", "generator_params", "aux_params", "diverged", "failed")
 """Metric rows that describe a run, not its samples' quality."""
-STATUSES = ("running", "done", "diverged", "failed", "reference")
+STATUSES = ("running", "done", "diverged", "failed", "reference", "tuning")
+"""``tuning``: an evaluation of a ``harness tune`` trial (harness.tuning), never a cell's."""
 KEY = ["cell", "kimg", "metric", "protocol"]
 """A row is one (cell, kimg, metric) under one protocol: `harness rescore` adds rows under a new
 protocol beside the old ones; a resumed cell's repeated rows resolve to the newest."""
@@ -177,7 +178,8 @@ def cell_status(df) -> dict[str, str]:
     if df.empty:
         return out
     rank = {"done": 3, "diverged": 2, "failed": 1, "running": 0}
-    for cell, status in df.loc[df.status != "reference", ["cell", "status"]].itertuples(index=False):
+    for cell, status in df.loc[~df.status.isin(("reference", "tuning")),
+                               ["cell", "status"]].itertuples(index=False):
         if rank[status] >= rank.get(out.get(cell), -1):
             out[cell] = status
     return out

@@ -167,9 +167,11 @@ def study_status(path: str, results_root: str | None = None) -> str:
     compact table per cell. Writes nothing and takes no lock."""
     from .data import DataError
     from .study import load_study
+    from .tuning import apply_pinned
 
     study = load_study(path)
     root = results_root or study.results_root
+    study = apply_pinned(study, root, strict=False)  # harness.tuning: tuned values
     notes, pin = [], None
     try:
         fp, _ = fingerprints(study)

@@ -30,6 +30,7 @@ from .settings import (DEFAULT_MAX_FAILURES, DEFAULT_RESOURCES, IMAGE_ARCHS, MAX
                        _check, _expand_spec,
                        _setting, _type_name, _Value)
 from .tracking import check as _check_tracking
+from .tuning import check_tune
 
 
 MAX_BYTES = 1 << 20  # a study file is a few KB; 1 MB leaves room and stops a runaway file
@@ -79,6 +80,7 @@ class Study:
     description: str = ""
     lines: dict = field(default_factory=dict, repr=False)  # yaml path -> line
     tracking: dict = field(default_factory=lambda: _check_tracking(None))  # harness.tracking
+    tune: object = None  # harness.tuning.Tune: the tune: section (never in cell ids itself)
     workers: int = 1  # resources.workers: Ray Train workers per cell (data parallel)
     teacher_resources: dict = field(default_factory=lambda: dict(DEFAULT_RESOURCES))  # per task
 
@@ -274,11 +276,12 @@ class _Parser:
                            f"batch / workers samples", f"use a number of workers that divides "
                            f"every cell's student.batch, or a batch that is a multiple of "
                            f"{workers}")
+        tune = check_tune(raw.get("tune"), fixed, axes, cells)
         return Study(name=name, path=None, results_root=results, fixed=fixed,
                      axes=[(a, [v.value for v in vals]) for a, vals in axes], cells=cells,
                      resources=resources, max_failures=max_failures, raw=raw,
                      description=description, lines=dict(self.lines), tracking=tracking,
-                     workers=workers, teacher_resources=teacher_resources)
+                     workers=workers, teacher_resources=teacher_resources, tune=tune)
 
     @staticmethod
     def _resources(raw: dict, key: str, schema: dict, out: dict) -> dict:

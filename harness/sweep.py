@@ -69,6 +69,7 @@ from .pin import canonical_json
 from .status import FINAL, cell_states, dry_run_report, fingerprints
 from .status import study_status as _study_status
 from .study import load_study
+from .tuning import apply_pinned
 
 REUSE_ACTORS = True  # a finished trial's worker runs the next cell: no process start per cell
 EXIT_USAGE = 2
@@ -370,6 +371,7 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
     study = load_study(path)
     root = _root(results or study.results_root)
     store.check_root(root)
+    study = apply_pinned(study, root, strict=not dry_run)  # harness.tuning: tuned values
     cache = _cache(root)
     if dry_run:
         return dry_run_report(study, root, cache)

@@ -35,7 +35,9 @@ selection seed in turn with ``harness.cell.run_cell``. Its evaluations are store
 results store with status ``tuning`` (cell ``tune-<trial id>-s<seed>``; the ``axes`` column holds
 the family, the tune hash, the trial and its values as JSON). A killed ``harness tune`` resumes
 with ``Tuner.restore`` (finished trials are not run again, running ones continue from their last
-checkpoint). Families whose choice is pinned under the current hash are skipped.
+checkpoint; a trial seed whose final evaluation is in the rows is never trained again, whatever
+Ray's periodically saved state says). Families whose choice is pinned under the current hash are
+skipped. The Ray part lives in ``harness.tune_run``.
 
 Selection (``SELECTION_RULE``): among the family's trials that reached the full budget on every
 selection seed, the lowest (for higher-is-better metrics the highest) mean over the selection
@@ -149,7 +151,8 @@ class Tune:
 
     def section(self) -> dict:
         """The validated section in canonical form (what ``hash`` hashes)."""
-        return {"space": {scope: {k: d.text for k, d in s.items()} for scope, s in self.space.items()},
+        space = {scope: {k: d.text for k, d in s.items()} for scope, s in self.space.items()}
+        return {"space": space,
                 "trials": self.trials, "kimg": self.kimg, "seeds": list(self.seeds),
                 "metric": self.metric, "scheduler": self.scheduler}
 
@@ -253,8 +256,8 @@ def _check_setting_dist(setting: str, dist: Dist, path: str, losses: list[dict])
         return Dist("choice", tuple(values))
     if kind not in DISTRIBUTIONS[dist.kind][1]:
         fits = [k for k, v in DISTRIBUTIONS.items() if kind in v[1]]
-        raise _Bad(path, f"{setting} is not a {'whole number' if dist.kind.endswith('randint') else 'real'}"
-                         f" setting, so {dist.kind} does not fit it",
+        what = "whole number" if dist.kind.endswith("randint") else "real"
+        raise _Bad(path, f"{setting} is not a {what} setting, so {dist.kind} does not fit it",
                    f"use {', '.join(fits) + ' or ' if fits else ''}a list of values (a choice)")
     lo, hi = dist.args[0], dist.args[1]
     check(lo, path)
@@ -262,7 +265,26 @@ def _check_setting_dist(setting: str, dist: Dist, path: str, losses: list[dict])
     return dist
 
 
-def check_tune(raw, fixed: dict, axes: list, cells: list, raw_study: dict) -> Tune | None:
+def _rejoin(mapping: dict) -> dict:
+    """A YAML flow mapping splits ``{student.lr: loguniform(1.0e-5, 1.0e-3)}`` at the comma into
+    ``{'student.lr': 'loguniform(1.0e-5', '1.0e-3)': None}``: the pieces are joined again, so
+    the flow style reads as the block style does (quoting the distribution also works)."""
+    out, items, i = {}, list(mapping.items()), 0
+    while i < len(items):
+        key, value = items[i]
+        i += 1
+        if isinstance(value, str) and "(" in value and ")" not in value:
+            parts, j = [value], i
+            while j < len(items) and items[j][1] is None and ")" not in parts[-1]:
+                parts.append(str(items[j][0]))
+                j += 1
+            if ")" in parts[-1]:
+                value, i = ", ".join(parts), j
+        out[key] = value
+    return out
+
+
+def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
     """Validate a study's ``tune:`` section (``None`` if it has none); raises ``_Bad`` with the
     YAML path of the problem (``harness.study`` adds file and line)."""
     if raw is None:
@@ -308,7 +330,7 @@ def check_tune(raw, fixed: dict, axes: list, cells: list, raw_study: dict) -> Tu
             raise _Bad(where, f"seed {s} is listed twice", "list each selection seed once")
         seen[s] = i
         if s in study_seeds:
-            shown = ", ".join(map(str, study_seeds[:12])) + (", ..." if len(study_seeds) > 12 else "")
+            shown = ", ".join(map(str, study_seeds[:12])) + (", ..." * (len(study_seeds) > 12))
             raise _Bad(where, f"selection seed {s} is also a seed of the study's cells ({shown})",
                        "selection seeds must be disjoint from the study's seeds, so that no "
                        "cell's result chose its own hyperparameters; use e.g. 100")
@@ -332,6 +354,7 @@ def check_tune(raw, fixed: dict, axes: list, cells: list, raw_study: dict) -> Tu
     if not isinstance(space_raw, dict) or not space_raw:
         raise _Bad("tune.space", f"expected a non-empty mapping, got {C._short(space_raw)}",
                    "write e.g. space: {student.lr: loguniform(1.0e-5, 1.0e-3)}")
+    space_raw = _rejoin(space_raw)
     grid_axes = {a for a, _ in axes}
     space: dict[str, dict] = {}
     origin: dict[tuple, str] = {}
@@ -353,7 +376,7 @@ def check_tune(raw, fixed: dict, axes: list, cells: list, raw_study: dict) -> Tu
                 raise _Bad(f"tune.space.{key}", f"expected a mapping of settings to "
                                                 f"distributions, got {C._short(value)}",
                            f"write e.g. {key}: {{student.aux_lr: loguniform(1.0e-5, 1.0e-3)}}")
-            scope, entries, prefix = key, value, f"tune.space.{key}"
+            scope, entries, prefix = key, _rejoin(value), f"tune.space.{key}"
         out = space.setdefault(scope, {})
         for setting, dist_raw in entries.items():
             setting = str(setting)
@@ -377,8 +400,8 @@ def check_tune(raw, fixed: dict, axes: list, cells: list, raw_study: dict) -> Tu
                                      f"({', '.join(targets)}): searching it would merge them",
                                f"remove {setting} from the search, or compare a single {scope} "
                                f"loss")
-            elif section in NOT_SEARCHED or section == "student":
-                if name not in C.DEFAULTS["student"] or section != "student":
+            elif section == "student":
+                if name not in C.DEFAULTS["student"]:
                     raise _Bad(path, f"unknown setting {C._short(setting)}",
                                f"known student keys: {', '.join(C.DEFAULTS['student'])}")
                 if name in NOT_SEARCHED["student"]:
@@ -395,8 +418,9 @@ def check_tune(raw, fixed: dict, axes: list, cells: list, raw_study: dict) -> Tu
                            "searchable: student.KEY (every family or per family) and, under a "
                            "family, loss.PARAM; the teacher, the data and the evaluation are "
                            "the same for every family")
-            if any(setting in space.get(other, {}) and any(_in_scope(other, losses[t]) for t in targets)
-                   for other in space if other != scope) or setting in out:
+            if setting in out or any(setting in space.get(other, {})
+                                     and any(_in_scope(other, losses[t]) for t in targets)
+                                     for other in space if other != scope):
                 raise _Bad(path, f"{setting} is searched twice for the same loss",
                            "give each setting one distribution per loss")
             dist = _check_setting_dist(setting, _parse_dist(dist_raw, path), path,
@@ -545,8 +569,9 @@ def apply_pinned(study, root: str, strict: bool = True, log=print):
     missing = [f for f, (s, _) in states.items() if s != "tuned"]
     where = study.path or study.name
     if missing:
-        why = ", ".join(f"{f} ({'tuned under another tune: section or other settings' if s == 'stale' else 'not tuned'})"
-                        for f, (s, _) in states.items() if s != "tuned")
+        words = {"stale": "tuned under another tune: section or other settings",
+                 "untuned": "not tuned"}
+        why = ", ".join(f"{f} ({words[s]})" for f, (s, _) in states.items() if s != "tuned")
         text = (f"{where} has a tune: section, but no tuned choice is pinned in {root}/pin.json "
                 f"for {why}. Run `harness tune {where}` first (it searches each loss family's "
                 f"hyperparameters and pins the choice); ")
@@ -594,9 +619,10 @@ def record_choice(root: str, study, label: str, entry: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Trial rows and selection (pandas; no torch, no Ray)
 
-def read_trial_rows(root: str, seeds):
-    """Rows with status ``tuning`` of the given seeds only: filtered while reading the Parquet
-    files, so rows of other seeds are never read. Repeated keys resolve to the newest."""
+def read_trial_rows(root: str, seeds, cell: str | None = None):
+    """Rows with status ``tuning`` of the given seeds only (and of one ``cell``, if given):
+    filtered while reading the Parquet files, so rows of other seeds are never read. Repeated
+    keys resolve to the newest."""
     import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
@@ -609,12 +635,26 @@ def read_trial_rows(root: str, seeds):
     files = sorted(i.path for i in info if i.type == pafs.FileType.File
                    and os.path.basename(i.path).startswith("part-") and i.path.endswith(".parquet"))
     where = [("status", "=", "tuning"), ("seed", "in", [int(s) for s in seeds])]
+    if cell is not None:
+        where.append(("cell", "=", cell))
     tables = [pq.read_table(f, filesystem=fs, schema=results.ROWS, filters=where) for f in files]
     df = (pa.concat_tables(tables) if tables else results.ROWS.empty_table()).to_pandas()
     if df.empty:
         return df
     df = df.sort_values("written_at", kind="stable")
     return df.drop_duplicates(results.KEY, keep="last").reset_index(drop=True)
+
+
+def stored_final(root: str, cell: str, seed: int, final: float) -> tuple[str, float] | None:
+    """(metric, value) of a trial seed's final evaluation if its rows hold one: the rows are the
+    truth about what finished, whatever Ray's experiment state (saved every few seconds) says."""
+    rows = read_trial_rows(root, [seed], cell=cell)
+    for axes in rows["axes"].dropna().unique() if len(rows) else ():
+        metric = json.loads(axes).get("tune.metric")
+        hit = rows[(rows["metric"] == metric) & (rows["kimg"] >= final - 1e-9)]
+        if len(hit):
+            return metric, float(hit["value"].iloc[-1])
+    return None
 
 
 def trial_table(rows, family_hash_: str, seeds, final: float):
@@ -638,7 +678,8 @@ def trial_table(rows, family_hash_: str, seeds, final: float):
         return pd.DataFrame(columns=cols)
     rows = rows.assign(trial=axes.map(lambda a: a.get("tune.trial")),
                        tmetric=axes.map(lambda a: a.get("tune.metric")),
-                       params=axes.map(lambda a: json.dumps(a.get("tune.values", {}), sort_keys=True)))
+                       params=axes.map(lambda a: json.dumps(a.get("tune.values", {}),
+                                                            sort_keys=True)))
     out = []
     for trial, g in rows.groupby("trial", sort=True):
         metric = g["tmetric"].iloc[0]
@@ -675,119 +716,7 @@ def select(table) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The Ray Tune trainable (runs in a Ray worker)
-
-def harness_trial(config, family, tune_hash, fam_hash, seeds, metric, root, scratch, cache,
-                  study, device, threads, cell_fn=None):
-    """One trial: the family's config with this trial's values, trained on each selection seed
-    in turn; every evaluation becomes ``tuning`` rows and a Tune report (``kimg`` summed over
-    the seeds, ``score`` the metric). A checkpoint holds the current seed's training state and
-    the seeds already finished, so a resumed trial never trains a finished seed again."""
-    import shutil
-    import tempfile
-
-    import torch
-    from ray import tune
-
-    from . import __version__, results
-    from .cell import cell_columns
-
-    if cell_fn is None:
-        from .cell import run_cell as cell_fn
-    torch.set_num_threads(threads)
-    values = {k: config[k] for k in family.space}
-    cfgs = [trial_config(family, values, s) for s in seeds]  # validated before anything runs
-    trial = tune.get_context().get_trial_id()
-    per_seed = final_kimg(cfgs[0])
-    tmp = tempfile.mkdtemp(prefix="harness-tune-")
-    done_file = os.path.join(tmp, "finished.json")
-    try:
-        previous = tune.get_checkpoint()
-        if previous is not None:
-            previous.to_directory(tmp)
-        finished = json.load(open(done_file)) if os.path.exists(done_file) else {}
-        for i, (seed, cfg) in enumerate(zip(seeds, cfgs)):
-            if str(seed) in finished:
-                continue
-            ckpt = os.path.join(tmp, f"seed-{seed}.pt")
-            cid = f"tune-{trial}-s{seed}"
-            state = {"columns": None}
-
-            def on_eval(ev, i=i, seed=seed, cfg=cfg, ckpt=ckpt, cid=cid, state=state):
-                name = metric if metric != "auto" else next(iter(ev.metrics), None)
-                if state["columns"] is None:
-                    axes = {"tune.family": family.label, "tune.hash": fam_hash,
-                            "tune.section": tune_hash, "tune.trial": trial, "tune.metric": name,
-                            "tune.values": values}
-                    state["columns"] = cell_columns(cfg, study, cid, axes)
-                base = {**state["columns"], "kimg": ev.kimg, "step": ev.step,
-                        "wall_s": ev.wall_s, "status": "tuning", "message": ev.message,
-                        "version": __version__, "protocol": TRIAL_PROTOCOL}
-                rows = [{**base, "metric": m, "value": float(v)} for m, v in ev.metrics.items()]
-                if ev.status == "diverged":
-                    rows.append({**base, "metric": "diverged", "value": float(ev.step)})
-                results.write_rows(root, rows)
-                if ev.status == "diverged":
-                    return  # no score to report: the trial ends, its rows say why
-                if name not in ev.metrics:
-                    raise RuntimeError(f"tune.metric {name!r} is not among the metrics a cell "
-                                       f"reports ({', '.join(ev.metrics)}); set tune.metric to "
-                                       f"one of them or auto")
-                if ev.status == "done":
-                    finished[str(seed)] = float(ev.metrics[name])
-                    with open(done_file, "w") as f:
-                        json.dump(finished, f)
-                    if os.path.exists(ckpt):
-                        os.remove(ckpt)
-                report = {"kimg": i * per_seed + float(ev.kimg), "score": float(ev.metrics[name]),
-                          "seed": seed, "status": ev.status, "metric": name}
-                tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
-
-            cfg_run = copy.deepcopy(cfg)
-            cfg_run["eval"]["final_samples"] = "none"  # not in ids: trials keep no final samples
-            last = cell_fn(cfg_run, scratch, cache, ckpt, study=study, axes={}, device=device,
-                           log=lambda *a, **k: None, on_eval=on_eval)
-            if last is not None and last.status == "diverged":
-                return
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _progress_callback(label: str, n: int, max_t: float):
-    from ray import tune
-
-    from .progress import drop_older, error_summary, _read
-
-    class TrialLines(tune.Callback):
-        """One line per finished, stopped or failed trial; older checkpoints' weights dropped."""
-
-        def __init__(self):
-            self.count = 0
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.count += 1
-            r = trial.last_result or {}
-            values = " ".join(f"{k}={_fmt(trial.config.get(k))}" for k in sorted(trial.config))
-            what = ("done" if r.get("kimg", 0) >= max_t - 1e-9 else
-                    f"stopped by the scheduler at kimg {r.get('kimg', 0):g}" if r else "ended")
-            score = f" {r.get('metric')} {r['score']:.4g}" if "score" in r else ""
-            print(f"tune {label}: trial {trial.trial_id} ({self.count}/{n}) {values}:{score} "
-                  f"{what}", flush=True)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"tune {label}: trial {trial.trial_id} FAILED: "
-                  f"{error_summary(_read(trial.error_file))}", flush=True)
-
-        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-            path = checkpoint.path.rstrip("/")
-            for name in [f"seed-{s}.pt" for s in trial.config.get("__seeds__", [])] or []:
-                drop_older(checkpoint.filesystem, os.path.dirname(path), path, name)
-
-    return TrialLines()
-
-
-# ---------------------------------------------------------------------------------------------
-# harness tune
+# harness tune (the Ray part is harness.tune_run)
 
 def describe(study, root: str) -> str:
     """``harness tune --dry-run``: per family, what is searched, the budget, its state."""
@@ -816,90 +745,6 @@ def describe(study, root: str) -> str:
     return "\n".join(lines)
 
 
-def tune_study(path: str, results: str | None = None, address: str | None = None,
-               dry_run: bool = False, device: str = "auto", cell_fn=None) -> int:
-    """``harness tune``: search each loss family's hyperparameters with Ray Tune and pin the
-    choice; 0 when every family has one, 1 when some has none (every trial failed or diverged),
-    2 (an exception) when the study cannot be tuned. ``cell_fn`` replaces ``run_cell``."""
-    import sys
-
-    from . import results as store
-    from .lock import acquire_lock
-    from .study import load_study
-    from .sweep import _cache, _connect, _resource_problem, _root, storage_of  # noqa: F401
-
-    study = load_study(path)
-    if study.tune is None:
-        raise TuneError(f"{path} has no tune: section, so there is nothing to tune. Add one "
-                        f"(README, Tuning) or run `harness run {path}`.")
-    root = _root(results or study.results_root)
-    store.check_root(root)
-    cache = _cache(root)
-    if dry_run:
-        print(describe(study, root))
-        return 0
-    states = family_states(study, root)
-    todo = [f for f, (s, _) in states.items() if s != "tuned"]
-    if not todo:
-        print(f"every loss family of {study.name} is tuned under this tune: section (pinned in "
-              f"{root}/pin.json); nothing was run. `harness run {path}` uses the choice.")
-        return 0
-    from .status import fingerprints
-
-    fp, datasets = fingerprints(study)
-    started = _connect(address)
-    try:
-        problem = _resource_problem(study)
-        if problem:
-            print("error: " + problem, file=sys.stderr)
-            return 2
-        with acquire_lock(root):
-            _teachers(study, todo, datasets, root, cache, device)
-            from .progress import quiet_tune
-
-            chosen = {}
-            with quiet_tune():
-                for label in todo:
-                    chosen[label] = _tune_family(study, label, root, cache, device, cell_fn)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    missing = [f for f, c in chosen.items() if c is None]
-    print(f"tune {study.name}: " + "; ".join(
-        f"{f} " + (" ".join(f"{k}={_fmt(v)}" for k, v in c["choice"].items()) if c else "NO CHOICE")
-        for f, c in chosen.items()) + f" (pinned in {root}/pin.json)")
-    if missing:
-        print(f"{len(missing)} families have no complete trial ({', '.join(missing)}): every "
-              f"trial failed or diverged. Check the rows with status tuning, change the search "
-              f"space, and run `harness tune {path}` again.")
-        return 1
-    print(f"next: harness run {path}")
-    return 0
-
-
-def _teachers(study, todo, datasets, root, cache, device):
-    """Train (or load) each trial teacher once in the driver, as ``harness run`` does."""
-    from .cell import pick_device, prepare
-    from .teacher import load_or_train
-
-    dev, seen = pick_device(device), set()
-    scratch = scratch_root(root)
-    for label in todo:
-        cfg = study.tune.families[label].base
-        key = canonical_json([cfg["data"], cfg["teacher"], cfg["eval"]["n"], cfg["eval"]["metric"]])
-        if key not in seen:
-            seen.add(key)
-            prepare(cfg, scratch, cache, dev, study=study.name,
-                    dataset=datasets[canonical_json(cfg["data"])])
-        source = C.source_teacher(cfg)
-        if source is not None and canonical_json(source) not in seen:
-            seen.add(canonical_json(source))
-            load_or_train({**cfg, "teacher": source}, datasets[canonical_json(cfg["data"])],
-                          cache, dev)
-
-
 def scratch_root(root: str) -> str:
     """Where trials' own cell rows, samples and references go (``<root>/tune/trials``); the
     study's store gets their ``tuning`` rows."""
@@ -907,81 +752,16 @@ def scratch_root(root: str) -> str:
 
 
 def experiment_name(study, label: str, fam_hash: str) -> str:
+    """The family's Ray experiment under ``<root>/tune``: ``<study>-<family>-<hash8>``."""
     return f"{study.name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}-{fam_hash[:8]}"
-
-
-def _tune_family(study, label: str, root: str, cache: str, device: str, cell_fn) -> dict | None:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from .cell import pick_device
-    from .progress import error_summary
-
-    t = study.tune
-    fam = t.families[label]
-    fh = family_hash(t, fam)
-    storage = root.rstrip("/") + "/tune"
-    name = experiment_name(study, label, fh)
-    where = f"{storage}/{name}"
-    per_trial = final_kimg(fam.base) * len(t.seeds)
-    trainable = tune.with_resources(
-        tune.with_parameters(harness_trial, family=fam, tune_hash=t.hash, fam_hash=fh,
-                             seeds=list(t.seeds), metric=t.metric, root=root,
-                             scratch=scratch_root(root), cache=cache, study=study.name,
-                             device=pick_device(device) if device != "auto" else device,
-                             threads=max(1, int(study.resources["cpu"])), cell_fn=cell_fn),
-        {"cpu": study.resources["cpu"], "gpu": study.resources["gpu"]})
-    callbacks = [_progress_callback(label, t.trials, per_trial)]
-    tuner = None
-    if tune.Tuner.can_restore(where):
-        print(f"tune {label}: resuming Ray experiment {name} ({where})")
-        try:
-            tuner = tune.Tuner.restore(where, trainable=trainable, resume_errored=True)
-            local = getattr(tuner, "_local_tuner", None)  # fresh callbacks (not public API)
-            if local is not None and getattr(local, "_run_config", None) is not None:
-                local._run_config.callbacks = callbacks
-        except Exception as e:  # noqa: BLE001 (a damaged experiment: its trials start afresh)
-            print(f"note: cannot resume {name} ({error_summary(str(e))}); starting it again")
-            tuner = None
-    if tuner is None:
-        mode = "max" if t.metric != "auto" and higher_is_better(t.metric) else "min"
-        scheduler = (ASHAScheduler(time_attr="kimg", max_t=per_trial,
-                                   grace_period=per_trial * ASHA_GRACE,
-                                   reduction_factor=ASHA_REDUCTION)
-                     if t.scheduler == "asha" else FIFOScheduler())
-        print(f"tune {label}: Ray experiment {name}: {t.trials} trials of "
-              f"{', '.join(f'{k} ~ {d.text}' for k, d in fam.space.items())}, "
-              f"{t.kimg:g} kimg x {len(t.seeds)} seed(s) each, scheduler {t.scheduler}")
-        tuner = tune.Tuner(
-            trainable, param_space={k: d.ray() for k, d in fam.space.items()},
-            tune_config=tune.TuneConfig(
-                metric="score", mode=mode, num_samples=t.trials, scheduler=scheduler,
-                search_alg=BasicVariantGenerator(random_state=SEARCH_SEED), reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=name, storage_path=storage, verbose=0, callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=study.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
-    tuner.fit()
-    table = trial_table(read_trial_rows(root, t.seeds), fh, t.seeds, final_kimg(fam.base))
-    best = select(table)
-    if best is None:
-        return None
-    values = {k: best["values"][k] for k in fam.space}
-    with_values(fam.base, values)  # the chosen values pass the schema once more
-    entry = {"hash": fh, "choice": values, "space": {k: d.text for k, d in fam.space.items()},
-             "trial": best["trial"], "metric": best["metric"], "score": best["score"],
-             "candidates": best["candidates"], "trials": int(len(table)),
-             "final_kimg": final_kimg(fam.base), "experiment": name,
-             "init": C.init_label(fam.base["init"])}
-    record_choice(root, study, label, entry)
-    return entry
 
 
 def add_parser(sub) -> None:
     """The ``harness tune`` subcommand (``harness.cli``)."""
 
     def cmd_tune(args) -> int:
+        from .tune_run import tune_study
+
         return tune_study(args.study, results=args.results, address=args.address,
                           dry_run=args.dry_run, device=args.device)
 

@@ -1,0 +1,162 @@
+"""The ``tuning`` output and the protocol line of tables and claims (``harness tune``).
+
+``tuning_figure`` draws, per loss family (rows of panels) and searched setting (columns), the
+selection metric of every trial against the setting's value: complete trials (every selection
+seed at the full budget) filled, trials the scheduler stopped (or that diverged) hollow at their
+last evaluated value, the chosen trial as a red star; x is logarithmic for log-scale
+distributions (loguniform, qloguniform, lograndint). ``tuning.data.csv`` holds the table.
+Everything comes from ``pin.json``'s ``tuned`` entry and the rows with status ``tuning``
+(``harness.tuning.trial_table``, the same code that selected). No torch, no Ray.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pandas as pd
+
+from harness.results import read_bytes
+from harness.tuning import SELECTION_RULE, trial_table
+
+from .style import RC, fmt_num, panel_grid, save, write_csv
+
+
+def load_tuned(root: str) -> dict | None:
+    """``pin.json``'s ``tuned`` entry (None when the study was not tuned)."""
+    raw = read_bytes(root, "pin.json")
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    tuned = doc.get("tuned") if isinstance(doc, dict) else None
+    return tuned if isinstance(tuned, dict) and tuned.get("families") else None
+
+
+def protocol_lines(tuned: dict | None) -> list[str]:
+    """One markdown paragraph stating the tuning protocol and the choice (empty if untuned)."""
+    if not tuned:
+        return []
+    p = tuned.get("protocol", {})
+    fams = tuned.get("families", {})
+    spaces = {f: ", ".join(f"{k} ~ {v}" for k, v in sorted(e.get("space", {}).items()))
+              for f, e in fams.items()}
+    searched = (f"every loss family's {next(iter(spaces.values()))}"
+                if len(set(spaces.values())) == 1 else
+                "each loss family's " + "; ".join(f"{f}: {sp}" for f, sp in spaces.items()))
+    seeds = p.get("seeds", [])
+    chosen = "; ".join(
+        f"{f}: " + ", ".join(f"{k} = {fmt_num(v) if isinstance(v, float) else v}"
+                             for k, v in e.get("choice", {}).items())
+        + f" ({e.get('metric')} {fmt_num(e.get('score', float('nan')))}, best of "
+          f"{e.get('candidates')} complete of {e.get('trials')} trials)"
+        for f, e in fams.items())
+    return [f"**Tuning (`harness tune`):** {searched}, chosen by Ray Tune with the same budget "
+            f"for every family: {p.get('trials')} trials per family, "
+            f"{p.get('search', 'random search')}; {p.get('kimg')} kimg per trial and selection "
+            f"seed; scheduler {p.get('scheduler')}; selection "
+            f"seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))} (disjoint from "
+            f"the study's seeds); metric {p.get('metric')}. Selection: "
+            f"{p.get('selection', SELECTION_RULE)}. Chosen: {chosen}. The cells ran with these "
+            f"values (they are part of their configs and ids)."]
+
+
+def tuning_table(rows: pd.DataFrame, tuned: dict) -> pd.DataFrame:
+    """One row per (family, trial): the trial's values, score, state and whether it was chosen."""
+    out = []
+    seeds = tuned.get("protocol", {}).get("seeds", [])
+    for fam, e in tuned.get("families", {}).items():
+        t = trial_table(rows, e["hash"], seeds, float(e["final_kimg"]))
+        for r in t.itertuples(index=False):
+            values = json.loads(r.params)
+            out.append({"family": fam, "trial": r.trial, **values, "metric": r.metric,
+                        "score": r.score, "last_kimg": r.last_kimg, "last_value": r.last_value,
+                        "state": r.state, "chosen": r.trial == e.get("trial")})
+    return pd.DataFrame(out)
+
+
+def _bounds(text: str) -> tuple[float, float] | None:
+    """The search range of a distribution's text (``loguniform(1e-05, 0.001)``), if a range."""
+    m = re.match(r"[a-z]+\(([^,]+),\s*([^,)]+)", str(text))
+    return (float(m.group(1)), float(m.group(2))) if m else None
+
+
+def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> list[str]:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    tuned = load_tuned(root)
+    if tuned is None:
+        return []
+    if rows is None:
+        from harness.results import load_rows
+
+        rows = load_rows(root)
+    table = tuning_table(rows, tuned)
+    if table.empty:
+        print("figures: tuning: pin.json names a tuned choice but no tuning rows were found")
+        return []
+    fams = list(tuned["families"])
+    settings = sorted({k for e in tuned["families"].values() for k in e.get("space", {})})
+    csv = write_csv(table, out_dir, "tuning")
+    with plt.rc_context(RC):
+        fig, axes, _ = panel_grid(len(fams) * len(settings), len(settings), w=2.4, h=1.7,
+                                  wgap=0.6, left=0.8)
+        for i, fam in enumerate(fams):
+            e = tuned["families"][fam]
+            d = table[table["family"] == fam]
+            for j, setting in enumerate(settings):
+                ax = axes[i * len(settings) + j]
+                if setting not in e.get("space", {}):
+                    ax.set_axis_off()
+                    ax.set_title(f"{fam}: {setting} not searched", fontsize=7)
+                    continue
+                x = d[setting]
+                numeric = pd.api.types.is_numeric_dtype(x)
+                if not numeric:
+                    cats = sorted(x.astype(str).unique())
+                    pos = {c: k for k, c in enumerate(cats)}
+                    x = x.astype(str).map(pos)
+                    ax.set_xticks(range(len(cats)), cats)
+                done = (d["state"] == "complete").to_numpy()
+                ax.scatter(x[done], d["score"][done], s=16, color="#0173b2", zorder=3,
+                           label="complete: mean final value")
+                ax.scatter(x[~done], d["last_value"][~done], s=16, facecolors="none",
+                           edgecolors="#888888", zorder=2, label="stopped or diverged: last value")
+                pick = d["chosen"].to_numpy(bool)
+                ax.scatter(x[pick], d["score"][pick], s=80, marker="*", color="#d55e00",
+                           zorder=4, label="chosen")
+                bounds = _bounds(e["space"][setting])
+                if numeric and setting in e.get("log", []):
+                    ax.set_xscale("log")
+                    ax.xaxis.set_minor_formatter(NullFormatter())
+                    if bounds:
+                        ax.set_xlim(bounds[0] / 1.25, bounds[1] * 1.25)
+                elif numeric and bounds:
+                    pad = 0.05 * (bounds[1] - bounds[0])
+                    ax.set_xlim(bounds[0] - pad, bounds[1] + pad)
+                ax.set_xlabel(setting, fontsize=7)
+                ax.set_ylabel(e.get("metric", "metric"), fontsize=7)
+                chosen = e.get("choice", {}).get(setting)
+                shown = fmt_num(chosen) if isinstance(chosen, float) else chosen
+                ax.set_title(f"{fam}: chose {shown}", fontsize=7.5)
+        handles, labels = max((ax.get_legend_handles_labels() for ax in axes),
+                              key=lambda hl: len(hl[0]))
+        if handles:
+            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                       frameon=False, fontsize=7)
+        p = tuned.get("protocol", {})
+        fig.suptitle(f"Tuning: {p.get('trials')} trials per family, {p.get('kimg')} kimg each, "
+                     f"selection seeds {p.get('seeds')}, scheduler {p.get('scheduler')}",
+                     fontsize=8.5, y=1 - 0.12 / fig.get_size_inches()[1], va="top")
+        note = f"Selection: {tuned.get('protocol', {}).get('selection', SELECTION_RULE)}."
+        return [csv] + save(fig, out_dir, "tuning", note)
+
+
+def build(study, out_dir, rng, timer, root=None, rows=None) -> list[str]:
+    """The ``tuning`` entry of ``analysis.figures.BUILDERS``."""
+    if root is None:
+        return []
+    with timer("tuning"):
+        return tuning_figure(root, out_dir, rows)
