@@ -10,11 +10,8 @@ import copy
 import math
 from dataclasses import dataclass
 
-GROUPS = ("input", "encoder", "middle", "decoder", "output", "embedding")
-"""Named parameter groups every network exposes (SPEC §4)."""
-
-DATASETS = ("toy2d", "digits", "mnist5k", "cifar10", "mnist", "npz", "folder")
-ARCHS = ("mlp", "unet-xs", "unet-s", "unet-m", "unet-edm", "ddpmpp")
+from . import schema
+from .schema import ARCHS, DATASETS, GROUPS, PRECISIONS  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -124,57 +121,10 @@ def cell_params(cfg: dict) -> dict:
             out[p.column or name] = value
     return out
 
-DEFAULTS = {
-    "data": {"name": "digits", "path": None, "kind": None},  # kind: toy2d ring8|checkerboard
-    "teacher": {
-        "arch": "unet-xs",
-        "kimg": 600,  # images seen: 600 kimg at batch 128 is ~4.7k steps
-        "batch": 128,
-        "lr": 2e-3,
-        "ema_halflife_kimg": 50,
-        "seed": 0,
-        "precision": "fp32",  # as student.precision, for teacher training (harness.perf)
-        "channels_last": True,
-        "compile": False,
-        # training noise levels: {name: edm} (ln s ~ N(P_mean, P_std)) or {band: [lo, hi]}
-        # (ln s uniform on [ln lo, ln hi]: a band-limited teacher, SPEC §4)
-        "noise": {"name": "edm"},
-        # a local EDM .pkl (NVIDIA's published teachers): loaded, never trained; arch ddpmpp
-        "import": None,
-    },
-    "student": {
-        "sigma_init": 2.5,  # G(z) = D(sigma_init z; sigma_init)
-        "t_max": 0.8,  # generator-loss noise levels u ~ U(0, t_max) (SiD convention)
-        "kimg": 100,
-        "batch": 64,
-        "lr": 1e-4,  # generator
-        "aux_lr": 1e-4,  # fake score or ratio net
-        "aux_steps": 1,  # aux updates per generator update
-        "aux_init": "teacher",
-        "ratio_net": "encoder",
-        "ema_halflife_kimg": 2,
-        "precision": "fp32",  # fp32 | tf32 | bf16: CUDA only, see harness.perf
-        "channels_last": True,  # NHWC: +11% on CPU (README Performance); not in the cell id
-        "compile": False,  # torch.compile the nets (not in the cell id): README Performance
-    },
-    "loss": {"name": "sid"},
-    "init": {"name": "teacher"},
-    "eval": {
-        "metric": "auto",  # fd for images, mmd for toy2d
-        "n": 1000,
-        "every_kimg": 20,
-        "samples": 64,  # uint8 samples stored per evaluation
-        "final_samples": "auto",  # all n final samples kept for `harness rescore`: auto (images
-        # up to 32x32x3: 1000 digits are 64 KB) | all | none
-        "extractor": "auto",  # fd features: auto (shipped weights where the package has them,
-        # else trained here) | shipped | train
-        "inception_weights": None,  # local pt_inception-2015-12-05 file for metric: fid
-        "verifier": None,  # {n: [...], mode: resample | best, ...}: see VERIFIER
-    },
-    "seed": 0,
-}
-
-PRECISIONS = ("fp32", "tf32", "bf16")
+_SCALAR = schema.defaults()  # the scalar sections' defaults: declared once, harness.schema
+DEFAULTS = {"data": _SCALAR["data"], "teacher": _SCALAR["teacher"], "student": _SCALAR["student"],
+            "loss": {"name": "sid"}, "init": {"name": "teacher"}, "eval": _SCALAR["eval"],
+            "seed": schema.SEED.default}
 STUDY_ONLY = ("resources", "max_failures", "teacher_resources")
 """Study settings that change scheduling, not numbers: never part of a cell or teacher id."""
 

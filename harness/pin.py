@@ -27,19 +27,17 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from . import __version__
-from . import config as C
+from . import config as C, schema
 
 PIN = "pin.json"
 ID_SECTIONS = ("data", "teacher", "student", "loss", "init", "eval", "seed")
 # settings that do not change numbers: file locations (data content is fingerprinted; the
 # Inception weights are the one published file, named in each metric's protocol) and execution
 # choices that agree to float rounding (memory layout, torch.compile: see harness.perf)
-NOT_IDENTITY = {"data": ("path",), "eval": ("inception_weights", "extractor", "final_samples"),
-                "teacher": ("channels_last", "compile"), "student": ("channels_last", "compile")}
+NOT_IDENTITY = schema.NOT_IDENTITY  # declared per setting in harness.schema (identity="no")
 # settings added after ids were first stored: left out at the value that reproduces what those
-# ids were computed for, so stored teachers and cells keep their ids (any other value enters)
-ADDED_LATER = {"teacher": {"precision": "fp32", "noise": {"name": "edm"}, "import": None},
-               "eval": {"verifier": None}}
+# ids were computed for, so stored teachers and cells keep their ids (identity="unless_default")
+ADDED_LATER = schema.ADDED_LATER
 
 
 class PinError(RuntimeError):

@@ -1,8 +1,8 @@
 """The schema of a study's settings: what each value may be, and how loss/init specs expand.
 
-Pure Python (no torch, no Ray), like ``study``, which uses it. ``Setting`` gives the type and range
-of one scalar setting (sections of ``config.DEFAULTS``, the seed, resources); ``_check`` validates
-and coerces a value against it. ``_expand_spec`` turns one ``loss`` / ``init`` item into canonical
+Pure Python (no torch, no Ray), like ``study``, which uses it. Every scalar setting is declared
+once in ``harness.schema`` (type, range, default, help, id membership); ``SCHEMA`` here is that
+table plus the seed, and ``_check`` validates and coerces a value against its ``Setting``. ``_expand_spec`` turns one ``loss`` / ``init`` item into canonical
 values: a name (``ratio_js``), a one-key mapping (``{sid: {alpha: [1.0, 1.2]}}``) or a mapping with
 ``name`` (``{name: sid, alpha: 1.0}``). A list-valued parameter expands into one value per item
 (cartesian product over parameters), except ``groups``, which is itself a list and expands only
@@ -17,45 +17,22 @@ import math
 import re
 from dataclasses import dataclass
 
-from . import config as C
+from . import config as C, schema
+from .schema import Setting
 
 
 # ---------------------------------------------------------------------------------------------
 # The schema of the scalar settings (sections of config.DEFAULTS, the seed, resources).
 
-TOY_KINDS = ("ring8", "checkerboard")
 PATH_DATASETS = {  # datasets read from files the user provides: what data.path must point at
     "cifar10": "the folder cifar-10-batches-py with data_batch_1..5",
     "mnist": "a folder with train-images-idx3-ubyte and train-labels-idx1-ubyte",
     "npz": "an .npz file holding 'x' (uint8 images) and optionally 'y'",
     "folder": "a folder of same-size PNG/JPEG images",
 }
-EVAL_METRICS = ("auto", "fd", "fid", "mmd")
 IMAGE_ARCHS = tuple(a for a in C.ARCHS if a != "mlp")
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\Z")  # YAML 1.1 reads 1e-4 as a str
-
-
-@dataclass(frozen=True)
-class Setting:
-    """Type and range of one scalar setting."""
-
-    kind: str  # num | int | str | bool | any
-    lo: float | None = None
-    lo_open: bool = True  # True: value > lo; False: value >= lo
-    hi: float | None = None
-    hi_open: bool = False  # True: value < hi; False: value <= hi
-    choices: tuple | None = None
-    nullable: bool = False
-
-    def range_text(self) -> str:
-        fmt = (lambda v: f"{int(v):,}") if self.kind == "int" else (lambda v: f"{v:g}")
-        if self.lo is not None and self.hi is not None:
-            return (f"in {'(' if self.lo_open else '['}{fmt(self.lo)}, {fmt(self.hi)}"
-                    f"{')' if self.hi_open else ']'}")
-        if self.lo is not None:
-            return f"{'>' if self.lo_open else '>='} {fmt(self.lo)}"
-        return f"{'<' if self.hi_open else '<='} {fmt(self.hi)}"
 
 
 def _num(lo=None, lo_open=True, hi=None, hi_open=False):
@@ -66,41 +43,7 @@ def _int(lo=None, hi=None):
     return Setting("int", lo, False, hi)
 
 
-def _choice(*choices, nullable=False):
-    return Setting("str", choices=choices, nullable=nullable)
-
-
-# Upper bounds: far above any real study, low enough that a typo (1e14, 1e300) is refused at
-# validation instead of crashing a worker or running forever.
-KIMG_MAX = 1e6  # 1 billion images: a long CIFAR-10 run is 200 Mimg
-BATCH_MAX = 65536
-SEED_MAX = 2 ** 31 - 1
-LR_MAX = 10.0
-EVAL_N_MAX = 1_000_000  # the FID protocol is 50k
-
-SCHEMA = {
-    "data": {"name": _choice(*C.DATASETS), "path": Setting("str", nullable=True),
-             "kind": _choice(*TOY_KINDS, nullable=True)},
-    "teacher": {"arch": _choice(*C.ARCHS), "kimg": _num(0, hi=KIMG_MAX),
-                "batch": _int(1, BATCH_MAX), "lr": _num(0, hi=LR_MAX),
-                "ema_halflife_kimg": _num(0, False, KIMG_MAX), "seed": _int(0, SEED_MAX),
-                "precision": _choice(*C.PRECISIONS), "channels_last": Setting("bool"),
-                "compile": Setting("bool"), "noise": Setting("any"),  # config.resolve_noise
-                "import": Setting("str", nullable=True)},  # harness.edm_import
-    "student": {"sigma_init": _num(0, hi=1e3), "t_max": _num(0, True, 1, False),
-                "kimg": _num(0, hi=KIMG_MAX), "batch": _int(1, BATCH_MAX),
-                "lr": _num(0, hi=LR_MAX), "aux_lr": _num(0, hi=LR_MAX), "aux_steps": _int(1, 100),
-                "aux_init": _choice("teacher", "random"), "ratio_net": _choice("encoder"),
-                "ema_halflife_kimg": _num(0, False, KIMG_MAX), "precision": _choice(*C.PRECISIONS),
-                "channels_last": Setting("bool"), "compile": Setting("bool")},
-    "eval": {"metric": _choice(*EVAL_METRICS), "n": _int(2, EVAL_N_MAX),
-             "every_kimg": _num(0, hi=KIMG_MAX), "samples": _int(0, 10_000),
-             "final_samples": _choice("auto", "all", "none"),
-             "extractor": _choice("auto", "shipped", "train"),
-             "verifier": Setting("any", nullable=True),  # config.resolve_verifier
-             "inception_weights": Setting("str", nullable=True)},
-    "seed": _int(0, SEED_MAX),
-}
+SCHEMA = {**schema.SETTINGS, "seed": schema.SEED}  # every scalar setting: harness.schema
 RESOURCES = {"cpu": _num(0, hi=1024), "gpu": _num(0, False, 64),
              "workers": _int(1, 1024)}  # per worker: cpu, gpu; workers: Ray Train data parallel
 DEFAULT_RESOURCES = {"cpu": 1.0, "gpu": 0.0}
@@ -114,20 +57,8 @@ TOP_KEYS = ("study", "description", "results", *SECTIONS, "loss", "init", "seed"
 
 
 def _setting(section: str, key: str | None) -> Setting:
-    """The schema entry, or one inferred from the default's type for a key not listed above."""
-    spec = SCHEMA.get(section)
-    if key is not None:
-        spec = (spec or {}).get(key)
-        default = C.DEFAULTS[section][key]
-    else:
-        default = C.DEFAULTS[section]
-    if isinstance(spec, Setting):
-        return spec
-    if isinstance(default, bool):
-        return Setting("bool")
-    if default is None:
-        return Setting("any", nullable=True)
-    return Setting({int: "int", float: "num", str: "str"}.get(type(default), "any"))
+    """The declaration (``harness.schema``) of ``section.key``, or of the top-level ``seed``."""
+    return SCHEMA[section] if key is None else SCHEMA[section][key]
 
 
 class _Bad(Exception):

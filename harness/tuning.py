@@ -65,7 +65,8 @@ from dataclasses import dataclass, field
 
 from . import config as C
 from .pin import canonical_json
-from .settings import _FLOAT_RE, KIMG_MAX, SEED_MAX, _Bad, _check, _setting, _type_name
+from .schema import KIMG_MAX, SEED_MAX
+from .settings import _FLOAT_RE, _Bad, _check, _setting, _type_name
 
 TUNE_KEYS = ("space", "trials", "kimg", "seeds", "metric", "scheduler")
 REQUIRED = ("space", "trials", "kimg", "seeds")
