@@ -60,3 +60,14 @@ def reap_ray(tag: str):
         time.sleep(0.1)
     for pid in ray_leftovers(tag):
         os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def study_cache(tmp_path_factory):
+    """A teacher cache holding the toy teacher the tiny sweep studies use (teacher kimg 4),
+    trained once per test session (test_sweep, test_cli, test_tuning)."""
+    folder = tmp_path_factory.getbasetemp() / "harness-cache"
+    cfg = resolve_cell({"data": {"name": "toy2d"}, "teacher": {"kimg": 4}})
+    teachers.load_or_train(cfg, data.from_config(cfg["data"]), str(folder), "cpu",
+                           log=lambda *a: None)
+    return str(folder)

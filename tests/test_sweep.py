@@ -115,16 +115,8 @@ def pickled_by_value():
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    """The toy teacher, trained once per test session (shared with tests/test_cli.py)."""
-    from harness import data, teacher
-    from harness.config import resolve_cell
-
-    folder = tmp_path_factory.getbasetemp() / "harness-cache"
-    cfg = resolve_cell({"data": {"name": "toy2d"}, "teacher": {"kimg": 4}})
-    teacher.load_or_train(cfg, data.from_config(cfg["data"]), str(folder), "cpu",
-                          log=lambda *a: None)
-    return str(folder)
+def cache(study_cache):
+    return study_cache
 
 
 @pytest.fixture

@@ -368,16 +368,8 @@ def test_figure_and_table_state_the_protocol(tmp_path):
 # Ray (slow): the search itself, then run; a killed tune resumes
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The toy teacher (teacher kimg 4), trained once for this module."""
-    from harness import data, teacher
-    from harness.config import resolve_cell
-
-    folder = tmp_path_factory.mktemp("tune-cache")
-    cfg = resolve_cell({"data": {"name": "toy2d"}, "teacher": {"kimg": 4}})
-    teacher.load_or_train(cfg, data.from_config(cfg["data"]), str(folder), "cpu",
-                          log=lambda *a: None)
-    return str(folder)
+def cache(study_cache):
+    return study_cache
 
 
 @pytest.fixture
