@@ -469,7 +469,21 @@ def _references(ref: pd.DataFrame, scores: pd.DataFrame, init_info: dict) -> pd.
 
     refs = pd.DataFrame(out, columns=["name", "n", "mean", "std"])
     refs.insert(1, "label", refs["name"].map(REFERENCE_NAMES))
+    refs["caveat"] = [floor_caveat(ref, n) for n in refs["name"]]
     return refs
+
+
+def floor_caveat(ref: pd.DataFrame, name: str) -> str:
+    """Where the dataset is too small for the protocol, what the floor's protocol string says
+    about it (shown in figure legends and tables), else ''."""
+    if "protocol" not in ref.columns:
+        return ""
+    text = " ".join(ref.loc[(ref["init"] == name).to_numpy(), "protocol"].dropna().astype(str))
+    if "with replacement" in text:
+        return "drawn with replacement: the training split is smaller than n"
+    if "too small for this protocol" in text:
+        return "the dataset is too small for this protocol: halves smaller than n"
+    return ""
 
 
 # ---------------------------------------------------------------- bootstrap statistics
@@ -546,6 +560,3 @@ def ordered(df: pd.DataFrame, loss: str = "loss", init: str | None = "init",
     idx = np.lexsort([ranks[c] for c in reversed(cols)])
     return df.iloc[idx].reset_index(drop=True)
 
-
-def base_of(label: str) -> str:
-    return base_loss(label)

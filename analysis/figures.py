@@ -80,9 +80,11 @@ def _ref_handles(study: Study, names=("teacher_heun35", "data_floor", "data_halv
         val = study.ref(name)
         if val is not None:
             s = REFERENCE_STYLE[name]
+            caveat = study.refs.loc[study.refs.name == name, "caveat"]
+            caveat = f" ({caveat.iloc[0]})" if len(caveat) and caveat.iloc[0] else ""
             out.append((name, val, Line2D([], [], color=s["color"], linestyle=s["linestyle"],
                                           lw=s.get("lw", 1.2)),
-                        f"{s['label']}: {fmt_num(val)}"))
+                        f"{s['label']}: {fmt_num(val)}{caveat}"))
     return out
 
 

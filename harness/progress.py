@@ -114,7 +114,7 @@ class Progress(tune.Callback):
             try:
                 drop_older(trial.storage.storage_filesystem, trial.storage.trial_fs_path, None)
             except (AttributeError, RuntimeError, OSError):
-                pass  # sweep._prune removes what is left after the run
+                pass  # prune_finished (below) removes what is left after the run
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         _, head = self._head(trial)

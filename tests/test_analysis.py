@@ -479,3 +479,18 @@ def test_legacy_store_same_numbers_as_before(tmp_path):
     # the old C1 was best vs best: now C1-best
     assert new.loc["C1-best", "effect"] == pytest.approx(old.loc["C1", "effect"], rel=1e-5)
     assert "data floor, legacy" in _read(out, "table.md")
+
+
+def test_floor_caveat_reaches_the_legend_when_the_dataset_is_too_small():
+    """eval.n above the training split (c1-digits: 2000 of 1200): the floor is drawn with
+    replacement, and the figure legend says so (from the floor row's protocol string)."""
+    import pandas as pd
+
+    from analysis.data import floor_caveat
+
+    ref = pd.DataFrame({"init": ["data_floor", "teacher_heun35"], "protocol": [
+        "data floor: 2000 real training images (drawn with replacement: the training split has "
+        "only 1200, fewer than n) scored exactly as generated samples; torch-fidelity ...",
+        "teacher, Heun sampler, 35 evaluations; torch-fidelity ..."]})
+    assert "with replacement" in floor_caveat(ref, "data_floor")
+    assert floor_caveat(ref, "teacher_heun35") == ""
