@@ -14,7 +14,7 @@ It also keeps Ray's storage small without ever breaking a restore: Ray deletes n
 sync of the experiment state leaves a state pointing at a deleted checkpoint, and such a trial can
 never be restored). Instead, at each new checkpoint of a trial the ``cell.pt`` of its older ones is
 deleted and their (empty) directories stay; the trainable resumes from the newest ``cell.pt`` of
-its cell that exists (``sweep._resume_into``).
+its cell that exists (``trainables._resume_into``).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from ray import tune
 from . import results as store
 from .status import FINAL, cell_states, duration, read_teacher_status
 
-CKPT = "cell.pt"  # the file sweep.harness_cell checkpoints to
+CKPT = "cell.pt"  # the file trainables.harness_cell checkpoints to
 
 def error_summary(text: str | None, limit: int = 300) -> str:
     """The last meaningful line of an error text (a Ray traceback ends with the exception)."""
