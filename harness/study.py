@@ -30,7 +30,7 @@ from .settings import (DEFAULT_MAX_FAILURES, DEFAULT_RESOURCES, IMAGE_ARCHS, MAX
                        _check, _expand_spec,
                        _setting, _type_name, _Value)
 from .tracking import check as _check_tracking
-from .tuning import check_tune
+from .tune_spec import check_tune
 
 
 MAX_BYTES = 1 << 20  # a study file is a few KB; 1 MB leaves room and stops a runaway file
@@ -80,7 +80,7 @@ class Study:
     description: str = ""
     lines: dict = field(default_factory=dict, repr=False)  # yaml path -> line
     tracking: dict = field(default_factory=lambda: _check_tracking(None))  # harness.tracking
-    tune: object = None  # harness.tuning.Tune: the tune: section (never in cell ids itself)
+    tune: object = None  # harness.tune_spec.Tune: the tune: section (never in cell ids itself)
     workers: int = 1  # resources.workers: Ray Train workers per cell (data parallel)
     teacher_resources: dict = field(default_factory=lambda: dict(DEFAULT_RESOURCES))  # per task
 

@@ -4,7 +4,7 @@
 does), and runs or resumes (``Tuner.can_restore`` / ``Tuner.restore(..., resume_errored=True)``)
 one experiment per family that has no choice pinned under its current hash, in
 ``<results root>/tune/<study>-<family>-<hash8>``. The search is Ray's: ``tune.loguniform`` &c.
-from ``tuning.Dist.ray``, ``BasicVariantGenerator(random_state=tuning.SEARCH_SEED)``, and
+from ``tune_spec.Dist.ray``, ``BasicVariantGenerator(random_state=tune_spec.SEARCH_SEED)``, and
 ``ASHAScheduler(time_attr="kimg")`` or FIFO. After each experiment the rows decide
 (``tuning.select``, never Ray's ResultGrid) and the choice is pinned (``tuning.record_choice``).
 """
@@ -22,8 +22,8 @@ from ray import tune
 from . import config as C
 from .pin import canonical_json
 from .progress import _read, drop_older, error_summary
-from .tuning import (ASHA_GRACE, ASHA_REDUCTION, SEARCH_SEED, TRIAL_PROTOCOL, TuneError, _fmt,
-                     describe, experiment_name, family_hash, family_states, final_kimg,
+from .tune_spec import ASHA_GRACE, ASHA_REDUCTION, SEARCH_SEED, TRIAL_PROTOCOL, TuneError
+from .tuning import (_fmt, describe, experiment_name, family_hash, family_states, final_kimg,
                      higher_is_better, read_trial_rows, record_choice, scratch_root, select,
                      stored_final, trial_config, trial_table, with_values)
 

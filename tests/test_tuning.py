@@ -25,7 +25,7 @@ import types
 
 import pytest
 
-from harness import cli, pin as pins, results, tuning
+from harness import cli, pin as pins, results, tune_spec, tuning
 from harness.status import fingerprints
 from harness.study import StudyError, load_study
 
@@ -199,7 +199,7 @@ def _rows(study_name, fam_hash, family, trial, seed, values, finals, metric="mmd
         base = {"study": study_name, "cell": f"tune-{trial}-s{seed}", "loss": family,
                 "init": "teacher", "seed": seed, "axes": axes, "kimg": kimg,
                 "step": int(kimg * 1000 / 64), "status": "tuning",
-                "protocol": tuning.TRIAL_PROTOCOL, "wall_s": 1.0}
+                "protocol": tune_spec.TRIAL_PROTOCOL, "wall_s": 1.0}
         if diverged and kimg == kimg_final:
             out.append({**base, "metric": "diverged", "value": 10.0})
             break
