@@ -3,7 +3,9 @@
     make_all(root, out_dir=None, only=None, metric=None, seed=0) -> list of written paths
 
 Outputs (``only`` picks one; an unknown name raises ``ConfigError``, a ValueError that lists the
-valid names): heatmap, curves, reset, transplant, mapping, samples, table, claims, claims_kimg.
+valid names): the keys of ``BUILDERS``: heatmap and curves here, reset, mapping and transplant in
+``analysis.init_figures``, samples, table, claims, claims_kimg, verifier and tuning in their own
+modules; the pieces every figure shares are ``analysis.panels``.
 Each figure is written as ``<name>.png`` (dpi 150) and ``<name>.pdf`` plus its aggregated data as
 ``<name>.data.csv`` (floats to 6 significant digits). Figures use one primary quality metric
 (``metric``, default: first of fid_inception_*, fd_*, mmd_*) read under ONE protocol
@@ -25,13 +27,15 @@ import pandas as pd
 
 from harness.config import ConfigError
 
-from .style import (KIMG_LABEL, RC, REFERENCE_STYLE, SIGMA_LABEL, fmt_num, fmt_pm, metric_label,
-                    panel_grid, save, use_log, write_csv)
+from .style import KIMG_LABEL, RC, fmt_pm, panel_grid, save, use_log, write_csv
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
 
-from .data import Study, legacy_reinit, load_study, mean_ci, ordered  # noqa: E402
+from .data import Study, load_study, mean_ci, ordered  # noqa: E402
+from .init_figures import mapping, reset, transplant  # noqa: E402
+from .panels import (_draw_refs, _legend_right, _limits, _order_key, _ref_handles,  # noqa: E402
+                     _shown, _ylabel)
 from .tuning import build as _tuning  # noqa: E402  (harness tune: metric vs hyperparameters)
 
 # OUTPUTS: the keys of BUILDERS (below), in order: a new figure is one function + one entry
@@ -50,65 +54,6 @@ class Timer:
             yield
         finally:
             self.timings.append((step, time.perf_counter() - t))
-
-
-def _ylabel(study: Study, wrap: bool = False) -> str:
-    return metric_label(study.metric, study.higher_better, wrap)
-
-
-def _legend_right(where, handles, labels, title=None):
-    """Legend outside the data, right of the axes (``where``: an Axes) or figure."""
-    x = 1.02 if hasattr(where, "transAxes") else 1.0
-    where.legend(handles, labels, loc="center left", bbox_to_anchor=(x, 0.5), frameon=False,
-                 title=title, ncol=1 if len(labels) <= 18 else 2)
-
-
-def _shown(study: Study, df: pd.DataFrame | None = None, what: str = "mean") -> str:
-    """What a point and its interval are, given the seeds per group: 'mean and 95% bootstrap CI
-    over 3 seeds', 'single runs (one seed per cell: no interval)', or, with some groups of one
-    seed, that those have no interval."""
-    lo, hi, words = study.seeds_phrase(df)
-    if hi <= 1:
-        return "single runs (one seed per cell: no interval)"
-    out = f"{what} and 95% bootstrap CI over {words}"
-    return out + ("; groups with one seed: no interval" if lo <= 1 else "")
-
-
-def _ref_handles(study: Study, names=("teacher_heun35", "data_floor", "data_halves")):
-    out = []
-    for name in names:
-        val = study.ref(name)
-        if val is not None:
-            s = REFERENCE_STYLE[name]
-            caveat = study.refs.loc[study.refs.name == name, "caveat"]
-            caveat = f" ({caveat.iloc[0]})" if len(caveat) and caveat.iloc[0] else ""
-            out.append((name, val, Line2D([], [], color=s["color"], linestyle=s["linestyle"],
-                                          lw=s.get("lw", 1.2)),
-                        f"{s['label']}: {fmt_num(val)}{caveat}"))
-    return out
-
-
-REF_SHORT = {"teacher_heun35": "teacher Heun-35", "data_floor": "data floor",
-             "data_halves": "data floor (legacy)"}
-
-
-def _draw_refs(ax, refs, labels: bool = True):
-    """Horizontal reference lines, the data floor drawn over the teacher line in another dash
-    pattern; with ``labels`` each value is written at the right end, the upper line's label above
-    it and the lower's below, so both stay readable when the values coincide."""
-    order = sorted(refs, key=lambda r: r[1])
-    for name, val, _, _ in refs:
-        st = REFERENCE_STYLE[name]
-        ax.axhline(val, color=st["color"], ls=st["linestyle"], lw=st.get("lw", 1.0),
-                   zorder=3 if name in ("data_floor", "data_halves") else 2)
-    if not labels:
-        return
-    for k, (name, val, _, _) in enumerate(order):
-        above = k == len(order) - 1 and len(order) > 1 or len(order) == 1
-        ax.annotate(f"{REF_SHORT.get(name, name)} {fmt_num(val)}", xy=(1.0, val),
-                    xycoords=("axes fraction", "data"), xytext=(-2, 2 if above else -2),
-                    textcoords="offset points", ha="right", va="bottom" if above else "top",
-                    fontsize=6, color=REFERENCE_STYLE[name]["color"], zorder=4)
 
 
 # ------------------------------------------------------------------------------------ heatmap
@@ -220,283 +165,6 @@ def curves(study: Study, out_dir: str, rng, timer) -> list[str]:
                      va="top")
         _legend_right(fig, handles, labels, title="loss")
         return [csv] + save(fig, out_dir, "curves", study.note())
-
-
-def _limits(values, log: bool, bottom: float = 0.05) -> tuple[float, float]:
-    """Axis limits around ``values``: 5% of the range above, ``bottom`` of it below."""
-    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
-    if log:
-        v = v[v > 0]
-    if not len(v):
-        return (0.0, 1.0)
-    lo, hi = v.min(), v.max()
-    if log:
-        return lo / (hi / lo) ** bottom, hi * (hi / lo) ** 0.05
-    span = (hi - lo) if hi > lo else max(abs(hi), 1.0)
-    return lo - bottom * span, hi + 0.05 * span
-
-
-def _order_key(study: Study):
-    lo = {v: i for i, v in enumerate(study.loss_order)}
-    it = {v: i for i, v in enumerate(study.init_order)}
-    return lambda s: s.map(lo) if s.name == "loss" else s.map(it) if s.name == "init" else s
-
-
-# ------------------------------------------------------------------------------ points w/ CI
-def _marker(study: Study, init: str) -> tuple[str, bool]:
-    """(marker, filled): matched re-init filled circles, fresh hollow circles, legacy re-init
-    crosses; everything else filled circles."""
-    info = study.info(init)
-    if legacy_reinit(info):
-        return "X", True
-    if info.get("reinit") == "fresh" and (info.get("init_scheme") == "reset_layers"
-                                          or info.get("reset_output")):
-        return "o", False
-    return "o", True
-
-
-def _points(ax, study: Study, agg: pd.DataFrame, cats: list):
-    """Dodged mean points with 95% CI error bars, one colour per loss; the marker tells the
-    re-init (see ``_marker``)."""
-    losses = [lo for lo in study.loss_order if lo in set(agg["loss"])]
-    width = 0.7 / max(1, len(losses))
-    for j, loss in enumerate(losses):
-        g = agg[agg["loss"] == loss].set_index("init").reindex(cats)
-        x = np.arange(len(cats)) + (j - (len(losses) - 1) / 2) * width
-        m = g["mean"].to_numpy(float)
-        lo = np.nan_to_num(m - g["ci_low"].to_numpy(float))
-        hi = np.nan_to_num(g["ci_high"].to_numpy(float) - m)
-        c = study.palette[loss]
-        ax.errorbar(x, m, yerr=[lo, hi], fmt="none", ecolor=c, capsize=2, lw=1.1)
-        for xi, mi, cat in zip(x, m, cats):
-            if not math.isfinite(mi):
-                continue
-            mk, filled = _marker(study, cat)
-            ax.plot([xi], [mi], marker=mk, ms=4.5, color=c, mfc=c if filled else "white",
-                    mew=1.2, ls="none")
-    return losses
-
-
-def _ref_span(ax, cats, refs=("teacher", "random")):
-    for i, c in enumerate(cats):
-        if c in refs:
-            ax.axvspan(i - 0.45, i + 0.45, color="#000000", alpha=0.05, lw=0)
-
-
-def _marker_legend(study: Study, cats) -> tuple[list, list]:
-    kinds = {}
-    for c in cats:
-        info = study.info(c)
-        if legacy_reinit(info):
-            kinds["legacy"] = (Line2D([], [], color="#444444", marker="X", ls="none"),
-                               "legacy re-init (stored before reinit existed)")
-        elif info.get("reinit") == "fresh" and (info.get("init_scheme") == "reset_layers"
-                                                or info.get("reset_output")):
-            kinds["fresh"] = (Line2D([], [], color="#444444", marker="o", mfc="white",
-                                     ls="none"), "reinit: fresh (architecture's own init)")
-        elif info.get("reinit") == "matched":
-            kinds["matched"] = (Line2D([], [], color="#444444", marker="o", ls="none"),
-                                "reinit: matched (RMS of the teacher's tensor)")
-    order = [k for k in ("matched", "fresh", "legacy") if k in kinds]
-    return [kinds[k][0] for k in order], [kinds[k][1] for k in order]
-
-
-def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: list, roles: dict,
-                     xlabel: str, title: str, kimg0: bool = False,
-                     ref_lines: bool = False) -> list[str]:
-    """Final score per init category (dodged by loss, mean and CI over seeds), with optional
-    grey crosses at kimg 0 and the teacher Heun / data floor lines."""
-    f = study.final
-    with timer(f"{name}: aggregate"):
-        agg = mean_ci(f[f["init"].isin(cats)], ["loss", "init"], rng)
-        agg.insert(2, "stage", "final")
-        if kimg0:
-            s0 = study.scores[(study.scores["kimg"] == 0) & study.scores["init"].isin(cats)]
-            a0 = mean_ci(s0.assign(loss="all losses"), ["loss", "init"], rng)
-            a0.insert(2, "stage", "kimg 0")
-            agg = pd.concat([agg, a0], ignore_index=True)
-        agg = ordered(agg, init_order=cats)
-        role = {i: roles.get(i) or str(study.info(i).get("init_scheme") or "") for i in cats}
-        agg.insert(2, "role", agg["init"].map(role).fillna("").str.replace("\n", " "))
-        refs = _ref_handles(study) if ref_lines else []
-        if refs:
-            agg = pd.concat([agg, pd.DataFrame([{"loss": "reference", "init": n, "mean": v}
-                                                for n, v, _, _ in refs])], ignore_index=True)
-        agg.insert(0, "metric", study.metric)
-        csv = write_csv(agg, out_dir, name)
-    with timer(f"{name}: render"), plt.rc_context(RC):
-        fin = agg[agg["stage"] == "final"]
-        fig, ax = plt.subplots(figsize=(1.4 + 1.25 * len(cats), 3.3))
-        _ref_span(ax, cats)
-        losses = _points(ax, study, fin, cats)
-        handles = [Line2D([], [], color=study.palette[lo], marker="o", lw=1.1) for lo in losses]
-        labels = list(losses)
-        vals = fin["mean"].tolist() + fin["ci_low"].dropna().tolist()
-        if kimg0:
-            z = agg[agg["stage"] == "kimg 0"].set_index("init").reindex(cats)
-            ax.plot(np.arange(len(cats)), z["mean"].to_numpy(float), ls="none", marker="x",
-                    ms=6, color="#555555", mew=1.2, zorder=4)
-            handles.append(Line2D([], [], ls="none", marker="x", color="#555555", mew=1.2))
-            labels.append("at kimg 0 (the init itself, mean over cells)")
-            vals += z["mean"].dropna().tolist()
-        if ref_lines:
-            _draw_refs(ax, refs)
-            handles += [h for _, _, h, _ in refs]
-            labels += [lb for _, _, _, lb in refs]
-            vals += [v for _, v, _, _ in refs]
-        mh, ml = _marker_legend(study, cats)
-        handles += mh
-        labels += ml
-        ax.set_xticks(range(len(cats)))
-        ax.set_xticklabels([study.display(c) + (f"\n({roles[c]})" if roles.get(c) else "")
-                            for c in cats], fontsize=6.5)
-        ax.set_xlim(-0.6, len(cats) - 0.4)
-        ax.grid(axis="x", visible=False)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(_ylabel(study))
-        log = use_log(vals)
-        if log:
-            ax.set_yscale("log")
-        ax.set_ylim(*_limits(vals + fin["ci_high"].dropna().tolist(), log,
-                             bottom=0.14 if ref_lines else 0.05))
-        ax.set_title(f"{title}\n({_shown(study, f[f['init'].isin(cats)])})", fontsize=8.5)
-        _legend_right(ax, handles, labels, title="loss / marker")
-        return [csv] + save(fig, out_dir, name, study.note())
-
-
-def reset(study: Study, out_dir: str, rng, timer) -> list[str]:
-    resets = study.inits_where(init_scheme="reset_layers")
-    if not resets:
-        print("figures: reset skipped (no reset_layers cells)")
-        return []
-    have = set(study.final["init"])
-    teacher = study.inits_where(init_scheme="teacher", init_source=None)
-    random_ = study.inits_where(init_scheme="random")
-    cats = [i for i in teacher + resets + random_ if i in have]
-    roles = {i: "reference" for i in teacher + random_}
-    return _category_figure(
-        study, out_dir, rng, timer, "reset", cats, roles,
-        "generator initialization: teacher weights with the named groups re-initialized\n"
-        "(matched: fresh init rescaled to the teacher tensor's RMS; fresh: the architecture's "
-        "own init)",
-        f"Final {study.metric} after resetting layer groups")
-
-
-def mapping(study: Study, out_dir: str, rng, timer) -> list[str]:
-    """'Mapping vs features': teacher, random, reset[output] matched and fresh (features without
-    the mapping), mapping_match (the mapping without the features), band-limited teachers
-    (features of one noise band), per loss, with the teacher Heun and data-floor lines."""
-    mm = study.inits_where(init_scheme="mapping_match")
-    bands = [i for i in study.inits_where(init_scheme="teacher")
-             if study.info(i).get("init_source") is not None]
-    if not mm and not bands:
-        print("figures: mapping skipped (no mapping_match or band-limited teacher cells)")
-        return []
-    teacher = study.inits_where(init_scheme="teacher", init_source=None)
-    random_ = study.inits_where(init_scheme="random")
-    out = [i for i in study.inits_where(init_scheme="reset_layers", reset_groups="output")
-           if not legacy_reinit(study.info(i))]
-    have = set(study.final["init"])
-    cats = [i for i in teacher + out + bands + mm + random_ if i in have]
-    roles = {**{i: "reference" for i in teacher + random_},
-             **{i: "features,\nno mapping" for i in out},
-             **{i: "one band's\nfeatures" for i in bands},
-             **{i: "mapping,\nno features" for i in mm}}
-    return _category_figure(
-        study, out_dir, rng, timer, "mapping", cats, roles, "generator initialization",
-        f"Mapping vs features: final {study.metric}", kimg0=True, ref_lines=True)
-
-
-def transplant(study: Study, out_dir: str, rng, timer) -> list[str]:
-    f = study.final
-    ft = f[f["init_scheme"] == "feature_transplant"].dropna(subset=["sigma_feat"])
-    if ft.empty:
-        print("figures: transplant skipped (no feature_transplant cells)")
-        return []
-    with timer("transplant: aggregate"):
-        variant = {i: _transplant_variant(study.info(i)) for i in ft["init"].unique()}
-        ft = ft.assign(variant=ft["init"].map(variant))
-        a = mean_ci(ft, ["loss", "variant", "sigma_feat"], rng)
-        a["role"] = "feature_transplant"
-        first = ft.drop_duplicates(["variant", "sigma_feat"]).set_index(["variant", "sigma_feat"])
-        a["init"] = first["init"].reindex(pd.MultiIndex.from_frame(
-            a[["variant", "sigma_feat"]])).to_numpy()
-        teacher = study.inits_where(init_scheme="teacher", init_source=None)
-        random_ = study.inits_where(init_scheme="random")
-        r = mean_ci(f[f["init"].isin(teacher + random_) & f["loss"].isin(ft["loss"])],
-                    ["loss", "init"], rng)
-        r["role"] = r["init"] + " init (reference)"
-        agg = ordered(pd.concat([a, r], ignore_index=True), init_order=study.init_order)
-        vorder = {v: i for i, v in enumerate(TRANSPLANT_VARIANTS)}
-        agg = agg.assign(_v=agg["variant"].map(vorder)).sort_values(
-            ["loss", "role", "_v", "sigma_feat"], kind="stable",
-            key=_order_key(study)).drop(columns="_v").reset_index(drop=True)
-        agg = agg[["loss", "role", "variant", "init", "sigma_feat", "n", "mean", "std", "ci_low",
-                   "ci_high"]]
-        agg.insert(0, "metric", study.metric)
-        csv = write_csv(agg, out_dir, "transplant")
-    with timer("transplant: render"), plt.rc_context(RC):
-        fig, ax = plt.subplots(figsize=(5.4, 3.5))
-        losses = [lo for lo in study.loss_order if lo in set(a["loss"])]
-        variants = [v for v in TRANSPLANT_VARIANTS if v in set(a["variant"])]
-        for loss in losses:
-            c = study.palette[loss]
-            for v in variants:
-                g = a[(a["loss"] == loss) & (a["variant"] == v)].sort_values("sigma_feat")
-                if g.empty:
-                    continue
-                ls, mk, filled = TRANSPLANT_STYLE[v]
-                x, m = g["sigma_feat"].to_numpy(float), g["mean"].to_numpy(float)
-                ax.plot(x, m, color=c, marker=mk, ms=4, lw=1.3, ls=ls,
-                        mfc=c if filled else "white", mew=1.1)
-                if g["ci_low"].notna().any():
-                    ax.fill_between(x, g["ci_low"], g["ci_high"], color=c, alpha=0.15, lw=0)
-            for init, ls in (("teacher", (0, (5, 3))), ("random", (0, (1, 2)))):
-                v = r[(r["loss"] == loss) & r["init"].isin(teacher if init == "teacher"
-                                                            else random_)]["mean"]
-                if len(v):
-                    ax.axhline(float(v.iloc[0]), color=c, ls=ls, lw=1.0, alpha=0.8)
-        ax.set_xscale("log")
-        sig = sorted(a["sigma_feat"].unique())
-        ax.set_xticks(sig)
-        ax.set_xticklabels([f"{s:g}" for s in sig])
-        ax.minorticks_off()
-        ax.set_xlabel(SIGMA_LABEL)
-        ax.set_ylabel(_ylabel(study))
-        if use_log(agg["mean"].tolist()):
-            ax.set_yscale("log")
-        ax.set_title(f"Final {study.metric} vs transplanted feature noise level\n"
-                     f"({_shown(study, ft)})", fontsize=8.5)
-        handles = [Line2D([], [], color=study.palette[lo], marker="o", lw=1.3) for lo in losses]
-        labels = list(losses)
-        for v in variants:
-            ls, mk, filled = TRANSPLANT_STYLE[v]
-            handles.append(Line2D([], [], color="#444444", ls=ls, marker=mk, lw=1.2,
-                                  mfc="#444444" if filled else "white"))
-            labels.append(TRANSPLANT_WORDS[v])
-        handles += [Line2D([], [], color="#444444", ls=ls, lw=1.0)
-                    for ls in ((0, (5, 3)), (0, (1, 2)))]
-        labels += ["teacher init (reference)", "random init (reference)"]
-        _legend_right(ax, handles, labels, title="loss / line style")
-        return [csv] + save(fig, out_dir, "transplant", study.note())
-
-
-TRANSPLANT_VARIANTS = ("features", "reset_output matched", "reset_output fresh", "legacy")
-TRANSPLANT_STYLE = {"features": ("-", "o", True), "reset_output matched": ("-.", "s", False),
-                    "reset_output fresh": ((0, (3, 1, 1, 1, 1, 1)), "^", False),
-                    "legacy": ("-", "X", True)}
-TRANSPLANT_WORDS = {"features": "transplant: all teacher weights kept",
-                    "reset_output matched": "transplant + output reset (matched)",
-                    "reset_output fresh": "transplant + output reset (fresh)",
-                    "legacy": "transplant, legacy re-init"}
-
-
-def _transplant_variant(info: dict) -> str:
-    if legacy_reinit(info):
-        return "legacy"
-    if not info.get("reset_output"):
-        return "features"
-    return "reset_output fresh" if info.get("reinit") == "fresh" else "reset_output matched"
 
 
 # -------------------------------------------------------------------------------------- main

@@ -1,0 +1,91 @@
+"""Pieces every figure shares: axis labels, the right-hand legend, what a title says for the
+seed count at hand, and the reference lines (teacher Heun-35, data floor) with their labels."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .style import REFERENCE_STYLE, fmt_num, metric_label
+
+from matplotlib.lines import Line2D  # noqa: E402  (style selected the Agg backend)
+
+from .data import Study  # noqa: E402
+
+
+def _ylabel(study: Study, wrap: bool = False) -> str:
+    return metric_label(study.metric, study.higher_better, wrap)
+
+
+def _legend_right(where, handles, labels, title=None):
+    """Legend outside the data, right of the axes (``where``: an Axes) or figure."""
+    x = 1.02 if hasattr(where, "transAxes") else 1.0
+    where.legend(handles, labels, loc="center left", bbox_to_anchor=(x, 0.5), frameon=False,
+                 title=title, ncol=1 if len(labels) <= 18 else 2)
+
+
+def _shown(study: Study, df: pd.DataFrame | None = None, what: str = "mean") -> str:
+    """What a point and its interval are, given the seeds per group: 'mean and 95% bootstrap CI
+    over 3 seeds', 'single runs (one seed per cell: no interval)', or, with some groups of one
+    seed, that those have no interval."""
+    lo, hi, words = study.seeds_phrase(df)
+    if hi <= 1:
+        return "single runs (one seed per cell: no interval)"
+    out = f"{what} and 95% bootstrap CI over {words}"
+    return out + ("; groups with one seed: no interval" if lo <= 1 else "")
+
+
+def _ref_handles(study: Study, names=("teacher_heun35", "data_floor", "data_halves")):
+    out = []
+    for name in names:
+        val = study.ref(name)
+        if val is not None:
+            s = REFERENCE_STYLE[name]
+            caveat = study.refs.loc[study.refs.name == name, "caveat"]
+            caveat = f" ({caveat.iloc[0]})" if len(caveat) and caveat.iloc[0] else ""
+            out.append((name, val, Line2D([], [], color=s["color"], linestyle=s["linestyle"],
+                                          lw=s.get("lw", 1.2)),
+                        f"{s['label']}: {fmt_num(val)}{caveat}"))
+    return out
+
+
+REF_SHORT = {"teacher_heun35": "teacher Heun-35", "data_floor": "data floor",
+             "data_halves": "data floor (legacy)"}
+
+
+def _draw_refs(ax, refs, labels: bool = True):
+    """Horizontal reference lines, the data floor drawn over the teacher line in another dash
+    pattern; with ``labels`` each value is written at the right end, the upper line's label above
+    it and the lower's below, so both stay readable when the values coincide."""
+    order = sorted(refs, key=lambda r: r[1])
+    for name, val, _, _ in refs:
+        st = REFERENCE_STYLE[name]
+        ax.axhline(val, color=st["color"], ls=st["linestyle"], lw=st.get("lw", 1.0),
+                   zorder=3 if name in ("data_floor", "data_halves") else 2)
+    if not labels:
+        return
+    for k, (name, val, _, _) in enumerate(order):
+        above = k == len(order) - 1 and len(order) > 1 or len(order) == 1
+        ax.annotate(f"{REF_SHORT.get(name, name)} {fmt_num(val)}", xy=(1.0, val),
+                    xycoords=("axes fraction", "data"), xytext=(-2, 2 if above else -2),
+                    textcoords="offset points", ha="right", va="bottom" if above else "top",
+                    fontsize=6, color=REFERENCE_STYLE[name]["color"], zorder=4)
+
+
+def _limits(values, log: bool, bottom: float = 0.05) -> tuple[float, float]:
+    """Axis limits around ``values``: 5% of the range above, ``bottom`` of it below."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if log:
+        v = v[v > 0]
+    if not len(v):
+        return (0.0, 1.0)
+    lo, hi = v.min(), v.max()
+    if log:
+        return lo / (hi / lo) ** bottom, hi * (hi / lo) ** 0.05
+    span = (hi - lo) if hi > lo else max(abs(hi), 1.0)
+    return lo - bottom * span, hi + 0.05 * span
+
+
+def _order_key(study: Study):
+    lo = {v: i for i, v in enumerate(study.loss_order)}
+    it = {v: i for i, v in enumerate(study.init_order)}
+    return lambda s: s.map(lo) if s.name == "loss" else s.map(it) if s.name == "init" else s
