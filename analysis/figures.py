@@ -9,7 +9,7 @@ modules; the pieces every figure shares are ``analysis.panels``.
 Each figure is written as ``<name>.png`` (dpi 150) and ``<name>.pdf`` plus its aggregated data as
 ``<name>.data.csv`` (floats to 6 significant digits). Figures use one primary quality metric
 (``metric``, default: first of fid_inception_*, fd_*, mmd_*) read under ONE protocol
-(``analysis.data.select_protocol``; rows under other protocols are left out and the figure's note
+(``analysis.protocol.select_protocol``; rows under other protocols are left out and the figure's note
 says how many); only done, current cells enter; excluded cells are noted on every figure and
 listed in table.md / claims.md. Titles say what is shown for the seed count at hand (with one
 seed per cell: single runs, no interval, no ±). No torch, no Ray.

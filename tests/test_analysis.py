@@ -373,7 +373,7 @@ def test_bootstrap_ci_shrinks_like_sqrt_n():
 def test_protocol_selection_leaves_other_protocols_out(full_run):
     """One protocol per metric: the newest data floor's (v2); the teacher cells' superseded v1
     rows and the v1 references are left out, and the note says how many."""
-    from analysis.data import select_protocol
+    from analysis.protocol import select_protocol
 
     study = _study()
     assert study.protocol.protocol == "synthetic fixture v2"
