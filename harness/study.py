@@ -21,7 +21,6 @@ import os
 import re
 from dataclasses import dataclass, field
 
-import yaml
 
 from . import config as C
 from .pin import canonical_json
@@ -30,24 +29,8 @@ from .settings import (DEFAULT_MAX_FAILURES, DEFAULT_RESOURCES, IMAGE_ARCHS, MAX
                        _check, _expand_spec,
                        _setting, _type_name, _Value)
 from .tracking import check as _check_tracking
+from .study_yaml import StudyError, read_yaml
 from .tune_spec import check_tune
-
-
-MAX_BYTES = 1 << 20  # a study file is a few KB; 1 MB leaves room and stops a runaway file
-MAX_DEPTH = 32  # a study nests about 5 levels
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where available: faster
-
-
-class StudyError(C.ConfigError):
-    """An invalid study file. ``str(e)`` is ``"<file>:<line>: <yaml.path>: <problem>; <fix>"``."""
-
-    def __init__(self, problem: str, *, source: str = "<string>", line: int | None = None,
-                 path: str = "", fix: str | None = None):
-        where = source + (f":{line}" if line else "")
-        path, problem, fix = C.cut(path, 120), C.cut(problem, 300), fix and C.cut(fix, 400)
-        text = f"{where}: " + (f"{path}: " if path else "") + problem + (f"; {fix}" if fix else "")
-        ValueError.__init__(self, text)
-        self.path, self.source, self.line, self.problem, self.fix = path, source, line, problem, fix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,84 +92,9 @@ class _Parser:
         return StudyError(bad.problem, source=self.source, line=self.line(bad.path),
                           path=bad.path, fix=bad.fix)
 
-    # -- YAML ------------------------------------------------------------------------------
-    def _prescan(self):
-        """Refuse what a study file has no use for before anything is composed: anchors and
-        aliases (an alias bomb expands exponentially), nesting deeper than ``MAX_DEPTH`` (the
-        composer recurses), more than ``MAX_BYTES``. The scanner is linear and builds nothing."""
-        if len(self.text) > MAX_BYTES:
-            raise StudyError(f"the file is {len(self.text):,} characters, more than a study file "
-                             f"needs ({MAX_BYTES:,})", source=self.source,
-                             fix="check that this is the study YAML; a study is a few dozen lines")
-        depth = 0
-        for token in yaml.scan(self.text, Loader=_LOADER):
-            if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
-                kind = "anchor" if isinstance(token, yaml.AnchorToken) else "alias"
-                raise StudyError(f"YAML {kind} {C.cut(token.value, 40)!r}: anchors and aliases "
-                                 f"are not allowed in study files", source=self.source,
-                                 line=token.start_mark.line + 1,
-                                 fix="write the values out; a grid axis lists several values")
-            if isinstance(token, (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken,
-                                  yaml.FlowMappingStartToken, yaml.FlowSequenceStartToken)):
-                depth += 1
-                if depth > MAX_DEPTH:
-                    raise StudyError(f"nesting deeper than {MAX_DEPTH} levels",
-                                     source=self.source, line=token.start_mark.line + 1,
-                                     fix="a study file needs a few levels; check the brackets")
-            elif isinstance(token, (yaml.BlockEndToken, yaml.FlowMappingEndToken,
-                                    yaml.FlowSequenceEndToken)):
-                depth -= 1
-
     def load(self):
-        loader = None
-        try:
-            self._prescan()
-            loader = _LOADER(self.text)
-            node = loader.get_single_node()
-            if node is None:
-                return None
-            self._walk(node, "", 0)
-            self.lines["top level"] = node.start_mark.line + 1
-            return loader.construct_document(node)
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            problem = " ".join(str(x) for x in (e.context, e.problem) if x)
-            raise StudyError(f"YAML syntax error: {problem}", source=self.source,
-                             line=mark.line + 1 if mark else None,
-                             fix="check the indentation, colons and brackets on this line and "
-                                 "the one before") from None
-        except yaml.YAMLError as e:  # e.g. a NUL or control character (yaml.reader.ReaderError)
-            raise StudyError(f"YAML error: {C.cut(str(e).splitlines()[0], 120)}",
-                             source=self.source, fix="check the YAML syntax; a study file is "
-                                                     "plain UTF-8 text") from None
-        except RecursionError:
-            raise StudyError("nesting too deep to parse", source=self.source,
-                             fix="check the brackets") from None
-        finally:
-            if loader is not None:
-                loader.dispose()
-
-    def _walk(self, node, path: str, depth: int):
-        if depth > 64:
-            return
-        self.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            seen = {}
-            for key, value in node.value:
-                name = key.value if isinstance(key, yaml.ScalarNode) else "?"
-                line = key.start_mark.line + 1
-                if name in seen and name != "<<":
-                    p = f"{path}.{name}" if path else name
-                    raise StudyError(f"duplicate key {C._short(name)} (first on line {seen[name]})",
-                                     source=self.source, line=line, path=p,
-                                     fix="remove or merge one of them")
-                seen[name] = line
-                p = f"{path}.{name}" if path else name
-                self.lines[p] = line
-                self._walk(value, p, depth + 1)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self._walk(item, f"{path}[{i}]", depth + 1)
+        raw, self.lines = read_yaml(self.text, self.source)
+        return raw
 
     # -- validation ------------------------------------------------------------------------
     def parse(self) -> Study:
