@@ -40,6 +40,16 @@ def _stored(x: torch.Tensor) -> np.ndarray:
     return x.numpy().astype(np.float32) if x.ndim == 2 else metrics.to_uint8(x).numpy()
 
 
+def reference_rows(study: str, teacher_id: str, cfg: dict, name: str, values: dict, what: str,
+                   protocol: str, step: int = 0, wall_s: float | None = None) -> list[dict]:
+    """Result rows of one reference (``data_floor``, ``teacher_heun35``) of a teacher."""
+    return [{"study": study, "cell": f"ref-{teacher_id}-{name}", "loss": "reference",
+             "init": name, "init_scheme": name, "seed": int(cfg["teacher"]["seed"]),
+             "kimg": float(cfg["teacher"]["kimg"]), "step": step, "metric": metric,
+             "value": float(value), "status": "reference", "protocol": f"{what}; {protocol}",
+             "wall_s": wall_s, "version": __version__} for metric, value in values.items()]
+
+
 def write_references(root: str, study: str, cfg: dict, dataset, teacher, meta, evaluator,
                      folder: str, device: str, log=print):
     """Rows for the data floor (``Evaluator.real_vs_real``) and the teacher's Heun-35 samples."""
@@ -47,16 +57,11 @@ def write_references(root: str, study: str, cfg: dict, dataset, teacher, meta, e
     floor = teachers.cached_quality(folder, "floor|" + key, evaluator.real_vs_real)
     heun = teachers.cached_quality(folder, "heun35|" + key, lambda: teachers.heun_quality(
         teacher, evaluator, dataset.x.shape[1:], evaluator.n, cfg["teacher"]["seed"], device))
-    rows = []
-    for name, values, protocol in (("data_floor", floor, evaluator.floor_protocol()),
-                                   ("teacher_heun35", heun, "teacher, Heun sampler, 35 evaluations")):
-        for metric, value in values.items():
-            rows.append({"study": study, "cell": f"ref-{meta['id']}-{name}", "loss": "reference",
-                         "init": name, "init_scheme": name, "seed": int(cfg["teacher"]["seed"]),
-                         "kimg": float(cfg["teacher"]["kimg"]), "step": meta["steps"],
-                         "metric": metric, "value": float(value), "status": "reference",
-                         "protocol": f"{protocol}; {evaluator.protocol}",
-                         "wall_s": meta["wall_s"], "version": __version__})
+    rows = (reference_rows(study, meta["id"], cfg, "data_floor", floor, evaluator.floor_protocol(),
+                           evaluator.protocol, meta["steps"], meta["wall_s"])
+            + reference_rows(study, meta["id"], cfg, "teacher_heun35", heun,
+                             "teacher, Heun sampler, 35 evaluations", evaluator.protocol,
+                             meta["steps"], meta["wall_s"]))
     results.write_rows(root, rows)
     log(f"references: data floor {floor.get(evaluator.metric_name, float('nan')):.4g}, "
         f"teacher Heun-35 {heun.get(evaluator.metric_name, float('nan')):.4g} "

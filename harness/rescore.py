@@ -19,7 +19,7 @@ import os
 from . import __version__, pin as pins, results as store
 from .lock import acquire_lock
 from .pin import canonical_json
-from .status import FINAL, cell_states, fingerprints
+from .status import cell_states, fingerprints
 from .study import load_study
 from .tuning import apply_pinned
 
@@ -30,7 +30,7 @@ def rescore_study(path: str, results: str | None = None, eval_overrides: dict | 
     import torch
 
     from . import metrics
-    from .cell import cell_columns, pick_device
+    from .cell import cell_columns, pick_device, reference_rows
     from .config import resolve_cell
     from .sweep import _cache, _root
 
@@ -48,7 +48,7 @@ def rescore_study(path: str, results: str | None = None, eval_overrides: dict | 
         cache = cache or _cache(root)
         evaluators, floors, new, skipped, missing = {}, set(), [], 0, []
         for cid, cell in pin.current:
-            if states[cid]["state"] not in FINAL or states[cid]["state"] != "done":
+            if states[cid]["state"] != "done":
                 continue
             mine = finals[finals.cell == cid] if len(finals) else finals
             if mine.empty:
@@ -83,13 +83,8 @@ def rescore_study(path: str, results: str | None = None, eval_overrides: dict | 
             tid = pin.teacher_of(cid)
             if (tid, key) not in floors:
                 floors.add((tid, key))
-                floor = evaluator.real_vs_real()
-                new += [{"study": study.name, "cell": f"ref-{tid}-data_floor", "loss": "reference",
-                         "init": "data_floor", "init_scheme": "data_floor",
-                         "seed": int(cfg["teacher"]["seed"]), "kimg": float(cfg["teacher"]["kimg"]),
-                         "step": 0, "metric": m, "value": float(v), "status": "reference",
-                         "protocol": f"{evaluator.floor_protocol()}; {evaluator.protocol}",
-                         "version": __version__} for m, v in floor.items()]
+                new += reference_rows(study.name, tid, cfg, "data_floor", evaluator.real_vs_real(),
+                                      evaluator.floor_protocol(), evaluator.protocol)
         store.write_rows(root, new)
     scored = len({r["cell"] for r in new if r["status"] == "done"})
     log(f"study {study.name}: {scored} cells rescored, {skipped} already had these protocols"
