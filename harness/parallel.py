@@ -22,6 +22,9 @@ says which rank it is. Three hooks, and nothing else, make the W copies one trai
   random numbers it uses, which is negligible beside the networks. Random functions that this
   cannot cut (``normal``, ``bernoulli``, ``multinomial``, ``randperm``, in-place ``normal_`` ...)
   raise inside a data-parallel step instead of silently giving each rank the same draws.
+  ``F.dropout`` draws its mask inside ATen, where no hook sees it, so it is cut the same way: the
+  mask of the whole batch is drawn (dropout of a tensor of ones, the global batch's shape and
+  layout) and this rank's input is multiplied by its rows; the other dropout variants raise.
 - ``all_finite``: the divergence check all-reduces the losses, so every rank stops at the same
   step (a rank that stopped alone would leave the others waiting in the next all-reduce).
 
@@ -36,6 +39,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 _SIZED = (torch.randn, torch.rand, torch.randint)
@@ -43,7 +47,8 @@ _LIKE = (torch.randn_like, torch.rand_like)
 _REFUSED = {torch.normal, torch.bernoulli, torch.multinomial, torch.randperm, torch.poisson,
             torch.randint_like, torch.Tensor.normal_, torch.Tensor.uniform_,
             torch.Tensor.bernoulli_, torch.Tensor.random_, torch.Tensor.exponential_,
-            torch.Tensor.cauchy_, torch.Tensor.log_normal_, torch.Tensor.geometric_}
+            torch.Tensor.cauchy_, torch.Tensor.log_normal_, torch.Tensor.geometric_,
+            F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
 
 
 class ParallelError(ValueError):
@@ -74,6 +79,16 @@ class _RankRows(TorchFunctionMode):
     def _rows(self, full: torch.Tensor) -> torch.Tensor:
         return full[self.rank * self.local:(self.rank + 1) * self.local]
 
+    def _global(self, x: torch.Tensor, fill) -> torch.Tensor:
+        """A tensor of the global batch's shape, ``x``'s dtype, device and memory layout (a
+        draw fills memory in layout order, so the layout must be the single worker's)."""
+        big = torch.empty((x.shape[0] * self.world, *x.shape[1:]), dtype=x.dtype,
+                          device=x.device)
+        if x.dim() == 4 and not x.is_contiguous() and \
+                x.is_contiguous(memory_format=torch.channels_last):
+            big = big.contiguous(memory_format=torch.channels_last)
+        return big.fill_(fill)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _SIZED:
@@ -90,12 +105,15 @@ class _RankRows(TorchFunctionMode):
         elif func in _LIKE:
             x = args[0]
             if x.dim() and x.shape[0] == self.local:
-                big = torch.empty((x.shape[0] * self.world, *x.shape[1:]), dtype=x.dtype,
-                                  device=x.device)
-                if x.dim() == 4 and not x.is_contiguous() and \
-                        x.is_contiguous(memory_format=torch.channels_last):
-                    big = big.contiguous(memory_format=torch.channels_last)  # same fill order
-                return self._rows(func(big, *args[1:], **kwargs))
+                return self._rows(func(self._global(x, 0.0), *args[1:], **kwargs))
+        elif func is F.dropout:
+            x = args[0]
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            inplace = kwargs.get("inplace", args[3] if len(args) > 3 else False)
+            if training and p > 0 and x.dim() and x.shape[0] == self.local:
+                noise = self._rows(F.dropout(self._global(x, 1.0), p, True))  # mask / (1 - p)
+                return x.mul_(noise) if inplace else x * noise
         elif func in _REFUSED:
             raise ParallelError(f"{getattr(func, '__qualname__', func)} is not cut into "
                                 f"per-rank rows (harness.parallel): with resources.workers > 1 "

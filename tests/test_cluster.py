@@ -29,6 +29,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from harness import data, nets, results, teacher as teachers
 from harness.config import resolve_cell
@@ -78,6 +79,37 @@ def test_rank_draws_are_rows_of_the_single_worker_draws(world):
         assert torch.equal(torch.rand(4), after)
     with _RankRows(0, 2, n), pytest.raises(ParallelError, match="normal"):
         torch.normal(torch.zeros(n), 1.0)
+    with _RankRows(0, 2, n), pytest.raises(ParallelError, match="dropout2d"):
+        F.dropout2d(img, 0.5, True)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_dropout_masks_are_rows_of_the_single_worker_mask(world):
+    """Dropout draws its mask inside ATen, out of the hooks' sight: each rank's mask must still
+    be its rows of the single worker's (it used to be the same mask on every rank)."""
+    n, p = 4, 0.3
+    flat = torch.randn(n * world, 5)
+    img = torch.randn(n * world, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    for x in (flat, img):
+        torch.manual_seed(1)
+        single = F.dropout(x, p, True)
+        after = torch.rand(3)
+        masks = []
+        for rank in range(world):
+            torch.manual_seed(1)
+            mine = x[rank * n:(rank + 1) * n].clone()
+            with _RankRows(rank, world, n):
+                out = F.dropout(mine, p, training=True)
+                same = F.dropout(mine.clone(), p, False)  # eval: untouched, no draw
+            assert torch.equal(torch.rand(3), after)  # the stream advanced as the single one's
+            assert torch.equal(out, single[rank * n:(rank + 1) * n])
+            assert torch.equal(same, x[rank * n:(rank + 1) * n])
+            torch.manual_seed(1)
+            with _RankRows(rank, world, n):
+                F.dropout(mine, p, True, inplace=True)
+            assert torch.equal(mine, out)
+            masks.append(out == 0)
+        assert not all(torch.equal(masks[0], m) for m in masks[1:])  # ranks differ
     with pytest.raises(ParallelError, match="cannot be split"):
         Shard(0, 3).local_batch(64)
 
