@@ -42,7 +42,7 @@ def error_summary(text: str | None, limit: int = 300) -> str:
     return "unknown error"
 
 
-def _read(path: str | None) -> str:
+def read_text(path: str | None) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
@@ -119,12 +119,12 @@ class Progress(tune.Callback):
     def on_trial_recover(self, iteration, trials, trial, **info):
         _, head = self._head(trial)
         print(f"{head}  attempt {trial.num_failures} failed: "
-              f"{error_summary(_read(trial.error_file))}; retrying from its last checkpoint",
+              f"{error_summary(read_text(trial.error_file))}; retrying from its last checkpoint",
               flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         cid, head = self._head(trial)
-        self.errors[cid] = error_summary(_read(trial.error_file))
+        self.errors[cid] = error_summary(read_text(trial.error_file))
         print(f"{head}  FAILED after {trial.num_failures} attempt(s): {self.errors[cid]} "
               f"(Ray's log: {trial.error_file})", flush=True)
 

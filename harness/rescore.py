@@ -32,10 +32,10 @@ def rescore_study(path: str, results: str | None = None, eval_overrides: dict | 
     from . import metrics
     from .cell import cell_columns, pick_device, reference_rows
     from .config import resolve_cell
-    from .sweep import _cache, _root
+    from .sweep import cache_root, results_root
 
     study = load_study(path)
-    root = _root(results or study.results_root)
+    root = results_root(results or study.results_root)
     study = apply_pinned(study, root)  # harness.tuning: the cells as run
     fp, datasets = fingerprints(study)
     dev = pick_device(device)
@@ -45,7 +45,7 @@ def rescore_study(path: str, results: str | None = None, eval_overrides: dict | 
         states = cell_states(rows, pin.ids)
         finals = store.load_samples(root, "final")
         have = set() if rows.empty else set(zip(rows.cell, rows.kimg, rows.metric, rows.protocol))
-        cache = cache or _cache(root)
+        cache = cache or cache_root(root)
         evaluators, floors, new, skipped, missing = {}, set(), [], 0, []
         for cid, cell in pin.current:
             if states[cid]["state"] != "done":

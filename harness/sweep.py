@@ -77,11 +77,11 @@ def study_status(path: str, results: str | None = None) -> str:
     return _study_status(path, results)
 
 
-def _root(root: str) -> str:
+def results_root(root: str) -> str:
     return root.rstrip("/") if "://" in root else os.path.abspath(os.path.expanduser(root))
 
 
-def _cache(root: str) -> str:
+def cache_root(root: str) -> str:
     return store.cache_for(root)
 
 
@@ -118,7 +118,7 @@ def cache_note(cache: str, nodes: int) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Ray: connect, check resources, quiet logs, experiments
 
-def _connect(address: str | None) -> bool:
+def connect(address: str | None) -> bool:
     """Start or join Ray unless this process already did; True if this call started it."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -138,7 +138,7 @@ def _connect(address: str | None) -> bool:
     return True
 
 
-def _resource_problem(study) -> str | None:
+def resource_problem(study) -> str | None:
     """Why no trial (or teacher task) could ever be scheduled, or None (Ray would leave them
     pending forever)."""
     import ray
@@ -203,10 +203,10 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
     ``harness.teacher.load_or_train`` in the teacher tasks (tests inject failures).
     """
     study = load_study(path)
-    root = _root(results or study.results_root)
+    root = results_root(results or study.results_root)
     store.check_root(root)
     study = apply_pinned(study, root, strict=not dry_run)  # harness.tuning: tuned values
-    cache = _cache(root)
+    cache = cache_root(root)
     if dry_run:
         return dry_run_report(study, root, cache)
     fp, datasets = fingerprints(study)
@@ -221,9 +221,9 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
               + f": their results are stored in {root}, so nothing was trained. To compute "
                 f"them again, run with another --results folder (or move this one aside).")
         return 0
-    started = _connect(address)
+    started = connect(address)
     try:
-        problem = _resource_problem(study)
+        problem = resource_problem(study)
         if problem:
             print("error: " + problem, file=sys.stderr)
             return EXIT_USAGE

@@ -21,9 +21,9 @@ from ray import tune
 
 from . import config as C
 from .pin import canonical_json
-from .progress import _read, drop_older, error_summary
+from .progress import read_text, drop_older, error_summary
 from .tune_spec import ASHA_GRACE, ASHA_REDUCTION, SEARCH_SEED, TRIAL_PROTOCOL, TuneError
-from .tuning import (_fmt, describe, experiment_name, family_hash, family_states, final_kimg,
+from .tuning import (fmt_value, describe, experiment_name, family_hash, family_states, final_kimg,
                      higher_is_better, read_trial_rows, record_choice, scratch_root, select,
                      stored_final, trial_config, trial_table, with_values)
 
@@ -129,7 +129,7 @@ class TrialLines(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.count += 1
         r = trial.last_result or {}
-        values = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(trial.config.items()))
+        values = " ".join(f"{k}={fmt_value(v)}" for k, v in sorted(trial.config.items()))
         what = ("done" if r.get("kimg", 0) >= self.max_t - 1e-9 else
                 f"stopped at kimg {r.get('kimg', 0):g} (scheduler, or diverged)")
         score = (f" {r.get('metric')} {r['score']:.4g} (seed {r.get('seed')})"
@@ -139,7 +139,7 @@ class TrialLines(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"tune {self.label}: trial {trial.trial_id} FAILED: "
-              f"{error_summary(_read(trial.error_file))}", flush=True)
+              f"{error_summary(read_text(trial.error_file))}", flush=True)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         path = checkpoint.path.rstrip("/")
@@ -162,15 +162,15 @@ def tune_study(path: str, results: str | None = None, address: str | None = None
     from .lock import acquire_lock
     from .status import fingerprints
     from .study import load_study
-    from .sweep import _cache, _connect, _resource_problem, _root
+    from .sweep import cache_root, connect, resource_problem, results_root
 
     study = load_study(path)
     if study.tune is None:
         raise TuneError(f"{path} has no tune: section, so there is nothing to tune. Add one "
                         f"(README, Tuning) or run `harness run {path}`.")
-    root = _root(results or study.results_root)
+    root = results_root(results or study.results_root)
     store.check_root(root)
-    cache = _cache(root)
+    cache = cache_root(root)
     if dry_run:
         print(describe(study, root))
         return 0
@@ -180,10 +180,10 @@ def tune_study(path: str, results: str | None = None, address: str | None = None
               f"{root}/pin.json); nothing was run. `harness run {path}` uses the choice.")
         return 0
     _, datasets = fingerprints(study)
-    started = _connect(address)
+    started = connect(address)
     chosen = {}
     try:
-        problem = _resource_problem(study)
+        problem = resource_problem(study)
         if problem:
             print("error: " + problem, file=sys.stderr)
             return 2
@@ -201,7 +201,7 @@ def tune_study(path: str, results: str | None = None, address: str | None = None
             ray.shutdown()
     missing = [f for f, c in chosen.items() if c is None]
     print(f"tune {study.name}: " + "; ".join(
-        f"{f} " + (" ".join(f"{k}={_fmt(v)}" for k, v in c["choice"].items()) +
+        f"{f} " + (" ".join(f"{k}={fmt_value(v)}" for k, v in c["choice"].items()) +
                    f" ({c['metric']} {c['score']:.4g}, best of {c['candidates']} complete "
                    f"trials)" if c else "NO CHOICE")
         for f, c in chosen.items()) + f"; pinned in {root}/pin.json")

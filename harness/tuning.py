@@ -191,11 +191,11 @@ def apply_pinned(study, root: str, strict: bool = True, log=print):
         return study
     choice = {f: e["choice"] for f, (_, e) in states.items()}
     log("tuned (pinned by harness tune): " + "; ".join(
-        f"{f} " + " ".join(f"{k}={_fmt(v)}" for k, v in c.items()) for f, c in choice.items()))
+        f"{f} " + " ".join(f"{k}={fmt_value(v)}" for k, v in c.items()) for f, c in choice.items()))
     return apply(study, choice)
 
 
-def _fmt(v) -> str:
+def fmt_value(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -347,7 +347,7 @@ def describe(study, root: str) -> str:
         state, entry = states[label]
         space = ", ".join(f"{k} ~ {d.text}" for k, d in fam.space.items())
         shown = state if state != "tuned" else "tuned: " + " ".join(
-            f"{k}={_fmt(v)}" for k, v in entry["choice"].items())
+            f"{k}={fmt_value(v)}" for k, v in entry["choice"].items())
         lines.append(f"  {label}: {space}; init {C.init_label(fam.base['init'])}; {shown}")
     todo = sum(s != "tuned" for s, _ in states.values())
     lines.append(f"{todo} families to tune, {n_f - todo} tuned (dry run: nothing written)")
