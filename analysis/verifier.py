@@ -4,7 +4,7 @@ Reads result rows only (a DataFrame as ``harness.results.load_rows`` returns; no
 verifier rows are written at a cell's final evaluation under ``<metric>@<mode><n>`` (for example
 ``fd_digits_1k@resample4``); n = 1 carries the plain one-step score of the same samples.
 
-    verifier_figure(df, out_dir, metric=None, seed=0) -> [verifier.data.csv, .png, .pdf]
+    verifier_figure(df, out_dir, metric=None, seed=0) -> [verifier.data.csv, .md, .png, .pdf]
     claim_c4(df, metric=None, mode=None, rng=None, seed=0) -> analysis.claims.Verdict
 
 Only ``done`` cells with teacher init enter (``cells``, when given, restricts further: pass the
@@ -13,6 +13,7 @@ included cells of ``analysis.data.load_study`` to apply its exclusions, orphans 
 from __future__ import annotations
 
 import math
+import os
 import re
 import zlib
 
@@ -26,6 +27,7 @@ from .style import (RC, REFERENCE_STYLE, fmt_num, fmt_pm, loss_palette, loss_sor
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 VERIFIER_RE = re.compile(r"(?P<base>.+)@(?P<mode>resample|best)(?P<n>\d+)\Z")
 MODE_ORDER = ("resample", "best")
@@ -91,6 +93,53 @@ def verifier_table(df: pd.DataFrame, metric: str | None = None, cells=None,
     return d.reset_index(drop=True), metric
 
 
+def verifier_costs(df: pd.DataFrame, t: pd.DataFrame) -> pd.DataFrame:
+    """Per (loss, mode, n) of the table ``t``'s cells: mean wall seconds and NFE per kept sample
+    (``verifier_s_per_sample@<mode><n>``, ``nfe_per_sample@<mode><n>``), and per loss the mean
+    seconds of the post-hoc ratio-net fit (``verifier_fit_s``; NaN where the cells' own ratio
+    net was the verifier)."""
+    d = df[df["cell"].isin(set(t["cell"])) & df["value"].notna()]
+    loss_of = t.drop_duplicates("cell").set_index("cell")["loss"]
+    out = []
+    for (loss, mode, n), g in t.groupby(["loss", "mode", "n"], sort=False):
+        row = {"loss": loss, "mode": mode, "n": n}
+        for col, name in (("s_per_kept", "verifier_s_per_sample"), ("nfe_per_kept", "nfe_per_sample")):
+            v = d[d["cell"].isin(set(g["cell"])) & (d["metric"] == f"{name}@{mode}{n}")]["value"]
+            row[col] = float(v.mean()) if len(v) else math.nan
+        out.append(row)
+    costs = pd.DataFrame(out, columns=["loss", "mode", "n", "s_per_kept", "nfe_per_kept"])
+    fit = d[d["metric"] == "verifier_fit_s"]
+    fit = fit.assign(loss=fit["cell"].map(loss_of)).groupby("loss")["value"].mean()
+    costs["fit_s"] = costs["loss"].map(fit).astype(float)
+    return costs
+
+
+def verifier_markdown(agg: pd.DataFrame, metric: str) -> str:
+    """The figure's numbers as a table: score mean±std (seeds) and ms per kept sample per n."""
+    ns = sorted(agg["n"].dropna().unique())
+    head = ["loss", "mode", *[f"n={int(n)}" for n in ns], "post-hoc ratio-net fit (s)"]
+    lines = [f"# Ratio verifier: final {metric} (mean±std over seeds) and wall time per kept "
+             f"sample\n", "Each entry: score (seeds); below it, milliseconds and network "
+             "evaluations (generator + ratio net) per kept sample on the machine that ran the "
+             "cell. The fit column is the post-hoc ratio net's training cost per cell (di, sid); "
+             "ratio cells use their own net (—).\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (loss, mode), g in agg.groupby(["loss", "mode"], sort=False):
+        g = g.set_index("n")
+        cells = []
+        for n in ns:
+            if n not in g.index:
+                cells.append("—")
+                continue
+            r = g.loc[n]
+            cells.append(f"{fmt_pm(r['mean'], r['std'])} ({int(r['seeds'])})<br>"
+                         f"{fmt_num(1e3 * r['s_per_kept'])} ms, {fmt_num(r['nfe_per_kept'], 2)} NFE")
+        fit = g["fit_s"].dropna()
+        lines.append("| " + " | ".join([str(loss), str(mode), *cells,
+                                          fmt_num(float(fit.iloc[0])) if len(fit) else "—"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _refs(df: pd.DataFrame, metric: str) -> list[tuple[str, float]]:
     out = []
     if "status" not in df.columns:
@@ -119,11 +168,15 @@ def verifier_figure(df: pd.DataFrame, out_dir: str, metric: str | None = None, s
     agg = agg.sort_values(["_m", "n"], kind="stable").drop(columns="_m")
     agg = ordered(agg, init=None)  # stable sort: loss order first, then mode, then n
     agg = agg[["loss", "mode", "n", "seeds", "mean", "std", "ci_low", "ci_high"]]
+    agg = agg.merge(verifier_costs(df, t), on=["loss", "mode", "n"], how="left")
     refs = _refs(df, metric)
     data = pd.concat([agg, pd.DataFrame([{"loss": "reference", "mode": name, "mean": v}
                                          for name, v in refs])], ignore_index=True)
     data.insert(0, "metric", metric)
     csv = write_csv(data, out_dir, "verifier")
+    md = os.path.join(out_dir, "verifier.md")
+    with open(md, "w") as fh:
+        fh.write(verifier_markdown(agg, metric))
     modes = [m for m in MODE_ORDER if m in set(agg["mode"])]
     losses = sorted(agg["loss"].unique(), key=loss_sort_key)
     palette = loss_palette(losses)
@@ -155,6 +208,9 @@ def verifier_figure(df: pd.DataFrame, out_dir: str, metric: str | None = None, s
             ax.minorticks_off()
             if log:
                 ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 2, 5, 10, 20, 50
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_ylim(*ylim)  # one scale for every panel
             ax.set_title(f"{mode}: {MODE_WORDS[mode]}", fontsize=8)
             ax.set_xlabel(N_LABEL)
@@ -173,7 +229,7 @@ def verifier_figure(df: pd.DataFrame, out_dir: str, metric: str | None = None, s
                    frameon=False, title="loss")
         note = ("n = 1: the plain one-step samples (the same draw as the plain score); n > 1 costs "
                 "n generator + n ratio-net evaluations per kept sample.")
-        return [csv] + save(fig, out_dir, "verifier", note)
+        return [csv, md] + save(fig, out_dir, "verifier", note)
 
 
 def claim_c4(df: pd.DataFrame, metric: str | None = None, mode: str | None = None,

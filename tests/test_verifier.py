@@ -214,6 +214,15 @@ def _rows(effects: dict, seeds=(0, 1, 2, 3, 4), metric="fd_digits_1k"):
                                 "metric": f"{metric}@resample{n}",
                                 "value": base * f(n) * (1 + rng.normal(0, 0.002)),
                                 "axes": '{"loss": "%s", "seed": %d}' % (loss, s)})
+                    for name, v in (("verifier_s_per_sample", 1e-3 * n * (1 + s)),
+                                    ("nfe_per_sample", 2 * n if n > 1 else 1)):
+                        out.append({"cell": cell + init, "loss": loss, "init": init, "seed": s,
+                                    "kimg": 1.0, "status": "done", "metric": f"{name}@resample{n}",
+                                    "value": v, "axes": None})
+            if loss == "sid":  # di/sid: a post-hoc ratio net was fitted (its cost)
+                out.append({"cell": cell + "teacher", "loss": loss, "init": "teacher", "seed": s,
+                            "kimg": 1.0, "status": "done", "metric": "verifier_fit_s",
+                            "value": 2.0 + s, "axes": None})
             out.append({"cell": cell + "teacher", "loss": loss, "init": "teacher", "seed": s,
                         "kimg": 1.0, "status": "done", "metric": metric, "value": base,
                         "axes": None})
@@ -232,9 +241,17 @@ def test_verifier_figure_and_claim_c4(tmp_path):
               "sid": lambda n: 1 - 0.02 * math.log2(n)}
     df = _rows(better)
     paths = verifier_figure(df, str(tmp_path))
-    assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["verifier.data.csv", "verifier.pdf",
-                                                          "verifier.png"]
+    assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["verifier.data.csv", "verifier.md",
+                                                          "verifier.pdf", "verifier.png"]
     csv = pd.read_csv(tmp_path / "verifier.data.csv")
+    # cost per kept sample: the mean over the seeds' cells (1e-3 n (1 + seed), seeds 0-4)
+    c = csv[csv["loss"] == "sid"].set_index("n")
+    assert c.loc[4, "s_per_kept"] == pytest.approx(1e-3 * 4 * 3)
+    assert c.loc[8, "nfe_per_kept"] == 16 and c.loc[1, "nfe_per_kept"] == 1
+    assert (c["fit_s"] == 4.0).all()  # mean of 2 + seed over seeds 0-4
+    assert csv.loc[csv["loss"] == "ratio_js", "fit_s"].isna().all()  # its own net: no fit
+    md = (tmp_path / "verifier.md").read_text()
+    assert "| sid | resample |" in md and "24.0 ms, 16 NFE" in md and "| 4.00 |" in md
     ratio = csv[(csv["loss"] == "ratio_js")].sort_values("n")
     assert list(ratio["n"]) == [1, 2, 4, 8] and (ratio["seeds"] == 5).all()
     assert (np.diff(ratio["mean"]) < 0).all() and (ratio["ci_low"] <= ratio["mean"]).all()
