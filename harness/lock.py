@@ -125,8 +125,10 @@ def _is_stale(info: dict | None) -> bool:
     return isinstance(pid, int) and not isinstance(pid, bool) and not _alive(pid)
 
 
-def acquire_lock(root: str) -> Lock:
+def acquire_lock(root: str, cache: str | None = None) -> Lock:
     """Lock a study's results root (``root/.lock``) or raise LockedError naming the holder.
+    ``cache``: the teacher cache this run uses, recorded so that ``harness status`` reports the
+    teachers the running process sees (its ``HARNESS_CACHE`` may not be the reader's).
 
     Local roots use exclusive create (O_CREAT|O_EXCL), ``s3://`` roots conditional writes, other
     pyarrow filesystems a best-effort check, write and re-read (see the module docstring). A lock
@@ -135,7 +137,7 @@ def acquire_lock(root: str) -> Lock:
     from . import results
 
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": utc_now(),
-            "token": uuid.uuid4().hex}
+            "token": uuid.uuid4().hex, **({"cache": cache} if cache else {})}
     payload = json.dumps(info).encode()
     import pyarrow.fs as pafs
 

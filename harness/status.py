@@ -215,8 +215,8 @@ def study_status(path: str, results_root: str | None = None) -> str:
                f"machine (mean {duration(mean)} per done cell)") if left else "none: nothing left"
     out.append(f"compute spent: {duration(spent)} (sum of each cell's latest wall_s); ETA {eta}")
     if pin is not None and current:
-        out += teacher_plan(study, pin, results.cache_for(root, log=lambda *a: None),
-                            live=holder is not None)
+        cache = (holder or {}).get("cache") or results.cache_for(root, log=lambda *a: None)
+        out += teacher_plan(study, pin, cache, live=holder is not None)
     out += [f"note: {n}" for n in notes]
     rows = []
     for cid, cell in current:

@@ -233,7 +233,7 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
         if note:
             print(note)
         study.tracking = tracking.preflight(study.tracking, study.name)
-        with acquire_lock(root):
+        with acquire_lock(root, cache):
             pin = pins.pin_study(study, root, fp)
             for note in pin.notes:
                 print(f"note: {note}")

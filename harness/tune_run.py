@@ -187,7 +187,7 @@ def tune_study(path: str, results: str | None = None, address: str | None = None
         if problem:
             print("error: " + problem, file=sys.stderr)
             return 2
-        with acquire_lock(root):
+        with acquire_lock(root, cache):
             _teachers(study, todo, datasets, root, cache, device)
             from .progress import quiet_tune
 

@@ -166,6 +166,21 @@ def test_second_run_is_refused_while_locked(tmp_path):
     assert not (root / ".lock").exists()
 
 
+def test_status_reports_the_teachers_of_the_running_process_cache(tmp_path):
+    """A run started with HARNESS_CACHE=X: `harness status` from a shell without it must look
+    for the teachers in X (the lock records it), not in <results>/cache."""
+    study = write_study(tmp_path, "theirs", "grid: {seed: [0, 1]}\n")
+    root = tmp_path / "r"
+    fake_rows(study, root, {0: "done"})
+    theirs = tmp_path / "their-cache"
+    env = {"HARNESS_CACHE": ""}
+    status = cli("status", study, "--results", root, cwd=tmp_path, env=env)[1]
+    assert f"[{root}/cache/teachers/" in status, status
+    with acquire_lock(str(root), cache=str(theirs)):
+        status = cli("status", study, "--results", root, cwd=tmp_path, env=env)[1]
+    assert "a run is in progress" in status and f"[{theirs}/teachers/" in status, status
+
+
 def test_stale_lock_is_taken_over(tmp_path):
     study = write_study(tmp_path, "stale", "grid: {seed: [0, 1]}\n")
     root = tmp_path / "r"
