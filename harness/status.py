@@ -212,8 +212,10 @@ def study_status(path: str, results_root: str | None = None) -> str:
             frac = min(1.0, s["kimg"] / total) if total else 0.0
             left += mean * (1 - frac)
         eta = (f"~{duration(left / concurrency)} at {concurrency} cells at a time on this "
-               f"machine (mean {duration(mean)} per done cell)") if left else "none: nothing left"
-    out.append(f"compute spent: {duration(spent)} (sum of each cell's latest wall_s); ETA {eta}")
+               f"machine (mean {duration(mean)} of training per done cell; evaluations, the "
+               f"verifier and Ray's start come on top)") if left else "none: nothing left"
+    out.append(f"training compute spent: {duration(spent)} (sum of each cell's latest wall_s); "
+               f"ETA {eta}")
     if pin is not None and current:
         cache = (holder or {}).get("cache") or results.cache_for(root, log=lambda *a: None)
         out += teacher_plan(study, pin, cache, live=holder is not None)
