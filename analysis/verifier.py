@@ -239,9 +239,10 @@ def claim_c4(df: pd.DataFrame, metric: str | None = None, mode: str | None = Non
     Returns an ``analysis.claims.Verdict`` (as C1/C2): effect = the worst family's relative
     shortfall of n=4 against n=1 (< 0: improvement), its 95% bootstrap CI with the worst family
     re-selected in every resample (seeds paired within a family), verdict by ``claims.decide``
-    with threshold 0, ``holds_if='below'``. The statement and rule are STATEMENT_C4 / RULE_C4.
+    with threshold 0, ``holds_if='below'``; an inconclusive one also gets the seeds that would
+    decide it (``claims.seeds_to_decide``). The statement and rule are STATEMENT_C4 / RULE_C4.
     """
-    from .claims import NOT_TESTED, Verdict, _ci, decide
+    from .claims import NOT_TESTED, Verdict, _ci, _finish
     from .tables import fmt_pct
 
     t, metric = verifier_table(df, metric, cells)
@@ -302,7 +303,8 @@ def claim_c4(df: pd.DataFrame, metric: str | None = None, mode: str | None = Non
     v.n_seeds = min(ns)
     v.comparison = (f"n=4 vs n=1 ({mode}), paired by seed, teacher init, every one of "
                     f"{len(tested)} losses; worst: {tested[worst]}")
-    v.verdict = decide(v.ci_low, v.ci_high, 0.0, "below", v.n_seeds)
+    v.threshold, v.holds_if = 0.0, "below"
+    _finish(v)  # the verdict, and for an inconclusive one the seeds that would decide it
     if untested and v.verdict == "holds":
         v.verdict = f"inconclusive ({v.n_seeds} seed{'s' if v.n_seeds != 1 else ''})"
     return v
