@@ -122,8 +122,9 @@ def curves(study: Study, out_dir: str, rng, timer) -> list[str]:
         ncol = min(4, len(inits))
         titles = [study.display(i) for i in inits]
         lines = max(t.count("\n") + 1 for t in titles)
-        fig, axes, (nrow, _) = panel_grid(len(inits), ncol, top=0.45 + 0.11 * lines,
-                                          hgap=0.3 + 0.11 * lines)
+        w = {1: 4.2, 2: 3.2}.get(ncol, 2.4)  # one or two panels: larger, not a stamp beside the legend
+        fig, axes, (nrow, _) = panel_grid(len(inits), ncol, w=w, h=w * 0.7,
+                                          top=0.45 + 0.11 * lines, hgap=0.3 + 0.11 * lines)
         refv = [v for _, v, _, _ in refs]
         band = pd.concat([agg["mean"], agg["ci_low"], agg["ci_high"]]).dropna().tolist() + refv
         log = use_log(band)

@@ -2,6 +2,8 @@
 seed count at hand, and the reference lines (teacher Heun-35, data floor) with their labels."""
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pandas as pd
 
@@ -19,6 +21,7 @@ def _ylabel(study: Study, wrap: bool = False) -> str:
 def _legend_right(where, handles, labels, title=None):
     """Legend outside the data, right of the axes (``where``: an Axes) or figure."""
     x = 1.02 if hasattr(where, "transAxes") else 1.0
+    labels = [textwrap.fill(str(lb), 52, subsequent_indent="  ") for lb in labels]  # no wide caveats
     where.legend(handles, labels, loc="center left", bbox_to_anchor=(x, 0.5), frameon=False,
                  title=title, ncol=1 if len(labels) <= 18 else 2)
 
