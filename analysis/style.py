@@ -8,6 +8,7 @@ from __future__ import annotations
 import colorsys
 import math
 import os
+import textwrap
 
 import matplotlib
 
@@ -257,6 +258,8 @@ def save(fig, out_dir: str, name: str, note: str | None = None) -> list[str]:
     bbox = fig.get_tightbbox(renderer)
     if note:
         w, h = fig.get_size_inches()
+        width = max(60, int((bbox.x1 - bbox.x0) * 19))  # characters of 6.5 pt per line
+        note = "\n".join(textwrap.fill(line, width) for line in note.split("\n"))
         t = fig.text(bbox.x0 / w, (bbox.y0 - 0.06) / h, note, ha="left", va="top",
                      fontsize=6.5, color="#555555")
         tb = t.get_window_extent(renderer).transformed(fig.dpi_scale_trans.inverted())

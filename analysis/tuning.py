@@ -18,7 +18,7 @@ import pandas as pd
 from harness.results import read_bytes
 from harness.tuning import SELECTION_RULE, trial_table
 
-from .style import RC, fmt_num, panel_grid, save, write_csv
+from .style import RC, fmt_num, loss_sort_key, panel_grid, save, use_log, write_csv
 
 
 def load_tuned(root: str) -> dict | None:
@@ -97,17 +97,24 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
     if table.empty:
         print("figures: tuning: pin.json names a tuned choice but no tuning rows were found")
         return []
-    fams = list(tuned["families"])
+    fams = sorted(tuned["families"], key=loss_sort_key)  # the study's loss order
     settings = sorted({k for e in tuned["families"].values() for k in e.get("space", {})})
     csv = write_csv(table, out_dir, "tuning")
+    shown_values = pd.concat([table["score"], table["last_value"]]).dropna().tolist()
+    log_y = use_log(shown_values)  # one metric, one scale for every panel
+    if shown_values:
+        lo, hi = min(shown_values), max(shown_values)
+        pad = (hi / lo) ** 0.06 if log_y else 0.06 * (hi - lo) or 1.0
+        ylim = (lo / pad, hi * pad) if log_y else (lo - pad, hi + pad)
     with plt.rc_context(RC):
-        fig, axes, _ = panel_grid(len(fams) * len(settings), len(settings), w=2.4, h=1.7,
-                                  wgap=0.6, left=0.8)
+        # one column per family, one row per searched setting
+        fig, axes, _ = panel_grid(len(fams) * len(settings), len(fams), w=2.2, h=1.7,
+                                  wgap=0.25, hgap=0.75, left=0.8)
         for i, fam in enumerate(fams):
             e = tuned["families"][fam]
             d = table[table["family"] == fam]
             for j, setting in enumerate(settings):
-                ax = axes[i * len(settings) + j]
+                ax = axes[j * len(fams) + i]
                 if setting not in e.get("space", {}):
                     ax.set_axis_off()
                     ax.set_title(f"{fam}: {setting} not searched", fontsize=7)
@@ -137,7 +144,15 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
                     pad = 0.05 * (bounds[1] - bounds[0])
                     ax.set_xlim(bounds[0] - pad, bounds[1] + pad)
                 ax.set_xlabel(setting, fontsize=7)
-                ax.set_ylabel(e.get("metric", "metric"), fontsize=7)
+                if log_y:
+                    ax.set_yscale("log")
+                if shown_values:
+                    ax.set_ylim(*ylim)
+                if i == 0:
+                    ax.set_ylabel(e.get("metric", "metric") + (" (log scale)" if log_y else ""),
+                                  fontsize=7)
+                else:
+                    ax.tick_params(labelleft=False)
                 chosen = e.get("choice", {}).get(setting)
                 shown = fmt_num(chosen) if isinstance(chosen, float) else chosen
                 ax.set_title(f"{fam}: chose {shown}", fontsize=7.5)
