@@ -42,7 +42,10 @@ def test_committed_results_keep_their_cell_ids(name):
     from harness.data import from_config
     from harness.pin import compute_ids, read_pin
 
-    study = load_study(str(STUDIES / f"{name}.yaml"))
+    from harness.tuning import apply_pinned
+
+    root = str(STUDIES.parent / "results" / name)
+    study = apply_pinned(load_study(str(STUDIES / f"{name}.yaml")), root)  # tuned values, if any
     fingerprint = from_config(study.cells[0].config["data"]).fingerprint
-    pinned = read_pin(str(STUDIES.parent / "results" / name))
+    pinned = read_pin(root)
     assert [cid for cid, *_ in compute_ids(study, fingerprint)] == pinned["current"]
