@@ -39,7 +39,7 @@ def protocol_lines(tuned: dict | None) -> list[str]:
     if not tuned:
         return []
     p = tuned.get("protocol", {})
-    fams = tuned.get("families", {})
+    fams = {f: tuned["families"][f] for f in sorted(tuned.get("families", {}), key=loss_sort_key)}
     spaces = {f: ", ".join(f"{k} ~ {v}" for k, v in sorted(e.get("space", {}).items()))
               for f, e in fams.items()}
     searched = (f"every loss family's {next(iter(spaces.values()))}"
