@@ -17,6 +17,8 @@ import shutil
 import sys
 import tempfile
 
+import pyarrow.fs as pafs
+
 from ray import tune
 
 from . import config as C
@@ -296,4 +298,19 @@ def _tune_family(study, label: str, root: str, cache: str, device: str, cell_fn)
              "final_kimg": final_kimg(fam.base), "experiment": name,
              "init": C.init_label(fam.base["init"])}
     record_choice(root, study, label, entry)
+    _drop_trial_weights(where, t.seeds)
     return entry
+
+
+def _drop_trial_weights(where: str, seeds) -> None:
+    """Once a family's choice is pinned its trials are never resumed (a changed ``tune:``
+    section is a new experiment), so their checkpointed weights (``seed-<s>.pt``, about 15 MB a
+    trial on digits) are deleted; Ray's experiment state, the trials' results and the rows
+    stay."""
+    from .results import filesystem
+
+    fs, base = filesystem(where)
+    for item in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        if item.type == pafs.FileType.Directory:
+            for seed in seeds:
+                drop_older(fs, item.path, None, f"seed-{seed}.pt")

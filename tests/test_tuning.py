@@ -412,6 +412,9 @@ def test_tune_same_trials_per_family_then_run_uses_the_choice(tmp_path, own_ray,
         assert tuning.select(table)["trial"] == entry["trial"]
         assert entry["trials"] == 3 and entry["choice"]["student.lr"] in values[fam]
     assert os.path.isdir(os.path.join(root, "tune", doc["tuned"]["families"]["sid"]["experiment"]))
+    weights = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, "tune"))
+               for f in fs if f.endswith(".pt")]
+    assert weights == []  # a pinned family's trial weights are deleted (its rows stay)
 
     # run: the cells train with the chosen lr, under ids that hash it
     assert tune_study(path, results=root) == 0
@@ -425,6 +428,29 @@ def test_tune_same_trials_per_family_then_run_uses_the_choice(tmp_path, own_ray,
     df = results.load_rows(root)
     assert set(df[df.cell.isin(doc["current"])].status) >= {"done"}
     assert "tuning" in set(df.status)
+
+
+def test_pinned_family_trial_weights_are_deleted(tmp_path):
+    from harness.tune_run import _drop_trial_weights
+
+    exp = tmp_path / "tune" / "exp"
+    keep = []
+    for trial in ("harness_trial_a", "harness_trial_b"):
+        for ck in ("checkpoint_000000", "checkpoint_000001"):
+            d = exp / trial / ck
+            d.mkdir(parents=True)
+            (d / "seed-100.pt").write_bytes(b"w")
+            (d / "seed-101.pt").write_bytes(b"w")
+            (d / "state.json").write_text("{}")
+            keep.append(d / "state.json")
+        (exp / trial / "result.json").write_text("{}")
+        keep.append(exp / trial / "result.json")
+    (exp / "experiment_state.json").write_text("{}")
+    keep.append(exp / "experiment_state.json")
+    _drop_trial_weights(str(exp), [100, 101])
+    assert not list(exp.rglob("*.pt"))
+    assert all(p.exists() for p in keep)
+    _drop_trial_weights(str(tmp_path / "absent"), [100])  # nothing there: no error
 
 
 def _trial_rows(root):
