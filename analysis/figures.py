@@ -27,14 +27,14 @@ import pandas as pd
 
 from harness.config import ConfigError
 
-from .style import KIMG_LABEL, RC, fmt_pm, panel_grid, save, use_log, write_csv
+from .style import KIMG_LABEL, RC, axis_limits, fmt_pm, panel_grid, save, use_log, write_csv
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
 
 from .data import Study, load_study, mean_ci, ordered  # noqa: E402
 from .init_figures import mapping, reset, transplant  # noqa: E402
-from .panels import (_draw_refs, _legend_right, _limits, _order_key, _ref_handles,  # noqa: E402
+from .panels import (_draw_refs, _legend_right, _order_key, _ref_handles,  # noqa: E402
                      _shown, _ylabel)
 from .tuning import build as _tuning  # noqa: E402  (harness tune: metric vs hyperparameters)
 
@@ -129,7 +129,7 @@ def curves(study: Study, out_dir: str, rng, timer) -> list[str]:
         band = pd.concat([agg["mean"], agg["ci_low"], agg["ci_high"]]).dropna().tolist() + refv
         log = use_log(band)
         # room under the lowest reference line for its value label
-        ylim = _limits(band, log, bottom=0.14 if len(refs) > 1 else 0.05)
+        ylim = axis_limits(band, log, bottom=0.14 if len(refs) > 1 else 0.05)
         x = agg["kimg"].to_numpy(float)
         xlim = (x.min() - 0.02 * np.ptp(x), x.max() + 0.02 * np.ptp(x)) if len(x) else (0, 1)
         kimgs = np.unique(x)

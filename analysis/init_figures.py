@@ -8,14 +8,14 @@ import math
 import numpy as np
 import pandas as pd
 
-from .style import RC, SIGMA_LABEL, save, use_log, write_csv
+from .style import RC, SIGMA_LABEL, axis_limits, save, use_log, write_csv
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
 
 from .data import Study, legacy_reinit, mean_ci, ordered  # noqa: E402
 
-from .panels import (_draw_refs, _legend_right, _limits, _order_key, _ref_handles,  # noqa: E402
+from .panels import (_draw_refs, _legend_right, _order_key, _ref_handles,  # noqa: E402
                      _shown, _ylabel)
 
 
@@ -134,7 +134,7 @@ def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: li
         log = use_log(vals)
         if log:
             ax.set_yscale("log")
-        ax.set_ylim(*_limits(vals + fin["ci_high"].dropna().tolist(), log,
+        ax.set_ylim(*axis_limits(vals + fin["ci_high"].dropna().tolist(), log,
                              bottom=0.14 if ref_lines else 0.05))
         ax.set_title(f"{title}\n({_shown(study, f[f['init'].isin(cats)])})", fontsize=8.5)
         _legend_right(ax, handles, labels, title="loss / marker")

@@ -7,7 +7,7 @@ import textwrap
 import numpy as np
 import pandas as pd
 
-from .style import REFERENCE_STYLE, fmt_num, metric_label
+from .style import REFERENCE_STYLE, axis_limits, fmt_num, metric_label
 
 from matplotlib.lines import Line2D  # noqa: E402  (style selected the Agg backend)
 
@@ -72,20 +72,6 @@ def _draw_refs(ax, refs, labels: bool = True):
                     xycoords=("axes fraction", "data"), xytext=(-2, 2 if above else -2),
                     textcoords="offset points", ha="right", va="bottom" if above else "top",
                     fontsize=6, color=REFERENCE_STYLE[name]["color"], zorder=4)
-
-
-def _limits(values, log: bool, bottom: float = 0.05) -> tuple[float, float]:
-    """Axis limits around ``values``: 5% of the range above, ``bottom`` of it below."""
-    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
-    if log:
-        v = v[v > 0]
-    if not len(v):
-        return (0.0, 1.0)
-    lo, hi = v.min(), v.max()
-    if log:
-        return lo / (hi / lo) ** bottom, hi * (hi / lo) ** 0.05
-    span = (hi - lo) if hi > lo else max(abs(hi), 1.0)
-    return lo - bottom * span, hi + 0.05 * span
 
 
 def _order_key(study: Study):

@@ -10,6 +10,8 @@ import math
 import os
 import textwrap
 
+import numpy as np
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -242,6 +244,20 @@ def fmt_pm(mean: float, std: float, digits: int = 3, pm: str = "±") -> str:
 def metric_label(metric: str, higher_better: bool, wrap: bool = False) -> str:
     """``fd_digits_1k (lower is better)``; ``wrap``: on two lines (colorbars, narrow axes)."""
     return f"{metric}{chr(10) if wrap else ' '}({'higher' if higher_better else 'lower'} is better)"
+
+
+def axis_limits(values, log: bool, bottom: float = 0.05) -> tuple[float, float]:
+    """Axis limits around ``values``: 5% of the range above, ``bottom`` of it below."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if log:
+        v = v[v > 0]
+    if not len(v):
+        return (0.0, 1.0)
+    lo, hi = v.min(), v.max()
+    if log:
+        return lo / (hi / lo) ** bottom, hi * (hi / lo) ** 0.05
+    span = (hi - lo) if hi > lo else max(abs(hi), 1.0)
+    return lo - bottom * span, hi + 0.05 * span
 
 
 def use_log(values) -> bool:

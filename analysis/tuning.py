@@ -18,7 +18,7 @@ import pandas as pd
 from harness.results import read_bytes
 from harness.tuning import SELECTION_RULE, trial_table
 
-from .style import RC, fmt_num, loss_sort_key, panel_grid, save, use_log, write_csv
+from .style import RC, axis_limits, fmt_num, loss_sort_key, panel_grid, save, use_log, write_csv
 
 
 def load_tuned(root: str) -> dict | None:
@@ -102,10 +102,7 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
     csv = write_csv(table, out_dir, "tuning")
     shown_values = pd.concat([table["score"], table["last_value"]]).dropna().tolist()
     log_y = use_log(shown_values)  # one metric, one scale for every panel
-    if shown_values:
-        lo, hi = min(shown_values), max(shown_values)
-        pad = (hi / lo) ** 0.06 if log_y else 0.06 * (hi - lo) or 1.0
-        ylim = (lo / pad, hi * pad) if log_y else (lo - pad, hi + pad)
+    ylim = axis_limits(shown_values, log_y)
     with plt.rc_context(RC):
         # one column per family, one row per searched setting
         fig, axes, _ = panel_grid(len(fams) * len(settings), len(fams), w=2.2, h=1.7,
@@ -146,8 +143,7 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
                 ax.set_xlabel(setting, fontsize=7)
                 if log_y:
                     ax.set_yscale("log")
-                if shown_values:
-                    ax.set_ylim(*ylim)
+                ax.set_ylim(*ylim)
                 if i == 0:
                     ax.set_ylabel(e.get("metric", "metric") + (" (log scale)" if log_y else ""),
                                   fontsize=7)

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .data import (B, FLOOR_NAMES, choose_metric, extra_axis_labels, higher_is_better, mean_ci,
                    ordered)
-from .style import (RC, REFERENCE_STYLE, fmt_num, fmt_pm, loss_palette, loss_sort_key,
+from .style import (RC, axis_limits, REFERENCE_STYLE, fmt_num, fmt_pm, loss_palette, loss_sort_key,
                     metric_label, panel_grid, save, use_log, write_csv)
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
@@ -185,9 +185,7 @@ def verifier_figure(df: pd.DataFrame, out_dir: str, metric: str | None = None, s
         band = pd.concat([agg["mean"], agg["ci_low"], agg["ci_high"]]).dropna().tolist()
         band += [v for _, v in refs]
         log = use_log(band)
-        lo, hi = (min(band), max(band)) if band else (0.0, 1.0)
-        pad = (hi / lo) ** 0.05 if log else 0.05 * (hi - lo) or max(abs(hi), 1.0) * 0.05
-        ylim = (lo / pad, hi * pad) if log else (lo - pad, hi + pad)
+        ylim = axis_limits(band, log)
         ns = sorted(agg["n"].unique())
         for k, (ax, mode) in enumerate(zip(axes, modes)):
             for loss in losses:
