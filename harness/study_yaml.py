@@ -34,6 +34,7 @@ def _prescan(text: str, source: str):
         raise StudyError(f"the file is {len(text):,} characters, more than a study file "
                          f"needs ({MAX_BYTES:,})", source=source,
                          fix="check that this is the study YAML; a study is a few dozen lines")
+    _flow_depth_check(text, source)
     depth = 0
     for token in yaml.scan(text, Loader=_LOADER):
         if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
@@ -52,6 +53,41 @@ def _prescan(text: str, source: str):
         elif isinstance(token, (yaml.BlockEndToken, yaml.FlowMappingEndToken,
                                 yaml.FlowSequenceEndToken)):
             depth -= 1
+
+def _flow_depth_check(text: str, source: str):
+    """Count unquoted ``[``/``{`` nesting on the raw text, before the YAML scanner sees it: the
+    scanner reads flow collections ahead of the tokens it hands out (and newer PyYAML stops at a
+    depth of its own), so only a count of our own reports the limit in the harness's words."""
+    depth, quote, line = 0, "", 1
+    prev = last = "\n"  # the previous character; the last non-blank one on this line
+    for ch in text:
+        if ch == "\n":
+            line += 1
+            if quote == "#":
+                quote = ""
+        elif quote == "#":
+            pass
+        elif quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"" and last in "\n:-[{,?":  # a quote opens a scalar only where one starts
+            quote = ch
+        elif ch == "#" and prev in " \t\n":
+            quote = "#"
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise StudyError(f"nesting deeper than {MAX_DEPTH} levels", source=source,
+                                 line=line, fix="a study file needs a few levels; check the "
+                                                "brackets")
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+        prev = ch
+        if ch == "\n":
+            last = "\n"
+        elif ch not in " \t":
+            last = ch
+
 
 def read_yaml(text: str, source: str) -> tuple[object, dict]:
     """The YAML of a study file as plain data, and {yaml path: line} for error messages."""
