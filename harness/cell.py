@@ -141,6 +141,8 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
         rows = [{**base, "metric": m, "value": float(v), "protocol": evaluator.protocol}
                 for m, v in ev.metrics.items()]
         rows += [{**base, **r} for r in ev.extra_rows]  # after the plain score (status reads it)
+        rows += [{**base, "metric": m, "value": v, "protocol": "generator optimiser, the step "
+                  "before this evaluation"} for m, v in ev.optim.items()]
         if ev.step == 0:
             rows += [{**base, "metric": k, "value": float(sizes[k]), "protocol": f"parameter "
                       f"count ({sizes['aux_net'] if k == 'aux_params' else 'generator'})"}

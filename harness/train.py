@@ -44,6 +44,42 @@ class Evaluation:
     samples: torch.Tensor | None = None  # the evaluation's samples (all eval.n), float, on CPU
     message: str | None = None
     extra_rows: list = field(default_factory=list)  # more metric rows (the verifier's, at the end)
+    # The generator's optimisation at the step before this evaluation, per parameter group:
+    # {"grad_norm/<group>": L2 norm of the gradient, "update_norm/<group>": L2 norm of the
+    # parameter change Adam made, "param_norm/<group>": L2 norm of the weights after it}. A
+    # generator whose updates are tiny against its weights is not learning, whatever its init.
+    optim: dict[str, float] = field(default_factory=dict)
+
+
+class GroupNorms:
+    """Per-group gradient, update and weight norms of one optimiser step (``Evaluation.optim``)."""
+
+    def __init__(self, module: torch.nn.Module):
+        params = dict(module.named_parameters())
+        self.groups = {g: [params[n] for n in names]
+                       for g, names in nets.parameter_groups(module).items()}
+        self.before: dict[str, list[torch.Tensor]] = {}
+        self.norms: dict[str, float] = {}
+
+    @staticmethod
+    def _norm(tensors) -> float:
+        return float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(t.detach().float()) for t in tensors])))
+
+    def before_step(self):
+        self.norms = {}
+        for g, ps in self.groups.items():
+            grads = [p.grad for p in ps if p.grad is not None]
+            self.norms[f"grad_norm/{g}"] = self._norm(grads) if grads else 0.0
+        self.before = {g: [p.detach().clone() for p in ps] for g, ps in self.groups.items()}
+
+    def after_step(self) -> dict[str, float]:
+        for g, ps in self.groups.items():
+            self.norms[f"update_norm/{g}"] = self._norm(
+                [p.detach() - b for p, b in zip(ps, self.before[g])])
+            self.norms[f"param_norm/{g}"] = self._norm(ps)
+        self.before = {}
+        return dict(self.norms)
 
 
 @contextlib.contextmanager
@@ -135,6 +171,8 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
     opt_a = torch.optim.Adam(aux.parameters(), lr=st["aux_lr"], betas=(0.0, 0.999), eps=1e-8)
     family = losses.build(cfg["loss"], run(teacher), aux_fn, st["t_max"])
     beta = ema_beta(batch, st["ema_halflife_kimg"])
+    norms = GroupNorms(getattr(generator, "net", generator))
+    optim: dict[str, float] = {}  # the last measured step's GroupNorms
 
     # Resume, or start from the init scheme's weights.
     step, wall, last = 0, 0.0, None
@@ -184,7 +222,7 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
                 extra = verifier.cell_rows(cfg, evaluate, sample_fn, aux, teacher_state, data,
                                            sigma_data, device, plain=metrics, amp=amp)
         return Evaluation(step * batch / 1000, step, metrics, status, wall, x.cpu(), message,
-                          extra)
+                          extra, optim)
 
     def emit(status: str, message=None) -> Evaluation:
         result = evaluation(status, message)
@@ -214,7 +252,12 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
                 gen_loss = family.generator_loss(x_gen).mean()
             opt_g.zero_grad(set_to_none=True)
             gen_loss.backward()
+            measure = shard.lead and ((step + 1) % eval_every == 0 or step + 1 == total_steps)
+            if measure:  # only the step an evaluation reports: a copy of the weights is cheap once
+                norms.before_step()
             opt_g.step()
+            if measure:
+                optim = norms.after_step()
         if not shard.all_finite(gen_loss, aux_loss):
             step += 1
             return emit("diverged", f"non-finite loss at step {step}: generator "

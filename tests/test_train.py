@@ -8,6 +8,7 @@ import torch
 from harness import metrics
 from harness.cell import run_cell
 from harness.diffusion import Denoiser
+from harness.nets import group_of
 from harness.results import load_rows
 from harness.train import CheckpointError, train_student
 
@@ -103,3 +104,32 @@ def test_score_free_cell_never_calls_teacher(toy_teacher, toy_cache, tmp_path):
     with pytest.raises(AssertionError, match="called the teacher"):
         run_cell(toy_cfg(loss="sid"), str(tmp_path / "res2"), toy_cache, str(tmp_path / "d.pt"),
                  device="cpu", log=lambda *_: None, teacher_guard=guard)
+
+
+def test_evaluations_report_the_generator_optimiser_per_group(toy_teacher, tmp_path):
+    """Every evaluation after step 0 carries the gradient, update and weight norms of the step
+    before it, per parameter group; the update norm is the weight change that step made."""
+    torch.set_num_threads(1)
+    cfg = toy_cfg(loss="sid", student={"kimg": 0.64, "batch": 64},
+                  eval={"n": 100, "every_kimg": 0.32, "samples": 4})  # 10 steps, evals every 5
+    _, reports = _train(cfg, toy_teacher, tmp_path / "a.pt")
+    assert [r.step for r in reports] == [0, 5, 10]
+    assert reports[0].optim == {}
+    groups = {k.split("/", 1)[1] for k in reports[-1].optim}
+    assert groups and all(f"{kind}/{g}" in reports[-1].optim
+                          for kind in ("grad_norm", "update_norm", "param_norm") for g in groups)
+    assert all(v > 0 and math.isfinite(v) for v in reports[-1].optim.values())
+    # the last step alone, replayed from the checkpoint of step 9: its weight change is the norm
+    _train(cfg, toy_teacher, tmp_path / "b.pt", max_steps=9)
+    before = _weights(tmp_path / "b.pt")[1]
+    _train(cfg, toy_teacher, tmp_path / "b.pt")
+    after = _weights(tmp_path / "b.pt")[1]
+    g = sorted(groups)[0]
+    change = torch.linalg.vector_norm(torch.cat(
+        [(after[k] - before[k]).flatten() for k in after if group_of(k.split(".", 1)[1]) == g]))
+    assert reports[-1].optim[f"update_norm/{g}"] == pytest.approx(float(change), rel=1e-4)
+    # no learning rate, no movement
+    zero = toy_cfg(loss="sid", student={"kimg": 0.32, "batch": 64, "lr": 0.0},
+                   eval={"n": 100, "every_kimg": 0.32, "samples": 4})
+    _, still = _train(zero, toy_teacher, tmp_path / "c.pt")
+    assert all(v == 0 for k, v in still[-1].optim.items() if k.startswith("update_norm/"))
