@@ -53,7 +53,11 @@ TEACHER_SCORE_FAMILIES = ("di", "sid")
 REINITS = ("matched", "fresh")
 INIT_SCHEMES = {  # SPEC §4; the functions are registered in harness.inits
     # source: a partial teacher section naming another teacher whose weights start the generator
-    "teacher": {"source": Param(None, dict, omit_default=True, column="init_source")},
+    "teacher": {"source": Param(None, dict, omit_default=True, column="init_source"),
+                # groups that keep the teacher's values and get no updates: which weights the
+                # generator needs to change (freezing the features and training the ends asks
+                # whether the teacher's features carry the benefit)
+                "freeze": Param(None, list, of=GROUPS, omit_default=True, column="freeze_groups")},
     "random": {},
     "reset_layers": {"groups": Param(None, list, required=True, of=GROUPS, column="reset_groups"),
                      "reinit": Param("matched", str, choices=REINITS)},
@@ -117,7 +121,7 @@ def cell_params(cfg: dict) -> dict:
             if p.kind is list:
                 value = "+".join(value)
             elif p.kind is dict:
-                value = init_label(cfg[part])[len("teacher["):-1]
+                value = _source_label(value)
             out[p.column or name] = value
     return out
 
@@ -286,7 +290,11 @@ def resolve_loss(spec, path: str = "loss") -> dict:
 def resolve_init(spec, path: str = "init") -> dict:
     """``'teacher'`` or ``{'name': 'reset_layers', 'groups': [...]}`` -> canonical dict."""
     name, spec = _named(spec, path, "init", INIT_SCHEMES)
-    return {"name": name, **_resolve_params(path, f"init {name!r}", INIT_SCHEMES[name], spec)}
+    out = {"name": name, **_resolve_params(path, f"init {name!r}", INIT_SCHEMES[name], spec)}
+    if len(out.get("freeze") or ()) == len(GROUPS):
+        raise ConfigError(f"{path}.freeze", "freezes every group, so nothing would train; "
+                                            "leave at least one group out")
+    return out
 
 
 def loss_label(loss: dict) -> str:
@@ -300,6 +308,11 @@ def loss_label(loss: dict) -> str:
     return name + (f"[{','.join(extras)}]" if extras else "")
 
 
+def _source_label(src: dict) -> str:
+    return ", ".join(f"band {v['band'][0]:g}-{v['band'][1]:g}" if k == "noise" and "band" in v
+                     else f"{k}={v}" for k, v in src.items())
+
+
 def init_label(init: dict) -> str:
     """Short display name of a canonical init config: ``reset_layers[output]``,
     ``reset_layers[output,fresh]``, ``teacher[band 1.5-4]``."""
@@ -310,10 +323,9 @@ def init_label(init: dict) -> str:
     if name == "feature_transplant":
         reset = f",reset_output{fresh}" if init["reset_output"] else ""
         return f"feature_transplant[{init['sigma_feat']:g}{reset}]"
-    if name == "teacher" and init.get("source"):
-        src = init["source"]
-        parts = [f"band {src['noise']['band'][0]:g}-{src['noise']['band'][1]:g}"
-                 if k == "noise" and "band" in v else f"{k}={v}" for k, v in src.items()]
+    if name == "teacher" and (init.get("source") or init.get("freeze")):
+        parts = [_source_label(init["source"])] if init.get("source") else []
+        parts += [f"freeze {'+'.join(init['freeze'])}"] if init.get("freeze") else []
         return f"teacher[{', '.join(parts)}]"
     if name == "mapping_match":
         defaults = {k: p.default for k, p in INIT_SCHEMES[name].items()}

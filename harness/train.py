@@ -159,6 +159,10 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
                                    {"device": str(device), **(init_extra or {})})
     generator.to(device).train()
     aux.to(device).train()
+    frozen_groups = set(cfg["init"].get("freeze") or ())  # init teacher, freeze: no updates
+    for name, p in generator.denoiser.net.named_parameters():
+        if nets.group_of(name) in frozen_groups:
+            p.requires_grad_(False)
     # Precision, layout, compilation (harness.perf): `run(m)` is what to call for module m.
     run = perf.apply(st, device, [generator, aux, teacher])
     amp = run.amp
@@ -167,11 +171,11 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
         gen_fn, aux_fn = shard.wrap(generator, st), shard.wrap(aux, st)
     ema = copy.deepcopy(generator).eval().requires_grad_(False)
     # Adam with beta1 = 0, as SiD and DMD use for one-step distillation.
-    opt_g = torch.optim.Adam(generator.parameters(), lr=st["lr"], betas=(0.0, 0.999), eps=1e-8)
+    opt_g = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=st["lr"], betas=(0.0, 0.999), eps=1e-8)
     opt_a = torch.optim.Adam(aux.parameters(), lr=st["aux_lr"], betas=(0.0, 0.999), eps=1e-8)
     family = losses.build(cfg["loss"], run(teacher), aux_fn, st["t_max"])
     beta = ema_beta(batch, st["ema_halflife_kimg"])
-    norms = GroupNorms(getattr(generator, "net", generator))
+    norms = GroupNorms(generator.denoiser.net)
     optim: dict[str, float] = {}  # the last measured step's GroupNorms
 
     # Resume, or start from the init scheme's weights.

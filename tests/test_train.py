@@ -14,6 +14,8 @@ from harness.train import CheckpointError, train_student
 
 from conftest import toy_cfg
 
+NET = "denoiser.net."  # the generator's state-dict prefix of its network's weights
+
 
 def _train(cfg, toy_teacher, ckpt, max_steps=None, evaluate=None):
     teacher, _, dataset = toy_teacher
@@ -116,7 +118,7 @@ def test_evaluations_report_the_generator_optimiser_per_group(toy_teacher, tmp_p
     assert [r.step for r in reports] == [0, 5, 10]
     assert reports[0].optim == {}
     groups = {k.split("/", 1)[1] for k in reports[-1].optim}
-    assert groups and all(f"{kind}/{g}" in reports[-1].optim
+    assert len(groups) > 1 and all(f"{kind}/{g}" in reports[-1].optim
                           for kind in ("grad_norm", "update_norm", "param_norm") for g in groups)
     assert all(v > 0 and math.isfinite(v) for v in reports[-1].optim.values())
     # the last step alone, replayed from the checkpoint of step 9: its weight change is the norm
@@ -126,10 +128,42 @@ def test_evaluations_report_the_generator_optimiser_per_group(toy_teacher, tmp_p
     after = _weights(tmp_path / "b.pt")[1]
     g = sorted(groups)[0]
     change = torch.linalg.vector_norm(torch.cat(
-        [(after[k] - before[k]).flatten() for k in after if group_of(k.split(".", 1)[1]) == g]))
+        [(after[k] - before[k]).flatten() for k in after
+         if k.startswith(NET) and group_of(k[len(NET):]) == g]))
     assert reports[-1].optim[f"update_norm/{g}"] == pytest.approx(float(change), rel=1e-4)
     # no learning rate, no movement
     zero = toy_cfg(loss="sid", student={"kimg": 0.32, "batch": 64, "lr": 0.0},
                    eval={"n": 100, "every_kimg": 0.32, "samples": 4})
     _, still = _train(zero, toy_teacher, tmp_path / "c.pt")
     assert all(v == 0 for k, v in still[-1].optim.items() if k.startswith("update_norm/"))
+
+
+def test_freeze_keeps_the_teachers_values_in_the_frozen_groups(toy_teacher, tmp_path):
+    teacher = toy_teacher[0]
+    groups = sorted({group_of(k) for k, _ in teacher.net.named_parameters()})
+    assert len(groups) > 1
+    keep = groups[:1]
+    cfg = toy_cfg(loss="sid", init={"name": "teacher", "freeze": keep},
+                  student={"kimg": 0.32, "batch": 64}, eval={"n": 100, "every_kimg": 0.32})
+    last, _ = _train(cfg, toy_teacher, tmp_path / "f.pt")
+    assert last.optim[f"update_norm/{keep[0]}"] == 0.0
+    tstate = teacher.net.state_dict()
+    gen = {k[len(NET):]: v for k, v in _weights(tmp_path / "f.pt")[1].items()}
+    assert set(gen) == set(tstate)
+    for k, v in gen.items():
+        same = torch.equal(v, tstate[k])
+        assert same if group_of(k) in keep else True
+    assert any(not torch.equal(v, tstate[k]) for k, v in gen.items() if group_of(k) not in keep)
+
+
+def test_freeze_is_validated_and_named():
+    from harness.config import ConfigError, init_label, resolve_init
+    from harness.schema import GROUPS
+    init = resolve_init({"name": "teacher", "freeze": ["middle", "encoder"]})
+    assert init == {"name": "teacher", "freeze": ["encoder", "middle"]}
+    assert init_label(init) == "teacher[freeze encoder+middle]"
+    assert resolve_init("teacher") == {"name": "teacher"}  # unchanged ids without freeze
+    with pytest.raises(ConfigError, match=r"init.freeze\[0\].*unknown group 'head'"):
+        resolve_init({"name": "teacher", "freeze": ["head"]})
+    with pytest.raises(ConfigError, match="nothing would train"):
+        resolve_init({"name": "teacher", "freeze": list(GROUPS)})
