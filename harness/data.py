@@ -40,6 +40,8 @@ class Dataset:
     labels: np.ndarray | None  # int64 class labels where the dataset has them
     sigma_data: float  # EDM sigma_data: 0.5 for images, the data's std for toy 2-D
     reference: np.ndarray | None = None  # held-out images, never trained on (HELD_OUT)
+    resolution: int | None = None  # data.resolution: area-averaged from native_fingerprint's set
+    native_fingerprint: str | None = None  # the native-resolution set's (None: this is native)
 
     @property
     def fingerprint(self) -> str:
@@ -47,6 +49,12 @@ class Dataset:
             return fingerprint_array(self.x)
         both = f"{fingerprint_array(self.x)}/held-out/{fingerprint_array(self.reference)}"
         return hashlib.sha256(both.encode()).hexdigest()[:16]
+
+    @property
+    def tag(self) -> str:
+        """The name metric names carry: ``mnist5k``, or ``mnist5k16`` at a reduced resolution,
+        so scores at two resolutions never share a name."""
+        return self.name + (str(self.resolution) if self.resolution else "")
 
 
 def split_held_out(name: str, x: np.ndarray, y: np.ndarray | None):
@@ -181,9 +189,33 @@ def _folder(path):
     return _images(np.stack(arrays).transpose(0, 3, 1, 2)), None
 
 
+def _area_downsample(x: np.ndarray, factor: int) -> np.ndarray:
+    n, c, h, w = x.shape
+    return np.ascontiguousarray(
+        x.reshape(n, c, h // factor, factor, w // factor, factor).mean(axis=(3, 5)), np.float32)
+
+
 @functools.lru_cache(maxsize=8)
-def load(name: str, path: str | None = None, kind: str | None = None) -> Dataset:
-    """Load a dataset by its study-file name (``data.name``, ``data.path``, ``data.kind``)."""
+def load(name: str, path: str | None = None, kind: str | None = None,
+         resolution: int | None = None) -> Dataset:
+    """Load a dataset by its study-file name (``data.name``, ``data.path``, ``data.kind``,
+    ``data.resolution``). A reduced resolution area-averages every image of the native set
+    after its held-out split, so the same images are held out at every resolution."""
+    if resolution is not None:
+        native = load(name, path, kind)
+        side = max(native.x.shape[2:]) if native.x.ndim == 4 else None
+        if side is None or native.x.shape[2] != native.x.shape[3] or side % resolution:
+            what = (f"its images are {native.x.shape[2]}x{native.x.shape[3]}" if side
+                    else "it is not an image dataset")
+            raise DataError(f"data.resolution {resolution} does not fit dataset {name!r}: {what}. "
+                            f"Use an integer divisor of the native side (e.g. 16 for 32x32 "
+                            f"images), or leave data.resolution out.")
+        if resolution == side:
+            return native
+        f = side // resolution
+        ref = None if native.reference is None else _area_downsample(native.reference, f)
+        return Dataset(name, _area_downsample(native.x, f), native.labels, native.sigma_data,
+                       ref, resolution, native.fingerprint)
     if name == "toy2d":
         x = toy2d(kind or "ring8")
         return Dataset(name, x, None, float(x.std()))
@@ -198,4 +230,5 @@ def load(name: str, path: str | None = None, kind: str | None = None) -> Dataset
 
 
 def from_config(data_cfg: dict) -> Dataset:
-    return load(data_cfg["name"], data_cfg.get("path"), data_cfg.get("kind"))
+    return load(data_cfg["name"], data_cfg.get("path"), data_cfg.get("kind"),
+                data_cfg.get("resolution"))

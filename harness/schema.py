@@ -87,6 +87,10 @@ SETTINGS = {
         "path": text(help="local files of cifar10/mnist/npz/folder (their content is "
                           "fingerprinted, so the path is not in ids)", identity="no"),
         "kind": choice(None, *TOY_KINDS, nullable=True, help="toy2d: ring8 | checkerboard"),
+        "resolution": Setting("int", 1, False, 4096, nullable=True, default=None,
+                              help="images: train and score at this side, an integer divisor "
+                                   "of the native size (area-averaged, e.g. mnist5k 32 -> 16); "
+                                   "null: native", identity="unless_default"),
     },
     "teacher": {
         "arch": choice("unet-xs", *ARCHS, help="network"),

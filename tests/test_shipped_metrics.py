@@ -80,3 +80,23 @@ def test_floor_is_on_the_terms_of_generated_samples(ev):
     noisy = noisy + 0.3 * np.random.default_rng(1).standard_normal(noisy.shape).astype(np.float32)
     assert ev(torch.from_numpy(noisy))["fd_digits_1k"] > 1.5 * max(draws + [floor])
     assert "1000 real training images (drawn without replacement)" in ev.floor_protocol()
+
+
+def test_a_reduced_resolution_keeps_the_split_and_the_shipped_extractor(tmp_path):
+    native, small = data.load("mnist5k"), data.load("mnist5k", resolution=16)
+    assert small.x.shape == (4000, 1, 16, 16) and small.reference.shape == (1000, 1, 16, 16)
+    # area averages of the same held-out images, under a fingerprint of their own
+    assert np.allclose(small.reference[3, 0, 2, 5], native.reference[3, 0, 4:6, 10:12].mean())
+    assert small.fingerprint != native.fingerprint
+    assert small.native_fingerprint == native.fingerprint and small.tag == "mnist5k16"
+    assert data.load("mnist5k", resolution=32).fingerprint == native.fingerprint
+    for bad in (12, 64):
+        with pytest.raises(data.DataError, match=f"data.resolution {bad} does not fit"):
+            data.load("mnist5k", resolution=bad)
+    with pytest.raises(data.DataError, match="not an image dataset"):
+        data.load("toy2d", resolution=2)
+    ev = metrics.Evaluator(small, 1000, str(tmp_path / "cache"))  # the shipped 32x32 weights
+    assert ev.metric_name == "fd_mnist5k16_1k" and "upsampled 16 -> 32" in ev.protocol
+    floor = ev.real_vs_real()["fd_mnist5k16_1k"]
+    noise = ev(torch.rand(1000, 1, 16, 16) * 2 - 1)["fd_mnist5k16_1k"]
+    assert 0 <= floor < noise / 10

@@ -240,7 +240,8 @@ def test_data_checks():
         teacher: {arch: mlp}
         eval: {metric: mmd}
     """)
-    assert s.cells[0].config["data"] == {"name": "toy2d", "path": None, "kind": "checkerboard"}
+    assert s.cells[0].config["data"] == {"name": "toy2d", "path": None, "kind": "checkerboard",
+                                         "resolution": None}
     s = study("""\
         study: cifar
         data: {name: cifar10, path: /data/cifar-10-batches-py}

@@ -74,9 +74,9 @@ class Evaluator:
         n_real = len(ref)
         self._real_u8 = to_uint8(torch.from_numpy(ref))
         self._kid_subset = min(KID_MAX_SUBSET, self.n, n_real)
-        against = (f"{self.n} generated vs {n_real} held-out real {ds.name} images (never trained "
+        against = (f"{self.n} generated vs {n_real} held-out real {ds.tag} images (never trained "
                    f"on)" if self._held_out else
-                   f"{self.n} generated vs {n_real} real {ds.name} images (the training set)")
+                   f"{self.n} generated vs {n_real} real {ds.tag} images (the training set)")
         if self.kind == "fid":
             if not inception_weights:
                 hub = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
@@ -117,15 +117,18 @@ class Evaluator:
             self.heldout_acc = ext["heldout_acc"]
             self._fe_name = register_extractor(ds.name, weights, ext["recipe"]["arch"], ext["state_dict"])
             self._rgb, self._fe_kwargs, self._batch = False, {}, 256
-            self.metric_name = f"fd_{ds.name}_{tag}"
-            self._names = {"fid": self.metric_name, "kid": f"kid_{ds.name}_{tag}"}
+            self.metric_name = f"fd_{ds.tag}_{tag}"
+            self._names = {"fid": self.metric_name, "kid": f"kid_{ds.tag}_{tag}"}
             self.identity.update(extractor=self._fe_name, extractor_weights=weights,
                                  heldout_acc=round(self.heldout_acc, 4),
                                  extractor_file=ext["path"])
             self.identity["extractor_origin"] = "shipped" if shipped else "trained"
+            upsampled = (f", images upsampled {ds.x.shape[-1]} -> {ext['recipe']['arch']['image_size']}"
+                         f" (nearest) for the classifier trained at that size"
+                         if ds.x.shape[-1] < ext["recipe"]["arch"]["image_size"] else "")
             self.protocol = (
                 f"torch-fidelity FD on penultimate ({FEATURE_LAYER}-d) features of harness "
-                f"{ds.name} classifier ({origin}, held-out acc {self.heldout_acc:.3f}), "
+                f"{ds.name} classifier ({origin}, held-out acc {self.heldout_acc:.3f}{upsampled}), "
                 f"{against}; KID: poly kernel, {KID_SUBSETS} subsets of {self._kid_subset}")
         # torch-fidelity keys its cache on names only: put everything that fixes the features in it
         self._ref_cache_name = (f"{ds.name}-{ds.fingerprint}-{self._fe_name}-"

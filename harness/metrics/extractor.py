@@ -90,6 +90,7 @@ class DomainNet(nn.Module):
         super().__init__()
         w = width
         self.max_side = max_side
+        self.image_size = image_size  # smaller inputs are upsampled to it (not a weight)
         side = min(image_size, max_side)
         n_pool = max(0, min(3, int(math.log2(max(side, 1) / 4))))  # 8 -> 1 pool, 32 -> 3
         layers, c_in = [], in_channels
@@ -111,6 +112,8 @@ class DomainNet(nn.Module):
         if max(h, w) > self.max_side:  # large images: classify a downsampled copy
             s = self.max_side / max(h, w)
             x = F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="area")
+        elif max(h, w) < min(self.image_size, self.max_side):  # data.resolution below training's
+            x = F.interpolate(x, scale_factor=self.image_size // max(h, w), mode="nearest")
         f = F.relu(self.fc(self.body(x).flatten(1)))
         return f * self.feat_scale, self.head(f)
 
@@ -244,7 +247,7 @@ def load_shipped_extractor(dataset) -> dict:
         raise MetricsError(f"the shipped extractor {path!r} has sha256 {got[:16]}..., expected "
                            f"{want[:16]}...: the file was changed. {rerun}")
     ext = _read_extractor(path, rerun)
-    if ext["fingerprint"] != dataset.fingerprint:
+    if ext["fingerprint"] != (dataset.native_fingerprint or dataset.fingerprint):
         raise MetricsError(f"the shipped {dataset.name} extractor was trained on data with "
                            f"fingerprint {ext['fingerprint']}, this dataset is "
                            f"{dataset.fingerprint}. {rerun}")
