@@ -75,6 +75,8 @@ class ClaimResult:
         return self.ci_high
 
     def fmt(self, x: float) -> str:
+        if isinstance(x, float) and math.isinf(x):
+            return "−∞" if x < 0 else "+∞"
         if self.pct:
             return fmt_pct(x)
         return "n/a" if not math.isfinite(x) else f"{x:+.3f}"
@@ -102,7 +104,8 @@ def finish(v: ClaimResult) -> ClaimResult:
         if n < 2:
             v.seeds_note = "one seed per group: no spread; run at least 2 seeds per group"
         elif not (math.isfinite(v.ci_low) and math.isfinite(v.ci_high)):
-            v.seeds_note = "the denominator's interval contains 0: no bounded interval"
+            v.seeds_note = ("no bounded interval at this error rate (the denominator's interval "
+                            "contains 0)")
         else:
             v.seeds_needed = seeds_to_decide(v.effect, v.ci_low, v.ci_high, v.threshold, n,
                                              v.alpha)

@@ -116,8 +116,9 @@ def write_claims(study: Study, out_dir: str, spec: ClaimsSpec | None = None,
                       f"[{v.fmt(v.ci_low)}, {v.fmt(v.ci_high)}], threshold {v.fmt(v.threshold)} "
                       f"({'holds' if v.holds_if == 'below' else 'does not hold'} below it)")
             md.append(f"- method: {v.method}")
-            md.append(f"- seeds used: {v.n_seeds} ({_seed_list(v.seeds)}); decided at round "
-                      f"{_round(v)}")
+            md.append(f"- seeds used: {v.n_seeds} ({_seed_list(v.seeds)}); "
+                      + (f"decided at round {_round(v)}" if v.round else
+                         f"not decided ({v.rounds} round{'s' if v.rounds != 1 else ''} planned)"))
         if v.next_seeds:
             md.append(f"- open: the next round runs seeds {_seed_list(v.next_seeds)} of its "
                       f"groups")

@@ -55,6 +55,8 @@ def fieller(u: np.ndarray, v: np.ndarray, alpha: float) -> tuple[np.ndarray, ...
         ub, vb = u.mean(-1), v.mean(-1)
         est = ub / vb
     if n < 2:
+        if not shape:
+            return float(est), np.nan, np.nan
         nan = np.full(shape, np.nan)
         return est, nan, nan.copy()
     du, dv = u - ub[..., None], v - vb[..., None]
@@ -72,6 +74,8 @@ def fieller(u: np.ndarray, v: np.ndarray, alpha: float) -> tuple[np.ndarray, ...
         r2 = (-b + np.sqrt(disc)) / (2 * a)
     lo = np.where(bounded, np.minimum(r1, r2), -np.inf)
     hi = np.where(bounded, np.maximum(r1, r2), np.inf)
+    if not shape:
+        return float(est), float(lo), float(hi)
     return est, lo, hi
 
 

@@ -106,8 +106,8 @@ def describe_round(r: Round) -> list[str]:
     if not r.open:
         return ["claims: none open" + (f" ({len(r.results)} judged)" if r.results else "")]
     out = [f"claims open ({len(r.open)}): " + "; ".join(
-        f"{v.name} {v.verdict}, next seeds {v.next_seeds[0]}-{v.next_seeds[-1]}"
-        for v in r.open)]
+        f"{v.name} ({v.verdict}): the next round runs {len(v.next_seeds)} seeds per group "
+        f"({v.next_seeds[0]}-{v.next_seeds[-1]})" for v in r.open)]
     if r.adds:
         out.append(f"the next round adds {len(r.adds)} cells: " + ", ".join(
             c.label for c in r.adds[:12]) + (" ..." if len(r.adds) > 12 else ""))
