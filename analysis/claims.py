@@ -309,6 +309,8 @@ def _replay(study, final, cells, spec, level, fn) -> list[ClaimResult]:
                 r.round = k
             return res
         prev = res
+    if spec.seeds is not None and prev[0].inconclusive:
+        prev[0].verdict = f"inconclusive at the cap ({prev[0].n_seeds} seeds)"
     return prev
 
 

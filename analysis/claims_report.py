@@ -42,7 +42,7 @@ def _data(study: Study, verdicts: list[ClaimResult], kimg: float | None = None) 
             row["kimg"] = kimg
         row.update({"comparison": v.comparison, "effect_name": v.effect_name,
                     "effect": v.effect, "ci_low": v.ci_low, "ci_high": v.ci_high,
-                    "level": 1 - v.alpha if math.isfinite(v.alpha) else math.nan,
+                    "confidence": 1 - v.alpha if math.isfinite(v.alpha) else math.nan,
                     "threshold": v.threshold, "holds_if": v.holds_if, "n_seeds": v.n_seeds,
                     "seeds": _seed_list(v.seeds), "verdict": v.verdict,
                     "round": v.round, "rounds": v.rounds,

@@ -19,9 +19,6 @@ import io
 from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 
-from analysis.claims import claim_results, open_claims
-from analysis.data import load_study as load_results
-
 from . import pin as pins, results as store
 from .pin import canonical_json
 
@@ -44,6 +41,10 @@ def signature(config: dict) -> str:
 
 def judge(study, root: str, rows) -> list:
     """Every claim of the study on the stored rows (empty when nothing is scored yet)."""
+    # analysis brings matplotlib (~seconds): only studies with a seeds plan pay for it
+    from analysis.claims import claim_results
+    from analysis.data import load_study as load_results
+
     if rows is None or rows.empty:
         return []
     with redirect_stdout(io.StringIO()):  # "nothing to plot" notes are for `harness figures`
@@ -64,7 +65,7 @@ def plan(study, root: str, data_fingerprint, rows=None) -> Round:
     first = {cid for cid, *_ in pins.compute_ids(study, data_fingerprint)}
     stored = set(rows["cell"]) if not rows.empty else set()
     judged = judge(study, root, rows)
-    waiting = open_claims(judged)
+    waiting = [v for v in judged if v.next_seeds]  # analysis.claims.open_claims
     want = set()
     for v in waiting:
         sigs = {signature(ids[c].config) for c in v.cells if c in ids}
