@@ -177,7 +177,7 @@ def c1_best(g: Groups) -> list[ClaimResult]:
     best_s = str(est.loc[best_r].idxmax())
     seeds, _ = g.matrix(keys)
     g.used(v, keys, seeds)
-    v.method = METHOD_SIMULTANEOUS
+    v.method, v.comparisons = METHOD_SIMULTANEOUS, k
     v.comparison = (f"best score-free ({best_r}) vs best teacher-score ({best_s}), {t} init; "
                     f"interval over all {k} pairs (covers the selection)")
     v.details = [("score-free: " if lo_ in ratio else "teacher-score: ") + g.describe(lo_, t)

@@ -59,6 +59,7 @@ class ClaimResult:
     groups: list = field(default_factory=list)  # (loss, init) keys compared
     cells: list = field(default_factory=list)  # cell ids of those groups (every seed)
     next_seeds: tuple = ()
+    comparisons: int = 1  # a best/worst over k comparisons: each interval at alpha / k
 
     @property
     def name(self) -> str:
@@ -108,7 +109,7 @@ def finish(v: ClaimResult) -> ClaimResult:
                             "contains 0)")
         else:
             v.seeds_needed = seeds_to_decide(v.effect, v.ci_low, v.ci_high, v.threshold, n,
-                                             v.alpha)
+                                             v.alpha / v.comparisons)
             if v.seeds_needed is not None:
                 toward = ("holds" if (v.effect < v.threshold) == (v.holds_if == "below")
                           else "does not hold")

@@ -105,7 +105,7 @@ def c3c(g: Groups) -> list[ClaimResult]:
         effects.append(e), los.append(lo), his.append(hi)
     v.effect, v.ci_low, v.ci_high = extreme(effects, los, his, worst=True)
     g.used(v, keys, seeds)
-    v.method = METHOD_SIMULTANEOUS
+    v.method, v.comparisons = METHOD_SIMULTANEOUS, len(pairs)
     k = int(np.argmax(effects))
     v.comparison = (f"σ_feat in {{{', '.join(f'{sigma[i]:g}' for i in inits)}}}, averaged over "
                     f"{len(losses)} losses; largest spread now between σ_feat "
@@ -174,7 +174,7 @@ def c3e(g: Groups) -> list[ClaimResult]:
     simult = [g.ratio(keys, num, den, alpha=g.alpha / len(sim)) for keys, num, den in sim]
     v.effect, v.ci_low, v.ci_high = extreme([s[0] for s in simult], [s[1] for s in simult],
                                             [s[2] for s in simult], worst=False)
-    v.method = METHOD_SIMULTANEOUS
+    v.method, v.comparisons = METHOD_SIMULTANEOUS, len(sim)
     g.used(v, keys_all, g.matrix(keys_all)[0])
     k = int(np.nanargmin([p.effect for p in tested]))
     v.comparison = (f"{len(tested)} band-limited teacher init{'s' if len(tested) != 1 else ''}, "

@@ -295,7 +295,7 @@ def claim_c4(df: pd.DataFrame, metric: str | None = None, mode: str | None = Non
     v.effect, v.ci_low, v.ci_high = extreme(effects, los, his, worst=True)
     common = sorted(set.intersection(*(set(w.index) for w in pairs.values())))
     v.n_seeds, v.seeds = min(len(w) for w in pairs.values()), tuple(int(s) for s in common)
-    v.groups = [(loss, "teacher") for loss in tested]
+    v.groups, v.comparisons = [(loss, "teacher") for loss in tested], len(tested)
     v.cells = sorted(t.loc[t["loss"].isin(tested), "cell"].astype(str).unique())
     v.comparison = (f"n=4 vs n=1 ({mode}), paired by seed, teacher init, every one of "
                     f"{len(tested)} losses; worst: {tested[worst]}")
