@@ -104,8 +104,10 @@ def cap_lines(study) -> list[str]:
 
 def describe_round(r: Round) -> list[str]:
     """Open claims and the cells the next round adds (``harness status``, dry run, run)."""
+    if not r.results:
+        return ["claims: not judged yet (no scores stored)"]
     if not r.open:
-        return ["claims: none open" + (f" ({len(r.results)} judged)" if r.results else "")]
+        return [f"claims: none open ({len(r.results)} judged)"]
     out = [f"claims open ({len(r.open)}): " + "; ".join(
         f"{v.name} ({v.verdict}): the next round runs {len(v.next_seeds)} seeds per group "
         f"({v.next_seeds[0]}-{v.next_seeds[-1]})" for v in r.open)]

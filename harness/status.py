@@ -149,7 +149,7 @@ def dry_run_report(study, root: str, cache: str | None = None) -> int:
     count = lambda *s: sum(states[c]["state"] in s for c in pin.ids)  # noqa: E731
     print(f"{count('pending', 'failed', 'unfinished')} to run, {count('done')} done, "
           f"{count('diverged')} diverged, {len(pin.orphaned)} orphaned (dry run: nothing written)")
-    for line in rounds.cap_lines(study) + (rounds.describe_round(now) if now.results else []):
+    for line in rounds.cap_lines(study) + (rounds.describe_round(now) if study.claims.seeds else []):
         print(line)
     return 0
 

@@ -110,3 +110,22 @@ def test_rounds_replay_decides_or_opens_each_claim(study):
     assert "C1-best" in {o.name for o in open_claims(claim_results(study, spec))}
     # without the plan: one look at every seed, no claim open
     assert not open_claims(claim_results(study))
+
+
+def test_dry_run_and_status_show_the_cap_and_the_claims(tmp_path, capsys):
+    """A study with a seeds plan: the dry run gives the most it can cost (every group at the
+    cap) and `harness status` the plan and the claims' state; nothing is written."""
+    from harness.sweep import run_study, study_status
+
+    path = tmp_path / "s.yaml"
+    path.write_text("study: capped\ndata: {name: toy2d}\nteacher: {kimg: 4}\n"
+                    "student: {kimg: 2, batch: 64}\ngrid: {loss: [ratio_js, sid], "
+                    "init: [teacher, random]}\nseeds: {start: 3, step: 2, max: 9}\n")
+    root = str(tmp_path / "r")
+    assert run_study(str(path), results=root, dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert "12 to run" in out and "up to 9 (4 rounds at most)" in out
+    assert "at most 36 cells (72 kimg of student training)" in out
+    status = study_status(str(path), root)
+    assert "this round: 12 cells" in status and "claims: not judged yet" in status
+    assert not os.path.exists(root) or not os.listdir(root)

@@ -14,7 +14,7 @@ import pytest
 from harness import pin as pins, results, rounds
 from harness.status import fingerprints
 from harness.study import load_study
-from harness.sweep import run_study
+from harness.sweep import run_study, study_status
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +72,9 @@ def test_rounds_add_seeds_to_open_claims_only(tmp_path, study_cache, monkeypatch
     one = sorted(added)[0]
     mid = rounds.plan(study, root, fp, rows[rows["cell"].isin(first | {one}) | is_ref])
     assert _ids(study, mid.cells, fp) == stored and _ids(study, mid.adds, fp) == added - {one}
+    words = rounds.describe_round(mid)  # what `harness status` shows mid-round
+    assert "C1 (open after round 1 of 2)" in words[0] and "adds 1 cells" in words[1]
+    assert "claims: none open" in study_status(str(path), root)
     # a rerun trains nothing
     assert run_study(str(path), results=root) == 0
     assert "all 10 cells done" in capsys.readouterr().out
