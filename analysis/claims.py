@@ -32,14 +32,11 @@ import pandas as pd
 from harness.claims_spec import ClaimsSpec
 from harness.config import TEACHER_SCORE_FAMILIES
 
-from .claims_base import (METHOD_SIMULTANEOUS, NOT_TESTED, ClaimResult, Groups, extreme,
-                          finish)
+from .claims_base import METHOD_SIMULTANEOUS, NOT_TESTED, ClaimResult, Groups, finish
 from .claims_c3 import c3, c3c, c3d, c3e, reset_claim
 from .stats import look_alphas
 from .style import base_loss, fmt_num
 from .tables import fmt_pct
-
-Verdict = ClaimResult  # the former name
 
 STATEMENTS = {
     "C1": "Losses that never call the teacher's score (density-ratio family) train one-step "
@@ -347,5 +344,5 @@ def open_claims(results: list[ClaimResult]) -> list[ClaimResult]:
     return [v for v in results if v.next_seeds]
 
 
-__all__ = ["ClaimResult", "claim_results", "open_claims", "keyed", "NOT_TESTED", "RULES",
-           "STATEMENTS", "SEEDS_RULE", "finish"]
+__all__ = ["ClaimResult", "claim_results", "open_claims", "keyed", "NOT_TESTED", "NOT_AT_ZERO",
+           "RULES", "STATEMENTS", "SEEDS_RULE"]

@@ -21,7 +21,7 @@ import zlib
 import numpy as np
 import pandas as pd
 
-from .data import (B, FLOOR_NAMES, choose_metric, extra_axis_labels, higher_is_better, mean_ci,
+from .data import (FLOOR_NAMES, choose_metric, extra_axis_labels, higher_is_better, mean_ci,
                    ordered)
 from .style import (RC, axis_limits, REFERENCE_STYLE, fmt_num, fmt_pm, loss_palette, loss_sort_key,
                     metric_label, panel_grid, save, use_log, write_csv)
