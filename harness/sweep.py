@@ -38,6 +38,10 @@ Cells:
   cells no experiment owns (new seeds, new axis values). The ``status=done`` rows are the truth
   about what finished, never Ray's ResultGrid.
 
+Rounds: a study with a ``seeds:`` plan runs the cells ``harness.rounds.plan`` names (its first
+seeds, the cells already stored, and the next seeds of the groups of open claims), then plans
+again from the stored rows, one Ray experiment per round, until no open claim needs a new cell.
+
 Clusters: ``--address auto`` (or ``RAY_ADDRESS``) joins a running cluster; the results root (and
 so Ray's storage) must then be a path every node sees or a pyarrow URI (``s3://...``), and the
 cache folder (``HARNESS_CACHE``, else ``<results root>/cache``) a shared path too: teachers are
@@ -274,7 +278,9 @@ def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn) -> in
             print(line)
         if not nxt.adds:
             return 0
-        print(f"round {n + 1}: {len(nxt.adds)} cells added for the open claims")
+        seeds = max(len(v.next_seeds) for v in nxt.open)
+        print(f"round {study.claims.seeds.looks().index(seeds) + 1}: {len(nxt.adds)} cells added "
+              f"for the open claims")
         study = rounds.with_cells(study, nxt.cells)
 
 
