@@ -1,35 +1,42 @@
-"""Judge the study's claims C1-C3 (SPEC §8) from its scores, with bootstrap CIs over seeds.
+"""Judge a study's claims C1-C4 from its scores, seed-paired, within each level of the other
+grid axes, round by round when the study adds seeds on demand.
 
-Every number is computed from the results; nothing here is fixed text except the rules, which
-say what the code does. Comparisons are declared before the data are seen: C1 names its fixed pair
-(``C1_PAIR``, or ``pair=`` from the study) and its interval resamples exactly that pair; the
-"best vs best" variant beside it repeats the selection inside every resample. Groups are chosen
-by the typed result columns (loss_family, init_scheme, reset_groups, reinit, sigma_feat,
-reset_output, init_source, mapping_steps), never by parsing labels.
+Public API (stable; figures, reports and ``harness run`` read claims only through it):
 
-Bootstrap: the seeds of each (loss, init) group are resampled with replacement, independently of
-every other group, ``B`` = 2000 times, from a random stream of the group's own (seeded from the
-output's seed and the group's name, so a claim's interval depends only on the groups it names);
-each statistic is recomputed on every resample and the 95% interval is the 2.5/97.5 percentiles.
-``claims_kimg`` repeats every claim at each evaluated kimg with the same streams.
+    claim_results(study, spec=None, rows=None, final=None, kimg=None) -> list[ClaimResult]
+
+``study`` is ``analysis.data.load_study``'s; ``spec`` the study's ``harness.claims_spec.
+ClaimsSpec`` (thresholds, C1's declared pair, alpha, pooled axes, seeds plan; default: the
+declared defaults); ``rows`` the stored rows (for C4, the verifier); ``final`` a frame like
+``study.final`` (default), e.g. the scores at one kimg (``kimg`` is then recorded). Every
+number is computed from the results; the thresholds and the pair come from ``spec`` only.
+
+Method: groups share their seeds, so each claim's effect is written as a ratio of seed-paired
+means, E[u]/E[v], with u and v computed per seed from every group the claim compares, and gets
+a Fieller interval (``analysis.stats``): exact at any n >= 2 under normality, analytic (no
+resampling, so no Monte Carlo error). A claim whose effect is a best or worst over several
+comparisons uses their simultaneous (Bonferroni) intervals. Claims are judged within each level
+of every grid axis other than loss, init and seed (``lkey``: the loss label, with the levels of
+the axes the study pools; ``levels``: the other axes' levels), never averaged across levels
+unless ``spec.pool`` names the axis. With a seeds plan the claim is looked at after every
+round, each look spending part of alpha (``stats.look_alphas``); it keeps the verdict of the
+first look that decides it.
 """
 from __future__ import annotations
 
-import math
-import zlib
-from dataclasses import dataclass, field
+import json
 
 import numpy as np
 import pandas as pd
 
+from harness.claims_spec import ClaimsSpec
 from harness.config import TEACHER_SCORE_FAMILIES
 
-from .data import B, Study, percentiles
-from .style import base_loss, fmt_num, fmt_pm
+from .claims_base import METHOD_SIMULTANEOUS, NOT_TESTED, ClaimResult, Groups, finish
+from .claims_c3 import c3, c3c, c3d, c3e, reset_claim
+from .stats import look_alphas
+from .style import base_loss, fmt_num
 from .tables import fmt_pct
-
-C1_PAIR = ("ratio_js", "sid")
-"""C1's declared pair (score-free loss, teacher-score loss), fixed before the data are seen."""
 
 STATEMENTS = {
     "C1": "Losses that never call the teacher's score (density-ratio family) train one-step "
@@ -48,276 +55,59 @@ STATEMENTS = {
     "C3e": "Features of one noise band are not enough: init from a band-limited teacher costs a "
            "large part of the benefit.",
 }
-THRESHOLDS = {"C1": (0.10, "below"), "C1-best": (0.10, "below"), "C2": (0.25, "above"),
-              "C3a": (0.25, "below"), "C3b": (0.5, "above"), "C3c": (0.10, "above"),
-              "C3d": (0.25, "below"), "C3e": (0.25, "above")}
-"""claim -> (threshold, holds_if): 'below' holds if the CI upper bound < threshold and does not
-hold if the CI lower bound > threshold; 'above' the mirror image."""
 RULES = {
-    "C1": "Declared pair, fixed before the data are seen: the score-free loss `ratio_js` vs the "
-          "teacher-score loss `sid` (`C1_PAIR`, or the pair the study declares), both under "
-          "teacher init (init_scheme teacher, no init_source). Effect = (mean ratio_js − mean "
-          "sid) / mean sid, as a relative shortfall (> 0: the score-free loss is worse). The CI "
-          "resamples the seeds of exactly these two groups. Holds if the CI upper bound < +10% "
-          "(non-inferior within 10%); does not hold if the CI lower bound > +10%; else "
-          "inconclusive. Not tested if either label has no teacher-init cells or the pair is not "
-          "(score-free, teacher-score) by its loss_family column.",
-    "C1-best": "Reported beside C1 (C1's verdict is the declared pair's): the best score-free loss "
-               "(loss_family not in di, sid) vs the best teacher-score loss (loss_family di or "
-               "sid), teacher init, best = best mean final score; both selections are repeated "
-               "inside every resample, so the CI includes the selection. Same effect and "
-               "thresholds as C1.",
-    "C2": "Over the losses with both teacher-init and random-init cells, effect = (mean random − "
-          "mean teacher) / mean teacher on loss-averaged means, as a relative shortfall. Holds if "
-          "the CI lower bound > +25%; does not hold if the CI upper bound < +25%; else "
-          "inconclusive.",
+    "C1": "The declared pair (claims.pair, fixed before the data are seen): the score-free loss "
+          "vs the teacher-score loss, both under teacher init. Effect = (mean score-free − mean "
+          "teacher-score) / |mean teacher-score| over the seeds both have, a relative shortfall "
+          "(> 0: the score-free loss is worse). Holds if the interval lies below the threshold "
+          "(non-inferior within it); does not hold if it lies above; else inconclusive. Not "
+          "tested if either label has no teacher-init cells or the pair is not (score-free, "
+          "teacher-score) by its loss_family column.",
+    "C1-best": "Reported beside C1 (C1's verdict is the declared pair's): the best score-free "
+               "loss vs the best teacher-score loss, teacher init. The effect min over score-"
+               "free i of max over teacher-score j of the shortfall of i against j equals the "
+               "shortfall of the best against the best; its interval is the same min-max of the "
+               "simultaneous intervals of every pair (i, j), so it covers the selection.",
+    "C2": "Over the losses with both teacher-init and random-init cells, effect = (random − "
+          "teacher) / |teacher| on loss-averaged means per seed, a relative shortfall. Holds "
+          "if the interval lies above the threshold; does not hold if below.",
     "C3a": "reset_layers with reset_groups exactly {output} (or {output, embedding} if that is "
            "the only one) and reinit matched. Over the losses with teacher, random and reset "
-           "cells, effect = (reset − teacher) / (random − teacher) on loss-averaged means: the "
-           "fraction of the teacher→random gap the reset costs. Holds if the CI upper bound < "
-           "0.25; does not hold if the CI lower bound > 0.25; else inconclusive. Reset cells "
-           "without a recorded reinit (legacy rows: the near-zero output re-init that stalls "
-           "the optimisation, SPEC §4) are never judged: 'not judged (legacy re-init)'.",
+           "cells, effect = (reset − teacher) / (random − teacher) on loss-averaged means per "
+           "seed: the share of the teacher→random gap the reset costs. Holds if the interval "
+           "lies below the threshold. Reset cells without a recorded reinit (legacy rows: the "
+           "near-zero output re-init that stalls the optimisation) are never judged.",
     "C3b": "As C3a for reset_groups {encoder, middle, decoder} (matched): teacher weights kept "
-           "only in the input/output layers. Holds if the CI lower bound > 0.5; does not hold if "
-           "the CI upper bound < 0.5; else inconclusive. Legacy reset cells are not judged.",
-    "C3c": "feature_transplant cells with reset_output false (every teacher weight kept), at two "
-           "or more sigma_feat, over the losses with teacher, random and every such sigma_feat: "
-           "effect = |worst − best loss-averaged mean over sigma_feat| / |random − teacher|, the "
-           "share of the gap that the choice of σ_feat moves. Best and worst σ_feat are fixed by "
-           "the point estimates (a pair chosen from the data, not declared; how often the best "
-           "stays best across resamples is reported, and the spread with the selection repeated "
-           "in every resample is given in the details); the CI resamples seeds for that pair. "
-           "Holds if the CI lower bound > 0.10; does not hold if the CI upper bound < 0.10; else "
-           "inconclusive. Transplant cells without a recorded reset_output (legacy re-init) are "
-           "not judged.",
+           "only in the input/output layers. Holds if the interval lies above the threshold.",
+    "C3c": "feature_transplant cells with reset_output false, at two or more sigma_feat, over "
+           "the losses with teacher, random and every such sigma_feat: effect = the largest "
+           "|difference of two sigma_feat's loss-averaged means| / |random − teacher|, the share "
+           "of the gap that the choice of σ_feat moves; its interval is the max over pairs of "
+           "their simultaneous intervals, so it covers the choice of the pair. Holds if the "
+           "interval lies above the threshold.",
     "C3d": "mapping_match (of several, the one with the most mapping_steps: a rule fixed before "
-           "the data). Over the losses with teacher, random and mapping_match cells, effect = "
-           "(random − mapping_match) / (random − teacher) on loss-averaged means: the share of "
-           "the gap that the teacher's latent-to-output mapping alone closes. Holds if the CI "
-           "upper bound < 0.25; does not hold if the CI lower bound > 0.25; else inconclusive.",
+           "the data). Effect = (random − mapping_match) / (random − teacher) on loss-averaged "
+           "means per seed: the share of the gap the mapping alone closes. Holds if the "
+           "interval lies below the threshold.",
     "C3e": "Band-limited teacher inits (init_scheme teacher with an init_source), each band "
-           "separately: cost = (band − teacher) / (random − teacher) on loss-averaged means over "
-           "the losses with teacher, random and that band, reported as C3e[<band>] with its own "
-           "CI and verdict. The claim over all bands combines them by the minimum cost (the band "
-           "whose features come closest to the full teacher's), recomputed inside every "
-           "resample: holds if the CI lower bound of the minimum > 0.25 (every band costs more "
-           "than a quarter of the gap); does not hold if its CI upper bound < 0.25; else "
-           "inconclusive.",
+           "separately: cost = (band − teacher) / (random − teacher), reported as C3e[<band>] "
+           "with its own interval and verdict. The claim over all bands is the minimum cost, "
+           "with the minimum of the bands' simultaneous intervals: holds if it lies above the "
+           "threshold (every band costs more); does not hold if below.",
     "C3": "Holds if every sub-claim C3a-C3e holds; does not hold if any sub-claim does not hold; "
           "not tested if none is tested; else inconclusive. Untested and unjudged sub-claims are "
           "named.",
 }
 SEEDS_RULE = (
-    "Seeds to decide (inconclusive claims): with n seeds in the claim's smallest group, estimate "
-    "e and 95% CI [lo, hi], the CI at m seeds per group is taken as [e − (e − lo)·√(n/m), "
-    "e + (hi − e)·√(n/m)]: the observed bootstrap spread shrinking as 1/√m around an unchanged "
-    "estimate. The number given is the smallest m at which that interval excludes the threshold "
-    "t: m = ⌊n·((e − lo)/(e − t))²⌋ + 1 if e > t (it would then exclude t from above), "
-    "m = ⌊n·((hi − e)/(t − e))²⌋ + 1 if e < t. If e equals t the claim cannot be decided at "
-    "this effect size; with one seed per group there is no spread to scale. A planning estimate, "
-    "not a power analysis.")
-NOT_TESTED = "not tested by this study"
-NOT_JUDGED = "not judged (legacy re-init)"
-UNDECIDABLE = "cannot be decided at this effect size"
-
-
-@dataclass
-class Verdict:
-    claim: str
-    comparison: str
-    effect_name: str = ""
-    effect: float = math.nan
-    ci_low: float = math.nan
-    ci_high: float = math.nan
-    n_seeds: int = 0
-    verdict: str = NOT_TESTED
-    details: list = field(default_factory=list)
-    pct: bool = True
-    threshold: float = math.nan
-    holds_if: str = ""
-    seeds_needed: int | None = None
-    seeds_note: str = ""
-
-    def fmt(self, x: float) -> str:
-        if self.pct:
-            return fmt_pct(x)
-        return "n/a" if not math.isfinite(x) else f"{x:+.3f}"
-
-    @property
-    def tested(self) -> bool:
-        return self.verdict not in (NOT_TESTED, NOT_JUDGED)
-
-    @property
-    def inconclusive(self) -> bool:
-        return self.verdict.startswith("inconclusive")
-
-
-def decide(lo: float, hi: float, threshold: float, holds_if: str, n: int) -> str:
-    seeds = f"inconclusive ({n} seed{'s' if n != 1 else ''})"
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return seeds
-    if holds_if == "below":
-        return "holds" if hi < threshold else "does not hold" if lo > threshold else seeds
-    return "holds" if lo > threshold else "does not hold" if hi < threshold else seeds
-
-
-def seeds_to_decide(effect: float, lo: float, hi: float, threshold: float,
-                    n: int) -> tuple[int | None, str]:
-    """(m, words): the smallest seeds per group m at which the CI, its half-widths scaled by
-    sqrt(n/m) around the unchanged estimate, excludes ``threshold`` (SEEDS_RULE). ``m`` is None
-    where it cannot be computed (the words say why) or the CI already excludes the threshold."""
-    if not math.isfinite(effect):
-        return None, "no estimate"
-    if n < 2 or not (math.isfinite(lo) and math.isfinite(hi)):
-        return None, "one seed per group: no spread to scale; run at least 2 seeds per group"
-    if lo > threshold or hi < threshold:
-        return None, ""
-    if math.isclose(effect, threshold, rel_tol=1e-9, abs_tol=1e-12):
-        return None, UNDECIDABLE + " (the estimate equals the threshold)"
-    if effect > threshold:
-        ratio = (effect - lo) / (effect - threshold)
-    else:
-        ratio = (hi - effect) / (threshold - effect)
-    m = max(int(math.floor(n * ratio * ratio)) + 1, n + 1)
-
-    def decided(k):
-        a, b = scaled_ci(effect, lo, hi, n, k)
-        return a > threshold or b < threshold
-
-    for _ in range(8):  # floating point at the boundary: settle on the exact smallest m
-        if not decided(m):
-            m += 1
-        elif m - 1 > n and decided(m - 1):
-            m -= 1
-        else:
-            break
-    return m, ""
-
-
-def scaled_ci(effect: float, lo: float, hi: float, n: int, m: int) -> tuple[float, float]:
-    """The CI at m seeds per group as SEEDS_RULE scales it from the one at n."""
-    s = math.sqrt(n / m)
-    return effect - (effect - lo) * s, effect + (hi - effect) * s
-
-
-def _ci(samples: np.ndarray) -> tuple[float, float]:
-    s = samples[np.isfinite(samples)]
-    if len(s) < len(samples) * 0.5:
-        return math.nan, math.nan
-    lo, hi = percentiles(s, [0.025, 0.975])
-    return float(lo), float(hi)
-
-
-def _finish(v: Verdict) -> Verdict:
-    """Verdict from the CI, and for an inconclusive one the seeds that would decide it."""
-    v.verdict = decide(v.ci_low, v.ci_high, v.threshold, v.holds_if, v.n_seeds)
-    if v.inconclusive:
-        v.seeds_needed, v.seeds_note = seeds_to_decide(v.effect, v.ci_low, v.ci_high,
-                                                       v.threshold, v.n_seeds)
-        if v.seeds_needed is not None:
-            toward = ("holds" if (v.effect < v.threshold) == (v.holds_if == "below")
-                      else "does not hold")
-            v.seeds_note = (f"about {v.seeds_needed} seeds per group would decide it at the "
-                            f"observed spread (toward '{toward}')")
-    return v
-
-
-def _new(claim: str, comparison: str, effect_name: str, pct: bool = True) -> Verdict:
-    t, h = THRESHOLDS[claim.split("[")[0]]
-    return Verdict(claim, comparison, effect_name, pct=pct, threshold=t, holds_if=h)
-
-
-def _group_values(final: pd.DataFrame) -> dict:
-    """{(loss, init): seed values in seed order} (numpy, no pandas groupby iteration)."""
-    if final.empty:
-        return {}
-    lc, lu = pd.factorize(final["loss"].astype(str), sort=True)
-    ic, iu = pd.factorize(final["init"].astype(str), sort=True)
-    code = lc.astype(np.int64) * len(iu) + ic
-    order = np.lexsort((final["seed"].to_numpy(), code))
-    code, vals = code[order], final["value"].to_numpy(dtype=float)[order]
-    lu, iu = [str(x) for x in lu], [str(x) for x in iu]
-    cuts = np.flatnonzero(np.diff(code)) + 1
-    starts = np.concatenate([[0], cuts])
-    return {(lu[code[a] // len(iu)], iu[code[a] % len(iu)]): chunk
-            for a, chunk in zip(starts, np.split(vals, cuts))}
-
-
-class _Groups:
-    """Seed values per (loss, init) group of the cells in ``final``, and their bootstrap means
-    from a stream of each group's own (``base`` and the group's name), drawn when first used."""
-
-    def __init__(self, study: Study, final: pd.DataFrame, base: int, cache: dict | None = None):
-        self.study = study
-        self.values = _group_values(final)
-        self.means = {k: float(v.mean()) for k, v in self.values.items()}
-        fam = final[["loss", "loss_family"]].drop_duplicates("loss")
-        self.family = dict(zip(fam["loss"].astype(str), fam["loss_family"]))
-        self.base = int(base)
-        self._boot = {}
-        self._weights = {} if cache is None else cache  # (group, n) -> (B, n) resample weights
-        present = {i for (_, i) in self.values}
-        self.inits = [i for i in study.init_order if i in present]
-
-    def boot(self, key) -> np.ndarray:
-        """(B,) bootstrap means of the group's seed values: the mean of n draws with replacement,
-        written as resample weights (counts / n) so a claims_kimg run reuses one draw per group
-        for every kimg."""
-        if key not in self._boot:
-            v = self.values[key]
-            n = len(v)
-            if n < 2:
-                self._boot[key] = np.full(B, np.nan)
-                return self._boot[key]
-            wkey = (self.base, key, n)
-            if wkey not in self._weights:
-                rng = np.random.default_rng([self.base,
-                                             zlib.crc32(f"{key[0]}\0{key[1]}".encode())])
-                idx = rng.integers(0, n, size=(B, n))
-                counts = np.zeros((B, n))
-                np.add.at(counts, (np.repeat(np.arange(B), n), idx.ravel()), 1.0)
-                self._weights[wkey] = counts / n
-            self._boot[key] = self._weights[wkey] @ v
-        return self._boot[key]
-
-    def where(self, **cols) -> list[str]:
-        """Init labels present here whose typed columns equal ``cols`` (None: null)."""
-        allowed = set(self.study.inits_where(**cols))
-        return [i for i in self.inits if i in allowed]
-
-    def losses_with(self, inits) -> list[str]:
-        have = [{lo for (lo, i) in self.values if i == init} for init in inits]
-        common = set.intersection(*have) if have else set()
-        return [lo for lo in self.study.loss_order if lo in common]
-
-    def mean(self, loss, init) -> float:
-        return self.means[(loss, init)]
-
-    def avg(self, losses, init) -> tuple[float, np.ndarray]:
-        """Point mean and bootstrap means of the loss-average of group means."""
-        return (float(np.mean([self.mean(lo, init) for lo in losses])),
-                np.mean([self.boot((lo, init)) for lo in losses], axis=0))
-
-    def n(self, keys) -> int:
-        return min(len(self.values[k]) for k in keys) if keys else 0
-
-    def describe(self, loss, init) -> str:
-        v = self.values[(loss, init)]
-        return (f"{loss} / {init}: {fmt_pm(v.mean(), v.std(ddof=1) if len(v) > 1 else math.nan)} "
-                f"(n={len(v)})")
-
-    def teacher(self) -> str | None:
-        t = self.where(init_scheme="teacher", init_source=None)
-        return t[0] if t else None
-
-    def random(self) -> str | None:
-        r = self.where(init_scheme="random")
-        return r[0] if r else None
+    "Seeds to decide (inconclusive claims): the smallest m seeds per group at which the "
+    "interval, with the observed per-seed spread, the t critical value at m − 1 degrees of "
+    "freedom and an unchanged estimate, would exclude the threshold. A planning estimate, not a "
+    "power analysis.")
+NOT_AT_ZERO = "not judged at kimg 0 (every generator is its untrained init)"
 
 
 # ------------------------------------------------------------------------------------- C1
-def _find_loss(g: _Groups, label: str, init: str) -> tuple[str | None, str]:
+def _find_loss(g: Groups, label: str, init: str) -> tuple[str | None, str]:
     losses = [lo for (lo, i) in g.values if i == init]
     if label in losses:
         return label, ""
@@ -330,39 +120,35 @@ def _find_loss(g: _Groups, label: str, init: str) -> tuple[str | None, str]:
     return None, f"no {init}-init cells of `{label}`"
 
 
-def _c1_fixed(g: _Groups, pair: tuple[str, str]) -> Verdict:
-    st = g.study
-    a, b = pair
-    v = _new("C1", f"{a} vs {b} (declared pair), teacher init",
-             f"relative shortfall ({a} − {b}) / {b}")
+def c1_fixed(g: Groups) -> list[ClaimResult]:
+    a, b = g.spec.pair
+    v = g.new("C1", f"{a} vs {b} (declared pair), teacher init",
+              f"relative shortfall ({a} − {b}) / {b}")
     t = g.teacher()
     if t is None:
         v.details.append("needs teacher-init cells")
-        return v
+        return [v]
     la, why_a = _find_loss(g, a, t)
     lb, why_b = _find_loss(g, b, t)
     if la is None or lb is None:
         v.details.append(f"the declared pair {a} vs {b} is not in this study: "
                          + "; ".join(w for w in (why_a, why_b) if w))
-        return v
+        return [v]
     fa, fb = g.family.get(la), g.family.get(lb)
     if fa in TEACHER_SCORE_FAMILIES or fb not in TEACHER_SCORE_FAMILIES:
         v.details.append(f"the declared pair must be (score-free, teacher-score); loss_family is "
                          f"{fa} for {la} and {fb} for {lb}")
-        return v
-    v.comparison = f"{la} vs {lb} (declared pair), {t} init"
-    v.effect = float(st.deficit(g.mean(la, t), g.mean(lb, t)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v.ci_low, v.ci_high = _ci(st.deficit(g.boot((la, t)), g.boot((lb, t))))
-    v.n_seeds = g.n([(la, t), (lb, t)])
+        return [v]
+    v.comparison = f"{la} vs {lb} (declared pair), {t} init, paired by seed"
+    s = g.sign()
+    g.fill(v, [(la, t), (lb, t)], [s, -s], [0.0, 1.0], abs_den=True)
     v.details = [f"score-free: {g.describe(la, t)}", f"teacher-score: {g.describe(lb, t)}"]
-    return _finish(v)
+    return [v]
 
 
-def _c1_best(g: _Groups) -> Verdict:
-    st = g.study
-    v = _new("C1-best", "best score-free vs best teacher-score loss, teacher init",
-             "relative shortfall (best score-free − best teacher-score) / best teacher-score")
+def c1_best(g: Groups) -> list[ClaimResult]:
+    v = g.new("C1-best", "best score-free vs best teacher-score loss, teacher init",
+              "relative shortfall (best score-free − best teacher-score) / best teacher-score")
     t = g.teacher()
     teach = g.losses_with([t]) if t else []
     fam = g.family
@@ -372,61 +158,191 @@ def _c1_best(g: _Groups) -> Verdict:
     if not ratio or not score:
         v.details.append(f"needs teacher-init cells of at least one score-free loss and one of "
                          f"{', '.join(TEACHER_SCORE_FAMILIES)}")
-        return v
-    rm = np.array([g.mean(lo, t) for lo in ratio])
-    sm = np.array([g.mean(lo, t) for lo in score])
-    pick = np.argmax if st.higher_better else np.argmin
-    best_r, best_s = ratio[int(pick(rm))], score[int(pick(sm))]
+        return [v]
+    keys = [(lo, t) for lo in ratio + score]
+    k = len(ratio) * len(score)
+    s = g.sign()
+    est, lo, hi = (pd.DataFrame(index=ratio, columns=score, dtype=float) for _ in range(3))
+    for i in ratio:
+        for j in score:
+            e, a, b, _ = g.ratio(keys, _unit(keys, (i, t), s) - _unit(keys, (j, t), s),
+                                 _unit(keys, (j, t), 1.0), alpha=g.alpha / k, abs_den=True)
+            est.loc[i, j], lo.loc[i, j], hi.loc[i, j] = e, a, b
+    # min over score-free of max over teacher-score: the best against the best
+    v.effect, v.ci_low, v.ci_high = (float(m.max(axis=1).min()) for m in (est, lo, hi))
+    best_r = str(est.max(axis=1).idxmin())
+    best_s = str(est.loc[best_r].idxmax())
+    seeds, _ = g.matrix(keys)
+    g.used(v, keys, seeds)
+    v.method, v.comparisons = METHOD_SIMULTANEOUS, k
     v.comparison = (f"best score-free ({best_r}) vs best teacher-score ({best_s}), {t} init; "
-                    f"selection repeated in every resample")
-    v.effect = float(st.deficit(st.better(rm), st.better(sm)))
-    rb = st.better(np.stack([g.boot((lo, t)) for lo in ratio], axis=-1))
-    sb = st.better(np.stack([g.boot((lo, t)) for lo in score], axis=-1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v.ci_low, v.ci_high = _ci(st.deficit(rb, sb))
-    v.n_seeds = g.n([(lo, t) for lo in ratio + score])
-    v.details = [("score-free: " if lo in ratio else "teacher-score: ") + g.describe(lo, t)
-                 for lo in ratio + score]
-    return _finish(v)
+                    f"interval over all {k} pairs (covers the selection)")
+    v.details = [("score-free: " if lo_ in ratio else "teacher-score: ") + g.describe(lo_, t)
+                 for lo_ in ratio + score]
+    return [finish(v)]
+
+
+def _unit(keys, key, scale: float) -> np.ndarray:
+    out = np.zeros(len(keys))
+    out[keys.index(key)] = scale
+    return out
 
 
 # ------------------------------------------------------------------------------------- C2
-def _c2(g: _Groups) -> Verdict:
-    st = g.study
-    v = _new("C2", "random vs teacher init, averaged over losses",
-             "relative shortfall (random − teacher) / teacher")
+def c2(g: Groups) -> list[ClaimResult]:
+    v = g.new("C2", "random vs teacher init, averaged over losses",
+              "relative shortfall (random − teacher) / teacher")
     t, r = g.teacher(), g.random()
     losses = g.losses_with([t, r]) if t and r else []
     if not losses:
         v.details.append("needs teacher-init and random-init cells of the same loss")
-        return v
-    tm, tb = g.avg(losses, t)
-    rm, rb = g.avg(losses, r)
-    v.comparison = f"{r} vs {t} init, averaged over {len(losses)} losses"
-    v.effect = float(st.deficit(rm, tm))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v.ci_low, v.ci_high = _ci(st.deficit(rb, tb))
-    v.n_seeds = g.n([(lo, i) for lo in losses for i in (t, r)])
+        return [v]
+    n, s = len(losses), g.sign()
+    keys = [(lo, t) for lo in losses] + [(lo, r) for lo in losses]
+    v.comparison = f"{r} vs {t} init, averaged over {n} losses, paired by seed"
+    g.fill(v, keys, [-s / n] * n + [s / n] * n, [1 / n] * n + [0.0] * n, abs_den=True)
+    dfc = g.study.deficit
     v.details = [f"{lo}: teacher {fmt_num(g.mean(lo, t))}, random {fmt_num(g.mean(lo, r))} "
-                 f"({fmt_pct(st.deficit(g.mean(lo, r), g.mean(lo, t)))})" for lo in losses]
-    return _finish(v)
+                 f"({fmt_pct(dfc(g.mean(lo, r), g.mean(lo, t)))})" for lo in losses]
+    return [v]
 
 
-def judge(study: Study, rng: np.random.Generator, final: pd.DataFrame | None = None,
-          pair: tuple[str, str] | None = None, base: int | None = None,
-          cache: dict | None = None) -> list[Verdict]:
-    """Every claim on ``final`` (default: the study's final scores): C1 (declared ``pair``,
-    default C1_PAIR), C1-best, C2, C3 and its sub-claims C3a-C3e (C3e's per-band rows after it).
-    ``base`` seeds the per-group bootstrap streams (default: drawn from ``rng``)."""
-    from .claims_c3 import _c3, _c3c, _c3d, _c3e, _reset_claim  # (it imports this module)
-
-    base = int(rng.integers(2 ** 62)) if base is None else base
-    g = _Groups(study, study.final if final is None else final, base, cache)
-    c3e = _c3e(g)
-    subs = [_reset_claim(g, "C3a", {"output"}),
-            _reset_claim(g, "C3b", {"encoder", "middle", "decoder"}), _c3c(g), _c3d(g), c3e[0]]
-    return ([_c1_fixed(g, tuple(pair or C1_PAIR)), _c1_best(g), _c2(g), _c3(subs)] + subs
-            + c3e[1:])
+CLAIMS = (("C1", c1_fixed), ("C1-best", c1_best), ("C2", c2),
+          ("C3a", lambda g: reset_claim(g, "C3a", {"output"})),
+          ("C3b", lambda g: reset_claim(g, "C3b", {"encoder", "middle", "decoder"})),
+          ("C3c", c3c), ("C3d", c3d), ("C3e", c3e))
+"""(name, claim function): a function maps one look's Groups to [main result, extra rows]."""
 
 
-# -------------------------------------------------------------------------------- writing
+# -------------------------------------------------------------------------------- judging
+def keyed(frame: pd.DataFrame, pool=()) -> pd.DataFrame:
+    """``frame`` (rows of ``study.final`` / ``study.cells``) with ``lkey`` (the loss label with
+    the levels of the pooled axes) and ``lvl`` (the other axes' levels, canonical JSON)."""
+    lev = frame["levels"] if "levels" in frame.columns else pd.Series("{}", index=frame.index)
+    parsed = {x: json.loads(x) for x in lev.unique()}
+    lvl = {x: json.dumps({k: v for k, v in d.items() if k not in pool}, sort_keys=True)
+           for x, d in parsed.items()}
+    sfx = {x: ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in sorted(d.items()) if k in pool) for x, d in parsed.items()}
+    base = frame["loss_base"].astype(str) if "loss_base" in frame.columns else \
+        frame["loss"].astype(str)
+    suffix = lev.map(sfx)
+    return frame.assign(lkey=base.where(suffix == "", base + " (" + suffix + ")"),
+                        lvl=lev.map(lvl))
+
+
+def claim_results(study, spec: ClaimsSpec | None = None, rows: pd.DataFrame | None = None,
+                  final: pd.DataFrame | None = None, kimg: float | None = None
+                  ) -> list[ClaimResult]:
+    """Every claim at every level of the other grid axes (see the module docstring): per level
+    C1, C1-best, C2, C3, C3a-C3e (C3e's per-band rows after it), then C4 when ``rows`` hold
+    verifier scores. At kimg 0 every claim is 'not judged'."""
+    spec = spec or ClaimsSpec()
+    final = study.final if final is None else final
+    frame = keyed(final, spec.pool)
+    cells = keyed(study.cells, spec.pool)
+    out = []
+    levels = sorted(frame["lvl"].unique()) or ["{}"]
+    for lvl in levels:
+        level = json.loads(lvl)
+        part, cpart = frame[frame["lvl"] == lvl], cells[cells["lvl"] == lvl]
+        subs, extra = [], []
+        for name, fn in CLAIMS:
+            res = _replay(study, part, cpart, spec, level, fn)
+            (subs if name.startswith("C3") else out).append(res[0])
+            extra += res[1:]
+        out += [c3(subs)] + subs + extra
+    if rows is not None and rows["metric"].str.contains("@", regex=False).any():
+        from .verifier import claim_c4  # (verifier draws figures: matplotlib, off this path)
+
+        out.append(_replay_c4(study, rows, spec, claim_c4))
+    for v in out:
+        v.kimg = kimg
+        if kimg == 0:
+            v.verdict, v.ci_low, v.ci_high, v.seeds_needed, v.seeds_note = \
+                NOT_AT_ZERO, float("nan"), float("nan"), None, ""
+    return out
+
+
+def _looks(spec: ClaimsSpec) -> list[tuple[int | None, float]]:
+    if spec.seeds is None:
+        return [(None, spec.alpha)]
+    ns = spec.seeds.looks()
+    return list(zip(ns, look_alphas(spec.alpha, ns)))
+
+
+def _complete(cells: pd.DataFrame, groups, seeds) -> bool:
+    """Every (group, seed) of this look has a final cell (done, or diverged: never re-run)."""
+    fin = cells[cells["reason"].isin(["", "diverged"])]
+    have = set(zip(fin["lkey"], fin["init"], fin["seed"].astype(int)))
+    return all((lo, i, s) in have for (lo, i) in groups for s in seeds)
+
+
+def _replay(study, final, cells, spec, level, fn) -> list[ClaimResult]:
+    """The claim look by look until a look decides it, the cap, or a look whose cells are not
+    all finished (the claim is then open: ``next_seeds`` are that look's seeds)."""
+    looks, prev = _looks(spec), None
+    for k, (n, alpha) in enumerate(looks, 1):
+        seeds = None if n is None else spec.seeds.seeds(n)
+        res = fn(Groups(study, final, spec, alpha, seeds, level))
+        main = res[0]
+        if not main.tested:
+            return res
+        for r in res:
+            r.rounds = len(looks)
+        if seeds is not None and not _complete(cells, main.groups, seeds):
+            cur = prev or res
+            cur[0].next_seeds = tuple(seeds)
+            cur[0].cells = _cells_of(cells, main.groups)
+            if prev is None:
+                for r in res:
+                    r.verdict = f"open (round 1 of {len(looks)} unfinished)"
+                    r.seeds_needed, r.seeds_note = None, ""
+            else:
+                cur[0].verdict = f"open after round {k - 1} of {len(looks)}"
+            return cur
+        if main.decided:
+            for r in res:
+                r.round = k
+            return res
+        prev = res
+    if spec.seeds is not None and prev[0].inconclusive:
+        prev[0].verdict = f"inconclusive at the cap ({prev[0].n_seeds} seeds)"
+    return prev
+
+
+def _cells_of(cells: pd.DataFrame, groups) -> list[str]:
+    keys = set(groups)
+    sel = [(lo, i) in keys for lo, i in zip(cells["lkey"], cells["init"])]
+    return sorted(cells.loc[sel, "cell"].astype(str))
+
+
+def _replay_c4(study, rows, spec, claim_c4) -> ClaimResult:
+    looks, prev = _looks(spec), None
+    done = set(study.final["cell"])
+    for k, (n, alpha) in enumerate(looks, 1):
+        seeds = None if n is None else spec.seeds.seeds(n)
+        v = claim_c4(rows, metric=study.metric, cells=done, spec=spec, alpha=alpha, seeds=seeds)
+        v.rounds = len(looks)
+        if not v.tested:
+            return v
+        if seeds is not None and v.n_seeds < len(seeds):
+            cur = prev or v
+            cur.next_seeds, cur.cells = tuple(seeds), list(v.cells)
+            cur.verdict = (f"open after round {k - 1} of {len(looks)}" if prev else
+                           f"open (round 1 of {len(looks)} unfinished)")
+            return cur
+        if v.decided:
+            v.round = k
+            return v
+        prev = v
+    return prev
+
+
+def open_claims(results: list[ClaimResult]) -> list[ClaimResult]:
+    """The claims still open (waiting for the next round's seeds)."""
+    return [v for v in results if v.next_seeds]
+
+
+__all__ = ["ClaimResult", "claim_results", "open_claims", "keyed", "NOT_TESTED", "NOT_AT_ZERO",
+           "RULES", "STATEMENTS", "SEEDS_RULE"]

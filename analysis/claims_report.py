@@ -1,84 +1,127 @@
-"""Write the judged claims (``analysis.claims``): claims.md / .tex / .data.csv, and every claim at
-every evaluated kimg (claims_kimg), so a verdict that changes with the budget is visible."""
+"""Write the judged claims (``analysis.claims.claim_results``): claims.md / .tex / .data.csv, and
+every claim at every evaluated kimg after 0 (claims_kimg), so a verdict that changes with the
+budget is visible. Per claim: the method, the round it was decided at and the seeds it used."""
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 import pandas as pd
 
-from .claims import (C1_PAIR, RULES, SEEDS_RULE, STATEMENTS, UNDECIDABLE, Verdict, judge)
-from .data import B, Study
+from harness.claims_spec import ClaimsSpec
+
+from .claims import RULES, SEEDS_RULE, STATEMENTS, ClaimResult, claim_results
+from .data import Study
 from .style import RC, panel_grid, save, write_csv
 from .tables import footer_md, footer_tex, md_escape, provenance_lines, tex_escape
 
-def _seeds_cell(v: Verdict) -> str:
+
+def _seeds_cell(v: ClaimResult) -> str:
     if v.seeds_needed is not None:
         return str(v.seeds_needed)
-    return "—" if not v.inconclusive else ("cannot be decided" if UNDECIDABLE in v.seeds_note
-                                          else "n/a")
+    return "—" if not v.inconclusive else "n/a"
 
 
-def _data(study: Study, verdicts: list[Verdict], kimg: float | None = None) -> list[dict]:
+def _round(v: ClaimResult) -> str:
+    return f"{v.round} of {v.rounds}" if v.round is not None else "—"
+
+
+def _seed_list(seeds) -> str:
+    s = [int(x) for x in seeds]
+    if len(s) > 2 and s == list(range(s[0], s[-1] + 1)):
+        return f"{s[0]}-{s[-1]}"
+    return ",".join(str(x) for x in s)
+
+
+def _data(study: Study, verdicts: list[ClaimResult], kimg: float | None = None) -> list[dict]:
     out = []
     for v in verdicts:
-        row = {"claim": v.claim, "metric": study.metric}
+        row = {"claim": v.name, "metric": study.metric}
         if kimg is not None:
             row["kimg"] = kimg
         row.update({"comparison": v.comparison, "effect_name": v.effect_name,
                     "effect": v.effect, "ci_low": v.ci_low, "ci_high": v.ci_high,
+                    "confidence": 1 - v.alpha if math.isfinite(v.alpha) else math.nan,
                     "threshold": v.threshold, "holds_if": v.holds_if, "n_seeds": v.n_seeds,
-                    "verdict": v.verdict,
-                    "seeds_to_decide": v.seeds_needed if v.seeds_needed is not None else None})
+                    "seeds": _seed_list(v.seeds), "verdict": v.verdict,
+                    "round": v.round, "rounds": v.rounds,
+                    "seeds_to_decide": v.seeds_needed if v.seeds_needed is not None else None,
+                    "method": v.method})
         out.append(row)
     return out
 
 
 def _rules(claim: str) -> str:
-    return RULES[claim.split("[")[0]]
+    from .verifier import RULE_C4
+
+    base = claim.split("[")[0]
+    return RULE_C4 if base == "C4" else RULES[base]
 
 
-def write_claims(study: Study, out_dir: str, rng: np.random.Generator,
-                 pair: tuple[str, str] | None = None, rows: pd.DataFrame | None = None) -> list[str]:
-    verdicts = judge(study, rng, pair=pair)
-    if rows is not None and rows["metric"].str.contains("@", regex=False).any():
-        from .verifier import RULE_C4, STATEMENT_C4, claim_c4  # (verifier imports this module)
+def _statement(claim: str) -> str:
+    from .verifier import STATEMENT_C4
 
-        STATEMENTS.setdefault("C4", STATEMENT_C4)
-        RULES.setdefault("C4", RULE_C4)
-        # after the others, so their draws stay as they were
-        verdicts.append(claim_c4(rows, metric=study.metric, rng=rng, cells=set(study.final.cell)))
+    base = claim.split("[")[0]
+    return STATEMENT_C4 if base == "C4" else STATEMENTS[base]
+
+
+def _frame(study: Study, verdicts, kimg=None) -> pd.DataFrame:
+    data = pd.DataFrame(_data(study, verdicts, kimg))
+    for col in ("seeds_to_decide", "round"):
+        data[col] = data[col].astype("Int64")
+    return data
+
+
+def write_claims(study: Study, out_dir: str, spec: ClaimsSpec | None = None,
+                 rows: pd.DataFrame | None = None) -> list[str]:
+    spec = spec or ClaimsSpec()
+    verdicts = claim_results(study, spec, rows=rows)
     os.makedirs(out_dir, exist_ok=True)
-    data = pd.DataFrame(_data(study, verdicts))
-    data["seeds_to_decide"] = data["seeds_to_decide"].astype("Int64")
     csv = os.path.join(out_dir, "claims.data.csv")
-    data.to_csv(csv, index=False, float_format="%.6g")
+    _frame(study, verdicts).to_csv(csv, index=False, float_format="%.6g")
     direction = "higher" if study.higher_better else "lower"
+    plan = spec.seeds
+    rounds = (f"Seeds on demand: {plan.start} seeds per group, then {plan.step} more per round "
+              f"to the groups of the claims still open, up to {plan.max}; each round's interval "
+              f"spends part of alpha = {spec.alpha:g} (Lan-DeMets Pocock-type spending, "
+              f"README), so the chance of a false decision over all rounds stays at most "
+              f"alpha." if plan else
+              f"One look at the seeds the study has: {100 * (1 - spec.alpha):g}% intervals.")
     head = (f"Metric: `{study.metric}` ({direction} is better), final score = value at each "
-            f"cell's last kimg. Bootstrap: {B} resamples of seeds within each (loss, init) group, "
-            f"each group from its own stream (seeded by `seed` and the group's name), 95% "
-            f"percentile intervals. C1 judges the pair declared before the data "
-            f"({' vs '.join(pair or C1_PAIR)}); C1-best, with its selection repeated in every "
-            f"resample, is reported beside it. claims_kimg.data.csv has every claim at every "
-            f"evaluated kimg.")
+            f"cell's last kimg. Each claim's effect is a ratio of seed-paired means with a "
+            f"Fieller interval (paired t on the per-seed contrast; exact at any n ≥ 2 under "
+            f"normality, analytic: no resampling). Claims are judged within each level of "
+            f"the other grid axes" + (f" (pooled: {', '.join(spec.pool)})" if spec.pool else "")
+            + f". {rounds} C1 judges the pair declared before the data "
+            f"({' vs '.join(spec.pair)}); C1-best is reported beside it. claims_kimg.data.csv "
+            f"has every claim at every evaluated kimg after 0.")
     md = ["# Claims judged from this study's results", "", head, ""]
     md += [x + "\n" for x in provenance_lines(study)]
-    md += ["| claim | comparison | effect | 95% CI | seeds | verdict | seeds to decide |",
-           "|---|---|---|---|---|---|---|"]
+    md += ["| claim | comparison | effect | interval | seeds | verdict | round | seeds to "
+           "decide |", "|---|---|---|---|---|---|---|---|"]
     for v in verdicts:
         shown = v.tested and v.claim != "C3"
         ci = f"[{v.fmt(v.ci_low)}, {v.fmt(v.ci_high)}]" if shown else "—"
         eff = v.fmt(v.effect) if shown else "—"
-        md.append(f"| {v.claim} | {md_escape(v.comparison)} | {eff} | {ci} | {v.n_seeds or '—'} "
-                  f"| **{v.verdict}** | {_seeds_cell(v)} |")
+        md.append(f"| {v.name} | {md_escape(v.comparison)} | {eff} | {ci} | {v.n_seeds or '—'} "
+                  f"| **{v.verdict}** | {_round(v)} | {_seeds_cell(v)} |")
     md += ["", SEEDS_RULE]
     for v in verdicts:
-        md += ["", f"## {v.claim}: {v.verdict}", "",
-               f"*Claim:* {STATEMENTS[v.claim.split('[')[0]]}", "",
+        md += ["", f"## {v.name}: {v.verdict}", "",
+               f"*Claim:* {_statement(v.claim)}", "",
                f"- comparison: {md_escape(v.comparison)}", f"- effect: {v.effect_name}"]
         if v.tested and v.claim != "C3":
-            md.append(f"- estimate: {v.fmt(v.effect)}, 95% CI [{v.fmt(v.ci_low)}, "
-                      f"{v.fmt(v.ci_high)}], seeds per group ≥ {v.n_seeds}")
+            md.append(f"- estimate: {v.fmt(v.effect)}, {100 * (1 - v.alpha):.4g}% interval "
+                      f"[{v.fmt(v.ci_low)}, {v.fmt(v.ci_high)}], threshold {v.fmt(v.threshold)} "
+                      f"({'holds' if v.holds_if == 'below' else 'does not hold'} below it)")
+            md.append(f"- method: {v.method}")
+            md.append(f"- seeds used: {v.n_seeds} ({_seed_list(v.seeds)}); "
+                      + (f"decided at round {_round(v)}" if v.round else
+                         f"not decided ({v.rounds} round{'s' if v.rounds != 1 else ''} planned)"))
+        if v.next_seeds:
+            md.append(f"- open: the next round runs seeds {_seed_list(v.next_seeds)} of its "
+                      f"groups")
         if v.seeds_note:
             md.append(f"- seeds to decide: {v.seeds_note}")
         md.append(f"- rule: {_rules(v.claim)}")
@@ -89,18 +132,19 @@ def write_claims(study: Study, out_dir: str, rng: np.random.Generator,
         f.write("\n".join(md))
     tex = ["\\begin{table}[t]", "\\centering", "\\small",
            f"\\caption{{Claims judged on {tex_escape(study.metric)} ({direction} is better); "
-           f"95\\% bootstrap CI over seeds ({B} resamples); for inconclusive claims, the seeds "
-           f"per group that would decide them at the observed spread.}}", "\\label{tab:claims}",
+           f"Fieller intervals of seed-paired ratios; for inconclusive claims, the seeds per "
+           f"group that would decide them at the observed spread.}}", "\\label{tab:claims}",
            "\\begin{tabular}{lp{0.34\\linewidth}llcp{0.18\\linewidth}}", "\\toprule",
-           "claim & comparison & effect & 95\\% CI & seeds & verdict \\\\", "\\midrule"]
+           "claim & comparison & effect & interval & seeds & verdict \\\\", "\\midrule"]
     for v in verdicts:
         shown = v.tested and v.claim != "C3"
         ci = f"[{v.fmt(v.ci_low)}, {v.fmt(v.ci_high)}]" if shown else "--"
         verdict = v.verdict + (f"; ~{v.seeds_needed} seeds decide" if v.seeds_needed else "")
-        tex.append(" & ".join([tex_escape(v.claim), tex_escape(v.comparison),
+        tex.append(" & ".join([tex_escape(v.name), tex_escape(v.comparison),
                                tex_escape(v.fmt(v.effect)) if shown else "--", tex_escape(ci),
                                str(v.n_seeds or "--"), tex_escape(verdict)]) + " \\\\")
-    tex += ["\\bottomrule", "\\end{tabular}", footer_tex(study).rstrip("\n"), "\\end{table}", ""]
+    tex += ["\\bottomrule", "\\end{tabular}", footer_tex(study).rstrip("\n"),
+            "\\end{table}", ""]
     tex_path = os.path.join(out_dir, "claims.tex")
     with open(tex_path, "w") as f:
         f.write("\n".join(tex))
@@ -111,31 +155,26 @@ def write_claims(study: Study, out_dir: str, rng: np.random.Generator,
 VERDICT_COLORS = {"holds": "#029e73", "does not hold": "#d55e00", "inconclusive": "#888888"}
 
 
-def claims_by_kimg(study: Study, rng: np.random.Generator,
-                   pair: tuple[str, str] | None = None) -> pd.DataFrame:
-    """Every claim at every evaluated kimg (the cells evaluated there), one row each; the same
-    per-group bootstrap streams as ``write_claims`` given the same ``rng`` state."""
-    base = int(rng.integers(2 ** 62))
-    rows, cache = [], {}
-    scores = study.scores
-    for kimg, at in scores.groupby("kimg", sort=True):
-        rows += _data(study, judge(study, rng, final=at, pair=pair, base=base, cache=cache),
-                      kimg=float(kimg))
-    df = pd.DataFrame(rows)
-    if not df.empty:
-        df["seeds_to_decide"] = df["seeds_to_decide"].astype("Int64")
-    return df
+def claims_by_kimg(study: Study, spec: ClaimsSpec | None = None) -> pd.DataFrame:
+    """Every claim at every evaluated kimg after 0 (the cells evaluated there), one row each."""
+    frames = []
+    for kimg, at in study.scores.groupby("kimg", sort=True):
+        if float(kimg) == 0:
+            continue  # every generator is its untrained init: no verdict
+        frames.append(_frame(study, claim_results(study, spec, final=at, kimg=float(kimg)),
+                             kimg=float(kimg)))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def write_claims_kimg(study: Study, out_dir: str, rng: np.random.Generator,
-                      pair: tuple[str, str] | None = None) -> list[str]:
+def write_claims_kimg(study: Study, out_dir: str, spec: ClaimsSpec | None = None) -> list[str]:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    df = claims_by_kimg(study, rng, pair)
+    df = claims_by_kimg(study, spec)
     if df.empty:
         return []
-    csv = write_csv(df.drop(columns=["comparison", "effect_name"]), out_dir, "claims_kimg")
+    csv = write_csv(df.drop(columns=["comparison", "effect_name", "method"]), out_dir,
+                    "claims_kimg")
     show = [c for c in df["claim"].unique()
             if c != "C3" and "[" not in c and df.loc[df["claim"] == c, "effect"].notna().any()]
     if not show:
@@ -147,7 +186,7 @@ def write_claims_kimg(study: Study, out_dir: str, rng: np.random.Generator,
         fig, axes, _ = panel_grid(len(show), ncol, w=2.3, h=1.6, wgap=0.55, left=0.7)
         for k, (ax, claim) in enumerate(zip(axes, show)):
             d = df[df["claim"] == claim].sort_values("kimg")
-            scale = 100.0 if claim in pct else 1.0
+            scale = 100.0 if claim.split(" (")[0] in pct else 1.0
             x = d["kimg"].to_numpy(float)
             e = d["effect"].to_numpy(float) * scale
             lo, hi = d["ci_low"].to_numpy(float) * scale, d["ci_high"].to_numpy(float) * scale
@@ -161,7 +200,7 @@ def write_claims_kimg(study: Study, out_dir: str, rng: np.random.Generator,
                        lw=0)
             thr = float(d["threshold"].iloc[0]) * scale
             ax.axhline(thr, color="black", ls=(0, (4, 2)), lw=0.9)
-            rule = "holds if CI" + (" below " if d["holds_if"].iloc[0] == "below" else " above ")
+            rule = "holds if" + (" below " if d["holds_if"].iloc[0] == "below" else " above ")
             ax.set_title(f"{claim}: {rule}{thr:g}{'%' if scale == 100 else ''}", fontsize=7.5)
             ax.set_xlabel("kimg", fontsize=7)
             ax.set_ylabel("effect" + (" (%)" if scale == 100 else " (share of gap)"), fontsize=7)
@@ -171,8 +210,8 @@ def write_claims_kimg(study: Study, out_dir: str, rng: np.random.Generator,
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
                    title="verdict at that kimg")
         _, hi_n, words = study.seeds_phrase()
-        fig.suptitle(f"Claims at every evaluated kimg on {study.metric}: estimate and 95% "
-                     f"bootstrap CI over {words}" if hi_n > 1 else
+        fig.suptitle(f"Claims at every evaluated kimg on {study.metric}: estimate and "
+                     f"interval (Fieller, seed-paired) over {words}" if hi_n > 1 else
                      f"Claims at every evaluated kimg on {study.metric} (one seed per cell: no "
                      f"interval, every verdict inconclusive)", fontsize=8.5,
                      y=1 - 0.12 / fig.get_size_inches()[1], va="top")

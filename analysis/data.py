@@ -34,7 +34,7 @@ INIT_COLUMNS = ["init_scheme"] + sorted({p.column or n for sch in INIT_SCHEMES.v
 """The typed columns that describe an init (scheme and every scheme parameter)."""
 CELL_COLUMNS = ["cell", "loss", "init", *PARAM_COLUMNS, "seed"]
 SCORE_COLUMNS = ["cell", "loss", "loss_base", "init", "loss_family", "init_scheme", "sigma_feat",
-                 "reset_output", "seed"]
+                 "reset_output", "seed", "levels"]
 """Reference rows of the data floor: ``data_floor`` (n real training images scored against the
 held-out reference as generated samples are) and its legacy name ``data_halves``."""
 REFERENCE_ORDER = ("teacher_heun35", "data_floor", "data_halves")
@@ -77,9 +77,8 @@ def _fmt_axis_value(v) -> str:
     return str(v)
 
 
-def extra_axis_labels(cells: pd.DataFrame) -> pd.Series:
-    """Per cell: the loss label, suffixed with grid axes other than loss/init/seed that vary
-    across the study, e.g. ``sid (student.lr=0.0001)``."""
+def _varying_axes(cells: pd.DataFrame) -> tuple[dict, list]:
+    """({axes json: {axis: value}} without loss/init/seed, the axes whose value varies)."""
     parsed = {}
     for a in cells["axes"].dropna().unique():
         try:
@@ -91,6 +90,13 @@ def extra_axis_labels(cells: pd.DataFrame) -> pd.Series:
     keys = sorted({k for d in parsed.values() for k in d})
     varying = [k for k in keys
                if len({_fmt_axis_value(d.get(k)) for d in parsed.values()}) > 1]
+    return parsed, varying
+
+
+def extra_axis_labels(cells: pd.DataFrame) -> pd.Series:
+    """Per cell: the loss label, suffixed with grid axes other than loss/init/seed that vary
+    across the study, e.g. ``sid (student.lr=0.0001)`` (figures keep such cells apart)."""
+    parsed, varying = _varying_axes(cells)
     if not varying:
         return cells["loss"].astype(str)
     suffix = {a: ", ".join(f"{k}={_fmt_axis_value(d[k])}" for k in varying if k in d)
@@ -98,6 +104,16 @@ def extra_axis_labels(cells: pd.DataFrame) -> pd.Series:
     sfx = cells["axes"].map(suffix).fillna("")
     loss = cells["loss"].astype(str)
     return loss.where(sfx == "", loss + " (" + sfx + ")")
+
+
+def axis_levels(cells: pd.DataFrame) -> pd.Series:
+    """Per cell: the levels of the grid axes other than loss/init/seed that vary across the
+    study, as canonical JSON (``{"student.lr":0.001}``; ``{}`` when none vary). Claims are
+    judged within each level, never averaged across levels unless the study pools the axis."""
+    parsed, varying = _varying_axes(cells)
+    text = {a: json.dumps({k: d[k] for k in varying if k in d}, sort_keys=True,
+                          separators=(",", ":"), default=str) for a, d in parsed.items()}
+    return cells["axes"].map(text).fillna("{}")
 
 
 def with_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -286,6 +302,7 @@ def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None =
         cells["message"] = [str(msgs.get(c, "")) for c in cells["cell"]]
         cells["loss_base"] = cells["loss"].astype(str)
         cells["loss"] = extra_axis_labels(cells).to_numpy()
+        cells["levels"] = axis_levels(cells).to_numpy()
         current = load_pin(root)
         orphan = (~cells["cell"].isin(current)).to_numpy() if current is not None \
             else np.zeros(len(cells), bool)

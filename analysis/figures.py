@@ -16,6 +16,7 @@ seed per cell: single runs, no interval, no ±). No torch, no Ray.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 import pandas as pd
 
+from harness.claims_spec import ClaimsSpec
 from harness.config import ConfigError
 
 from .style import KIMG_LABEL, RC, axis_limits, fmt_pm, panel_grid, save, use_log, write_csv
@@ -182,11 +184,11 @@ def _table(study, out_dir, rng, timer):
         return write_table(study, out_dir)
 
 
-def _claims(study, out_dir, rng, timer, c1_pair=None, rows=None):
+def _claims(study, out_dir, rng, timer, claims=None, rows=None):
     from .claims_report import write_claims
 
-    with timer("claims: bootstrap+write"):
-        return write_claims(study, out_dir, rng, pair=c1_pair, rows=rows)
+    with timer("claims: judge+write"):
+        return write_claims(study, out_dir, claims, rows=rows)
 
 
 def _verifier(study, out_dir, rng, timer, rows=None):
@@ -197,11 +199,11 @@ def _verifier(study, out_dir, rng, timer, rows=None):
                                cells=set(study.final.cell))
 
 
-def _claims_kimg(study, out_dir, rng, timer, c1_pair=None):
+def _claims_kimg(study, out_dir, rng, timer, claims=None):
     from .claims_report import write_claims_kimg
 
-    with timer("claims_kimg: bootstrap per kimg+write"):
-        return write_claims_kimg(study, out_dir, rng, pair=c1_pair)
+    with timer("claims_kimg: judge per kimg+write"):
+        return write_claims_kimg(study, out_dir, claims)
 
 
 BUILDERS = {"heatmap": heatmap, "curves": curves, "reset": reset, "transplant": transplant,
@@ -218,7 +220,8 @@ def rng_for(seed: int, name: str) -> np.random.Generator:
 def make_all(root: str, out_dir: str | None = None, only: str | None = None,
              metric: str | None = None, seed: int = 0, *, timings: list | None = None,
              rows: pd.DataFrame | None = None,
-             c1_pair: tuple[str, str] | None = None) -> list[str]:
+             c1_pair: tuple[str, str] | None = None,
+             claims: ClaimsSpec | None = None) -> list[str]:
     """Write the figures/tables of SPEC §8 for the results under ``root``; return the paths.
 
     ``only``: one of OUTPUTS (anything else raises ``harness.config.ConfigError``, a ValueError
@@ -227,11 +230,15 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
     ``timings``: list to receive (step, seconds). ``rows``: an already loaded
     ``load_rows(root)`` frame (skips loading). ``c1_pair``: C1's declared (score-free,
     teacher-score) pair of loss labels when the study declares one (default
-    ``analysis.claims.C1_PAIR``); a pair missing from the results leaves C1 not tested, saying why.
+    ``harness.claims_spec.DEFAULT_PAIR``); a pair missing from the results leaves C1 not tested,
+    saying why. ``claims``: the study's claims declaration (``harness.claims_spec.ClaimsSpec``:
+    thresholds, pair, alpha, pooled axes, seeds plan; default: the declared defaults).
     """
     if c1_pair is not None and (len(c1_pair) != 2 or not all(isinstance(x, str) for x in c1_pair)):
         raise ConfigError("c1_pair", f"expected two loss labels (score-free, teacher-score), "
                                      f"got {c1_pair!r}")
+    if c1_pair is not None:
+        claims = dataclasses.replace(claims or ClaimsSpec(), pair=tuple(c1_pair))
     if only is not None and only not in OUTPUTS:
         raise ConfigError("only", f"unknown output {only!r}; valid outputs: "
                                   f"{', '.join(OUTPUTS)}")
@@ -257,8 +264,8 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
     paths = []
     for name in ([only] if only else OUTPUTS):
         kw = ({"root": root} if name == "samples" else
-              {"c1_pair": c1_pair, "rows": rows} if name == "claims" else
-              {"c1_pair": c1_pair} if name == "claims_kimg" else
+              {"claims": claims, "rows": rows} if name == "claims" else
+              {"claims": claims} if name == "claims_kimg" else
               {"rows": rows} if name == "verifier" else
               {"root": root, "rows": rows} if name == "tuning" else {})
         # claims_kimg draws from the claims stream: its last kimg reproduces claims.md

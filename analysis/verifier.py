@@ -5,7 +5,8 @@ verifier rows are written at a cell's final evaluation under ``<metric>@<mode><n
 ``fd_digits_1k@resample4``); n = 1 carries the plain one-step score of the same samples.
 
     verifier_figure(df, out_dir, metric=None, seed=0) -> [verifier.data.csv, .md, .png, .pdf]
-    claim_c4(df, metric=None, mode=None, rng=None, seed=0) -> analysis.claims.Verdict
+    claim_c4(df, metric=None, mode=None, cells=None, spec=None, alpha=None, seeds=None)
+        -> analysis.claims_base.ClaimResult
 
 Only ``done`` cells with teacher init enter (``cells``, when given, restricts further: pass the
 included cells of ``analysis.data.load_study`` to apply its exclusions, orphans among them).
@@ -20,7 +21,7 @@ import zlib
 import numpy as np
 import pandas as pd
 
-from .data import (B, FLOOR_NAMES, choose_metric, extra_axis_labels, higher_is_better, mean_ci,
+from .data import (FLOOR_NAMES, choose_metric, extra_axis_labels, higher_is_better, mean_ci,
                    ordered)
 from .style import (RC, axis_limits, REFERENCE_STYLE, fmt_num, fmt_pm, loss_palette, loss_sort_key,
                     metric_label, panel_grid, save, use_log, write_csv)
@@ -40,11 +41,11 @@ STATEMENT_C4 = ("The density-ratio network used as a verifier (n = 4 one-step ca
 RULE_C4 = ("Teacher-init cells only. For each loss, the fixed pair is the score at n = 4 vs n = 1 "
            "of the same cells (n = 1 are the plain samples, which are also candidates at n = 4), "
            "effect = (mean n=4 − mean n=1) / mean n=1 as a relative shortfall (< 0: the verifier "
-           "improves). Seeds are resampled with replacement within each loss, the two n of a seed "
-           "together (paired), 2000 times, each loss independently; the statistic is the worst "
-           "(largest) effect over losses, recomputed in every resample. Holds if the CI upper "
-           "bound < 0 (every family improves); does not hold if the CI lower bound > 0; else "
-           "inconclusive.")
+           "improves), a Fieller interval of the seed-paired ratio; the claim's effect is the "
+           "worst (largest) over losses, with the max of the losses' simultaneous (Bonferroni) "
+           "intervals. Holds if the interval lies below the threshold (every family improves); "
+           "does not hold if it lies above; else inconclusive. Loss labels include the levels of "
+           "any other grid axis, so the worst is over every family at every level.")
 
 
 def parse(metric: str):
@@ -231,21 +232,29 @@ def verifier_figure(df: pd.DataFrame, out_dir: str, metric: str | None = None, s
 
 
 def claim_c4(df: pd.DataFrame, metric: str | None = None, mode: str | None = None,
-             rng: np.random.Generator | None = None, seed: int = 0, cells=None):
+             cells=None, spec=None, alpha: float | None = None, seeds=None):
     """C4: the ratio verifier improves the score at n = 4 over n = 1 for every loss family.
 
-    Returns an ``analysis.claims.Verdict`` (as C1/C2): effect = the worst family's relative
-    shortfall of n=4 against n=1 (< 0: improvement), its 95% bootstrap CI with the worst family
-    re-selected in every resample (seeds paired within a family), verdict by ``claims.decide``
-    with threshold 0, ``holds_if='below'``; an inconclusive one also gets the seeds that would
-    decide it (``claims.seeds_to_decide``). The statement and rule are STATEMENT_C4 / RULE_C4.
+    Returns an ``analysis.claims_base.ClaimResult``: effect = the worst family's relative
+    shortfall of n=4 against n=1 (< 0: improvement), each family's a Fieller interval of the
+    seed-paired ratio (``analysis.stats``), the worst from their simultaneous (Bonferroni)
+    intervals; threshold and direction from ``spec`` (``harness.claims_spec``), error rate
+    ``alpha`` (default ``spec.alpha``), seeds restricted to ``seeds`` (None: all). The statement
+    and rule are STATEMENT_C4 / RULE_C4.
     """
-    from .claims import NOT_TESTED, Verdict, _ci, _finish
+    from harness.claims_spec import ClaimsSpec
+
+    from .claims_base import METHOD_SIMULTANEOUS, NOT_TESTED, ClaimResult, extreme, finish
+    from .stats import fieller
     from .tables import fmt_pct
 
+    spec = spec or ClaimsSpec()
+    alpha = spec.alpha if alpha is None else float(alpha)
+    threshold, holds_if = spec.threshold("C4")
     t, metric = verifier_table(df, metric, cells)
-    v = Verdict("C4", "n=4 vs n=1 of the ratio verifier, every loss, teacher init",
-                "relative shortfall (n=4 − n=1) / n=1, worst loss")
+    v = ClaimResult("C4", "n=4 vs n=1 of the ratio verifier, every loss, teacher init",
+                    "relative shortfall (n=4 − n=1) / n=1, worst loss", threshold=threshold,
+                    holds_if=holds_if, alpha=alpha, method=METHOD_SIMULTANEOUS)
     if t.empty:
         v.details.append("needs <metric>@resample1 and @resample4 rows (eval.verifier with n "
                          "including 1 and 4) of done teacher-init cells")
@@ -253,56 +262,44 @@ def claim_c4(df: pd.DataFrame, metric: str | None = None, mode: str | None = Non
     present = set(t["mode"])
     mode = mode or next(m for m in MODE_ORDER if m in present)
     t = t[t["mode"] == mode]
-    higher = higher_is_better(metric)
-    rng = rng if rng is not None else _rng(seed, "claims")
-
-    def deficit(x, ref):
-        d = (x - ref) / np.abs(ref)
-        return -d if higher else d
-
+    if seeds is not None:
+        t = t[t["seed"].isin(list(seeds))]
+    sign = -1.0 if higher_is_better(metric) else 1.0
     losses = sorted(t["loss"].unique(), key=loss_sort_key)
-    effects, boots, tested, untested, ns = [], [], [], [], []
+    pairs, untested = {}, []
     for loss in losses:
         g = t[(t["loss"] == loss) & t["n"].isin([1, 4])]
         w = g.groupby(["seed", "n"])["value"].mean().unstack("n")
-        if 1 not in w.columns or 4 not in w.columns:
+        if 1 not in w.columns or 4 not in w.columns or w.dropna(subset=[1, 4]).empty:
             untested.append(loss)
             continue
-        w = w.dropna(subset=[1, 4]).sort_index()
-        if w.empty:
-            untested.append(loss)
-            continue
-        a1, a4 = w[1].to_numpy(float), w[4].to_numpy(float)
-        m = len(a1)
-        eff = float(deficit(a4.mean(), a1.mean()))
-        if m > 1:
-            idx = rng.integers(0, m, size=(B, m))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                bt = deficit(a4[idx].mean(1), a1[idx].mean(1))
-        else:
-            bt = np.full(B, np.nan)
-        effects.append(eff)
-        boots.append(bt)
-        tested.append(loss)
-        ns.append(m)
-        lo, hi = _ci(bt)
-        v.details.append(f"{loss}: n=1 {fmt_pm(a1.mean(), a1.std(ddof=1) if m > 1 else math.nan)}"
-                         f", n=4 {fmt_pm(a4.mean(), a4.std(ddof=1) if m > 1 else math.nan)} "
-                         f"({fmt_pct(eff)}, 95% CI [{fmt_pct(lo)}, {fmt_pct(hi)}], {m} seeds)")
+        pairs[loss] = w.dropna(subset=[1, 4]).sort_index()
     if untested:
         v.details.append(f"not tested (no paired n=1 and n=4 rows): {', '.join(untested)}")
-    if not tested:
+    if not pairs:
         v.verdict = NOT_TESTED
         return v
+    effects, los, his = [], [], []
+    for loss, w in pairs.items():
+        a1, a4 = w[1].to_numpy(float), w[4].to_numpy(float)
+        u, d = sign * (a4 - a1), (a1 if a1.mean() > 0 else -a1)
+        e, lo, hi = (float(x) for x in fieller(u, d, alpha / len(pairs)))
+        effects.append(e), los.append(lo), his.append(hi)
+        m = len(a1)
+        _, lo1, hi1 = (float(x) for x in fieller(u, d, alpha))
+        v.details.append(f"{loss}: n=1 {fmt_pm(a1.mean(), a1.std(ddof=1) if m > 1 else math.nan)}"
+                         f", n=4 {fmt_pm(a4.mean(), a4.std(ddof=1) if m > 1 else math.nan)} "
+                         f"({fmt_pct(e)}, interval [{fmt_pct(lo1)}, {fmt_pct(hi1)}], {m} seeds)")
+    tested = list(pairs)
     worst = int(np.argmax(effects))
-    v.effect = effects[worst]
-    stacked = np.stack(boots, axis=-1)  # (B, losses): NaN in any loss -> NaN in the max
-    v.ci_low, v.ci_high = _ci(np.max(stacked, axis=-1))
-    v.n_seeds = min(ns)
+    v.effect, v.ci_low, v.ci_high = extreme(effects, los, his, worst=True)
+    common = sorted(set.intersection(*(set(w.index) for w in pairs.values())))
+    v.n_seeds, v.seeds = min(len(w) for w in pairs.values()), tuple(int(s) for s in common)
+    v.groups, v.comparisons = [(loss, "teacher") for loss in tested], len(tested)
+    v.cells = sorted(t.loc[t["loss"].isin(tested), "cell"].astype(str).unique())
     v.comparison = (f"n=4 vs n=1 ({mode}), paired by seed, teacher init, every one of "
                     f"{len(tested)} losses; worst: {tested[worst]}")
-    v.threshold, v.holds_if = 0.0, "below"
-    _finish(v)  # the verdict, and for an inconclusive one the seeds that would decide it
+    finish(v)
     if untested and v.verdict == "holds":
         v.verdict = f"inconclusive ({v.n_seeds} seed{'s' if v.n_seeds != 1 else ''})"
     return v

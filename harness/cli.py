@@ -162,7 +162,7 @@ def cmd_figures(args) -> int:
 
     study = load_study(args.study)
     root = args.results or study.results_root
-    for path in make_all(root, only=args.only, metric=args.metric):
+    for path in make_all(root, only=args.only, metric=args.metric, claims=study.claims):
         print(path)
     return 0
 

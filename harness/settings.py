@@ -52,8 +52,9 @@ MAX_FAILURES = _int(0, 100)
 DEFAULT_MAX_FAILURES = 0
 SECTIONS = tuple(k for k, v in C.DEFAULTS.items() if isinstance(v, dict) and k not in ("loss", "init"))
 TOP_KEYS = ("study", "description", "results", *SECTIONS, "loss", "init", "seed", "grid",
-            *C.STUDY_ONLY, "tracking", "tune")  # tracking: harness.tracking.check, not in cell
-# ids; tune: harness.tune_spec.check_tune (its choice enters cell ids as ordinary settings)
+            *C.STUDY_ONLY, "tracking", "tune", "claims", "seeds")  # tracking: harness.tracking.check,
+# not in cell ids; tune: harness.tune_spec.check_tune (its choice enters cell ids as ordinary
+# settings); claims, seeds: harness.claims_spec (seeds on demand add ordinary seed cells)
 
 
 def _setting(section: str, key: str | None) -> Setting:

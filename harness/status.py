@@ -13,7 +13,7 @@ import os
 import socket
 import time
 
-from . import lock, pin as pins, results
+from . import lock, pin as pins, results, rounds
 from .pin import canonical_json
 from .study import describe
 
@@ -133,10 +133,12 @@ def dry_run_report(study, root: str, cache: str | None = None) -> int:
         print(f"{len(study.cells)} cells would run once the data is there (dry run: nothing "
               f"written). Cell ids hash the data's fingerprint, so they are listed then.")
         raise
+    rows = results.load_rows(root)
+    now = rounds.plan(study, root, fp, rows)
+    study = rounds.with_cells(study, now.cells)
     pin = pins.pin_study(study, root, fp, write=False)
     teachers = teacher_plan(study, pin, cache) if cache else []
-    pin = pins.pin_study(study, root, fp, write=False)
-    states = cell_states(results.load_rows(root), pin.ids)
+    states = cell_states(rows, pin.ids)
     words = {"done": "done", "diverged": "diverged (final, not re-run)", "pending": "would run",
              "failed": "failed: would retry", "unfinished": "unfinished: would resume"}
     print(describe(study, pin.ids, [words[states[c]["state"]] for c in pin.ids]))
@@ -147,6 +149,8 @@ def dry_run_report(study, root: str, cache: str | None = None) -> int:
     count = lambda *s: sum(states[c]["state"] in s for c in pin.ids)  # noqa: E731
     print(f"{count('pending', 'failed', 'unfinished')} to run, {count('done')} done, "
           f"{count('diverged')} diverged, {len(pin.orphaned)} orphaned (dry run: nothing written)")
+    for line in rounds.cap_lines(study) + (rounds.describe_round(now) if study.claims.seeds else []):
+        print(line)
     return 0
 
 
@@ -175,6 +179,8 @@ def study_status(path: str, results_root: str | None = None) -> str:
     notes, pin = [], None
     try:
         fp, _ = fingerprints(study)
+        now = rounds.plan(study, root, fp)
+        study = rounds.with_cells(study, now.cells)
         pin = pins.pin_study(study, root, fp, write=False)
         current, orphaned = pin.current, pin.orphaned
         notes += pin.notes
@@ -219,6 +225,8 @@ def study_status(path: str, results_root: str | None = None) -> str:
     if pin is not None and current:
         cache = (holder or {}).get("cache") or results.cache_for(root, log=lambda *a: None)
         out += teacher_plan(study, pin, cache, live=holder is not None)
+    if pin is not None and study.claims.seeds is not None:
+        out += rounds.cap_lines(study) + rounds.describe_round(now)
     out += [f"note: {n}" for n in notes]
     rows = []
     for cid, cell in current:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 
 from . import config as C
+from .claims_spec import ClaimsSpec, check_claims
 from .pin import canonical_json
 from .settings import (DEFAULT_MAX_FAILURES, DEFAULT_RESOURCES, IMAGE_ARCHS, MAX_FAILURES, NAME_RE,
                        PATH_DATASETS, RESOURCES, SECTIONS, TEACHER_RESOURCES, TOP_KEYS, _Bad,
@@ -66,6 +67,8 @@ class Study:
     tune: object = None  # harness.tune_spec.Tune: the tune: section (never in cell ids itself)
     workers: int = 1  # resources.workers: Ray Train workers per cell (data parallel)
     teacher_resources: dict = field(default_factory=lambda: dict(DEFAULT_RESOURCES))  # per task
+    claims: ClaimsSpec = field(default_factory=ClaimsSpec)  # harness.claims_spec
+    seed_pool: list = field(default_factory=list)  # seeds on demand: every cell up to the cap
 
     @property
     def axis_names(self) -> list[str]:
@@ -175,7 +178,19 @@ class _Parser:
         tracking = _check_tracking(raw.get("tracking"))
 
         axes = self._grid(raw.get("grid"), raw, fixed)
-        cells = self._cells(fixed, axes)
+        claims = check_claims(raw.get("claims"), raw.get("seeds"), [a for a, _ in axes])
+        pool = []
+        if claims.seeds is not None:  # seeds on demand: the first round's cells; the rest wait
+            if "seed" in raw:
+                raise _Bad("seeds", "both seeds: (seeds on demand) and a fixed seed are given",
+                           "remove the top-level seed")
+            plan = claims.seeds
+            pool = self._cells(fixed, axes + [("seed", [_Value(s, s, "seeds")
+                                                        for s in plan.seeds(plan.max)])])
+            axes = axes + [("seed", [_Value(s, s, "seeds") for s in plan.seeds(plan.start)])]
+            cells = [c for c in pool if c.config["seed"] < plan.first + plan.start]
+        else:
+            cells = self._cells(fixed, axes)
         for cell in cells if workers > 1 else ():
             batch = cell.config["student"]["batch"]
             if batch % workers:
@@ -189,7 +204,8 @@ class _Parser:
                      axes=[(a, [v.value for v in vals]) for a, vals in axes], cells=cells,
                      resources=resources, max_failures=max_failures, raw=raw,
                      description=description, lines=dict(self.lines), tracking=tracking,
-                     workers=workers, teacher_resources=teacher_resources, tune=tune)
+                     workers=workers, teacher_resources=teacher_resources, tune=tune,
+                     claims=claims, seed_pool=pool)
 
     @staticmethod
     def _resources(raw: dict, key: str, schema: dict, out: dict) -> dict:

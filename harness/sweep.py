@@ -38,6 +38,10 @@ Cells:
   cells no experiment owns (new seeds, new axis values). The ``status=done`` rows are the truth
   about what finished, never Ray's ResultGrid.
 
+Rounds: a study with a ``seeds:`` plan runs the cells ``harness.rounds.plan`` names (its first
+seeds, the cells already stored, and the next seeds of the groups of open claims), then plans
+again from the stored rows, one Ray experiment per round, until no open claim needs a new cell.
+
 Clusters: ``--address auto`` (or ``RAY_ADDRESS``) joins a running cluster; the results root (and
 so Ray's storage) must then be a path every node sees or a pyarrow URI (``s3://...``), and the
 cache folder (``HARNESS_CACHE``, else ``<results root>/cache``) a shared path too: teachers are
@@ -60,7 +64,7 @@ import math
 import os
 import sys
 
-from . import pin as pins, results as store, tracking
+from . import pin as pins, results as store, rounds, tracking
 from .lock import acquire_lock
 from .status import FINAL, cell_states, dry_run_report, fingerprints
 from .status import study_status as _study_status
@@ -211,6 +215,7 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
         return dry_run_report(study, root, cache)
     fp, datasets = fingerprints(study)
     # Read-only first: what is pinned and done. Nothing is written before resources are checked.
+    study = rounds.with_cells(study, rounds.plan(study, root, fp).cells)
     plan = pins.pin_study(study, root, fp, write=False)
     states = cell_states(store.load_rows(root), plan.ids)
     pending = [c for c in plan.ids if states[c]["state"] not in FINAL]
@@ -234,26 +239,49 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
             print(note)
         study.tracking = tracking.preflight(study.tracking, study.name)
         with acquire_lock(root, cache):
-            pin = pins.pin_study(study, root, fp)
-            for note in pin.notes:
-                print(f"note: {note}")
-            if pin.orphaned:
-                print(f"{len(pin.orphaned)} orphaned cells (no longer in the study; their "
-                      f"results are kept and left out of figures): {', '.join(pin.orphaned)}")
-            states = cell_states(store.load_rows(root), pin.ids)
-            pending = [c for c in pin.ids if states[c]["state"] not in FINAL]
-            for line in tracking.describe(study.tracking, root):
-                print(line)
-            _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn)
-            from .progress import quiet_tune
-
-            with quiet_tune():
-                return _sweep(study, pin, pending, root, cache, device, cell_fn)
+            return _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn)
     finally:
         if started:
             import ray
 
             ray.shutdown()
+
+
+def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn) -> int:
+    """Run the study's pending cells; with a seeds plan, round after round until no claim is
+    open (each round re-planned from the stored rows: ``harness.rounds``)."""
+    from .progress import quiet_tune
+
+    n = 0
+    while True:
+        n += 1
+        pin = pins.pin_study(study, root, fp)
+        for note in pin.notes:
+            print(f"note: {note}")
+        if pin.orphaned and n == 1:
+            print(f"{len(pin.orphaned)} orphaned cells (no longer in the study; their "
+                  f"results are kept and left out of figures): {', '.join(pin.orphaned)}")
+        states = cell_states(store.load_rows(root), pin.ids)
+        pending = [c for c in pin.ids if states[c]["state"] not in FINAL]
+        if n == 1:
+            for line in tracking.describe(study.tracking, root):
+                print(line)
+        code = 0
+        if pending:
+            _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn)
+            with quiet_tune():
+                code = _sweep(study, pin, pending, root, cache, device, cell_fn)
+        if study.claims.seeds is None or code != 0:
+            return code
+        nxt = rounds.plan(study, root, fp)
+        for line in rounds.describe_round(nxt):
+            print(line)
+        if not nxt.adds:
+            return 0
+        seeds = max(len(v.next_seeds) for v in nxt.open)
+        print(f"round {study.claims.seeds.looks().index(seeds) + 1}: {len(nxt.adds)} cells added "
+              f"for the open claims")
+        study = rounds.with_cells(study, nxt.cells)
 
 
 def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:

@@ -125,8 +125,15 @@ def apply(study, choice: dict):
 
     if study.tune is None:
         return study
+    out = copy.copy(study)
+    out.cells = _tuned(study, study.cells, choice, Cell)
+    out.seed_pool = _tuned(study, getattr(study, "seed_pool", []), choice, Cell)
+    return out
+
+
+def _tuned(study, cells_in: list, choice: dict, Cell) -> list:
     cells, seen = [], {}
-    for cell in study.cells:
+    for cell in cells_in:
         label = loss_label(cell.config)
         if label not in choice:
             raise TuneError(f"no tuned values for loss {label} of study {study.name!r}")
@@ -138,9 +145,7 @@ def apply(study, choice: dict):
                             f"setting that does not merge them")
         seen[text] = cell.index
         cells.append(Cell(config=cfg, axes=dict(cell.axes), index=cell.index))
-    out = copy.copy(study)
-    out.cells = cells
-    return out
+    return cells
 
 
 def pinned(root: str) -> dict | None:

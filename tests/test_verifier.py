@@ -258,15 +258,15 @@ def test_verifier_figure_and_claim_c4(tmp_path):
     assert list(csv["loss"].drop_duplicates()) == ["sid", "ratio_js", "reference"]
     assert verifier_figure(df[df["init"] != "teacher"], str(tmp_path / "none")) == []
 
-    v = claim_c4(df, seed=0)
+    v = claim_c4(df)
     assert v.claim == "C4" and v.verdict == "holds" and v.n_seeds == 5
     assert v.effect == pytest.approx(-0.04, abs=0.01) and "worst: sid" in v.comparison
     assert v.ci_high < 0 and v.ci_low < v.effect < v.ci_high
-    assert claim_c4(df, seed=0).ci_low == v.ci_low  # deterministic
+    assert claim_c4(df).ci_low == v.ci_low  # analytic: no resampling
     worse = dict(better, sid=lambda n: 1 + 0.03 * math.log2(n))
-    assert claim_c4(_rows(worse), seed=0).verdict == "does not hold"
+    assert claim_c4(_rows(worse)).verdict == "does not hold"
     flat = dict(better, sid=lambda n: 1.0)
-    undecided = claim_c4(_rows(flat), seed=0)
+    undecided = claim_c4(_rows(flat))
     assert undecided.verdict.startswith("inconclusive")
     assert undecided.seeds_needed > 5 and "would decide it" in undecided.seeds_note
     assert claim_c4(df[df["init"] == "random"]).verdict == "not tested by this study"

@@ -1,0 +1,131 @@
+"""The claims engine on the small fixture store: one declaration with study overrides, claims
+within each level of other grid axes (never averaged across them unless pooled), no verdict at
+kimg 0, and the round-by-round replay that seeds on demand runs on (``harness.rounds``)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import pandas as pd
+import pytest
+
+from analysis.claims import NOT_AT_ZERO, claim_results, open_claims
+from analysis.data import load_study
+from harness.claims_spec import ClaimsSpec, SeedPlan
+from harness.study import parse_study
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURE = os.path.join(HERE, "fixtures", "results_small")
+
+
+@pytest.fixture(scope="module")
+def study():
+    return load_study(FIXTURE)
+
+
+def _by_name(results):
+    return {v.name: v for v in results}
+
+
+def test_study_file_overrides_the_declaration():
+    """claims: and seeds: in a study file change only what they name; the rest are the
+    declared defaults."""
+    s = parse_study("study: s\ngrid: {loss: [sid, ratio_js], student.lr: [1.0e-4, 1.0e-3]}\n"
+                    "claims: {thresholds: {C1: 0.05}, pair: [ratio_js, sid], pool: [student.lr],"
+                    " alpha: 0.1}\nseeds: {start: 2, max: 6}\n", "s.yaml")
+    default = ClaimsSpec()
+    assert s.claims.threshold("C1") == (0.05, "below")
+    assert s.claims.threshold("C2") == default.threshold("C2") == (0.25, "above")
+    assert s.claims.pool == ("student.lr",) and s.claims.alpha == 0.1
+    assert s.claims.seeds == SeedPlan(start=2, step=2, max=6, first=0)
+    assert s.claims.seeds.looks() == [2, 4, 6]
+    # the first round's cells are seeds 0, 1; the pool holds every seed up to the cap
+    assert sorted({c.config["seed"] for c in s.cells}) == [0, 1]
+    assert len(s.cells) == 2 * 2 * 2 and len(s.seed_pool) == 2 * 2 * 6
+    assert parse_study("study: s\ngrid: {loss: [sid]}\n", "s.yaml").claims == default
+
+
+def test_threshold_override_changes_the_verdict(study):
+    c1 = _by_name(claim_results(study))["C1"]
+    assert c1.verdict == "holds" and c1.ci_high < 0.10
+    tight = dataclasses.replace(ClaimsSpec(), thresholds={**ClaimsSpec().thresholds,
+                                                          "C1": c1.ci_low / 2})
+    assert _by_name(claim_results(study, tight))["C1"].verdict == "does not hold"
+
+
+def _two_levels(study):
+    """The fixture's cells twice, as two levels of student.lr; at the second level random init
+    is as good as teacher init (C2 does not hold there)."""
+    f = study.final
+    lv = lambda lr: json.dumps({"student.lr": lr}, sort_keys=True)  # noqa: E731
+    good = f.assign(levels=lv(0.0001))
+    teach = f[f["init"] == "teacher"].set_index(["loss", "seed"])["value"]
+    rand = (f["init"] == "random").to_numpy()
+    same = teach.reindex(pd.MultiIndex.from_frame(f[["loss", "seed"]])).to_numpy() * 1.02
+    bad = f.assign(levels=lv(0.001), value=f["value"].where(~rand, same),
+                   cell=f["cell"] + "-b")
+    cells = pd.concat([study.cells.assign(levels=lv(0.0001)),
+                       study.cells.assign(levels=lv(0.001), cell=study.cells["cell"] + "-b")])
+    return dataclasses.replace(study, final=pd.concat([good, bad], ignore_index=True),
+                               cells=cells)
+
+
+def test_claims_are_judged_within_each_level(study):
+    two = _two_levels(study)
+    v = _by_name(claim_results(two))
+    low, high = v["C2 (student.lr=0.0001)"], v["C2 (student.lr=0.001)"]
+    assert low.verdict == "holds" and high.verdict == "does not hold"
+    assert low.level == {"student.lr": 0.0001} and "C2" not in v
+    assert low.effect == pytest.approx(_by_name(claim_results(study))["C2"].effect)
+    # pooled only when the study says so: then one C2 over 8 (loss, lr) groups
+    pooled = _by_name(claim_results(two, ClaimsSpec(pool=("student.lr",))))
+    assert "averaged over 8 losses" in pooled["C2"].comparison
+    assert pooled["C2"].level == {}
+
+
+def test_no_verdict_at_kimg_0(study):
+    at0 = study.scores[study.scores["kimg"] == 0]
+    assert not at0.empty
+    assert {v.verdict for v in claim_results(study, final=at0, kimg=0.0)} == {NOT_AT_ZERO}
+    from analysis.claims_report import claims_by_kimg
+
+    assert (claims_by_kimg(study)["kimg"] > 0).all()
+
+
+def test_rounds_replay_decides_or_opens_each_claim(study):
+    """With a seeds plan a claim keeps the verdict of the first round that decides it; one
+    undecided at the last complete round is open, naming the seeds and cells of the next."""
+    spec = ClaimsSpec(seeds=SeedPlan(start=2, step=1, max=4))
+    v = _by_name(claim_results(study, spec))
+    c2 = v["C2"]
+    assert c2.verdict == "holds" and c2.round == 1 and c2.rounds == 3 and not c2.next_seeds
+    assert c2.alpha == pytest.approx(0.05 * math.log1p((math.e - 1) * 2 / 4))  # spent at 2/4
+    best = v["C1-best"]
+    assert best.verdict.startswith("open") and best.next_seeds == (0, 1, 2)
+    assert best.seeds == (0, 1) and best.round is None
+    cells = set(study.cells.loc[study.cells["init"] == "teacher", "cell"])
+    assert set(best.cells) <= cells and len(best.cells) >= 8
+    assert "C1-best" in {o.name for o in open_claims(claim_results(study, spec))}
+    # without the plan: one look at every seed, no claim open
+    assert not open_claims(claim_results(study))
+
+
+def test_dry_run_and_status_show_the_cap_and_the_claims(tmp_path, capsys):
+    """A study with a seeds plan: the dry run gives the most it can cost (every group at the
+    cap) and `harness status` the plan and the claims' state; nothing is written."""
+    from harness.sweep import run_study, study_status
+
+    path = tmp_path / "s.yaml"
+    path.write_text("study: capped\ndata: {name: toy2d}\nteacher: {kimg: 4}\n"
+                    "student: {kimg: 2, batch: 64}\ngrid: {loss: [ratio_js, sid], "
+                    "init: [teacher, random]}\nseeds: {start: 3, step: 2, max: 9}\n")
+    root = str(tmp_path / "r")
+    assert run_study(str(path), results=root, dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert "12 to run" in out and "up to 9 (4 rounds at most)" in out
+    assert "at most 36 cells (72 kimg of student training)" in out
+    status = study_status(str(path), root)
+    assert "this round: 12 cells" in status and "claims: not judged yet" in status
+    assert not os.path.exists(root) or not os.listdir(root)
