@@ -1,0 +1,82 @@
+"""Judged claims as plain objects: the ONE place that reads the claims engine for the forest
+figure, the study page and the notebook API.
+
+``judged_claims`` calls ``analysis.claims.judge`` (and the verifier's C4 when the study has
+verifier rows) with the rng stream of the ``claims`` output, so every number equals the one in
+``claims.md`` / ``claims.data.csv``; it returns ``Claim`` records with fixed field names, so a
+new claims engine is re-pointed here and nowhere else.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .claims import C1_PAIR, RULES, STATEMENTS, judge
+from .data import B, Study
+
+METHOD = f"percentile bootstrap over seeds ({B} resamples), 95% interval"
+"""How the current engine computes an interval (a Verdict's own ``method`` wins if it has one)."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim judged on one study.
+
+    ``effect``/``lo``/``hi``/``threshold`` are fractions (0.1 = 10%) for every claim: a relative
+    shortfall (C1, C2, C4) or a share of the teacher-random gap (C3a-C3e). ``holds_if``:
+    'below' (holds when ``hi`` < threshold) or 'above' (holds when ``lo`` > threshold).
+    ``kimg``: None for the final scores. NaN effect: not tested (``verdict`` says why).
+    """
+    name: str
+    statement: str
+    comparison: str
+    effect_name: str
+    rule: str
+    method: str
+    effect: float
+    lo: float
+    hi: float
+    threshold: float
+    holds_if: str
+    verdict: str
+    n_seeds: int
+    seeds_to_decide: int | None
+    kimg: float | None
+    details: tuple = ()
+
+    @property
+    def tested(self) -> bool:
+        return math.isfinite(self.effect) and self.name != "C3"
+
+
+def judged_claims(study: Study, rng: np.random.Generator, pair: tuple[str, str] | None = None,
+                  rows: pd.DataFrame | None = None, kimg: float | None = None) -> list[Claim]:
+    """Every claim of ``study`` (``rng``: the ``claims`` output's stream, ``figures.rng_for``);
+    ``rows``: the stored rows, for the verifier's C4 when present."""
+    verdicts = judge(study, rng, pair=pair or C1_PAIR)
+    if rows is not None and rows["metric"].str.contains("@", regex=False).any():
+        from .verifier import RULE_C4, STATEMENT_C4, claim_c4  # (verifier imports claims_report)
+
+        STATEMENTS.setdefault("C4", STATEMENT_C4)
+        RULES.setdefault("C4", RULE_C4)
+        verdicts.append(claim_c4(rows, metric=study.metric, rng=rng, cells=set(study.final.cell)))
+    out = []
+    for v in verdicts:
+        base = v.claim.split("[")[0]
+        out.append(Claim(
+            name=v.claim, statement=STATEMENTS.get(base, ""), comparison=v.comparison,
+            effect_name=v.effect_name, rule=RULES.get(base, ""),
+            method=getattr(v, "method", METHOD), effect=float(v.effect), lo=float(v.ci_low),
+            hi=float(v.ci_high), threshold=float(v.threshold), holds_if=v.holds_if,
+            verdict=v.verdict, n_seeds=int(v.n_seeds or 0), seeds_to_decide=v.seeds_needed,
+            kimg=kimg, details=tuple(v.details)))
+    return out
+
+
+def claims_frame(claims: list[Claim]) -> pd.DataFrame:
+    """One row per claim (the fields of ``Claim``, details left out)."""
+    cols = [f for f in Claim.__dataclass_fields__ if f != "details"]
+    return pd.DataFrame([{c: getattr(k, c) for c in cols} for k in claims], columns=cols)
