@@ -37,6 +37,14 @@ def _shown(study: Study, df: pd.DataFrame | None = None, what: str = "mean") -> 
     return out + ("; groups with one seed: no interval" if lo <= 1 else "")
 
 
+def _seeds_shown(study: Study, df: pd.DataFrame | None = None) -> str:
+    """'every seed a dot, the median a bar; 3 seeds' for per-seed figures."""
+    lo, hi, words = study.seeds_phrase(df)
+    if hi <= 1:
+        return "single runs: one seed per cell"
+    return f"every seed shown, median on top; {words}"
+
+
 def _ref_handles(study: Study, names=("teacher_heun35", "data_floor", "data_halves")):
     out = []
     for name in names:
