@@ -133,6 +133,8 @@ def write_claims_kimg(study: Study, out_dir: str, rng: np.random.Generator,
     from matplotlib.lines import Line2D
 
     df = claims_by_kimg(study, rng, pair)
+    if not df.empty:  # no verdict at kimg 0: the generators there are untrained
+        df = df[df["kimg"] > 0].reset_index(drop=True)
     if df.empty:
         return []
     csv = write_csv(df.drop(columns=["comparison", "effect_name"]), out_dir, "claims_kimg")
@@ -171,9 +173,9 @@ def write_claims_kimg(study: Study, out_dir: str, rng: np.random.Generator,
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
                    title="verdict at that kimg")
         _, hi_n, words = study.seeds_phrase()
-        fig.suptitle(f"Claims at every evaluated kimg on {study.metric}: estimate and 95% "
+        fig.suptitle(f"Claims at every evaluated kimg > 0 on {study.metric}: estimate and 95% "
                      f"bootstrap CI over {words}" if hi_n > 1 else
-                     f"Claims at every evaluated kimg on {study.metric} (one seed per cell: no "
+                     f"Claims at every evaluated kimg > 0 on {study.metric} (one seed per cell: no "
                      f"interval, every verdict inconclusive)", fontsize=8.5,
                      y=1 - 0.12 / fig.get_size_inches()[1], va="top")
         return [csv] + save(fig, out_dir, "claims_kimg", study.note())

@@ -4,7 +4,8 @@
 
 Outputs (``only`` picks one; an unknown name raises ``ConfigError``, a ValueError that lists the
 valid names): the keys of ``BUILDERS``: heatmap and curves here, reset, mapping and transplant in
-``analysis.init_figures``, samples, table, claims, claims_kimg, verifier and tuning in their own
+``analysis.init_figures``, forest (every claim against its threshold) and kimg0 in
+``analysis.overview_figures``, samples, table, claims, claims_kimg, verifier and tuning in their own
 modules; the pieces every figure shares are ``analysis.panels``.
 Each figure is written as ``<name>.png`` (dpi 150) and ``<name>.pdf`` plus its aggregated data as
 ``<name>.data.csv`` (floats to 6 significant digits). Figures use one primary quality metric
@@ -35,6 +36,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from .data import Study, load_study, ordered  # noqa: E402
 from .init_figures import mapping, reset, transplant  # noqa: E402
+from .overview_figures import forest, kimg0  # noqa: E402
 from .panels import (_draw_refs, _legend_right, _order_key, _ref_handles,  # noqa: E402
                      _seeds_shown, _ylabel)
 from matplotlib.patheffects import withStroke  # noqa: E402
@@ -233,9 +235,10 @@ def _claims_kimg(study, out_dir, rng, timer, c1_pair=None):
         return write_claims_kimg(study, out_dir, rng, pair=c1_pair)
 
 
-BUILDERS = {"heatmap": heatmap, "curves": curves, "reset": reset, "transplant": transplant,
-            "mapping": mapping, "samples": _samples, "table": _table, "claims": _claims,
-            "claims_kimg": _claims_kimg, "verifier": _verifier, "tuning": _tuning}
+BUILDERS = {"heatmap": heatmap, "curves": curves, "kimg0": kimg0, "reset": reset,
+            "transplant": transplant, "mapping": mapping, "samples": _samples, "table": _table,
+            "claims": _claims, "forest": forest, "claims_kimg": _claims_kimg,
+            "verifier": _verifier, "tuning": _tuning}
 OUTPUTS = tuple(BUILDERS)
 
 
@@ -286,11 +289,11 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
     paths = []
     for name in ([only] if only else OUTPUTS):
         kw = ({"root": root} if name == "samples" else
-              {"c1_pair": c1_pair, "rows": rows} if name == "claims" else
+              {"c1_pair": c1_pair, "rows": rows} if name in ("claims", "forest") else
               {"c1_pair": c1_pair} if name == "claims_kimg" else
               {"rows": rows} if name == "verifier" else
               {"root": root, "rows": rows} if name == "tuning" else {})
-        # claims_kimg draws from the claims stream: its last kimg reproduces claims.md
-        stream = "claims" if name == "claims_kimg" else name
+        # forest and claims_kimg draw from the claims stream: the numbers of claims.md
+        stream = "claims" if name in ("claims_kimg", "forest") else name
         paths += BUILDERS[name](study, out_dir, rng_for(seed, stream), timer, **kw)
     return paths
