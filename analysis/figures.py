@@ -133,7 +133,8 @@ def curves(study: Study, out_dir: str, rng, timer) -> list[str]:
         agg = ordered(agg, init_order=study.init_order).sort_values(
             ["loss", "init", "kimg"], kind="stable", key=_order_key(study)).reset_index(drop=True)
         refs = _ref_handles(study)
-        data = pd.concat([agg, pd.DataFrame([{"loss": "reference", "init": n, "median": v}
+        data = pd.concat([agg, pd.DataFrame([{"loss": "reference", "init": n, "median": v,
+                                             "mean": v}
                                              for n, v, _, _ in refs])], ignore_index=True)
         data.insert(0, "metric", study.metric)
         csv = write_csv(data, out_dir, "curves")

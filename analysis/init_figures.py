@@ -91,7 +91,8 @@ def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: li
         agg.insert(2, "role", agg["init"].map(role).fillna("").str.replace("\n", " "))
         refs = _ref_handles(study) if ref_lines else []
         if refs:
-            agg = pd.concat([agg, pd.DataFrame([{"loss": "reference", "init": n, "median": v}
+            agg = pd.concat([agg, pd.DataFrame([{"loss": "reference", "init": n, "median": v,
+                                             "mean": v}
                                                 for n, v, _, _ in refs])], ignore_index=True)
         agg.insert(0, "metric", study.metric)
         csv = write_csv(agg, out_dir, name)

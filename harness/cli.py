@@ -177,7 +177,8 @@ def cmd_report(args) -> int:
     root = args.results or study.results_root
     with open(args.study, encoding="utf-8") as f:
         text = f.read()
-    print(write_report(root, study_text=text, study_path=args.study, metric=args.metric))
+    print(write_report(root, study_text=text, study_path=args.study, metric=args.metric,
+                       regenerate=not args.no_figures))
     return 0
 
 
@@ -285,6 +286,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("study", help="study YAML file")
     sp.add_argument("--results", default=None, help="results root (default: the study's)")
     sp.add_argument("--metric", default=None, help="metric to report (default: the study's primary)")
+    sp.add_argument("--no-figures", action="store_true", help="inline the figures already in "
+                    "<results>/figures instead of drawing them again (default: draw them)")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("compact", help="merge a study's result files into one per kind "
