@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 import time
 import zlib
 from contextlib import contextmanager
@@ -79,7 +80,7 @@ def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
         seeds = agg.pivot(index="init", columns="loss", values="values").reindex_like(med)
         nr, nc = med.shape
         multi = study.seeds_phrase()[1] > 1
-        cw, ch, left, bottom, top = 1.05, 0.42 if multi else 0.3, 1.75, 0.3, 0.75
+        cw, ch, left, bottom, top = 0.85, 0.42 if multi else 0.3, 1.6, 0.3, 0.75
         ch = max(ch, 1.5 / max(nr, 1))  # the colour bar (as tall as the rows) fits its label
         fw, fh = left + cw * nc + 1.0, bottom + ch * nr + top
         fig = plt.figure(figsize=(fw, fh))
@@ -107,7 +108,8 @@ def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
                             ha="center", va="center", fontsize=5.6, color=ink)
         ax.set_facecolor("#eeeeee")
         ax.grid(False)
-        ax.set_yticklabels([study.display(t.get_text()).replace("\n+", "+").replace("\n", " ")
+        ax.set_yticklabels([textwrap.fill(study.display(t.get_text()).replace("\n+", "+")
+                                          .replace("\n", " "), 30)
                             for t in ax.get_yticklabels()], rotation=0, fontsize=6.5)
         ax.set_xticklabels(ax.get_xticklabels(), rotation=0)
         ax.xaxis.tick_top()
