@@ -31,7 +31,7 @@ CAPTIONS = {
                "value under it (groups can be bimodal, so no mean ± std).",
     "curves": "Score during training: one thin line per seed, the median over seeds on top; "
               "reference lines are the teacher's multi-step sampler and the data floor.",
-    "forest": "Every claim's effect and 95% interval against its threshold (dashed); the "
+    "forest": "Every claim's effect and 95% interval against its threshold (red tick); the "
               "verdict is the interval's side of the threshold.",
     "kimg0": "Each init at kimg 0 (the generator before training) and at the end of training, "
              "one point per seed, lines joining a seed's two scores.",
@@ -141,10 +141,10 @@ def _cells_section(s: StudyResults) -> list[str]:
     headers = ["cell", "loss", "init", "seed", "status", "in figures", "final kimg",
                f"final {s.metric}", "compute (s)", "message"]
     return ['<h2 id="cells">Cells</h2>',
-            '<p><input type="search" data-table="cells" placeholder="filter: any text, e.g. '
-            'sid or diverged" aria-label="filter cells"> <span id="cells-count" class=muted>'
+            '<p><input type="search" data-table="cell-table" placeholder="filter: any text, e.g. '
+            'sid or diverged" aria-label="filter cells"> <span id="cell-table-count" class=muted>'
             f"{len(rows)} of {len(rows)} cells shown</span> · click a column header to sort</p>",
-            table(headers, rows, numeric={3, 6, 7, 8}, tid="cells", sortable=True)]
+            table(headers, rows, numeric={3, 6, 7, 8}, tid="cell-table", sortable=True)]
 
 
 def _protocol_section(s: StudyResults) -> list[str]:
@@ -170,7 +170,7 @@ def _protocol_section(s: StudyResults) -> list[str]:
 
 
 def _versions_section(s: StudyResults) -> list[str]:
-    rows = s.rows
+    rows = s.rows.loc[(s.rows["status"] != "reference").to_numpy()]
     ver = rows.groupby("version", dropna=False)["cell"].nunique()
     items = [[f"harness (rows of {n} cell{'s' if n != 1 else ''})", v if isinstance(v, str)
               else "(not recorded)"] for v, n in ver.items()]

@@ -18,7 +18,7 @@ table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}
 table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
 figure{margin:1.2em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:13px;color:#444;max-width:900px}
-pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}
+pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px;white-space:pre-wrap}
 .holds{color:#026b4e;font-weight:600}.nothold{color:#a33b00;font-weight:600}
 .muted{color:#666}input[type=search]{width:22em;padding:3px}
 """

@@ -165,7 +165,7 @@ def test_page_lists_every_cell_claim_and_version(page):
 
     root, _, html = page
     s = analysis.open_study(root)
-    cells = re.search(r'<table id="cells".*?</table>', html, re.S).group(0)
+    cells = re.search(r'<table id="cell-table".*?</table>', html, re.S).group(0)
     assert cells.count("<tr>") == len(s.cells) + 1  # header row + one per cell
     for c in s.cells["cell"]:
         assert f"<td>{c}</td>" in cells
