@@ -1,9 +1,8 @@
 """The init-ablation figures of SPEC §8: ``reset`` (per reset group, matched vs fresh),
 ``mapping`` (mapping vs features: teacher, reset output, band teachers, mapping_match, random)
-and ``transplant`` (score vs sigma_feat), each with teacher and random init as references."""
+and ``transplant`` (score vs sigma_feat), each with teacher and random init as references.
+Every seed is drawn (a dot each) with the median on top: groups of 2-3 seeds can be bimodal."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pandas as pd

@@ -23,7 +23,7 @@ import pandas as pd
 from .data import (B, FLOOR_NAMES, choose_metric, extra_axis_labels, higher_is_better, mean_ci,
                    ordered)
 from .style import (RC, axis_limits, REFERENCE_STYLE, fmt_num, fmt_pm, loss_palette, loss_sort_key,
-                    metric_label, panel_grid, save, use_log, write_csv)
+                    panel_grid, save, use_log, write_csv)
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
