@@ -36,8 +36,8 @@ def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = N
             return [csv]
         with plt.rc_context(RC):
             h = 0.6 + 0.28 * len(shown)
-            fig, ax = plt.subplots(figsize=(4.2, h))
-            fig.subplots_adjust(left=0.28, right=0.72)
+            fig, ax = plt.subplots(figsize=(4.8, h))
+            fig.subplots_adjust(left=0.34, right=0.7)  # claim names left, verdicts right
             ys = np.arange(len(shown))[::-1]
             for y, c in zip(ys, shown):
                 pct = [100 * c.effect, 100 * c.lo, 100 * c.hi, 100 * c.threshold]
@@ -57,13 +57,14 @@ def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = N
             ax.set_xscale("symlog", linthresh=100)
             ax.set_yticks(ys)
             ax.set_yticklabels([c.name for c in shown], fontsize=7)
+            ax.set_ylabel("claim", fontsize=7)
             ax.set_ylim(-0.7, len(shown) - 0.3)
             ax.grid(axis="y", visible=False)
             ax.tick_params(axis="x", labelsize=6.5)
             ax.set_xlabel("effect (%), 95% interval; symmetric log beyond ±100%", fontsize=7)
             _, hi, words = study.seeds_phrase()
-            ax.set_title(f"Claims on final {study.metric}: estimate, 95% interval ({words}) "
-                         f"and threshold", fontsize=7.5)
+            ax.set_title(f"Claims on final {study.metric}:\nestimate, 95% interval ({words}), "
+                         f"threshold", fontsize=7.5)
             return [csv] + save(fig, out_dir, "forest", study.note())
 
 
