@@ -82,6 +82,7 @@ def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
         multi = study.seeds_phrase()[1] > 1
         cw, ch, left, bottom, top = 0.85, 0.42 if multi else 0.3, 1.6, 0.3, 0.75
         ch = max(ch, 1.5 / max(nr, 1))  # the colour bar (as tall as the rows) fits its label
+        top += 0.12 * max(_column_label(lo).count("\n") for lo in study.loss_order)
         fw, fh = left + cw * nc + 1.0, bottom + ch * nr + top
         fig = plt.figure(figsize=(fw, fh))
         ax = fig.add_axes((left / fw, bottom / fh, cw * nc / fw, ch * nr / fh))
@@ -111,7 +112,8 @@ def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
         ax.set_yticklabels([textwrap.fill(study.display(t.get_text()).replace("\n+", "+")
                                           .replace("\n", " "), 30)
                             for t in ax.get_yticklabels()], rotation=0, fontsize=6.5)
-        ax.set_xticklabels(ax.get_xticklabels(), rotation=0)
+        ax.set_xticklabels([_column_label(t.get_text()) for t in ax.get_xticklabels()],
+                           rotation=0, fontsize=7)
         ax.xaxis.tick_top()
         ax.xaxis.set_label_position("top")
         ax.set_xlabel("")
@@ -124,6 +126,13 @@ def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
         fig.suptitle(title, fontsize=8.5, x=(left + cw * nc / 2) / fw,
                      y=1 - 0.02 / fh, va="top")
         return [csv] + save(fig, out_dir, "heatmap", study.note())
+
+
+def _column_label(label: str) -> str:
+    """A loss label fitted to a heatmap column: extra-axis values on their own lines."""
+    if len(label) <= 12:
+        return label
+    return label.replace(" (", "\n(").replace(", ", ",\n").replace("=", "=\n")
 
 
 # ------------------------------------------------------------------------------------ curves
