@@ -16,6 +16,7 @@ import pandas as pd
 
 from .claims import C1_PAIR, RULES, STATEMENTS, judge
 from .data import B, Study
+from .verifier import RULE_C4, STATEMENT_C4, claim_c4
 
 METHOD = f"percentile bootstrap over seeds ({B} resamples), 95% interval"
 """How the current engine computes an interval (a Verdict's own ``method`` wins if it has one)."""
@@ -58,8 +59,6 @@ def judged_claims(study: Study, rng: np.random.Generator, pair: tuple[str, str] 
     ``rows``: the stored rows, for the verifier's C4 when present."""
     verdicts = judge(study, rng, pair=pair or C1_PAIR)
     if rows is not None and rows["metric"].str.contains("@", regex=False).any():
-        from .verifier import RULE_C4, STATEMENT_C4, claim_c4  # (verifier imports claims_report)
-
         STATEMENTS.setdefault("C4", STATEMENT_C4)
         RULES.setdefault("C4", RULE_C4)
         verdicts.append(claim_c4(rows, metric=study.metric, rng=rng, cells=set(study.final.cell)))
