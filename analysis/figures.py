@@ -38,7 +38,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from .data import Study, load_study, ordered  # noqa: E402
 from .init_figures import mapping, reset, transplant  # noqa: E402
 from .overview_figures import forest, kimg0  # noqa: E402
-from .panels import (_draw_refs, _legend_right, _order_key, _ref_handles,  # noqa: E402
+from .panels import (_draw_refs, _order_key, _ref_handles,  # noqa: E402
                      _seeds_shown, _ylabel)
 from matplotlib.patheffects import withStroke  # noqa: E402
 from .tuning import build as _tuning  # noqa: E402  (harness tune: metric vs hyperparameters)
@@ -151,12 +151,12 @@ def curves(study: Study, out_dir: str, rng, timer) -> list[str]:
         csv = write_csv(data, out_dir, "curves")
     with timer("curves: render"), plt.rc_context(RC):
         inits = study.init_order
-        ncol = min(4, len(inits))
+        ncol = min(3, len(inits))  # three panels across and the legend below: a page wide
         titles = [study.display(i).replace("\n+", "+") for i in inits]
         lines = max(t.count("\n") + 1 for t in titles)
         w = {1: 3.2, 2: 2.6}.get(ncol, 1.75)  # four panels across fit a two-column page width
         fig, axes, (nrow, _) = panel_grid(len(inits), ncol, w=w, h=w * 0.75,
-                                          top=0.45 + 0.11 * lines, hgap=0.3 + 0.11 * lines,
+                                          top=0.6 + 0.11 * lines, hgap=0.3 + 0.11 * lines,
                                           left=0.6)
         refv = [v for _, v, _, _ in refs]
         vals = study.scores["value"].dropna().tolist() + refv
@@ -204,10 +204,12 @@ def curves(study: Study, out_dir: str, rng, timer) -> list[str]:
             labels.append("median over seeds")
         handles += [h for _, _, h, _ in refs]
         labels += [lb for _, _, _, lb in refs]
-        fig.suptitle(f"{_ylabel(study)} vs {KIMG_LABEL}: "
+        fig.suptitle(f"{_ylabel(study)} vs {KIMG_LABEL}:\n"
                      f"{_seeds_shown(study) if multi else 'one seed per cell'}",
                      fontsize=8, y=1 - 0.15 / fig.get_size_inches()[1], va="top")
-        _legend_right(fig, handles, labels, title="loss")
+        fig.legend(handles, [textwrap.fill(lb, 48) for lb in labels], loc="upper center",
+                   bbox_to_anchor=(0.5, 0.0), ncol=2 if len(labels) > 4 else len(labels),
+                   frameon=False, fontsize=7)
         return [csv] + save(fig, out_dir, "curves", study.note())
 
 

@@ -242,7 +242,9 @@ def transplant(study: Study, out_dir: str, rng, timer) -> list[str]:
         ax.set_title(f"Final {study.metric} vs transplanted feature noise level\n"
                      f"({_seeds_shown(study, ft)})", fontsize=8.5)
         handles = [Line2D([], [], color=study.palette[lo], marker="o", lw=1.3) for lo in losses]
-        labels = [f"{lo}: a dot per seed, line through medians" for lo in losses]
+        labels = list(losses)
+        handles.append(Line2D([], [], color="#444444", marker="o", ls="none"))
+        labels.append("one seed (the line: medians)")
         for v in variants:
             ls, mk, filled = TRANSPLANT_STYLE[v]
             handles.append(Line2D([], [], color="#444444", ls=ls, marker=mk, lw=1.2,

@@ -14,7 +14,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from .claim_view import claims_frame, judged_claims  # noqa: E402
 from .data import Study  # noqa: E402
-from .panels import _legend_right, _seeds_shown, _ylabel  # noqa: E402
+from .panels import _seeds_shown, _ylabel  # noqa: E402
 from .seeds import offsets  # noqa: E402
 
 
@@ -75,8 +75,8 @@ def _verdict_words(c) -> str:
 
 # -------------------------------------------------------------------------------------- kimg0
 def kimg0(study: Study, out_dir: str, rng, timer) -> list[str]:
-    """Per init and loss, every seed's score at kimg 0 (hollow grey) joined to its final score
-    (filled, loss colour): what training did to each start."""
+    """Per init (rows) and loss, every seed's score at kimg 0 (hollow grey) joined to its final
+    score (filled, loss colour): what training did to each start."""
     s = study.scores
     first = s[s["kimg"] == 0][["cell", "value"]].rename(columns={"value": "kimg0"})
     if first.empty:
@@ -95,36 +95,38 @@ def kimg0(study: Study, out_dir: str, rng, timer) -> list[str]:
         cats = [i for i in study.init_order if i in set(d["init"])]
         losses = [lo for lo in study.loss_order if lo in set(d["loss"])]
         with plt.rc_context(RC):
-            fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(cats) * max(1, len(losses) / 2),
-                                            3.0))
+            # inits down the page (one row each), score across: a column wide for any grid
+            fig, ax = plt.subplots(figsize=(4.4, 0.9 + 0.1 * len(cats) * max(2, len(losses))))
             width = 0.8 / max(1, len(losses))
             for j, loss in enumerate(losses):
                 c = study.palette[loss]
                 for i, init in enumerate(cats):
                     g = d[(d["loss"] == loss) & (d["init"] == init)]
-                    x = i + (j - (len(losses) - 1) / 2) * width + offsets(len(g), width * 0.5)
-                    for xi, a, b in zip(x, g["kimg0"], g["final"]):
-                        ax.plot([xi, xi], [a, b], color=c, lw=0.7, alpha=0.6, zorder=1)
-                    ax.scatter(x, g["kimg0"], s=12, facecolors="white", edgecolors="#777777",
+                    y = i + (j - (len(losses) - 1) / 2) * width + offsets(len(g), width * 0.6)
+                    for yi, a, b in zip(y, g["kimg0"], g["final"]):
+                        ax.plot([a, b], [yi, yi], color=c, lw=0.7, alpha=0.6, zorder=1)
+                    ax.scatter(g["kimg0"], y, s=11, facecolors="white", edgecolors="#777777",
                                lw=0.9, zorder=2)
-                    ax.scatter(x, g["final"], s=14, color=c, zorder=3)
+                    ax.scatter(g["final"], y, s=13, color=c, zorder=3)
             vals = d["kimg0"].tolist() + d["final"].tolist()
             log = use_log(vals)
             if log:
-                ax.set_yscale("log")
-            ax.set_ylim(*axis_limits(vals, log))
-            ax.set_xticks(range(len(cats)))
-            ax.set_xticklabels([study.display(i).replace("\n+", "+") for i in cats],
-                               fontsize=5.8, rotation=90)
-            ax.set_xlim(-0.6, len(cats) - 0.4)
-            ax.grid(axis="x", visible=False)
-            ax.set_ylabel(_ylabel(study), fontsize=8)
+                ax.set_xscale("log")
+            ax.set_xlim(*axis_limits(vals, log))
+            ax.set_yticks(range(len(cats)))
+            ax.set_yticklabels([study.display(i).replace("\n+", "+").replace("\n", " ")
+                                for i in cats], fontsize=6.5)
+            ax.set_ylim(len(cats) - 0.5, -0.5)
+            ax.grid(axis="y", visible=False)
+            ax.set_xlabel(_ylabel(study), fontsize=8)
             ax.set_title(f"Each init at kimg 0 and at the end of training\n"
                          f"({_seeds_shown(study).replace('median on top; ', '')})", fontsize=8)
             handles = [Line2D([], [], ls="none", marker="o", mfc="white", mec="#777777")]
             labels = ["kimg 0 (before training)"]
             handles += [Line2D([], [], marker="o", color=study.palette[lo], lw=0.7)
                         for lo in losses]
-            labels += [f"final, {lo} (line: the same seed)" for lo in losses]
-            _legend_right(ax, handles, labels)
+            labels += [f"final, {lo}" for lo in losses]
+            fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2,
+                       frameon=False, fontsize=7, title="a line joins one seed's two scores",
+                       title_fontsize=7)
             return [csv] + save(fig, out_dir, "kimg0", study.note())
