@@ -202,8 +202,9 @@ def write_report(root: str, study_text: str | None = None, study_path: str | Non
     body += _claims_section(s.claims)
     body.append('<h2 id="figures">Figures</h2>')
     for fname, path in figs:
+        width = round(_png_width(path) / 1.5)  # 150-dpi PNG at about its printed size
         body.append(f'<figure id="fig-{esc(fname)}"><img src="{_img(path)}" alt="{esc(fname)} '
-                    f'figure" width="{round(_png_width(path) / 1.5)}"><figcaption><b>{esc(fname)}.</b> '
+                    f'figure" width="{width}"><figcaption><b>{esc(fname)}.</b> '
                     f"{esc(CAPTIONS.get(fname, ''))}</figcaption></figure>")
     body += _cells_section(s) + _protocol_section(s) + _pin_section(s, study_text, study_path)
     body += _versions_section(s)

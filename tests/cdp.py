@@ -29,7 +29,8 @@ class Browser:
              "--disable-gpu", "--no-first-run", "--no-default-browser-check",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={self.profile.name}", "about:blank"],
-            preexec_fn=fds, pass_fds=(3, 4, to_child, from_child),  # kept past close_fds stdout=subprocess.DEVNULL,
+            # 3 and 4 listed too: close_fds runs after preexec_fn and would close them
+            preexec_fn=fds, pass_fds=(3, 4, to_child, from_child), stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
         os.close(to_child)
         os.close(from_child)
