@@ -1,5 +1,9 @@
 """Figures, tables and claims regenerated from a study's stored results (SPEC §8).
 
-Entry point: ``analysis.figures.make_all``. Reads results only through ``harness.results`` and
-labels through ``harness.config``; never imports torch or Ray.
+Entry points: ``analysis.figures.make_all`` (every figure), ``analysis.report.write_report``
+(the study page) and ``analysis.open_study`` (frames and claims for a notebook). Reads results
+only through ``harness.results`` and labels through ``harness.config``; never imports torch or Ray.
 """
+from .notebook import StudyResults, open_study
+
+__all__ = ["StudyResults", "open_study"]

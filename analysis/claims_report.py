@@ -52,14 +52,14 @@ def _data(study: Study, verdicts: list[ClaimResult], kimg: float | None = None) 
     return out
 
 
-def _rules(claim: str) -> str:
+def rule_of(claim: str) -> str:
     from .verifier import RULE_C4
 
     base = claim.split("[")[0]
     return RULE_C4 if base == "C4" else RULES[base]
 
 
-def _statement(claim: str) -> str:
+def statement_of(claim: str) -> str:
     from .verifier import STATEMENT_C4
 
     base = claim.split("[")[0]
@@ -109,7 +109,7 @@ def write_claims(study: Study, out_dir: str, spec: ClaimsSpec | None = None,
     md += ["", SEEDS_RULE]
     for v in verdicts:
         md += ["", f"## {v.name}: {v.verdict}", "",
-               f"*Claim:* {_statement(v.claim)}", "",
+               f"*Claim:* {statement_of(v.claim)}", "",
                f"- comparison: {md_escape(v.comparison)}", f"- effect: {v.effect_name}"]
         if v.tested and v.claim != "C3":
             md.append(f"- estimate: {v.fmt(v.effect)}, {100 * (1 - v.alpha):.4g}% interval "
@@ -124,7 +124,7 @@ def write_claims(study: Study, out_dir: str, spec: ClaimsSpec | None = None,
                       f"groups")
         if v.seeds_note:
             md.append(f"- seeds to decide: {v.seeds_note}")
-        md.append(f"- rule: {_rules(v.claim)}")
+        md.append(f"- rule: {rule_of(v.claim)}")
         md += [f"- {md_escape(d)}" for d in v.details]
     md += ["", footer_md(study)]
     md_path = os.path.join(out_dir, "claims.md")
@@ -171,6 +171,8 @@ def write_claims_kimg(study: Study, out_dir: str, spec: ClaimsSpec | None = None
     from matplotlib.lines import Line2D
 
     df = claims_by_kimg(study, spec)
+    if not df.empty:  # no verdict at kimg 0: the generators there are untrained
+        df = df[df["kimg"] > 0].reset_index(drop=True)
     if df.empty:
         return []
     csv = write_csv(df.drop(columns=["comparison", "effect_name", "method"]), out_dir,
@@ -210,9 +212,9 @@ def write_claims_kimg(study: Study, out_dir: str, spec: ClaimsSpec | None = None
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
                    title="verdict at that kimg")
         _, hi_n, words = study.seeds_phrase()
-        fig.suptitle(f"Claims at every evaluated kimg on {study.metric}: estimate and "
+        fig.suptitle(f"Claims at every evaluated kimg > 0 on {study.metric}: estimate and "
                      f"interval (Fieller, seed-paired) over {words}" if hi_n > 1 else
-                     f"Claims at every evaluated kimg on {study.metric} (one seed per cell: no "
+                     f"Claims at every evaluated kimg > 0 on {study.metric} (one seed per cell: no "
                      f"interval, every verdict inconclusive)", fontsize=8.5,
                      y=1 - 0.12 / fig.get_size_inches()[1], va="top")
         return [csv] + save(fig, out_dir, "claims_kimg", study.note())

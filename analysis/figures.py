@@ -4,7 +4,8 @@
 
 Outputs (``only`` picks one; an unknown name raises ``ConfigError``, a ValueError that lists the
 valid names): the keys of ``BUILDERS``: heatmap and curves here, reset, mapping and transplant in
-``analysis.init_figures``, samples, table, claims, claims_kimg, verifier and tuning in their own
+``analysis.init_figures``, forest (every claim against its threshold) and kimg0 in
+``analysis.overview_figures``, samples, table, claims, claims_kimg, verifier and tuning in their own
 modules; the pieces every figure shares are ``analysis.panels``.
 Each figure is written as ``<name>.png`` (dpi 150) and ``<name>.pdf`` plus its aggregated data as
 ``<name>.data.csv`` (floats to 6 significant digits). Figures use one primary quality metric
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import textwrap
 import time
 import zlib
 from contextlib import contextmanager
@@ -29,15 +31,18 @@ import pandas as pd
 from harness.claims_spec import ClaimsSpec
 from harness.config import ConfigError
 
-from .style import KIMG_LABEL, RC, axis_limits, fmt_pm, panel_grid, save, use_log, write_csv
+from .seeds import seed_summary, seeds_text
+from .style import KIMG_LABEL, RC, axis_limits, fmt_num, panel_grid, save, use_log, write_csv
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
 
-from .data import Study, load_study, mean_ci, ordered  # noqa: E402
+from .data import Study, load_study, ordered  # noqa: E402
 from .init_figures import mapping, reset, transplant  # noqa: E402
-from .panels import (_draw_refs, _legend_right, _order_key, _ref_handles,  # noqa: E402
-                     _shown, _ylabel)
+from .overview_figures import forest, kimg0  # noqa: E402
+from .panels import (_draw_refs, _order_key, _ref_handles,  # noqa: E402
+                     _seeds_shown, _ylabel)
+from matplotlib.patheffects import withStroke  # noqa: E402
 from .tuning import build as _tuning  # noqa: E402  (harness tune: metric vs hyperparameters)
 
 # OUTPUTS: the keys of BUILDERS (below), in order: a new figure is one function + one entry
@@ -60,113 +65,153 @@ class Timer:
 
 # ------------------------------------------------------------------------------------ heatmap
 def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
+    """Final score per init (rows) x loss (columns): the median over seeds as the colour and the
+    large number, every seed's value in small type under it (no mean ± std: groups can be
+    bimodal). Inits run down the page so the figure stays a paper column wide."""
     import seaborn as sns
 
     from matplotlib.colors import LogNorm
 
     with timer("heatmap: aggregate"):
-        agg = study.final.groupby(["loss", "init"], sort=False)["value"].agg(
-            n="count", mean="mean", std="std").reset_index()
-        agg = ordered(agg, init_order=study.init_order)
+        agg = ordered(seed_summary(study.final, ["loss", "init"]), init_order=study.init_order)
         agg.insert(0, "metric", study.metric)
         csv = write_csv(agg, out_dir, "heatmap")
     with timer("heatmap: render"), plt.rc_context(RC):
-        mean = agg.pivot(index="loss", columns="init", values="mean").reindex(
-            index=study.loss_order, columns=study.init_order)
-        std = agg.pivot(index="loss", columns="init", values="std").reindex_like(mean)
-        annot = np.vectorize(lambda m, s: "" if not math.isfinite(m) else fmt_pm(m, s),
-                             otypes=[object])(mean.to_numpy(float), std.to_numpy(float))
-        nr, nc = mean.shape
-        # rows at least 0.4 in, and the colour bar (as tall as the rows) at least 1.5 in, so its
-        # two-line label always fits beside it
-        cw, ch, left, bottom, top = 1.15, max(0.4, 1.5 / max(nr, 1)), 1.1, 0.9, 0.45
-        fw, fh = left + cw * nc + 1.2, bottom + ch * nr + top
+        med = agg.pivot(index="init", columns="loss", values="median").reindex(
+            index=study.init_order, columns=study.loss_order)
+        seeds = agg.pivot(index="init", columns="loss", values="values").reindex_like(med)
+        nr, nc = med.shape
+        multi = study.seeds_phrase()[1] > 1
+        cw, ch, left, bottom, top = 0.85, 0.42 if multi else 0.3, 1.6, 0.3, 0.75
+        ch = max(ch, 1.5 / max(nr, 1))  # the colour bar (as tall as the rows) fits its label
+        top += 0.12 * max(_column_label(lo).count("\n") for lo in study.loss_order)
+        fw, fh = left + cw * nc + 1.0, bottom + ch * nr + top
         fig = plt.figure(figsize=(fw, fh))
         ax = fig.add_axes((left / fw, bottom / fh, cw * nc / fw, ch * nr / fh))
-        cax = fig.add_axes(((left + cw * nc + 0.15) / fw, bottom / fh, 0.13 / fw, ch * nr / fh))
-        vals = mean.to_numpy(float)
+        cax = fig.add_axes(((left + cw * nc + 0.12) / fw, bottom / fh, 0.12 / fw,
+                            ch * nr / fh))
+        vals = med.to_numpy(float)
         norm = LogNorm() if use_log(vals[np.isfinite(vals)].tolist()) else None
         cmap = "viridis" if study.higher_better else "viridis_r"
-        sns.heatmap(mean, annot=annot, fmt="", cmap=cmap, norm=norm, ax=ax, linewidths=0.5,
-                    linecolor="white", annot_kws={"fontsize": 7 if nc > 6 else 8},
-                    cbar_ax=cax, cbar_kws={"label": _ylabel(study, wrap=True)})
+        sns.heatmap(med, annot=False, cmap=cmap, norm=norm, ax=ax, linewidths=0.5,
+                    linecolor="white", cbar_ax=cax,
+                    cbar_kws={"label": _ylabel(study, wrap=True)})
+        mapper = ax.collections[0]
+        for i in range(nr):
+            for j in range(nc):
+                m = vals[i, j]
+                if not math.isfinite(m):
+                    continue
+                r, g, b, _ = mapper.cmap(mapper.norm(m))
+                ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+                ax.text(j + 0.5, i + (0.38 if multi else 0.5), fmt_num(m), ha="center",
+                        va="center", fontsize=8, color=ink, fontweight="bold")
+                if multi and isinstance(seeds.iat[i, j], str) and ";" in seeds.iat[i, j]:
+                    ax.text(j + 0.5, i + 0.75, seeds_text(seeds.iat[i, j], " · "),
+                            ha="center", va="center", fontsize=5.6, color=ink)
         ax.set_facecolor("#eeeeee")
         ax.grid(False)
-        ax.set_xticklabels([study.display(t.get_text()) for t in ax.get_xticklabels()],
-                           rotation=0, fontsize=6.5)
-        ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
-        ax.set_xlabel("generator initialization")
-        ax.set_ylabel("loss")
+        ax.set_yticklabels([textwrap.fill(study.display(t.get_text()).replace("\n+", "+")
+                                          .replace("\n", " "), 30)
+                            for t in ax.get_yticklabels()], rotation=0, fontsize=6.5)
+        ax.set_xticklabels([_column_label(t.get_text()) for t in ax.get_xticklabels()],
+                           rotation=0, fontsize=7)
+        ax.xaxis.tick_top()
+        ax.xaxis.set_label_position("top")
+        ax.set_xlabel("")
+        ax.set_ylabel("")
         lo, hi, words = study.seeds_phrase()
         if hi <= 1:
-            title = f"Final {study.metric}: one seed per cell (single runs, no ±)"
+            title = f"Final {study.metric}, one seed per cell"
         else:
-            title = f"Final {study.metric}: mean±std over {words}"
-            if lo <= 1:
-                title += " (one-seed cells: mean only)"
-        ax.set_title(title)
+            title = f"Final {study.metric}: median (large)\nand each seed (small), {words}"
+        fig.suptitle(title, fontsize=8.5, x=(left + cw * nc / 2) / fw,
+                     y=1 - 0.02 / fh, va="top")
         return [csv] + save(fig, out_dir, "heatmap", study.note())
+
+
+def _column_label(label: str) -> str:
+    """A loss label fitted to a heatmap column: extra-axis values on their own lines."""
+    if len(label) <= 12:
+        return label
+    return label.replace(" (", "\n(").replace(", ", ",\n").replace("=", "=\n")
 
 
 # ------------------------------------------------------------------------------------ curves
 def curves(study: Study, out_dir: str, rng, timer) -> list[str]:
+    """Score vs kimg, one panel per init: a thin line per seed and the median over seeds on top
+    (no band: with 2-3 seeds a band hides which runs succeeded)."""
     with timer("curves: aggregate"):
-        agg = mean_ci(study.scores, ["loss", "init", "kimg"], rng)
+        agg = seed_summary(study.scores, ["loss", "init", "kimg"])
         agg = ordered(agg, init_order=study.init_order).sort_values(
             ["loss", "init", "kimg"], kind="stable", key=_order_key(study)).reset_index(drop=True)
         refs = _ref_handles(study)
-        data = pd.concat([agg, pd.DataFrame([{"loss": "reference", "init": n, "mean": v}
+        data = pd.concat([agg, pd.DataFrame([{"loss": "reference", "init": n, "median": v,
+                                             "mean": v}
                                              for n, v, _, _ in refs])], ignore_index=True)
         data.insert(0, "metric", study.metric)
         csv = write_csv(data, out_dir, "curves")
     with timer("curves: render"), plt.rc_context(RC):
         inits = study.init_order
-        ncol = min(4, len(inits))
-        titles = [study.display(i) for i in inits]
+        ncol = min(3, len(inits))  # three panels across and the legend below: a page wide
+        titles = [study.display(i).replace("\n+", "+") for i in inits]
         lines = max(t.count("\n") + 1 for t in titles)
-        w = {1: 4.2, 2: 3.2}.get(ncol, 2.4)  # one or two panels: larger, not a stamp beside the legend
-        fig, axes, (nrow, _) = panel_grid(len(inits), ncol, w=w, h=w * 0.7,
-                                          top=0.45 + 0.11 * lines, hgap=0.3 + 0.11 * lines)
+        w = {1: 3.2, 2: 2.6}.get(ncol, 1.75)  # four panels across fit a two-column page width
+        fig, axes, (nrow, _) = panel_grid(len(inits), ncol, w=w, h=w * 0.75,
+                                          top=0.6 + 0.11 * lines, hgap=0.3 + 0.11 * lines,
+                                          left=0.6)
         refv = [v for _, v, _, _ in refs]
-        band = pd.concat([agg["mean"], agg["ci_low"], agg["ci_high"]]).dropna().tolist() + refv
-        log = use_log(band)
-        # room under the lowest reference line for its value label
-        ylim = axis_limits(band, log, bottom=0.14 if len(refs) > 1 else 0.05)
+        vals = study.scores["value"].dropna().tolist() + refv
+        log = use_log(vals)
+        ylim = axis_limits(vals, log)
         x = agg["kimg"].to_numpy(float)
         xlim = (x.min() - 0.02 * np.ptp(x), x.max() + 0.02 * np.ptp(x)) if len(x) else (0, 1)
-        kimgs = np.unique(x)
+        multi = study.seeds_phrase()[1] > 1
         for k, (ax, init) in enumerate(zip(axes, inits)):
             ax.set_autoscale_on(False)
             if log:
                 ax.set_yscale("log")
             ax.set_xlim(*xlim)
             ax.set_ylim(*ylim)
-            sub = agg[agg["init"] == init]
-            for loss, g in sub.groupby("loss", sort=False):
+            sub = study.scores[study.scores["init"] == init]
+            for loss in study.loss_order:
                 c = study.palette[loss]
-                gx = g["kimg"].to_numpy(float)
-                ax.plot(gx, g["mean"], color=c, lw=1.3, marker="o", ms=2.2 if len(kimgs) > 12
-                        else 2.8)  # a marker at every evaluated kimg
-                if g["ci_low"].notna().any():
-                    ax.fill_between(gx, g["ci_low"], g["ci_high"], color=c, alpha=0.18, lw=0)
-            _draw_refs(ax, refs, labels=k % ncol == ncol - 1 or k == len(inits) - 1)
-            ax.set_title(titles[k], fontsize=7.5)
+                g = sub[sub["loss"] == loss]
+                if g.empty:
+                    continue
+                for _, run in g.groupby("seed", sort=True):
+                    ax.plot(run["kimg"], run["value"], color=c, lw=0.7 if multi else 1.3,
+                            alpha=0.55 if multi else 1.0)
+                if multi:
+                    m = agg[(agg["init"] == init) & (agg["loss"] == loss)]
+                    ax.plot(m["kimg"], m["median"], color=c, lw=1.8, marker="o", ms=2.2,
+                            path_effects=[withStroke(linewidth=3, foreground="white")])
+            _draw_refs(ax, refs, labels=False)  # values in the legend: no label on a curve
+            ax.set_title(titles[k], fontsize=7)
             if k % ncol == 0:
-                ax.set_ylabel(study.metric + (" (log scale)" if log else ""))
+                ax.set_ylabel(study.metric + (" (log)" if log else ""), fontsize=7.5)
             else:
                 ax.tick_params(labelleft=False)
             if k + ncol < len(inits):  # another panel below: x tick labels there
                 ax.tick_params(labelbottom=False)
             else:
-                ax.set_xlabel(KIMG_LABEL)
-        handles = [Line2D([], [], color=study.palette[lo], lw=2) for lo in study.loss_order]
+                ax.set_xlabel("kimg", fontsize=7.5)
+            ax.tick_params(labelsize=6.5)
+        handles = [Line2D([], [], color=study.palette[lo], lw=1.8) for lo in study.loss_order]
         labels = list(study.loss_order)
+        if multi:
+            handles.append(Line2D([], [], color="#777777", lw=0.7))
+            labels.append("one seed")
+            handles.append(Line2D([], [], color="#777777", lw=1.8, marker="o", ms=2.2))
+            labels.append("median over seeds")
         handles += [h for _, _, h, _ in refs]
         labels += [lb for _, _, _, lb in refs]
-        fig.suptitle(f"{_ylabel(study)} during training, every evaluated kimg: "
-                     f"{_shown(study)}", fontsize=9, y=1 - 0.15 / fig.get_size_inches()[1],
-                     va="top")
-        _legend_right(fig, handles, labels, title="loss")
+        fig.suptitle(f"{_ylabel(study)} vs {KIMG_LABEL}:\n"
+                     f"{_seeds_shown(study) if multi else 'one seed per cell'}",
+                     fontsize=8, y=1 - 0.15 / fig.get_size_inches()[1], va="top")
+        fig.legend(handles, [textwrap.fill(lb, 48) for lb in labels], loc="upper center",
+                   bbox_to_anchor=(0.5, 0.0), ncol=2 if len(labels) > 4 else len(labels),
+                   frameon=False, fontsize=7)
         return [csv] + save(fig, out_dir, "curves", study.note())
 
 
@@ -206,9 +251,10 @@ def _claims_kimg(study, out_dir, rng, timer, claims=None):
         return write_claims_kimg(study, out_dir, claims)
 
 
-BUILDERS = {"heatmap": heatmap, "curves": curves, "reset": reset, "transplant": transplant,
-            "mapping": mapping, "samples": _samples, "table": _table, "claims": _claims,
-            "claims_kimg": _claims_kimg, "verifier": _verifier, "tuning": _tuning}
+BUILDERS = {"heatmap": heatmap, "curves": curves, "kimg0": kimg0, "reset": reset,
+            "transplant": transplant, "mapping": mapping, "samples": _samples, "table": _table,
+            "claims": _claims, "forest": forest, "claims_kimg": _claims_kimg,
+            "verifier": _verifier, "tuning": _tuning}
 OUTPUTS = tuple(BUILDERS)
 
 
@@ -264,11 +310,11 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
     paths = []
     for name in ([only] if only else OUTPUTS):
         kw = ({"root": root} if name == "samples" else
-              {"claims": claims, "rows": rows} if name == "claims" else
+              {"claims": claims, "rows": rows} if name in ("claims", "forest") else
               {"claims": claims} if name == "claims_kimg" else
               {"rows": rows} if name == "verifier" else
               {"root": root, "rows": rows} if name == "tuning" else {})
-        # claims_kimg draws from the claims stream: its last kimg reproduces claims.md
-        stream = "claims" if name == "claims_kimg" else name
+        # forest and claims_kimg draw from the claims stream: the numbers of claims.md
+        stream = "claims" if name in ("claims_kimg", "forest") else name
         paths += BUILDERS[name](study, out_dir, rng_for(seed, stream), timer, **kw)
     return paths

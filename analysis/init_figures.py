@@ -1,9 +1,8 @@
 """The init-ablation figures of SPEC §8: ``reset`` (per reset group, matched vs fresh),
 ``mapping`` (mapping vs features: teacher, reset output, band teachers, mapping_match, random)
-and ``transplant`` (score vs sigma_feat), each with teacher and random init as references."""
+and ``transplant`` (score vs sigma_feat), each with teacher and random init as references.
+Every seed is drawn (a dot each) with the median on top: groups of 2-3 seeds can be bimodal."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pandas as pd
@@ -13,10 +12,11 @@ from .style import RC, SIGMA_LABEL, axis_limits, save, use_log, write_csv
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
 
-from .data import Study, legacy_reinit, mean_ci, ordered  # noqa: E402
+from .data import Study, legacy_reinit, ordered  # noqa: E402
 
 from .panels import (_draw_refs, _legend_right, _order_key, _ref_handles,  # noqa: E402
-                     _shown, _ylabel)
+                     _seeds_shown, _ylabel)
+from .seeds import offsets, seed_summary, strip  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ points w/ CI
@@ -32,25 +32,18 @@ def _marker(study: Study, init: str) -> tuple[str, bool]:
     return "o", True
 
 
-def _points(ax, study: Study, agg: pd.DataFrame, cats: list):
-    """Dodged mean points with 95% CI error bars, one colour per loss; the marker tells the
-    re-init (see ``_marker``)."""
-    losses = [lo for lo in study.loss_order if lo in set(agg["loss"])]
+def _points(ax, study: Study, final: pd.DataFrame, cats: list):
+    """Per init category, one strip per loss (dodged): a dot per seed in the loss colour and the
+    median as a dark bar; the marker tells the re-init (see ``_marker``)."""
+    losses = [lo for lo in study.loss_order if lo in set(final["loss"])]
     width = 0.7 / max(1, len(losses))
     for j, loss in enumerate(losses):
-        g = agg[agg["loss"] == loss].set_index("init").reindex(cats)
-        x = np.arange(len(cats)) + (j - (len(losses) - 1) / 2) * width
-        m = g["mean"].to_numpy(float)
-        lo = np.nan_to_num(m - g["ci_low"].to_numpy(float))
-        hi = np.nan_to_num(g["ci_high"].to_numpy(float) - m)
-        c = study.palette[loss]
-        ax.errorbar(x, m, yerr=[lo, hi], fmt="none", ecolor=c, capsize=2, lw=1.1)
-        for xi, mi, cat in zip(x, m, cats):
-            if not math.isfinite(mi):
-                continue
+        g = final[final["loss"] == loss].sort_values("seed", kind="stable")
+        for i, cat in enumerate(cats):
             mk, filled = _marker(study, cat)
-            ax.plot([xi], [mi], marker=mk, ms=4.5, color=c, mfc=c if filled else "white",
-                    mew=1.2, ls="none")
+            strip(ax, i + (j - (len(losses) - 1) / 2) * width,
+                  g.loc[g["init"] == cat, "value"].to_numpy(float), study.palette[loss],
+                  width=width * 0.55, marker=mk, filled=filled)
     return losses
 
 
@@ -81,15 +74,15 @@ def _marker_legend(study: Study, cats) -> tuple[list, list]:
 def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: list, roles: dict,
                      xlabel: str, title: str, kimg0: bool = False,
                      ref_lines: bool = False) -> list[str]:
-    """Final score per init category (dodged by loss, mean and CI over seeds), with optional
-    grey crosses at kimg 0 and the teacher Heun / data floor lines."""
+    """Final score per init category (dodged by loss: every seed a dot, the median a bar), with
+    optional grey crosses at kimg 0 (median over cells) and the teacher Heun / data floor lines."""
     f = study.final
     with timer(f"{name}: aggregate"):
-        agg = mean_ci(f[f["init"].isin(cats)], ["loss", "init"], rng)
+        agg = seed_summary(f[f["init"].isin(cats)], ["loss", "init"])
         agg.insert(2, "stage", "final")
         if kimg0:
             s0 = study.scores[(study.scores["kimg"] == 0) & study.scores["init"].isin(cats)]
-            a0 = mean_ci(s0.assign(loss="all losses"), ["loss", "init"], rng)
+            a0 = seed_summary(s0.assign(loss="all losses"), ["loss", "init"])
             a0.insert(2, "stage", "kimg 0")
             agg = pd.concat([agg, a0], ignore_index=True)
         agg = ordered(agg, init_order=cats)
@@ -97,25 +90,29 @@ def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: li
         agg.insert(2, "role", agg["init"].map(role).fillna("").str.replace("\n", " "))
         refs = _ref_handles(study) if ref_lines else []
         if refs:
-            agg = pd.concat([agg, pd.DataFrame([{"loss": "reference", "init": n, "mean": v}
+            agg = pd.concat([agg, pd.DataFrame([{"loss": "reference", "init": n, "median": v,
+                                             "mean": v}
                                                 for n, v, _, _ in refs])], ignore_index=True)
         agg.insert(0, "metric", study.metric)
         csv = write_csv(agg, out_dir, name)
     with timer(f"{name}: render"), plt.rc_context(RC):
-        fin = agg[agg["stage"] == "final"]
-        fig, ax = plt.subplots(figsize=(1.4 + 1.25 * len(cats), 3.3))
+        fig, ax = plt.subplots(figsize=(1.0 + 0.85 * len(cats), 3.0))
         _ref_span(ax, cats)
-        losses = _points(ax, study, fin, cats)
-        handles = [Line2D([], [], color=study.palette[lo], marker="o", lw=1.1) for lo in losses]
-        labels = list(losses)
-        vals = fin["mean"].tolist() + fin["ci_low"].dropna().tolist()
+        sel = f[f["init"].isin(cats)]
+        losses = _points(ax, study, sel, cats)
+        handles = [Line2D([], [], color=study.palette[lo], marker="o", ls="none")
+                   for lo in losses]
+        labels = [f"{lo} (a dot per seed)" for lo in losses]
+        handles.append(Line2D([], [], color="#222222", lw=1.6))
+        labels.append("median over seeds")
+        vals = sel["value"].tolist()
         if kimg0:
             z = agg[agg["stage"] == "kimg 0"].set_index("init").reindex(cats)
-            ax.plot(np.arange(len(cats)), z["mean"].to_numpy(float), ls="none", marker="x",
+            ax.plot(np.arange(len(cats)), z["median"].to_numpy(float), ls="none", marker="x",
                     ms=6, color="#555555", mew=1.2, zorder=4)
             handles.append(Line2D([], [], ls="none", marker="x", color="#555555", mew=1.2))
-            labels.append("at kimg 0 (the init itself, mean over cells)")
-            vals += z["mean"].dropna().tolist()
+            labels.append("at kimg 0 (the init before training, median over cells)")
+            vals += z["median"].dropna().tolist()
         if ref_lines:
             _draw_refs(ax, refs)
             handles += [h for _, _, h, _ in refs]
@@ -134,9 +131,8 @@ def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: li
         log = use_log(vals)
         if log:
             ax.set_yscale("log")
-        ax.set_ylim(*axis_limits(vals + fin["ci_high"].dropna().tolist(), log,
-                             bottom=0.14 if ref_lines else 0.05))
-        ax.set_title(f"{title}\n({_shown(study, f[f['init'].isin(cats)])})", fontsize=8.5)
+        ax.set_ylim(*axis_limits(vals, log))
+        ax.set_title(f"{title}\n({_seeds_shown(study, sel)})", fontsize=8.5)
         _legend_right(ax, handles, labels, title="loss / marker")
         return [csv] + save(fig, out_dir, name, study.note())
 
@@ -175,10 +171,7 @@ def mapping(study: Study, out_dir: str, rng, timer) -> list[str]:
            if not legacy_reinit(study.info(i))]
     have = set(study.final["init"])
     cats = [i for i in teacher + out + bands + mm + random_ if i in have]
-    roles = {**{i: "reference" for i in teacher + random_},
-             **{i: "features,\nno mapping" for i in out},
-             **{i: "one band's\nfeatures" for i in bands},
-             **{i: "mapping,\nno features" for i in mm}}
+    roles = {i: "reference" for i in teacher + random_}
     return _category_figure(
         study, out_dir, rng, timer, "mapping", cats, roles, "generator initialization",
         f"Mapping vs features: final {study.metric}", kimg0=True, ref_lines=True)
@@ -193,44 +186,48 @@ def transplant(study: Study, out_dir: str, rng, timer) -> list[str]:
     with timer("transplant: aggregate"):
         variant = {i: _transplant_variant(study.info(i)) for i in ft["init"].unique()}
         ft = ft.assign(variant=ft["init"].map(variant))
-        a = mean_ci(ft, ["loss", "variant", "sigma_feat"], rng)
+        a = seed_summary(ft, ["loss", "variant", "sigma_feat"])
         a["role"] = "feature_transplant"
         first = ft.drop_duplicates(["variant", "sigma_feat"]).set_index(["variant", "sigma_feat"])
         a["init"] = first["init"].reindex(pd.MultiIndex.from_frame(
             a[["variant", "sigma_feat"]])).to_numpy()
         teacher = study.inits_where(init_scheme="teacher", init_source=None)
         random_ = study.inits_where(init_scheme="random")
-        r = mean_ci(f[f["init"].isin(teacher + random_) & f["loss"].isin(ft["loss"])],
-                    ["loss", "init"], rng)
+        r = seed_summary(f[f["init"].isin(teacher + random_) & f["loss"].isin(ft["loss"])],
+                         ["loss", "init"])
         r["role"] = r["init"] + " init (reference)"
         agg = ordered(pd.concat([a, r], ignore_index=True), init_order=study.init_order)
         vorder = {v: i for i, v in enumerate(TRANSPLANT_VARIANTS)}
         agg = agg.assign(_v=agg["variant"].map(vorder)).sort_values(
             ["loss", "role", "_v", "sigma_feat"], kind="stable",
             key=_order_key(study)).drop(columns="_v").reset_index(drop=True)
-        agg = agg[["loss", "role", "variant", "init", "sigma_feat", "n", "mean", "std", "ci_low",
-                   "ci_high"]]
+        agg = agg[["loss", "role", "variant", "init", "sigma_feat", "n", "median", "mean", "std",
+                   "min", "max", "wide", "seeds", "values"]]
         agg.insert(0, "metric", study.metric)
         csv = write_csv(agg, out_dir, "transplant")
     with timer("transplant: render"), plt.rc_context(RC):
-        fig, ax = plt.subplots(figsize=(5.4, 3.5))
+        fig, ax = plt.subplots(figsize=(4.6, 3.2))
         losses = [lo for lo in study.loss_order if lo in set(a["loss"])]
         variants = [v for v in TRANSPLANT_VARIANTS if v in set(a["variant"])]
-        for loss in losses:
+        step = 0.16 / max(1, len(losses))  # dodge per loss, in decades of sigma_feat
+        for j, loss in enumerate(losses):
             c = study.palette[loss]
+            k = 10 ** ((j - (len(losses) - 1) / 2) * step)
             for v in variants:
                 g = a[(a["loss"] == loss) & (a["variant"] == v)].sort_values("sigma_feat")
                 if g.empty:
                     continue
                 ls, mk, filled = TRANSPLANT_STYLE[v]
-                x, m = g["sigma_feat"].to_numpy(float), g["mean"].to_numpy(float)
-                ax.plot(x, m, color=c, marker=mk, ms=4, lw=1.3, ls=ls,
-                        mfc=c if filled else "white", mew=1.1)
-                if g["ci_low"].notna().any():
-                    ax.fill_between(x, g["ci_low"], g["ci_high"], color=c, alpha=0.15, lw=0)
+                x = g["sigma_feat"].to_numpy(float) * k
+                ax.plot(x, g["median"].to_numpy(float), color=c, lw=1.3, ls=ls, zorder=2)
+                for xi, vals in zip(x, g["values"]):
+                    y = np.array([float(t) for t in str(vals).split(";")])
+                    ax.scatter(xi * 10 ** (offsets(len(y), 0.05)), y, s=13, marker=mk,
+                               facecolors=c if filled else "white", edgecolors=c, lw=1.0,
+                               zorder=3, alpha=0.9)
             for init, ls in (("teacher", (0, (5, 3))), ("random", (0, (1, 2)))):
                 v = r[(r["loss"] == loss) & r["init"].isin(teacher if init == "teacher"
-                                                            else random_)]["mean"]
+                                                            else random_)]["median"]
                 if len(v):
                     ax.axhline(float(v.iloc[0]), color=c, ls=ls, lw=1.0, alpha=0.8)
         ax.set_xscale("log")
@@ -240,12 +237,14 @@ def transplant(study: Study, out_dir: str, rng, timer) -> list[str]:
         ax.minorticks_off()
         ax.set_xlabel(SIGMA_LABEL)
         ax.set_ylabel(_ylabel(study))
-        if use_log(agg["mean"].tolist()):
+        if use_log(ft["value"].tolist() + r["median"].tolist()):
             ax.set_yscale("log")
         ax.set_title(f"Final {study.metric} vs transplanted feature noise level\n"
-                     f"({_shown(study, ft)})", fontsize=8.5)
+                     f"({_seeds_shown(study, ft)})", fontsize=8.5)
         handles = [Line2D([], [], color=study.palette[lo], marker="o", lw=1.3) for lo in losses]
         labels = list(losses)
+        handles.append(Line2D([], [], color="#444444", marker="o", ls="none"))
+        labels.append("one seed (the line: medians)")
         for v in variants:
             ls, mk, filled = TRANSPLANT_STYLE[v]
             handles.append(Line2D([], [], color="#444444", ls=ls, marker=mk, lw=1.2,
@@ -253,7 +252,7 @@ def transplant(study: Study, out_dir: str, rng, timer) -> list[str]:
             labels.append(TRANSPLANT_WORDS[v])
         handles += [Line2D([], [], color="#444444", ls=ls, lw=1.0)
                     for ls in ((0, (5, 3)), (0, (1, 2)))]
-        labels += ["teacher init (reference)", "random init (reference)"]
+        labels += ["teacher init, median (reference)", "random init, median (reference)"]
         _legend_right(ax, handles, labels, title="loss / line style")
         return [csv] + save(fig, out_dir, "transplant", study.note())
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import textwrap
 
-import numpy as np
 import pandas as pd
 
-from .style import REFERENCE_STYLE, axis_limits, fmt_num, metric_label
+from .style import REFERENCE_STYLE, fmt_num, metric_label
 
 from matplotlib.lines import Line2D  # noqa: E402  (style selected the Agg backend)
 
@@ -26,15 +25,12 @@ def _legend_right(where, handles, labels, title=None):
                  title=title, ncol=1 if len(labels) <= 18 else 2)
 
 
-def _shown(study: Study, df: pd.DataFrame | None = None, what: str = "mean") -> str:
-    """What a point and its interval are, given the seeds per group: 'mean and 95% bootstrap CI
-    over 3 seeds', 'single runs (one seed per cell: no interval)', or, with some groups of one
-    seed, that those have no interval."""
+def _seeds_shown(study: Study, df: pd.DataFrame | None = None) -> str:
+    """'every seed a dot, the median a bar; 3 seeds' for per-seed figures."""
     lo, hi, words = study.seeds_phrase(df)
     if hi <= 1:
-        return "single runs (one seed per cell: no interval)"
-    out = f"{what} and 95% bootstrap CI over {words}"
-    return out + ("; groups with one seed: no interval" if lo <= 1 else "")
+        return "single runs: one seed per cell"
+    return f"every seed shown, median on top; {words}"
 
 
 def _ref_handles(study: Study, names=("teacher_heun35", "data_floor", "data_halves")):

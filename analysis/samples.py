@@ -12,13 +12,15 @@ import numpy as np
 from harness.results import decode_samples, load_samples
 
 from .data import Study, ordered
-from .style import RC, save, write_csv
+from .style import RC, fmt_num, save, write_csv
 
 import matplotlib.pyplot as plt  # noqa: E402,I001  (style selected the Agg backend)
 
 
 def samples(study: Study, out_dir: str, timer, root: str) -> list[str]:
-    """One tile per (loss, init): the smallest seed's samples at its cell's latest kimg."""
+    """One tile per (loss, init): the samples of the group's median seed (the seed whose final
+    score is the median; the lower middle one for an even count) at its cell's latest kimg,
+    with that seed and score written under the tile."""
     with timer("samples: aggregate"):
         s = load_samples(root)
         if s.empty:
@@ -30,10 +32,14 @@ def samples(study: Study, out_dir: str, timer, root: str) -> list[str]:
             print("figures: samples skipped (no stored samples of included cells)")
             return []
         s = s.sort_values(["cell", "kimg"], kind="stable").drop_duplicates("cell", keep="last")
-        s = s.sort_values(["loss", "init", "seed"], kind="stable").drop_duplicates(
-            ["loss", "init"], keep="first")
-        s = ordered(s, init_order=study.init_order)
-        data = s[["loss", "init", "cell", "seed", "kimg"]].copy()
+        score = study.final.set_index("cell")["value"]
+        s = s.assign(score=s["cell"].map(score).to_numpy()).dropna(subset=["score"])
+        s = s.sort_values(["loss", "init", "score", "seed"], kind="stable")
+        rank = s.groupby(["loss", "init"], sort=False).cumcount().to_numpy()
+        size = s.groupby(["loss", "init"], sort=False)["cell"].transform("size").to_numpy()
+        s = ordered(s[rank == (size - 1) // 2].reset_index(drop=True),
+                    init_order=study.init_order)
+        data = s[["loss", "init", "cell", "seed", "kimg", "score"]].copy()
         data["shape"] = ["x".join(str(int(d)) for d in sh) for sh in s["shape"]]
         csv = write_csv(data, out_dir, "samples")
     with timer("samples: render"), plt.rc_context({**RC, "axes.grid": False}):
@@ -46,7 +52,7 @@ def samples(study: Study, out_dir: str, timer, root: str) -> list[str]:
         # digits is 1.6 in), so digits are legible; toy2d scatters get 1.4 in
         side = max((int(math.isqrt(min(int(t.shape[0]), 64))) for t in tiles.values()
                     if t.ndim == 4), default=0)
-        tile_in = max(1.0, min(1.8, 0.2 * side)) if side else 1.4
+        tile_in = max(1.0, min(1.8 if len(inits) <= 6 else 1.15, 0.2 * side)) if side else 1.4
         lines = max(study.display(i).count("\n") + 1 for i in inits)
         head = 0.42 + 0.12 * lines  # tick labels above the tiles, then the two-line title
         left, right, bottom = 0.85, 0.05, 0.05
@@ -56,14 +62,13 @@ def samples(study: Study, out_dir: str, timer, root: str) -> list[str]:
         ax = fig.add_axes((left / fw, bottom / fh, tile_in * len(inits) / fw,
                            tile_in * len(losses) / fh))
         _draw_mosaic(ax, tiles, losses, inits, study.palette)
-        # one caption per tile only where seed/kimg differ from the most common pair
-        pairs = [(int(r.seed), float(r.kimg)) for r in look.values()]
-        common = max(set(pairs), key=pairs.count)
-        for (loss, init), r in look.items():
-            if (int(r.seed), float(r.kimg)) != common:
-                ax.text(inits.index(init) + 0.5, losses.index(loss) + 0.945,
-                        f"seed {r.seed}, {r.kimg:g} kimg", ha="center", va="top", fontsize=5,
-                        color="#555555")
+        kimgs = [float(r.kimg) for r in look.values()]
+        common = max(set(kimgs), key=kimgs.count)
+        for (loss, init), r in look.items():  # the tile's seed and score (and an odd kimg)
+            at = "" if float(r.kimg) == common else f", {r.kimg:g} kimg"
+            ax.text(inits.index(init) + 0.5, losses.index(loss) + 0.94,
+                    f"seed {r.seed}: {fmt_num(r.score)}{at}", ha="center", va="top",
+                    fontsize=5.5, color="#333333")
         ax.set_xticks(np.arange(len(inits)) + 0.5)
         ax.set_xticklabels([study.display(i) for i in inits], fontsize=6.5)
         ax.xaxis.tick_top()
@@ -74,9 +79,8 @@ def samples(study: Study, out_dir: str, timer, root: str) -> list[str]:
         ax.tick_params(length=0)
         for sp in ax.spines.values():
             sp.set_visible(False)
-        mostly = "mostly " if len(set(pairs)) > 1 else ""
-        fig.suptitle("Stored samples at each cell's last evaluation, smallest seed\n"
-                     f"({mostly}seed {common[0]}, {common[1]:g} kimg)", fontsize=8.5,
+        fig.suptitle(f"Stored samples of the median seed of each loss x init, {common:g} kimg\n"
+                     f"(under each tile: that seed and its final {study.metric})", fontsize=8,
                      x=(left + tile_in * len(inits) / 2) / fw, y=1 - 0.04 / fh, va="top")
         return [csv] + save(fig, out_dir, "samples", study.note())
 
@@ -87,7 +91,7 @@ def _draw_mosaic(ax, tiles: dict, losses: list, inits: list, palette: dict):
     ax.set_xlim(0, len(inits))
     ax.set_ylim(len(losses), 0)
     ax.set_autoscale_on(False)
-    pad, bottom = 0.04, 0.93  # tile spans [pad, 1-pad] x [pad/2, bottom] of its unit cell
+    pad, bottom = 0.04, 0.88  # tile spans [pad, 1-pad] x [pad/2, bottom] of its unit cell
     images = {k: _image_grid(a) for k, a in tiles.items() if a.ndim == 4}
     if images:
         size = max(max(g.shape[:2]) for g in images.values())

@@ -7,7 +7,8 @@ import os
 import pandas as pd
 
 from .data import Study, ordered
-from .style import fmt_pm
+from .seeds import WIDE_RATIO, seed_summary, seeds_text
+from .style import fmt_num, fmt_pm
 
 MAX_LISTED = 40  # excluded cells listed one by one; the rest are counted
 
@@ -100,29 +101,40 @@ def footer_tex(study: Study) -> str:
 
 
 def aggregate(study: Study) -> pd.DataFrame:
-    f = study.final
-    agg = f.groupby(["loss", "init"], sort=False)["value"].agg(n="count", mean="mean",
-                                                               std="std").reset_index()
+    """Per (loss, init): n, median, mean, std, min, max, wide, seeds, values (``seed_summary``)."""
+    agg = seed_summary(study.final, ["loss", "init"])
     agg.insert(0, "metric", study.metric)
     return ordered(agg, init_order=study.init_order)
 
 
+def _group_text(r, pm: str) -> str:
+    """'3.45±0.93 (3)', or for a wide group (seeds more than WIDE_RATIO apart) its median and
+    every seed: 'median 95.9 [3.27 / 95.9 / 183]'."""
+    if r.wide:
+        return f"median {fmt_num(r.median)} [{seeds_text(r.values)}]"
+    return f"{fmt_pm(r.mean, r.std, pm=pm)} ({r.n})"
+
+
 def _cells(study: Study, agg: pd.DataFrame, pm: str, bold) -> tuple[list, list]:
-    inits = study.init_order
+    """Rows = inits, columns = losses (a long grid stays a column wide); the best loss per
+    init in bold, compared on the median for wide groups and the mean otherwise."""
+    center = agg["median"].where(agg["wide"].astype(bool), agg["mean"])
+    agg = agg.assign(center=center.to_numpy())
     best = {}
     for init, g in agg.groupby("init"):
-        best[init] = g["mean"].max() if study.higher_better else g["mean"].min()
+        best[init] = g["center"].max() if study.higher_better else g["center"].min()
     look = {(r.loss, r.init): r for r in agg.itertuples(index=False)}
     body = []
-    for loss in study.loss_order:
-        line = [loss]
-        for init in inits:
+    for init in study.init_order:
+        line = [init]
+        for loss in study.loss_order:
             r = look.get((loss, init))
             if r is None:
                 line.append("—")
                 continue
-            txt = f"{fmt_pm(r.mean, r.std, pm=pm)} ({r.n})"
-            line.append(bold(txt) if len(study.loss_order) > 1 and r.mean == best[init] else txt)
+            txt = _group_text(r, pm)
+            line.append(bold(txt) if len(study.loss_order) > 1 and r.center == best[init]
+                        else txt)
         body.append(line)
     refs = []
     for r in study.refs.itertuples(index=False):
@@ -138,11 +150,13 @@ def write_table(study: Study, out_dir: str) -> list[str]:
     direction = "higher" if study.higher_better else "lower"
     lo, hi, words = study.seeds_phrase()
     shown = ("single runs, one seed per cell (n = 1: no std)" if hi <= 1 else
-             f"mean ± std over seeds ({words}; number of seeds in brackets)")
-    caption = f"Final {study.metric} ({direction} is better): {shown}; best per init in bold."
+             f"mean ± std over seeds ({words}; number of seeds in brackets), except groups "
+             f"whose seeds differ by more than {WIDE_RATIO:g}x (possibly bimodal): their median "
+             f"and every seed's value")
+    caption = f"Final {study.metric} ({direction} is better): {shown}; best loss per init in bold."
     # markdown
     body, refs = _cells(study, agg, "±", lambda t: f"**{t}**")
-    cols = ["loss \\ init"] + study.init_order
+    cols = ["init \\ loss"] + study.loss_order
     md = [f"# Results table: {study.metric}", "", caption, "",
           "| " + " | ".join(md_escape(c) for c in cols) + " |",
           "|" + "---|" * len(cols)]
@@ -154,25 +168,24 @@ def write_table(study: Study, out_dir: str) -> list[str]:
            "= real training images scored against the held-out reference exactly as generated "
            "samples are (legacy stores: two disjoint halves of the real data, labelled as such); "
            "initial one-step generator = kimg 0 of teacher-init cells. Random init is the "
-           "`random` column.", "", footer_md(study)]
+           "`random` row.", "", footer_md(study)]
     md_path = os.path.join(out_dir, "table.md")
     with open(md_path, "w") as f:
         f.write("\n".join(md))
     # LaTeX (booktabs)
     body, refs = _cells(study, agg, "±", lambda t: f"\\textbf{{{t}}}")
-    n = len(study.init_order)
+    n = len(study.loss_order)
     tex = ["\\begin{table}[t]", "\\centering", "\\small",
            f"\\caption{{{tex_escape(caption)}}}", "\\label{tab:results}",
-           "\\resizebox{\\linewidth}{!}{%",
            f"\\begin{{tabular}}{{l{'c' * n}}}", "\\toprule",
-           " & ".join(["loss"] + [tex_escape(c) for c in study.init_order]) + " \\\\",
+           " & ".join(["init"] + [tex_escape(c) for c in study.loss_order]) + " \\\\",
            "\\midrule"]
     tex += [" & ".join(_tex_cell(c) for c in line) + " \\\\" for line in body]
     if refs:
         tex.append("\\midrule")
         tex += [f"\\textit{{{tex_escape(label)}}} & \\multicolumn{{{n}}}{{l}}{{{_tex_cell(val)}}}"
                 " \\\\" for label, val in refs]
-    tex += ["\\bottomrule", "\\end{tabular}}", footer_tex(study).rstrip("\n"), "\\end{table}", ""]
+    tex += ["\\bottomrule", "\\end{tabular}", footer_tex(study).rstrip("\n"), "\\end{table}", ""]
     tex_path = os.path.join(out_dir, "table.tex")
     with open(tex_path, "w") as f:
         f.write("\n".join(tex))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pandas as pd
 
 from harness.results import read_bytes
@@ -123,11 +124,17 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
                     pos = {c: k for k, c in enumerate(cats)}
                     x = x.astype(str).map(pos)
                     ax.set_xticks(range(len(cats)), cats)
-                done = (d["state"] == "complete").to_numpy()
+                state = d["state"].to_numpy()
+                done, stopped = state == "complete", state == "stopped"
                 ax.scatter(x[done], d["score"][done], s=16, color="#0173b2", zorder=3,
-                           label="complete: mean final value")
-                ax.scatter(x[~done], d["last_value"][~done], s=16, facecolors="none",
-                           edgecolors="#888888", zorder=2, label="stopped or diverged: last value")
+                           label="full budget: mean final value over the selection seeds")
+                ax.scatter(x[stopped], d["last_value"][stopped], s=16, facecolors="none",
+                           edgecolors="#888888", zorder=2,
+                           label="stopped early by the scheduler: value at its last kimg")
+                div = state == "diverged"  # at its last finite value, else on the top edge
+                ydiv = d["last_value"].where(np.isfinite(d["last_value"]), ylim[1] / 1.05)
+                ax.scatter(x[div], ydiv[div], s=26, marker="x", color="#d62728", zorder=3,
+                           label="diverged (non-finite loss)")
                 pick = d["chosen"].to_numpy(bool)
                 ax.scatter(x[pick], d["score"][pick], s=80, marker="*", color="#d55e00",
                            zorder=4, label="chosen")
@@ -152,13 +159,17 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
                 chosen = e.get("choice", {}).get(setting)
                 shown = fmt_num(chosen) if isinstance(chosen, float) else chosen
                 ax.set_title(f"{fam}: chose {shown}", fontsize=7.5)
-        handles, labels = max((ax.get_legend_handles_labels() for ax in axes),
-                              key=lambda hl: len(hl[0]))
+        seen = {}  # every kind of trial drawn in any panel, once
+        for ax in axes:
+            for h, lb in zip(*ax.get_legend_handles_labels()):
+                if len(h.get_offsets()):
+                    seen.setdefault(lb, h)
+        handles, labels = list(seen.values()), list(seen)
         if handles:
             fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
                        frameon=False, fontsize=7)
         p = tuned.get("protocol", {})
-        fig.suptitle(f"Tuning: {p.get('trials')} trials per family, {p.get('kimg')} kimg each, "
+        fig.suptitle(f"Tuning: {p.get('trials')} trials per family, up to {p.get('kimg')} kimg each, "
                      f"selection seeds {p.get('seeds')}, scheduler {p.get('scheduler')}",
                      fontsize=8.5, y=1 - 0.12 / fig.get_size_inches()[1], va="top")
         note = f"Selection: {tuned.get('protocol', {}).get('selection', SELECTION_RULE)}."

@@ -24,7 +24,7 @@ import pandas as pd
 from .data import (FLOOR_NAMES, choose_metric, extra_axis_labels, higher_is_better, mean_ci,
                    ordered)
 from .style import (RC, axis_limits, REFERENCE_STYLE, fmt_num, fmt_pm, loss_palette, loss_sort_key,
-                    metric_label, panel_grid, save, use_log, write_csv)
+                    panel_grid, save, use_log, write_csv)
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
@@ -182,28 +182,31 @@ def verifier_figure(df: pd.DataFrame, out_dir: str, metric: str | None = None, s
     losses = sorted(agg["loss"].unique(), key=loss_sort_key)
     palette = loss_palette(losses)
     with plt.rc_context(RC):
-        fig, axes, _ = panel_grid(len(modes), len(modes), w=3.2, h=2.4, wgap=0.25)
-        band = pd.concat([agg["mean"], agg["ci_low"], agg["ci_high"]]).dropna().tolist()
-        band += [v for _, v in refs]
-        log = use_log(band)
-        ylim = axis_limits(band, log)
+        # one small panel per (mode, loss): a thin line per seed, the median on top (one band
+        # per loss in one panel hid every line under the others)
+        panels = [(m, lo) for m in modes for lo in losses]
+        ncol = min(len(losses), 5)
+        fig, axes, _ = panel_grid(len(panels), ncol, w=1.5, h=1.35, wgap=0.12, hgap=0.45,
+                                  left=0.65, top=0.6)
+        vals = t["value"].tolist() + [v for _, v in refs]
+        log = use_log(vals)
+        ylim = axis_limits(vals, log)
         ns = sorted(agg["n"].unique())
-        for k, (ax, mode) in enumerate(zip(axes, modes)):
-            for loss in losses:
-                g = agg[(agg["loss"] == loss) & (agg["mode"] == mode)].sort_values("n")
-                if g.empty:
-                    continue
-                x = g["n"].to_numpy(float)
-                ax.plot(x, g["mean"], color=palette[loss], lw=1.4, marker="o", ms=3)
-                if g["ci_low"].notna().any():
-                    ax.fill_between(x, g["ci_low"].to_numpy(float), g["ci_high"].to_numpy(float),
-                                    color=palette[loss], alpha=0.18, lw=0)
+        for k, (ax, (mode, loss)) in enumerate(zip(axes, panels)):
+            c = palette[loss]
+            g = t[(t["loss"] == loss) & (t["mode"] == mode)]
+            for _, run in g.groupby("seed", sort=True):
+                run = run.sort_values("n")
+                ax.plot(run["n"].to_numpy(float), run["value"], color=c, lw=0.7, alpha=0.5)
+            med = g.groupby("n")["value"].median()
+            ax.plot(med.index.to_numpy(float), med.to_numpy(float), color=c, lw=1.8,
+                    marker="o", ms=2.5)
             for name, val in refs:
-                s = REFERENCE_STYLE[name]
-                ax.axhline(val, color=s["color"], ls=s["linestyle"], lw=1)
+                st = REFERENCE_STYLE[name]
+                ax.axhline(val, color=st["color"], ls=st["linestyle"], lw=1)
             ax.set_xscale("log", base=2)
             ax.set_xticks(ns)
-            ax.set_xticklabels([str(int(n)) for n in ns])
+            ax.set_xticklabels([str(int(n)) for n in ns], fontsize=6.5)
             ax.minorticks_off()
             if log:
                 ax.set_yscale("log")
@@ -211,21 +214,31 @@ def verifier_figure(df: pd.DataFrame, out_dir: str, metric: str | None = None, s
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_ylim(*ylim)  # one scale for every panel
-            ax.set_title(f"{mode}: {MODE_WORDS[mode]}", fontsize=8)
-            ax.set_xlabel(N_LABEL)
-            if k == 0:
-                ax.set_ylabel(metric_label(metric, higher) + (" (log scale)" if log else ""))
-        handles = [Line2D([], [], color=palette[lo], marker="o", lw=1.4) for lo in losses]
-        labels = list(losses)
+            ax.tick_params(labelsize=6.5)
+            ax.set_title(loss + (f" ({mode})" if len(modes) > 1 else ""), fontsize=7.5, color=c)
+            if k % ncol:
+                ax.tick_params(labelleft=False)
+            else:
+                ax.set_ylabel(metric + (" (log)" if log else ""), fontsize=7)
+            if k + ncol >= len(panels):
+                ax.set_xlabel("candidates n", fontsize=7)
+            else:
+                ax.tick_params(labelbottom=False)
+        handles = [Line2D([], [], color="#555555", lw=0.7, alpha=0.6),
+                   Line2D([], [], color="#555555", lw=1.8, marker="o", ms=2.5)]
+        labels = ["one seed", "median over seeds"]
         for name, val in refs:
-            s = REFERENCE_STYLE[name]
-            handles.append(Line2D([], [], color=s["color"], ls=s["linestyle"], lw=1.2))
-            labels.append(f"{s['label']}: {fmt_num(val)}")
-        fig.suptitle(f"Ratio verifier: final {metric} vs candidates per kept sample "
-                     f"(teacher init; mean, 95% CI over seeds)", fontsize=9,
-                     y=1 - 0.12 / fig.get_size_inches()[1], va="top")
+            st = REFERENCE_STYLE[name]
+            handles.append(Line2D([], [], color=st["color"], ls=st["linestyle"], lw=1.2))
+            labels.append(f"{st['label']}: {fmt_num(val)}")
+        n_seeds = int(agg["seeds"].max())
+        words = " / ".join(f"{m}: {MODE_WORDS[m]}" for m in modes)
+        fig.suptitle(f"Ratio verifier ({words}): final {metric} ({'higher' if higher else 'lower'}"
+                     f" is better)\nvs {N_LABEL}, teacher init, every seed "
+                     f"(up to {n_seeds}) and the median", fontsize=8,
+                     y=1 - 0.08 / fig.get_size_inches()[1], va="top")
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
-                   frameon=False, title="loss")
+                   frameon=False)
         note = ("n = 1: the plain one-step samples (the same draw as the plain score); n > 1 costs "
                 "n generator + n ratio-net evaluations per kept sample.")
         return [csv, md] + save(fig, out_dir, "verifier", note)

@@ -4,6 +4,7 @@
   harness tune studies/tune-digits.yaml [--dry-run]   (a study with a tune: section, before run)
   harness status studies/quick.yaml
   harness figures studies/quick.yaml [--only heatmap]
+  harness report studies/quick.yaml          (one HTML page: claims, figures, cells, versions)
   harness rescore studies/quick.yaml [--set eval.extractor=shipped]
   harness teacher --data digits --arch unet-xs
   harness cell --data digits --loss sid --init teacher --kimg 20 --out /tmp/cell
@@ -167,6 +168,20 @@ def cmd_figures(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from analysis.report import write_report
+
+    from .study import load_study
+
+    study = load_study(args.study)
+    root = args.results or study.results_root
+    with open(args.study, encoding="utf-8") as f:
+        text = f.read()
+    print(write_report(root, study_text=text, study_path=args.study, metric=args.metric,
+                       regenerate=not args.no_figures, claims=study.claims))
+    return 0
+
+
 def cmd_compact(args) -> int:
     from .lock import acquire_lock
     from .results import compact
@@ -265,6 +280,15 @@ def parser() -> argparse.ArgumentParser:
                     "(an unknown name is refused with the list of outputs)")
     sp.add_argument("--metric", default=None, help="metric to plot (default: the study's primary)")
     sp.set_defaults(func=cmd_figures)
+
+    sp = sub.add_parser("report", help="one self-contained HTML page of the study (claims, "
+                        "figures, cells, protocol, versions) into <results>/report.html")
+    sp.add_argument("study", help="study YAML file")
+    sp.add_argument("--results", default=None, help="results root (default: the study's)")
+    sp.add_argument("--metric", default=None, help="metric to report (default: the study's primary)")
+    sp.add_argument("--no-figures", action="store_true", help="inline the figures already in "
+                    "<results>/figures instead of drawing them again (default: draw them)")
+    sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("compact", help="merge a study's result files into one per kind "
                         "(before committing results; takes the study lock)")

@@ -102,6 +102,32 @@ def test_store_round_trip_through_the_endpoint_variable(s3):
     assert list(df.value) == [1.5]
 
 
+def test_open_study_and_report_from_s3_match_the_local_store(s3):
+    """The notebook API and the study page read an s3:// root like a folder: the same frames
+    and claims as the local copy; the page lands in the bucket beside the results."""
+    import pandas as pd
+
+    import analysis
+    from analysis.report import write_report
+
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "results_small")
+    client = boto3.client("s3")
+    for d, _, fs in os.walk(here):
+        for f in fs:
+            rel = os.path.relpath(os.path.join(d, f), here).replace(os.sep, "/")
+            client.upload_file(os.path.join(d, f), BUCKET, f"nb/{rel}")
+    remote, local = analysis.open_study(f"s3://{BUCKET}/nb"), analysis.open_study(here)
+    for name in ("cells", "scores", "final", "refs"):
+        pd.testing.assert_frame_equal(getattr(remote, name), getattr(local, name))
+    assert remote.pin == local.pin and remote.data_floor == local.data_floor
+    assert [(c.name, c.effect, c.lo, c.hi, c.verdict) for c in remote.claims] == \
+        [(c.name, c.effect, c.lo, c.hi, c.verdict) for c in local.claims]
+    where = write_report(f"s3://{BUCKET}/nb", regenerate=False)
+    assert where == f"s3://{BUCKET}/nb/report.html" and "nb/report.html" in objects("nb/")
+    page = client.get_object(Bucket=BUCKET, Key="nb/report.html")["Body"].read().decode()
+    assert page.startswith("<!DOCTYPE html>") and "c-di-teacher-s7" in page
+
+
 def test_lock_on_s3_is_exclusive_and_released(s3):
     root = f"s3://{BUCKET}/lock-a"
     with acquire_lock(root) as held:

@@ -1,0 +1,133 @@
+"""Two figures that read the whole study at once: ``forest`` (every claim's effect and interval
+against its threshold) and ``kimg0`` (every seed of every init at kimg 0 and at the end)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from harness.claims_spec import ClaimsSpec
+
+from .style import RC, axis_limits, save, use_log, write_csv
+
+import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
+from matplotlib.lines import Line2D  # noqa: E402
+
+from .claim_view import claims_frame, judged_claims  # noqa: E402
+from .data import Study  # noqa: E402
+from .panels import _seeds_shown, _ylabel  # noqa: E402
+from .seeds import offsets  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------- forest
+def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = None,
+           claims: ClaimsSpec | None = None) -> list[str]:
+    """One row per tested claim: the estimate (dot), its 95% interval (bar), and the claim's
+    threshold (a red tick on that row, with the side on which the claim holds); the verdict is
+    written at the right. x is the effect in %, symmetric-log beyond ±100%."""
+    with timer("forest: judge+render"):
+        judged = [c for c in judged_claims(study, claims, rows=rows) if c.name != "C3"]
+        data = claims_frame(judged).drop(columns=["statement", "rule", "comparison"])
+        data.insert(1, "metric", study.metric)
+        csv = write_csv(data, out_dir, "forest")
+        shown = [c for c in judged if math.isfinite(c.effect)]
+        if not shown:
+            print("figures: forest skipped (no claim tested)")
+            return [csv]
+        with plt.rc_context(RC):
+            h = 0.6 + 0.28 * len(shown)
+            fig, ax = plt.subplots(figsize=(4.8, h))
+            fig.subplots_adjust(left=0.34, right=0.7)  # claim names left, verdicts right
+            ys = np.arange(len(shown))[::-1]
+            for y, c in zip(ys, shown):
+                pct = [100 * c.effect, 100 * c.lo, 100 * c.hi, 100 * c.threshold]
+                if math.isfinite(pct[1]) and math.isfinite(pct[2]):
+                    ax.plot(pct[1:3], [y, y], color="#333333", lw=1.6, solid_capstyle="butt")
+                ax.plot([pct[0]], [y], "o", color="#333333", ms=4.5, zorder=3)
+                if math.isfinite(pct[3]):
+                    ax.plot([pct[3]], [y], marker="|", color="#d62728", ms=11, mew=1.8,
+                            zorder=4)
+                    side = "<" if c.holds_if == "below" else ">"
+                    ax.annotate(f"holds if {side}{pct[3]:g}%", (pct[3], y), xytext=(0, 6),
+                                textcoords="offset points", ha="center", fontsize=5.5,
+                                color="#d62728")
+                ax.annotate(_verdict_words(c), (1.02, y), xycoords=("axes fraction", "data"),
+                            va="center", fontsize=6.5)
+            ax.axvline(0, color="#999999", lw=0.8)
+            ax.set_xscale("symlog", linthresh=100)
+            ax.set_yticks(ys)
+            ax.set_yticklabels([c.name for c in shown], fontsize=7)
+            ax.set_ylabel("claim", fontsize=7)
+            ax.set_ylim(-0.7, len(shown) - 0.3)
+            ax.grid(axis="y", visible=False)
+            ax.tick_params(axis="x", labelsize=6.5)
+            ax.set_xlabel("effect (%), 95% interval; symmetric log beyond ±100%", fontsize=7)
+            _, hi, words = study.seeds_phrase()
+            ax.set_title(f"Claims on final {study.metric}:\nestimate, 95% interval ({words}), "
+                         f"threshold", fontsize=7.5)
+            return [csv] + save(fig, out_dir, "forest", study.note())
+
+
+def _verdict_words(c) -> str:
+    v = c.verdict
+    return v if not c.seeds_to_decide else f"{v}; ~{c.seeds_to_decide} seeds decide"
+
+
+# -------------------------------------------------------------------------------------- kimg0
+def kimg0(study: Study, out_dir: str, rng, timer) -> list[str]:
+    """Per init (rows) and loss, every seed's score at kimg 0 (hollow grey) joined to its final
+    score (filled, loss colour): what training did to each start."""
+    s = study.scores
+    first = s[s["kimg"] == 0][["cell", "value"]].rename(columns={"value": "kimg0"})
+    if first.empty:
+        print("figures: kimg0 skipped (no evaluation at kimg 0)")
+        return []
+    with timer("kimg0: aggregate+render"):
+        f = study.final.merge(first, on="cell", how="inner")
+        d = f[["loss", "init", "seed", "kimg0", "value", "kimg"]].rename(
+            columns={"value": "final", "kimg": "final_kimg"})
+        order = {v: i for i, v in enumerate(study.init_order)}
+        lorder = {v: i for i, v in enumerate(study.loss_order)}
+        d = d.assign(_i=d["init"].map(order), _l=d["loss"].map(lorder)).sort_values(
+            ["_i", "_l", "seed"], kind="stable").drop(columns=["_i", "_l"])
+        d.insert(0, "metric", study.metric)
+        csv = write_csv(d.reset_index(drop=True), out_dir, "kimg0")
+        cats = [i for i in study.init_order if i in set(d["init"])]
+        losses = [lo for lo in study.loss_order if lo in set(d["loss"])]
+        with plt.rc_context(RC):
+            # inits down the page (one row each), score across: a column wide for any grid
+            fig, ax = plt.subplots(figsize=(4.4, 0.9 + 0.1 * len(cats) * max(2, len(losses))))
+            width = 0.8 / max(1, len(losses))
+            for j, loss in enumerate(losses):
+                c = study.palette[loss]
+                for i, init in enumerate(cats):
+                    g = d[(d["loss"] == loss) & (d["init"] == init)]
+                    y = i + (j - (len(losses) - 1) / 2) * width + offsets(len(g), width * 0.6)
+                    for yi, a, b in zip(y, g["kimg0"], g["final"]):
+                        ax.plot([a, b], [yi, yi], color=c, lw=0.7, alpha=0.6, zorder=1)
+                    ax.scatter(g["kimg0"], y, s=11, facecolors="white", edgecolors="#777777",
+                               lw=0.9, zorder=2)
+                    ax.scatter(g["final"], y, s=13, color=c, zorder=3)
+            vals = d["kimg0"].tolist() + d["final"].tolist()
+            log = use_log(vals)
+            if log:
+                ax.set_xscale("log")
+            ax.set_xlim(*axis_limits(vals, log))
+            ax.set_yticks(range(len(cats)))
+            ax.set_yticklabels([study.display(i).replace("\n+", "+").replace("\n", " ")
+                                for i in cats], fontsize=6.5)
+            ax.set_ylim(len(cats) - 0.5, -0.5)
+            ax.grid(axis="y", visible=False)
+            ax.set_xlabel(_ylabel(study), fontsize=8)
+            ax.set_title(f"Each init at kimg 0 and at the end of training\n"
+                         f"({_seeds_shown(study).replace('median on top; ', '')})", fontsize=8)
+            handles = [Line2D([], [], ls="none", marker="o", mfc="white", mec="#777777")]
+            labels = ["kimg 0 (before training)"]
+            handles += [Line2D([], [], marker="o", color=study.palette[lo], lw=0.7)
+                        for lo in losses]
+            labels += [f"final, {lo}" for lo in losses]
+            fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2,
+                       frameon=False, fontsize=7, title="a line joins one seed's two scores",
+                       title_fontsize=7)
+            return [csv] + save(fig, out_dir, "kimg0", study.note())
