@@ -122,17 +122,58 @@ def _require(path: str | None, name: str, expected: str) -> str:
     return path
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 python batch as data only: the pickle's dicts, lists, bytes, strings and
+    numbers are built by the unpickler itself, and the one global it may name is NumPy's array
+    reconstruction (with ``numpy.ndarray`` and ``numpy.dtype``). Any other global (``os.system``,
+    ``builtins.eval``, ...) is refused before it is called, so a planted file runs no code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):  # how protocol 2 writes bytes from Python 3
+            return _latin1_bytes
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not allowed in a CIFAR-10 batch")
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed only for str to latin-1 bytes")
+    return text.encode("latin1")
+
+
+CIFAR_BATCH_MAX_BYTES = 64 << 20  # a real batch is 31 MB; a bigger file is not one
+
+
+def read_cifar_batch(f: str) -> dict:
+    """One CIFAR-10 batch file (``data_batch_1`` ...), read with :class:`_BatchUnpickler` and a
+    size bound; raises ``pickle.UnpicklingError``/``OSError``/``ValueError`` on anything else."""
+    with open(f, "rb") as fh:
+        if not os.path.isfile(f) or os.fstat(fh.fileno()).st_size > CIFAR_BATCH_MAX_BYTES:
+            raise ValueError(f"not a regular file of at most {CIFAR_BATCH_MAX_BYTES >> 20} MB")
+        batch = _BatchUnpickler(fh, encoding="bytes").load()
+    if not isinstance(batch, dict):
+        raise ValueError(f"the pickle holds a {type(batch).__name__}, not a dict")
+    return batch
+
+
 def _cifar10(path):
     path = _require(path, "cifar10", "the folder 'cifar-10-batches-py' with data_batch_1..5")
     xs, ys = [], []
     for i in range(1, 6):
         f = os.path.join(path, f"data_batch_{i}")
         try:
-            with open(f, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
+            batch = read_cifar_batch(f)
             xs.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(batch[b"labels"], np.int64))
-        except (OSError, KeyError, pickle.UnpicklingError, ValueError, EOFError) as e:
+        except (OSError, KeyError, TypeError, pickle.UnpicklingError, ValueError, EOFError,
+                AttributeError, IndexError, MemoryError) as e:
             raise DataError(f"cifar10: cannot read {f!r} ({e}). Expected the CIFAR-10 python "
                             f"batches (data_batch_1..5) from cifar-10-python.tar.gz.") from None
     return _images(np.concatenate(xs)), np.concatenate(ys)
