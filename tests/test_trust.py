@@ -45,3 +45,86 @@ def test_cifar_batches_are_read_as_data_only(tmp_path):
     with pytest.raises(data.DataError, match="data_batch_1.*not allowed in a CIFAR-10 batch"):
         data.load("cifar10", str(bad))
     assert not marker.exists()
+
+
+def _plant(path, marker):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(Payload(marker), f)
+
+
+def test_fidelity_feature_cache_is_never_unpickled(tmp_path):
+    """torch-fidelity loads its feature cache with weights_only=False: the harness keeps
+    reference features in memory instead, so payloads planted under every name the library's
+    cache would use in the shared cache folder are never read."""
+    import torch
+    import torch_fidelity
+
+    from harness import metrics
+
+    digits = data.load("digits")
+    cache = tmp_path / "cache"
+    ev = metrics.Evaluator(digits, 20, str(cache), extractor="shipped")
+    marker = tmp_path / "ran"
+    folder = cache / "fidelity" / torch_fidelity.__version__
+    name, fe = ev._ref_cache_name, ev._fe_name
+    for item in ("128", "logits"):
+        _plant(str(folder / f"{name}-{fe}-features-{item}.pt"), marker)
+    _plant(str(folder / f"{name}-{fe}-stat-fid-128.pt"), marker)
+    x = torch.from_numpy(digits.x[:20])
+    first, again = ev(x), ev(x)
+    assert first == again and np.isfinite(first["fd_digits_20"])
+    assert not marker.exists()
+
+
+def _inception_state():
+    """A random state dict of torch-fidelity's InceptionV3 (the real file is not needed)."""
+    import io
+
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):
+            return None
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    torch.manual_seed(0)
+    return Unloaded("x", ["2048"], feature_extractor_weights_path=empty).state_dict()
+
+
+def _tiny_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "tiny.npz", x=x)
+    return data.load("npz", str(tmp_path / "tiny.npz"))
+
+
+def test_hostile_inception_weights_run_no_code(tmp_path):
+    from harness import metrics
+
+    ds = _tiny_npz(tmp_path)
+    marker = tmp_path / "ran"
+    bad = tmp_path / "hostile.pth"
+    _plant(str(bad), marker)
+    with pytest.raises(metrics.MetricsError, match="is not a plain weights file"):
+        metrics.Evaluator(ds, 2, str(tmp_path / "c"), metric="fid", inception_weights=str(bad))
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_inception_weights_are_handed_to_fidelity_as_tensors(tmp_path):
+    """About a minute on 2 busy CPU cores (InceptionV3 at 299x299)."""
+    import torch
+
+    from harness import metrics
+
+    ds = _tiny_npz(tmp_path)
+    good = tmp_path / "inception.pth"
+    torch.save(_inception_state(), good)
+    ev = metrics.Evaluator(ds, 2, str(tmp_path / "c"), metric="fid", inception_weights=str(good))
+    out = ev(torch.from_numpy(ds.x[:2]))
+    assert set(out) == {"fid_inception_2", "kid_inception_2"} and np.isfinite(out["fid_inception_2"])
+    assert ev.identity["extractor"] == "inception-v3-compat"
