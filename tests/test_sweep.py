@@ -171,7 +171,7 @@ def test_killed_driver_resumes(tmp_path, cache):
     print(second.stdout, second.stderr)  # shown with -s
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "taking over the stale lock" in second.stderr
-    assert "resuming Ray experiment kill-1" in second.stdout
+    assert "unfinished cells resume from their last checkpoint" in second.stdout
     ids, _ = ids_of(study)
     after = results.load_rows(root)
     assert {s["state"] for s in cell_states(after, ids).values()} == {"done"}
@@ -332,7 +332,7 @@ def test_uri_results_root_resumes(tmp_path, local_ray, capsys):
     capsys.readouterr()
 
     assert run_study(study, results=root) == 0
-    assert "resuming Ray experiment uri-1 (1 unfinished cells): file://" in capsys.readouterr().out
+    assert "1 unfinished cells resume from their last checkpoint" in capsys.readouterr().out
     df = results.load_rows(root)
     assert [s["state"] for s in cell_states(df, ids).values()] == ["done", "done"]
     raw = raw_rows(root)
