@@ -128,3 +128,33 @@ def test_inception_weights_are_handed_to_fidelity_as_tensors(tmp_path):
     out = ev(torch.from_numpy(ds.x[:2]))
     assert set(out) == {"fid_inception_2", "kid_inception_2"} and np.isfinite(out["fid_inception_2"])
     assert ev.identity["extractor"] == "inception-v3-compat"
+
+
+def test_ray_state_restores_only_when_its_ledger_verifies(tmp_path, monkeypatch):
+    """The ledger signs each version of Ray's state files with the user's own key: a planted
+    or changed file, or a folder whose ledger was made with another key, does not verify."""
+    from harness import signed
+
+    monkeypatch.setenv("HARNESS_KEY_FILE", str(tmp_path / "key"))
+    where = tmp_path / "tune" / "exp"
+    (where / "trial_1" / "checkpoint_000001").mkdir(parents=True)
+    (where / "tuner.pkl").write_bytes(b"state v1")
+    (where / "trial_1" / "params.pkl").write_bytes(b"params")
+    (where / "trial_1" / "checkpoint_000001" / "seed-0.pt").write_bytes(b"harness data")
+    ledger = signed.Ledger(str(where))
+    ledger.record()
+    assert signed.unverified(str(where)) == []
+    (where / "tuner.pkl").write_bytes(b"state v2")  # Ray rewrites it: recorded, still verifies
+    ledger.record()
+    assert signed.unverified(str(where)) == []
+    marker = tmp_path / "ran"
+    _plant(str(where / "tuner.pkl"), marker)
+    (where / "experiment_state-x.json").write_text("{}")
+    assert signed.unverified(str(where)) == ["experiment_state-x.json", "tuner.pkl"]
+    signed.set_aside(str(where), signed.unverified(str(where)))
+    assert signed.unverified(str(where)) == [] and (where / "tuner.pkl.unverified").exists()
+    (where / "tuner.pkl").write_bytes(b"state v2")
+    monkeypatch.setenv("HARNESS_KEY_FILE", str(tmp_path / "other-key"))  # another user's copy
+    assert signed.unverified(str(where)) == ["trial_1/params.pkl", "tuner.pkl"]
+    assert oct(os.stat(tmp_path / "key").st_mode & 0o777) == "0o600"
+    assert not marker.exists()
