@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .safefs import UnsafePathError, open_regular
+
 
 class DataError(ValueError):
     """A dataset that cannot be loaded: the message names the path and the expected format."""
@@ -154,9 +156,7 @@ CIFAR_BATCH_MAX_BYTES = 64 << 20  # a real batch is 31 MB; a bigger file is not 
 def read_cifar_batch(f: str) -> dict:
     """One CIFAR-10 batch file (``data_batch_1`` ...), read with :class:`_BatchUnpickler` and a
     size bound; raises ``pickle.UnpicklingError``/``OSError``/``ValueError`` on anything else."""
-    with open(f, "rb") as fh:
-        if not os.path.isfile(f) or os.fstat(fh.fileno()).st_size > CIFAR_BATCH_MAX_BYTES:
-            raise ValueError(f"not a regular file of at most {CIFAR_BATCH_MAX_BYTES >> 20} MB")
+    with open_regular(f, CIFAR_BATCH_MAX_BYTES, "CIFAR-10 batch") as fh:
         batch = _BatchUnpickler(fh, encoding="bytes").load()
     if not isinstance(batch, dict):
         raise ValueError(f"the pickle holds a {type(batch).__name__}, not a dict")

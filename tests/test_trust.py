@@ -158,3 +158,81 @@ def test_ray_state_restores_only_when_its_ledger_verifies(tmp_path, monkeypatch)
     assert signed.unverified(str(where)) == ["trial_1/params.pkl", "tuner.pkl"]
     assert oct(os.stat(tmp_path / "key").st_mode & 0o777) == "0o600"
     assert not marker.exists()
+
+
+# ---- hostile EDM pickles: bounded work and memory, records checked, loads independent ------
+
+def _edm(tmp_path, name, extra=None):
+    from edm_pickles import small_net, write_snapshot
+
+    path = tmp_path / name
+    write_snapshot(path, small_net(), extra=extra)
+    return path
+
+
+class _PastStorage:
+    """Pickles as a tensor record of 2**28 floats over a storage of 4."""
+
+    def __reduce__(self):
+        import collections
+
+        import torch
+
+        return (torch._utils._rebuild_tensor_v2,
+                (torch.zeros(4).storage(), 0, (1 << 28,), (1,), False, collections.OrderedDict()))
+
+
+def test_hostile_edm_pickles_are_refused_within_bounds(tmp_path):
+    import resource
+
+    from harness.edm_import import EDMImportError, load_edm_pickle
+
+    good = _edm(tmp_path, "good.pkl")
+    state, _ = load_edm_pickle(str(good))
+    shared = []  # 8 references per level, 12 levels: a walk would make 8**12 visits
+    for _ in range(12):
+        shared = [shared] * 8
+    for name, extra, match in [
+            ("shared.pkl", {"dataset_kwargs": {"x": shared}}, "repeat shared references"),
+            ("past.pkl", {"junk": _PastStorage()}, "reaches past its storage")]:
+        path = _edm(tmp_path, name, extra)
+        assert path.stat().st_size < 4 * good.stat().st_size
+        with pytest.raises(EDMImportError, match=match):
+            load_edm_pickle(str(path))
+    memo = tmp_path / "memo.pkl"  # 9 bytes: None, memo index 2**31 - 1
+    memo.write_bytes(b"\x80\x02Nr\xff\xff\xff\x7f.")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(EDMImportError, match="expected a dict"):
+        load_edm_pickle(str(memo))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KB
+    shape = tmp_path / "shape.pkl"  # a record whose _parameters is a list, not a dict
+    shape.write_bytes(pickle.dumps({"ema": _Rec({"_parameters": [1, 2]})}, protocol=2)
+                      .replace(b"test_trust\n_reconstruct", b"torch_utils.persistence\n"
+                               b"_reconstruct_persistent_obj"))
+    with pytest.raises(EDMImportError, match="not a readable EDM pickle"):
+        load_edm_pickle(str(shape))
+    fifo = tmp_path / "fifo.pkl"
+    os.mkfifo(fifo)
+    with pytest.raises(EDMImportError, match="is not a regular file"):
+        load_edm_pickle(str(fifo))
+    # a pickle that sets attributes on a record class is refused, and later loads are unchanged
+    poison = tmp_path / "poison.pkl"
+    poison.write_bytes(b"\x80\x02ctorch.nn.modules.container\nModuleDict\nN}X\x0c\x00\x00\x00"
+                       b"__setstate__Ns\x86b.")
+    with pytest.raises(EDMImportError, match="sets the state of a type"):
+        load_edm_pickle(str(poison))
+    again, _ = load_edm_pickle(str(good))
+    assert again.keys() == state.keys() and all(again[k].equal(state[k]) for k in state)
+
+
+def _reconstruct(meta):  # renamed to EDM's persistence function inside the pickle's bytes
+    raise AssertionError
+
+
+class _Rec:
+    def __init__(self, state):
+        self.state = state
+
+    def __reduce__(self):
+        return (_reconstruct, ({"type": "class", "class_name": "EDMPrecond", "module_src": "",
+                                "state": self.state},))
