@@ -31,8 +31,10 @@ def _user_errors() -> tuple[type, ...]:
     from .lock import LockedError
     from .pin import PinError
     from .results import RootError
+    from .safefs import UnsafePathError
 
-    return (ConfigError, DataError, FileNotFoundError, PinError, LockedError, RootError)
+    return (ConfigError, DataError, FileNotFoundError, PinError, LockedError, RootError,
+            UnsafePathError)
 
 
 def _torch_errors() -> tuple[type, ...]:

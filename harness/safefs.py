@@ -27,7 +27,7 @@ def open_regular(path: str, max_bytes: int, what: str = "file"):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
-        raise UnsafePathError(f"cannot open the {what} {path!r}: {e.strerror}") from None
+        raise UnsafePathError(f"cannot read the {what} {path!r}: {e.strerror}") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
         os.close(fd)
@@ -94,3 +94,31 @@ def write_inside(root: str, path: str, data: bytes | None = None, write=None) ->
             os.unlink(tmp)
         raise
     return path
+
+
+def prepare_output(root: str, out_dir: str, log=print) -> str:
+    """Make ``out_dir`` (inside ``root``) ready for writers that open files by name: its folders
+    are checked (:func:`check_inside`), it is created (a file or a read-only folder in the way is
+    a clear error), and any symlink directly inside it is removed (the link, never its target)
+    so that the writers create regular files instead of writing through it."""
+    check_inside(root, os.path.join(out_dir, "x"))
+    if os.path.islink(out_dir):
+        raise UnsafePathError(f"the output folder {out_dir!r} is a symlink; the harness never "
+                              f"writes through links. Replace it with a real folder.")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UnsafePathError(f"cannot use {out_dir!r} as the output folder: a file is in the "
+                              f"way; move it aside and run again") from None
+    except PermissionError:
+        raise UnsafePathError(f"cannot create the output folder {out_dir!r}: permission "
+                              f"denied. Pass a writable folder or fix the permissions.") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UnsafePathError(f"the output folder {out_dir!r} is not writable; pass a writable "
+                              f"folder or fix its permissions")
+    for entry in os.scandir(out_dir):
+        if entry.is_symlink():
+            os.unlink(entry.path)
+            log(f"note: removed the symlink {entry.path} (the harness writes a new file there "
+                f"instead of writing through it)")
+    return out_dir

@@ -236,3 +236,51 @@ class _Rec:
     def __reduce__(self):
         return (_reconstruct, ({"type": "class", "class_name": "EDMPrecond", "module_src": "",
                                 "state": self.state},))
+
+
+# ---- writes never follow links ----------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "results_small")
+
+
+def _tree_digest(folder):
+    import hashlib
+
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(folder)):
+        for f in sorted(files):
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                h.update(f.encode() + fh.read())
+    return h.hexdigest()
+
+
+def test_figures_never_write_through_links(tmp_path, capsys):
+    import shutil
+
+    from harness.cli import main
+
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURE, root)
+    rows = _tree_digest(root / "rows")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (root / "figures").mkdir(exist_ok=True)
+    (root / "figures" / "heatmap.png").symlink_to(victim)
+    study = os.path.join(ROOT, "studies", "quick.yaml")
+    assert main(["figures", study, "--results", str(root), "--only", "heatmap"]) == 0
+    assert victim.read_text() == "precious"
+    assert not os.path.islink(root / "figures" / "heatmap.png")
+    assert "removed the symlink" in capsys.readouterr().out
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.rmtree(root / "figures")
+    (root / "figures").symlink_to(outside)
+    assert main(["figures", study, "--results", str(root), "--only", "heatmap"]) == 2
+    assert "outside the results folder" in " ".join(capsys.readouterr().err.split())
+    assert os.listdir(outside) == []
+    os.unlink(root / "figures")
+    (root / "figures").write_text("a file in the way")
+    assert main(["figures", study, "--results", str(root), "--only", "heatmap"]) == 2
+    assert "a file is in the way" in " ".join(capsys.readouterr().err.split())
+    assert _tree_digest(root / "rows") == rows
