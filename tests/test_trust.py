@@ -284,3 +284,32 @@ def test_figures_never_write_through_links(tmp_path, capsys):
     assert main(["figures", study, "--results", str(root), "--only", "heatmap"]) == 2
     assert "a file is in the way" in " ".join(capsys.readouterr().err.split())
     assert _tree_digest(root / "rows") == rows
+
+
+# ---- stored state that takes a study down --------------------------------------------------
+
+def test_truncated_parquet_part_is_quarantined(tmp_path, capsys):
+    import glob
+    import shutil
+
+    from harness import results
+    from harness.cli import main
+
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURE, root)
+    whole = results.load_rows(str(root))
+    parts = sorted(glob.glob(str(root / "rows" / "part-*.parquet")))
+    victim = parts[len(parts) // 2]
+    lost = results.load_rows(str(root)).merge(
+        results.read_parts(results.filesystem(victim)[0], [victim], results.ROWS).to_pandas()[
+            results.KEY], on=results.KEY)
+    others = {p: open(p, "rb").read() for p in parts if p != victim}
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    study = os.path.join(ROOT, "studies", "quick.yaml")
+    assert main(["figures", study, "--results", str(root), "--only", "heatmap"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"the results file {victim} is unreadable" in err and "every other row is used" in err
+    assert os.path.exists(root / "rows" / "quarantine" / os.path.basename(victim))
+    assert all(open(p, "rb").read() == b for p, b in others.items())
+    assert len(results.load_rows(str(root))) >= len(whole) - len(lost)
