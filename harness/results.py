@@ -242,13 +242,22 @@ def compact(root: str) -> tuple[int, int]:
     return before, after
 
 
-def read_bytes(root: str, name: str) -> bytes | None:
+SMALL_DOCUMENT_MAX = 256 << 20  # pin.json, the lock, cells.json: far smaller in any real study
+
+
+def read_bytes(root: str, name: str, max_bytes: int = SMALL_DOCUMENT_MAX) -> bytes | None:
+    """A small document of the root, None if absent; at most ``max_bytes`` are read (a link to
+    ``/dev/zero`` or a huge planted file is a ``RootError``, not a hang)."""
     fs, base = filesystem(root)
     path = posixpath.join(base, name)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
-        return f.read()
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise RootError(f"{path} is larger than {max_bytes >> 20} MB, far more than the harness "
+                        f"writes there; move it aside and run again")
+    return data
 
 
 def write_bytes_atomic(root: str, name: str, data: bytes) -> None:

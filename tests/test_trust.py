@@ -313,3 +313,55 @@ def test_truncated_parquet_part_is_quarantined(tmp_path, capsys):
     assert os.path.exists(root / "rows" / "quarantine" / os.path.basename(victim))
     assert all(open(p, "rb").read() == b for p, b in others.items())
     assert len(results.load_rows(str(root))) >= len(whole) - len(lost)
+
+
+def test_stale_lock_with_a_reused_pid_is_taken_over(tmp_path, capsys):
+    import json
+    import socket
+
+    from harness import lock
+
+    root = tmp_path / "root"
+    root.mkdir()
+    me = os.getpid()
+    # a lock left by a dead process whose PID now belongs to a live one (here: this process)
+    (root / ".lock").write_text(json.dumps({"pid": me, "host": socket.gethostname(),
+                                            "started_at": "earlier", "process_start": "x/1"}))
+    # the dead driver's orphaned workers still write a row file 1 s into the takeover: the new
+    # run plans only once rows have been quiet for QUIET_S
+    import threading
+    import time
+
+    (root / "rows").mkdir()
+    late = threading.Timer(1.0, lambda: (root / "rows" / "part-late.parquet").write_bytes(b""))
+    t0 = time.monotonic()
+    late.start()
+    with lock.acquire_lock(str(root)):
+        assert time.monotonic() - t0 >= 1.0 + lock.QUIET_S
+        assert "taking over the stale lock" in capsys.readouterr().err
+        held = json.loads((root / ".lock").read_text())
+        assert held["process_start"] == lock.process_start(me)
+        with pytest.raises(lock.LockedError, match=f"process {me} on host"):
+            lock.acquire_lock(str(root))  # the live holder, named truly
+    (tmp_path / "file").write_text("x")
+    from harness.results import RootError
+
+    with pytest.raises(RootError, match="is a file, not a folder"):
+        lock.acquire_lock(str(tmp_path / "file"))
+
+
+def test_hand_edited_pin_is_one_paragraph(tmp_path, capsys):
+    import shutil
+
+    from harness.cli import main
+
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURE, root)
+    rows = _tree_digest(root / "rows")
+    study = os.path.join(ROOT, "studies", "quick.yaml")
+    for text in ('{"current": "c-di-teacher-s0"}', '{"current": [', "[1, 2]"):
+        (root / "pin.json").write_text(text)
+        assert main(["figures", study, "--results", str(root), "--only", "heatmap"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"{root}/pin.json is not a pin file" in err and "Traceback" not in err
+    assert _tree_digest(root / "rows") == rows
