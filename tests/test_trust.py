@@ -365,3 +365,33 @@ def test_hand_edited_pin_is_one_paragraph(tmp_path, capsys):
         err = " ".join(capsys.readouterr().err.split())
         assert f"{root}/pin.json is not a pin file" in err and "Traceback" not in err
     assert _tree_digest(root / "rows") == rows
+
+
+def test_bit_flipped_checkpoint_is_reported_and_skipped(tmp_path, capsys):
+    import time
+    import types
+
+    import pyarrow.fs as pafs
+    import torch
+
+    from harness import io as hio
+    from harness.trainables import _resume_into
+
+    storage = tmp_path / "ray"
+    older, newer = storage / "a" / "cell.pt", storage / "b" / "cell.pt"
+    hio.save_checkpoint({"step": 1}, str(older))
+    time.sleep(0.05)
+    hio.save_checkpoint({"step": 2}, str(newer))
+    assert hio.checkpoint_ok(str(newer))
+    hio.save_checkpoint({"step": 3}, str(newer))  # the digest of the one before still counts
+    raw = bytearray(newer.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    newer.write_bytes(bytes(raw))
+    assert not hio.checkpoint_ok(str(newer))
+    ckpt = tmp_path / "local" / "cell.pt"
+    ckpt.parent.mkdir()
+    previous = types.SimpleNamespace(filesystem=pafs.LocalFileSystem(), path=str(newer.parent))
+    _resume_into(str(ckpt), str(storage), "a/cell.pt", previous=previous)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"the stored checkpoint {newer} does not match its recorded sha256" in err
+    assert torch.load(ckpt, weights_only=True) == {"step": 1} and hio.checkpoint_ok(str(ckpt))
