@@ -211,15 +211,39 @@ def _npz(path):
 
 def _folder(path):
     path = _require(path, "folder", "a folder of same-size PNG/JPEG images")
-    from PIL import Image
-
     files = sorted(f for f in os.listdir(path) if f.lower().endswith((".png", ".jpg", ".jpeg")))
     if not files:
         raise DataError(f"folder: no .png/.jpg images in {path!r}. Put same-size images there.")
-    arrays = [np.asarray(Image.open(os.path.join(path, f)).convert("RGB")) for f in files]
+    arrays = [_image(os.path.join(path, f)) for f in files]
     if len({a.shape for a in arrays}) != 1:
         raise DataError(f"folder: images in {path!r} differ in size; resize them to one size.")
     return _images(np.stack(arrays).transpose(0, 3, 1, 2)), None
+
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image of a folder dataset; diffusion data is far smaller
+MAX_IMAGE_BYTES = 64 << 20
+
+
+def _image(f: str) -> np.ndarray:
+    """One image of a folder dataset as RGB uint8 (H, W, 3). Its header's size is checked before
+    anything is decoded, so a decompression bomb (a small PNG that claims gigapixels) is a
+    DataError naming it, as is any file PIL cannot read."""
+    from PIL import Image
+
+    try:
+        with open_regular(f, MAX_IMAGE_BYTES, "image") as fh, Image.open(fh) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DataError(f"folder: {f!r} claims {w}x{h} pixels, more than "
+                                f"{MAX_IMAGE_PIXELS:,}: a decompression bomb or not a dataset "
+                                f"image. Remove it, or resize the images.")
+            return np.asarray(im.convert("RGB"))
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, UnsafePathError, Image.DecompressionBombError,
+            MemoryError) as e:
+        raise DataError(f"folder: cannot read the image {f!r} ({type(e).__name__}: "
+                        f"{str(e)[:160]}). Remove it or replace it with a PNG/JPEG.") from None
 
 
 @functools.lru_cache(maxsize=8)

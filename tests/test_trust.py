@@ -395,3 +395,63 @@ def test_bit_flipped_checkpoint_is_reported_and_skipped(tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert f"the stored checkpoint {newer} does not match its recorded sha256" in err
     assert torch.load(ckpt, weights_only=True) == {"step": 1} and hio.checkpoint_ok(str(ckpt))
+
+
+# ---- careless input that hangs or crashes ----------------------------------------------------
+
+def test_png_bomb_in_a_folder_dataset_is_a_data_error(tmp_path):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    side = 10_000  # a 100-megapixel claim (under PIL's own refusal) in a few hundred bytes
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 4096)) + chunk(b"IEND", b""))
+    (folder / "b.png").write_bytes(bomb)
+    with pytest.raises(data.DataError, match="b.png.*claims 10000x10000 pixels"):
+        data.load("folder", str(folder))
+
+
+def test_study_file_and_command_line_values_are_bounded(tmp_path):
+    import subprocess
+    import sys
+
+    def harness(*args):
+        p = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path)
+        return p.returncode, " ".join(p.stderr.split())
+
+    fifo = tmp_path / "s.yaml"
+    os.mkfifo(fifo)
+    code, err = harness("run", str(fifo), "--dry-run")
+    assert code == 2 and "not a regular text file" in err
+    big = tmp_path / "big.yaml"
+    big.write_text("study: big\ndata: {name: toy2d}\ngrid:\n"
+                   f"  seed: [{', '.join(map(str, range(2000)))}]\n"
+                   f"  student.lr: [{', '.join(str(1e-4 * (1 + i / 1000)) for i in range(1000))}]\n")
+    code, err = harness("run", str(big), "--dry-run")
+    assert code == 2 and "the grid has 2,000,000 cells" in err
+    # --set values go through the study file's reader (what `harness cell --set` calls before
+    # anything else; StudyError is one of the CLI's user errors: exit 2)
+    from harness.cli import _overrides, _user_errors
+    from harness.study_yaml import StudyError
+
+    assert issubclass(StudyError, _user_errors())
+    marker = tmp_path / "ran"
+    for value, words in [("&a [*a, *a]", "anchors and aliases are not allowed"),
+                         ("[[[[", "YAML syntax error"),
+                         (f"!!python/object/apply:os.system [touch {marker}]", "tag"),
+                         ("9" * 5000, "a value cannot be read")]:
+        with pytest.raises(StudyError, match=words) as e:
+            _overrides([f"student.lr={value}"])
+        assert str(e.value).startswith("--set student.lr") and len(str(e.value)) < 1000
+    assert not marker.exists()
