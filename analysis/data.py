@@ -243,11 +243,24 @@ class Study:
 
 
 def load_pin(root: str) -> set | None:
+    """pin.json's ``current`` cells (None without a pin file or a ``current`` list). A corrupt
+    or hand-broken file is a ``PinError`` naming it and the fix (exit 2), not a traceback."""
+    from harness.pin import PinError
+
     raw = read_bytes(root, "pin.json")
     if raw is None:
         return None
-    pin = json.loads(raw)
+    try:
+        pin = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        pin = e
     current = pin.get("current") if isinstance(pin, dict) else None
+    if not isinstance(pin, dict) or not (current is None or isinstance(current, list) and all(
+            isinstance(c, str) for c in current)):
+        raise PinError(f"{root}/pin.json is not a pin file (not a JSON object with 'current' a "
+                       f"list of cell ids). Move it aside (rename it to pin.json.bad) and run "
+                       f"`harness run` or `harness status` on the study to pin it again; the "
+                       f"figures need it to leave orphaned cells out.")
     return None if current is None else {str(c) for c in current}
 
 

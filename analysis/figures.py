@@ -30,6 +30,7 @@ import pandas as pd
 
 from harness.claims_spec import ClaimsSpec
 from harness.config import ConfigError
+from harness.safefs import prepare_output
 
 from .seeds import seed_summary, seeds_text
 from .style import KIMG_LABEL, RC, axis_limits, fmt_num, panel_grid, save, use_log, write_csv
@@ -288,12 +289,16 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
     if only is not None and only not in OUTPUTS:
         raise ConfigError("only", f"unknown output {only!r}; valid outputs: "
                                   f"{', '.join(OUTPUTS)}")
+    default_out = out_dir is None and "://" not in root
     if out_dir is None:
         if "://" in root:
             out_dir = "figures"
             print(f"figures: results root {root} is remote; writing into ./{out_dir}")
         else:
             out_dir = os.path.join(root, "figures")
+    # the default folder is checked against the results root: no folder on the way may be a
+    # link that leaves it; a folder the caller names is checked from its parent down
+    prepare_output(root if default_out else os.path.dirname(os.path.abspath(out_dir)), out_dir)
     timer = Timer(timings)
     if rows is None:
         from harness.results import load_rows

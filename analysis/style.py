@@ -20,6 +20,8 @@ import matplotlib.colors as mcolors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
+from harness.safefs import write_inside  # noqa: E402
+
 # Known loss families, in display order, with fixed colours (seaborn "colorblind" hues).
 # Teacher-score families are blue/green, score-free (ratio) family members warm colours.
 LOSS_COLORS = {
@@ -287,7 +289,8 @@ def save(fig, out_dir: str, name: str, note: str | None = None) -> list[str]:
                        ("pdf", {"metadata": {"CreationDate": None, "Creator": None,
                                              "Producer": None}})):
         path = os.path.join(out_dir, f"{name}.{ext}")
-        fig.savefig(path, bbox_inches=bbox, **extra)
+        write_inside(out_dir, path, write=lambda fh, ext=ext, extra=extra: fig.savefig(
+            fh, format=ext, bbox_inches=bbox, **extra))
         paths.append(path)
     plt.close(fig)
     return paths
@@ -315,5 +318,5 @@ def write_csv(df, out_dir: str, name: str) -> str:
     """``<name>.data.csv``: the figure's aggregated data, floats to 6 significant digits."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.data.csv")
-    df.to_csv(path, index=False, float_format="%.6g")
-    return path
+    text = df.to_csv(index=False, float_format="%.6g")
+    return write_inside(out_dir, path, text.encode())

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import textwrap
 
-import yaml
 
 EXIT_USAGE = 2
 
@@ -32,8 +32,10 @@ def _user_errors() -> tuple[type, ...]:
     from .lock import LockedError
     from .pin import PinError
     from .results import RootError
+    from .safefs import UnsafePathError
 
-    return (ConfigError, DataError, FileNotFoundError, PinError, LockedError, RootError)
+    return (ConfigError, DataError, FileNotFoundError, PinError, LockedError, RootError,
+            UnsafePathError)
 
 
 def _torch_errors() -> tuple[type, ...]:
@@ -46,18 +48,26 @@ def _torch_errors() -> tuple[type, ...]:
     return (InitError, ArchError, CheckpointError, MetricsError, EDMImportError)
 
 
+MAX_WORD, MAX_MESSAGE = 300, 3000  # characters of one word (a value, a path) and of a message
+
+
 def _fail(message: str) -> int:
-    text = textwrap.fill(str(message), 100, subsequent_indent="  ", break_on_hyphens=False,
+    message = re.sub(r"\S{%d,}" % (MAX_WORD + 1), lambda m: m.group(0)[:MAX_WORD - 3] + "...",
+                     str(message))
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE - 3] + "..."
+    text = textwrap.fill(message, 100, subsequent_indent="  ", break_on_hyphens=False,
                          break_long_words=False)  # paths stay whole
     print("error: " + text, file=sys.stderr)
     return EXIT_USAGE
 
 
-def _parse_value(text: str):
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"cannot parse {text!r} as a YAML value ({e})") from None
+def _parse_value(text: str, source: str = "a command-line value"):
+    """A ``--set``/``--loss``/``--init`` value, read by the study file's own YAML reader (the
+    same refusals: anchors and aliases, deep nesting, huge values, control characters)."""
+    from .study_yaml import read_yaml
+
+    return read_yaml(text, source)[0]
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -70,7 +80,8 @@ def _overrides(pairs: list[str]) -> dict:
         if not sep or "." not in key:
             raise ConfigError("--set", f"expected SECTION.KEY=VALUE, got {pair!r}")
         section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = _check_override(section, name, _parse_value(value))
+        out.setdefault(section, {})[name] = _check_override(section, name,
+                                                            _parse_value(value, f"--set {key}"))
     return out
 
 
@@ -118,7 +129,8 @@ def cmd_cell(args) -> int:
     spec = _overrides(args.set)
     spec["data"] = {"name": args.data, **({"path": args.data_path} if args.data_path else {}),
                     **spec.get("data", {})}
-    spec.update(loss=_parse_value(args.loss), init=_parse_value(args.init), seed=args.seed)
+    spec.update(loss=_parse_value(args.loss, "--loss"), init=_parse_value(args.init, "--init"),
+                seed=args.seed)
     if args.kimg is not None:
         spec.setdefault("student", {})["kimg"] = args.kimg
     cfg = _one_cell(spec)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .safefs import UnsafePathError, open_regular
+
 
 class DataError(ValueError):
     """A dataset that cannot be loaded: the message names the path and the expected format."""
@@ -130,17 +132,56 @@ def _require(path: str | None, name: str, expected: str) -> str:
     return path
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 python batch as data only: the pickle's dicts, lists, bytes, strings and
+    numbers are built by the unpickler itself, and the one global it may name is NumPy's array
+    reconstruction (with ``numpy.ndarray`` and ``numpy.dtype``). Any other global (``os.system``,
+    ``builtins.eval``, ...) is refused before it is called, so a planted file runs no code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):  # how protocol 2 writes bytes from Python 3
+            return _latin1_bytes
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not allowed in a CIFAR-10 batch")
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed only for str to latin-1 bytes")
+    return text.encode("latin1")
+
+
+CIFAR_BATCH_MAX_BYTES = 64 << 20  # a real batch is 31 MB; a bigger file is not one
+
+
+def read_cifar_batch(f: str) -> dict:
+    """One CIFAR-10 batch file (``data_batch_1`` ...), read with :class:`_BatchUnpickler` and a
+    size bound; raises ``pickle.UnpicklingError``/``OSError``/``ValueError`` on anything else."""
+    with open_regular(f, CIFAR_BATCH_MAX_BYTES, "CIFAR-10 batch") as fh:
+        batch = _BatchUnpickler(fh, encoding="bytes").load()
+    if not isinstance(batch, dict):
+        raise ValueError(f"the pickle holds a {type(batch).__name__}, not a dict")
+    return batch
+
+
 def _cifar10(path):
     path = _require(path, "cifar10", "the folder 'cifar-10-batches-py' with data_batch_1..5")
     xs, ys = [], []
     for i in range(1, 6):
         f = os.path.join(path, f"data_batch_{i}")
         try:
-            with open(f, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
+            batch = read_cifar_batch(f)
             xs.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(batch[b"labels"], np.int64))
-        except (OSError, KeyError, pickle.UnpicklingError, ValueError, EOFError) as e:
+        except (OSError, KeyError, TypeError, pickle.UnpicklingError, ValueError, EOFError,
+                AttributeError, IndexError, MemoryError) as e:
             raise DataError(f"cifar10: cannot read {f!r} ({e}). Expected the CIFAR-10 python "
                             f"batches (data_batch_1..5) from cifar-10-python.tar.gz.") from None
     return _images(np.concatenate(xs)), np.concatenate(ys)
@@ -178,15 +219,39 @@ def _npz(path):
 
 def _folder(path):
     path = _require(path, "folder", "a folder of same-size PNG/JPEG images")
-    from PIL import Image
-
     files = sorted(f for f in os.listdir(path) if f.lower().endswith((".png", ".jpg", ".jpeg")))
     if not files:
         raise DataError(f"folder: no .png/.jpg images in {path!r}. Put same-size images there.")
-    arrays = [np.asarray(Image.open(os.path.join(path, f)).convert("RGB")) for f in files]
+    arrays = [_image(os.path.join(path, f)) for f in files]
     if len({a.shape for a in arrays}) != 1:
         raise DataError(f"folder: images in {path!r} differ in size; resize them to one size.")
     return _images(np.stack(arrays).transpose(0, 3, 1, 2)), None
+
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image of a folder dataset; diffusion data is far smaller
+MAX_IMAGE_BYTES = 64 << 20
+
+
+def _image(f: str) -> np.ndarray:
+    """One image of a folder dataset as RGB uint8 (H, W, 3). Its header's size is checked before
+    anything is decoded, so a decompression bomb (a small PNG that claims gigapixels) is a
+    DataError naming it, as is any file PIL cannot read."""
+    from PIL import Image
+
+    try:
+        with open_regular(f, MAX_IMAGE_BYTES, "image") as fh, Image.open(fh) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DataError(f"folder: {f!r} claims {w}x{h} pixels, more than "
+                                f"{MAX_IMAGE_PIXELS:,}: a decompression bomb or not a dataset "
+                                f"image. Remove it, or resize the images.")
+            return np.asarray(im.convert("RGB"))
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, UnsafePathError, Image.DecompressionBombError,
+            MemoryError) as e:
+        raise DataError(f"folder: cannot read the image {f!r} ({type(e).__name__}: "
+                        f"{str(e)[:160]}). Remove it or replace it with a PNG/JPEG.") from None
 
 
 def _area_downsample(x: np.ndarray, factor: int) -> np.ndarray:

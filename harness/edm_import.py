@@ -43,6 +43,8 @@ import pickle
 import numpy as np
 import torch
 
+from .safefs import UnsafePathError, read_regular
+
 
 class EDMImportError(ValueError):
     """An EDM pickle could not be read (safely) or does not hold a network we support."""
@@ -77,14 +79,25 @@ class ModuleRecord:
         return f"ModuleRecord({self.qualname})"
 
 
-_RECORD_CLASSES: dict[str, type] = {}
+MAX_BYTES = 4 << 30  # NVIDIA's largest EDM snapshot is under 1 GB
+BYTES_PER_VISIT = 64  # walks over the loaded objects: at most one visit per 64 file bytes (+ 10k)
+MAX_DEPTH = 64  # nesting of modules and metadata
 
 
-def _module_record_class(module: str, name: str) -> type:
-    qualname = f"{module}.{name}"
-    if qualname not in _RECORD_CLASSES:
-        _RECORD_CLASSES[qualname] = type(name, (ModuleRecord,), {"qualname": qualname})
-    return _RECORD_CLASSES[qualname]
+class _Budget:
+    """The work one load may do after unpickling, bounded by the file's size: a few KB of
+    pickle can name the same object exponentially often (shared references), so every walk
+    over the loaded objects counts its visits and stops with a refusal at the bound."""
+
+    def __init__(self, where: str, size: int):
+        self.where, self.left = where, 10_000 + size // BYTES_PER_VISIT
+
+    def visit(self, depth: int) -> None:
+        self.left -= 1
+        if self.left < 0 or depth > MAX_DEPTH:
+            raise EDMImportError(f"{self.where}: its objects nest deeper than {MAX_DEPTH} or "
+                                 f"repeat shared references beyond what a file of its size can "
+                                 f"hold honestly; refused (nothing from it was executed)")
 
 
 def _reconstruct_persistent_obj(meta):
@@ -112,6 +125,11 @@ def _load_storage(data):
                              f"True): {e}") from None
     if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
         raise EDMImportError(f"a tensor storage decoded to {type(storage).__name__}")
+    nbytes = (storage._untyped_storage if isinstance(storage, torch.TypedStorage)
+              else storage).nbytes()
+    if nbytes > len(data):
+        raise EDMImportError(f"a tensor storage of {nbytes} bytes came from "
+                             f"{len(data)} bytes of pickle")
     return storage
 
 
@@ -119,8 +137,16 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
                     metadata=None):
     if not isinstance(storage, torch.TypedStorage):
         raise EDMImportError("a tensor record does not point at a tensor storage")
-    if not (isinstance(offset, int) and all(isinstance(v, int) for v in (*size, *stride))):
-        raise EDMImportError("a tensor record has a malformed size or stride")
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+            and type(offset) is int and all(type(v) is int for v in (*size, *stride))
+            and offset >= 0 and all(v >= 0 for v in (*size, *stride))):
+        raise EDMImportError("a tensor record has a malformed size, stride or offset")
+    # set_ would grow the storage to fit (uninitialised memory read as weights): the record
+    # must lie inside the storage it names
+    elements = storage._untyped_storage.nbytes() // torch.empty((), dtype=storage.dtype).element_size()
+    if all(size) and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= elements:
+        raise EDMImportError(f"a tensor record of size {list(size)[:8]} at offset {offset} "
+                             f"reaches past its storage of {elements} elements")
     t = torch.empty((0,), dtype=storage.dtype)
     return t.set_(storage._untyped_storage, offset, tuple(size), tuple(stride))
 
@@ -187,17 +213,37 @@ SAFE_GLOBALS = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(pickle._Unpickler):
+    """Python's own unpickler (not the C one: a 9-byte memo index makes that allocate gigabytes;
+    this one keeps the memo in a dict and reads lengths against the bytes actually there), with
+    a whitelist of globals and no attribute setting on classes (``BUILD`` on a class would change
+    every later load in the process). Record classes are made afresh for every load."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, file, where: str):
         super().__init__(file)
         self.where = where
+        self._records: dict[str, type] = {}
+
+    def _load_build(self):
+        if isinstance(self.stack[-2], type) or not isinstance(
+                self.stack[-2], (ModuleRecord, _DType, _EasyDict, set, dict, list)):
+            raise EDMImportError(f"{self.where}: the pickle sets the state of a "
+                                 f"{type(self.stack[-2]).__name__}; refused")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
     def find_class(self, module, name):
         if (module, name) in SAFE_GLOBALS:
             return SAFE_GLOBALS[(module, name)]
         if module.startswith("torch.nn.modules.") and name.isidentifier() \
                 and not name.startswith("_"):
-            return _module_record_class(module, name)
+            qualname = f"{module}.{name}"
+            if qualname not in self._records:
+                self._records[qualname] = type(name, (ModuleRecord,), {"qualname": qualname})
+            return self._records[qualname]
         raise EDMImportError(
             f"{self.where}: the pickle references the global {module}.{name}, which an EDM "
             f"network pickle does not need; refused before it was called (nothing from the file "
@@ -213,9 +259,12 @@ def _is_record(obj) -> bool:
     return isinstance(obj, (PersistentRecord, ModuleRecord))
 
 
-def flat_state(record, prefix: str = "") -> dict[str, torch.Tensor]:
+def flat_state(record, prefix: str = "", budget: _Budget | None = None,
+               depth: int = 0) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers of a module record and its submodules, by dotted name,
     in ``Module.state_dict`` order (own parameters, own buffers, then submodules)."""
+    budget = budget or _Budget("the pickle", 1 << 20)
+    budget.visit(depth)
     state = record.state if isinstance(getattr(record, "state", None), dict) else {}
     out: dict[str, torch.Tensor] = {}
     skip = state.get("_non_persistent_buffers_set") or set()
@@ -231,22 +280,24 @@ def flat_state(record, prefix: str = "") -> dict[str, torch.Tensor]:
             continue
         if not _is_record(sub):
             raise EDMImportError(f"submodule {prefix}{name} is a {type(sub).__name__}")
-        out.update(flat_state(sub, f"{prefix}{name}."))
+        out.update(flat_state(sub, f"{prefix}{name}.", budget, depth + 1))
     return out
 
 
-def _plain(value, depth: int = 0):
+def _plain(value, depth: int = 0, budget: _Budget | None = None):
     """JSON-friendly copy of pickled metadata (records become their class names)."""
+    if budget is not None:
+        budget.visit(depth)
     if depth > 20:
         return "..."
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
-        return [_plain(v, depth + 1) for v in value]
+        return [_plain(v, depth + 1, budget) for v in value]
     if isinstance(value, (set, frozenset)):
-        return sorted((_plain(v, depth + 1) for v in value), key=str)
+        return sorted((_plain(v, depth + 1, budget) for v in value), key=str)
     if isinstance(value, dict):
-        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+        return {str(k): _plain(v, depth + 1, budget) for k, v in value.items()}
     if _is_record(value):
         return f"<{value.class_name}>"
     if isinstance(value, torch.Tensor):
@@ -254,17 +305,18 @@ def _plain(value, depth: int = 0):
     return f"<{type(value).__name__}>"
 
 
-def _classes(record, out: set) -> set:
+def _classes(record, out: set, budget: _Budget, depth: int = 0) -> set:
+    budget.visit(depth)
     out.add(record.class_name)
     for sub in (record.state.get("_modules") or {}).values():
         if _is_record(sub):
-            _classes(sub, out)
+            _classes(sub, out, budget, depth + 1)
     return out
 
 
-def _init_kwargs(record):
+def _init_kwargs(record, budget: _Budget):
     kw = record.state.get("_init_kwargs")
-    return _plain(kw) if isinstance(kw, dict) else None
+    return _plain(kw, 0, budget) if isinstance(kw, dict) else None
 
 
 def load_edm_pickle(path: str, key: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
@@ -278,26 +330,32 @@ def load_edm_pickle(path: str, key: str = "ema") -> tuple[dict[str, torch.Tensor
     ``classes`` (every class name in the network) and ``dataset_kwargs`` when present.
     """
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_regular(str(path), MAX_BYTES, "EDM pickle")
+    except UnsafePathError as e:
+        raise EDMImportError(str(e)) from None
     except OSError as e:
         raise EDMImportError(f"cannot read the EDM pickle {path}: {e.strerror}") from None
     sha = hashlib.sha256(raw).hexdigest()
+    budget = _Budget(str(path), len(raw))
     try:
         obj = _Unpickler(io.BytesIO(raw), path).load()
+        return _read_loaded(obj, path, key, sha, budget)
     except EDMImportError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any other failure: a malformed record, not code
         raise EDMImportError(f"{path} is not a readable EDM pickle ({type(e).__name__}: "
                              f"{str(e)[:200]}); nothing from it was executed") from None
+
+
+def _read_loaded(obj, path, key: str, sha: str, budget: _Budget):
     if not isinstance(obj, dict) or key not in obj:
-        keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        keys = sorted(map(str, obj))[:20] if isinstance(obj, dict) else type(obj).__name__
         raise EDMImportError(f"{path}: expected a dict with the network under {key!r} (an EDM "
                              f"training snapshot); found {keys}")
     net = obj[key]
-    if not _is_record(net):
+    if not _is_record(net) or not isinstance(getattr(net, "state", None), dict):
         raise EDMImportError(f"{path}: {key!r} holds a {type(net).__name__}, not a network")
-    state = flat_state(net)
+    state = flat_state(net, "", budget)
     model = (net.state.get("_modules") or {}).get("model")
     attrs = {k: v for k, v in net.state.items()
              if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
@@ -311,17 +369,17 @@ def load_edm_pickle(path: str, key: str = "ema") -> tuple[dict[str, torch.Tensor
         "class_name": net.class_name,
         "persistence_version": getattr(net, "version", None),
         "source_sha256": getattr(net, "source_sha256", None),
-        "init_args": _plain(net.state.get("_init_args")),
-        "init_kwargs": _init_kwargs(net),
+        "init_args": _plain(net.state.get("_init_args"), 0, budget),
+        "init_kwargs": _init_kwargs(net, budget),
         "attrs": attrs,
         "model_class": model.class_name if _is_record(model) else None,
-        "model_init_kwargs": _init_kwargs(model) if _is_record(model) else None,
-        "classes": sorted(_classes(net, set())),
+        "model_init_kwargs": _init_kwargs(model, budget) if _is_record(model) else None,
+        "classes": sorted(_classes(net, set(), budget)),
         "parameters": sum(t.numel() for k, t in state.items()
                           if not k.endswith("resample_filter")),
     }
     if isinstance(obj.get("dataset_kwargs"), dict):
-        meta["dataset_kwargs"] = _plain(obj["dataset_kwargs"])
+        meta["dataset_kwargs"] = _plain(obj["dataset_kwargs"], 0, budget)
     return state, meta
 
 

@@ -47,6 +47,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> str | None:
+    """An identity of the process ``pid`` that a reused PID does not share: this boot's id and
+    the process's start time in clock ticks since boot (Linux ``/proc``); None elsewhere."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{int(pid)}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return f"{boot}/{fields[19]}"  # field 22 of stat: starttime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class Lock:
     """A held lock on a results root; a context manager that releases it on exit."""
 
@@ -105,6 +118,31 @@ def _holder(data: bytes | None) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
+QUIET_S, QUIET_MAX_S = 4.0, 60.0
+
+
+def wait_for_quiet(root: str, quiet_s: float = QUIET_S, max_s: float = QUIET_MAX_S) -> None:
+    """After taking over a dead driver's lock: its Ray workers can outlive it by a few seconds
+    and still write rows. Wait until no new row file has appeared for ``quiet_s`` (at most
+    ``max_s``), so this run plans from rows nobody else is still adding to."""
+    import time
+
+    folder = os.path.join(root, "rows")
+
+    def count():
+        try:
+            return len(os.listdir(folder))
+        except OSError:
+            return 0
+
+    start, last, seen = time.monotonic(), time.monotonic(), count()
+    while time.monotonic() - last < quiet_s and time.monotonic() - start < max_s:
+        time.sleep(0.25)
+        now = count()
+        if now != seen:
+            seen, last = now, time.monotonic()
+
+
 def _refuse(root: str, where: str, info: dict | None) -> LockedError:
     if info is None:
         who = "an unknown process (the lock file is unreadable)"
@@ -122,7 +160,13 @@ def _is_stale(info: dict | None) -> bool:
     if not info or info.get("host") != socket.gethostname():
         return False
     pid = info.get("pid")
-    return isinstance(pid, int) and not isinstance(pid, bool) and not _alive(pid)
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return False
+    if not _alive(pid):
+        return True
+    # alive, but a reused PID is another process: the lock records its holder's start
+    recorded = info.get("process_start")
+    return isinstance(recorded, str) and process_start(pid) not in (None, recorded)
 
 
 def acquire_lock(root: str, cache: str | None = None) -> Lock:
@@ -136,7 +180,9 @@ def acquire_lock(root: str, cache: str | None = None) -> Lock:
     """
     from . import results
 
+    results.check_root(root)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": utc_now(),
+            "process_start": process_start(os.getpid()),
             "token": uuid.uuid4().hex, **({"cache": cache} if cache else {})}
     payload = json.dumps(info).encode()
     import pyarrow.fs as pafs
@@ -146,6 +192,7 @@ def acquire_lock(root: str, cache: str | None = None) -> Lock:
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(base, exist_ok=True)
         path = os.path.join(base, LOCK)
+        settled = False
         for _ in range(3):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -173,11 +220,14 @@ def acquire_lock(root: str, cache: str | None = None) -> Lock:
                 os.unlink(aside)
                 print(f"note: taking over the stale lock {path}: process {holder.get('pid')} on "
                       f"this host (since {holder.get('started_at')}) is gone", file=sys.stderr)
+                settled = True
                 continue
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)
                 f.flush()
                 os.fsync(f.fileno())
+            if settled:
+                wait_for_quiet(root)
             return Lock(root, path, info)
         raise _refuse(root, path, _holder(_read_lock(None, path)))
 

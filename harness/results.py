@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import posixpath
+import sys
 import uuid
 
 import pyarrow as pa
@@ -144,8 +145,37 @@ def _read(root: str, kind: str, schema: pa.Schema) -> pa.Table:
                    and i.path.endswith(".parquet"))
     if not files:
         return schema.empty_table()
-    tables = [pq.read_table(f, filesystem=fs, schema=schema) for f in files]
-    return pa.concat_tables(tables)
+    return read_parts(fs, files, schema)
+
+
+QUARANTINE = "quarantine"
+
+
+def read_parts(fs, files: list[str], schema: pa.Schema, filters=None) -> pa.Table:
+    """The part files as one table. A part that cannot be read (truncated by a full disk, a
+    bit flip, a foreign file) is moved into ``<store>/quarantine/`` (never read again; left in
+    place where the root is read-only) with a note naming it, and every other row is used."""
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, filesystem=fs, schema=schema, filters=filters))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            _quarantine(fs, f, f"{type(e).__name__}: {str(e)[:160]}")
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _quarantine(fs, path: str, why: str) -> None:
+    folder = posixpath.join(posixpath.dirname(path), QUARANTINE)
+    target = posixpath.join(folder, posixpath.basename(path))
+    try:
+        fs.create_dir(folder, recursive=True)
+        fs.move(path, target)
+        where = f"moved to {target}"
+    except OSError:
+        where = "left in place (the results root is not writable)"
+    print(f"note: the results file {path} is unreadable ({why}); {where} and left out: every "
+          f"other row is used. Delete it once inspected; the cells it held rerun or resume "
+          f"as needed.", file=sys.stderr)
 
 
 def load_rows(root: str):
@@ -196,6 +226,7 @@ def compact(root: str) -> tuple[int, int]:
         (kind, SAMPLES, lambda r, k=kind: load_samples(r, k)) for kind in SAMPLE_KINDS]
     for kind, schema, load in stores:
         folder = posixpath.join(base, kind)
+        loaded = load(root)  # first: an unreadable part is quarantined, never merged or deleted
         info = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         old = [i.path for i in info if i.type == pafs.FileType.File
                and posixpath.basename(i.path).startswith("part-")]
@@ -203,7 +234,7 @@ def compact(root: str) -> tuple[int, int]:
         if len(old) <= 1:
             after += len(old)
             continue
-        table = pa.Table.from_pandas(load(root), schema=schema, preserve_index=False)
+        table = pa.Table.from_pandas(loaded, schema=schema, preserve_index=False)
         _write(root, kind, table)
         for path in old:
             fs.delete_file(path)
@@ -211,13 +242,22 @@ def compact(root: str) -> tuple[int, int]:
     return before, after
 
 
-def read_bytes(root: str, name: str) -> bytes | None:
+SMALL_DOCUMENT_MAX = 256 << 20  # pin.json, the lock, cells.json: far smaller in any real study
+
+
+def read_bytes(root: str, name: str, max_bytes: int = SMALL_DOCUMENT_MAX) -> bytes | None:
+    """A small document of the root, None if absent; at most ``max_bytes`` are read (a link to
+    ``/dev/zero`` or a huge planted file is a ``RootError``, not a hang)."""
     fs, base = filesystem(root)
     path = posixpath.join(base, name)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
-        return f.read()
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise RootError(f"{path} is larger than {max_bytes >> 20} MB, far more than the harness "
+                        f"writes there; move it aside and run again")
+    return data
 
 
 def write_bytes_atomic(root: str, name: str, data: bytes) -> None:

@@ -62,6 +62,9 @@ def _setting(section: str, key: str | None) -> Setting:
     return SCHEMA[section] if key is None else SCHEMA[section][key]
 
 
+MAX_EXPANSION = 100_000  # values one grid entry with parameter lists may expand to
+
+
 class _Bad(Exception):
     """A problem found at a yaml path (converted to StudyError with file and line)."""
 
@@ -223,6 +226,10 @@ def _expand_spec(kind: str, item, path: str, fixed: bool) -> list[_Value]:
                       for v in values]
         choices.append([(v, j if many else None) for j, v in enumerate(values)])
 
+    count = math.prod(len(c) for c in choices)
+    if count > MAX_EXPANSION:
+        raise _Bad(prefix, f"expands to {count:,} values, more than a study may have "
+                           f"({MAX_EXPANSION:,})", "give each parameter a few values")
     out = []
     resolve = C.resolve_loss if kind == "loss" else C.resolve_init
     label = C.loss_label if kind == "loss" else C.init_label

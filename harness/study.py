@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -30,7 +31,10 @@ from .settings import (DEFAULT_MAX_FAILURES, DEFAULT_RESOURCES, IMAGE_ARCHS, MAX
                        _check, _expand_spec,
                        _setting, _type_name, _Value)
 from .tracking import check as _check_tracking
-from .study_yaml import StudyError, read_yaml
+from .safefs import UnsafePathError, open_regular
+from .study_yaml import MAX_BYTES, StudyError, read_yaml
+
+MAX_CELLS = 100_000  # cells one study may expand to (the cifar10 protocol has 150)
 from .tune_spec import check_tune
 
 
@@ -285,6 +289,13 @@ class _Parser:
         return axes
 
     def _cells(self, fixed: dict, axes: list) -> list[Cell]:
+        count = math.prod(len(vals) for _, vals in axes)
+        if count > MAX_CELLS:
+            sizes = " x ".join(f"{axis} {len(vals)}" for axis, vals in axes)
+            raise _Bad("grid", f"the grid has {count:,} cells ({sizes}), more than the "
+                               f"{MAX_CELLS:,} a study may have",
+                       "split it into several studies or drop axis values; even a toy cell "
+                       "takes seconds, so this many would not finish")
         cells, seen = [], {}
         for index, combo in enumerate(itertools.product(*(vals for _, vals in axes))):
             partial = copy.deepcopy(fixed)
@@ -367,13 +378,17 @@ def parse_study(text: str, source: str = "<string>") -> Study:
 
 
 def load_study(path: str) -> Study:
-    """Read and validate a study file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
+    """Read and validate a study file (a regular file of at most ``study_yaml.MAX_BYTES``: a
+    FIFO or ``/dev/zero`` given as the study is refused, not read forever)."""
+    if not os.path.exists(path):
         raise StudyError("no such study file", source=str(path),
-                         fix="check the path (studies live in studies/NAME.yaml)") from None
+                         fix="check the path (studies live in studies/NAME.yaml)")
+    try:
+        with open_regular(str(path), MAX_BYTES, "study file") as f:
+            text = f.read(MAX_BYTES + 1).decode("utf-8")
+    except UnsafePathError as e:
+        raise StudyError(f"not a regular text file of at most {MAX_BYTES:,} bytes ({C.cut(str(e), 160)})",
+                         source=str(path), fix="give the path of the study YAML itself") from None
     except (OSError, UnicodeDecodeError) as e:
         raise StudyError(f"cannot read the study file ({e})", source=str(path),
                          fix="check that it is a readable UTF-8 text file") from None

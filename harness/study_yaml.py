@@ -116,6 +116,11 @@ def read_yaml(text: str, source: str) -> tuple[object, dict]:
     except RecursionError:
         raise StudyError("nesting too deep to parse", source=source,
                          fix="check the brackets") from None
+    except StudyError:
+        raise
+    except (ValueError, OverflowError) as e:  # e.g. an integer of thousands of digits
+        raise StudyError(f"a value cannot be read ({C.cut(e, 120)})", source=source,
+                         fix="write numbers of a sensible size (1.0e-4, 400)") from None
     finally:
         if loader is not None:
             loader.dispose()

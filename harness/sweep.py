@@ -32,11 +32,11 @@ Cells:
   (``max_failures``) and its new TorchTrainer of the same name resumes from the newest
   checkpoint. ``max_concurrent_trials`` keeps the fits within the cluster's resources.
 - Ray's storage is ``<results root>/ray``: experiments ``<study>-<k>``, each with a
-  ``<study>-<k>.cells.json`` beside it naming its cells. A later ``harness run`` first restores
-  (``Tuner.restore(..., resume_errored=True)``) the experiments that still own unfinished cells,
-  so interrupted trials continue from their checkpoints, then starts ``<study>-<k+1>`` for the
-  cells no experiment owns (new seeds, new axis values). The ``status=done`` rows are the truth
-  about what finished, never Ray's ResultGrid.
+  ``<study>-<k>.cells.json`` beside it naming its cells. A later ``harness run`` starts
+  ``<study>-<k+1>`` over every cell without a final row; an interrupted cell continues from the
+  newest ``cell.pt`` any experiment stored for it. Ray's ``Tuner.restore`` is never called: it
+  would unpickle Ray's experiment state from the results root, which is not trusted to hold
+  code. The ``status=done`` rows are the truth about what finished, never Ray's ResultGrid.
 
 Rounds: a study with a ``seeds:`` plan runs the cells ``harness.rounds.plan`` names (its first
 seeds, the cells already stored, and the next seeds of the groups of open claims), then plans
@@ -288,7 +288,7 @@ def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
     from ray import tune
 
     from .cell import cell_columns
-    from .progress import Progress, error_summary, experiments, prune_finished
+    from .progress import Progress, checkpoint_files, experiments, prune_finished
 
     storage, cells = storage_of(root), dict(pin.current)
     labels = {}
@@ -305,34 +305,17 @@ def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
             failure_config=tune.FailureConfig(max_failures=study.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None))  # see progress.Progress
 
-    def still_pending():
-        states = cell_states(store.load_rows(root), pin.ids)
-        return [c for c in pin.ids if states[c]["state"] not in FINAL]
-
+    # Ray's own restore (Tuner.restore) unpickles tuner.pkl and the experiment state from the
+    # results root, which anyone who can write there (or the author of a copied folder) controls.
+    # It is never called: every run is a new experiment over the cells without a final row, and
+    # each cell resumes from its newest stored cell.pt (read as data, digest checked), which is
+    # all a restore would have given back. The harness's own rows say what is finished.
     known = experiments(storage, study.name)
-    owner = {cid: name for _, name, ids in known for cid in ids}  # the newest experiment wins
-    todo, attempted, errors = list(pending), set(), {}
-    for _, name, ids in known:
-        mine = [c for c in ids if owner[c] == name and c in todo]
-        where = f"{storage}/{name}"
-        if not mine or not tune.Tuner.can_restore(where):
-            continue
-        print(f"resuming Ray experiment {name} ({len(mine)} unfinished cells): {where}")
-        try:
-            tuner = tune.Tuner.restore(where, trainable=_trainable(
-                study, cells, todo, root, cache, device, cell_fn), resume_errored=True)
-            local = getattr(tuner, "_local_tuner", None)  # fresh progress callback (not public API)
-            if local is not None and getattr(local, "_run_config", None) is not None:
-                local._run_config.callbacks = run_config(name, len(mine)).callbacks
-            errors.update(_fit(tuner))
-        except Exception as e:  # noqa: BLE001 (a damaged experiment: its cells start afresh)
-            print(f"note: cannot resume {name} ({error_summary(str(e))}); its unfinished cells "
-                  f"start from step 0 in a new experiment")
-            continue
-        attempted.update(mine)
-        todo = still_pending()
-
-    rest = [c for c in todo if c not in attempted]
+    errors = {}
+    rest = list(pending)
+    resuming = {cid for cid, _, _ in checkpoint_files(storage, study.name)} & set(rest)
+    if resuming:
+        print(f"{len(resuming)} unfinished cells resume from their last checkpoint")
     if rest:
         k = max((k for k, _, _ in known), default=0) + 1
         name = f"{study.name}-{k}"

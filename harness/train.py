@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ from . import __version__, losses, nets, perf, verifier
 from .parallel import SINGLE, Shard
 from .diffusion import Denoiser, OneStepGenerator, ema_beta
 from .inits import InitContext, derive_seed, init_aux, init_generator
-from .io import CheckpointError, ema_update, load_torch as load_checkpoint, save_atomic
+from .io import (CheckpointError, checkpoint_ok, ema_update, load_torch as load_checkpoint,
+                 save_checkpoint)
 from .pin import canonical_json, identity
 
 
@@ -180,6 +182,12 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
 
     # Resume, or start from the init scheme's weights.
     step, wall, last = 0, 0.0, None
+    if ckpt_path and os.path.exists(ckpt_path) and not checkpoint_ok(ckpt_path):
+        aside = ckpt_path + ".bad"
+        os.replace(ckpt_path, aside)
+        print(f"note: checkpoint {ckpt_path} does not match its recorded sha256 (damaged in "
+              f"storage); moved to {aside}, and this cell starts again from step 0",
+              file=sys.stderr)
     if ckpt_path and os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path)
         if canonical_json(identity(state.get("config") or {})) != canonical_json(identity(cfg)):
@@ -200,7 +208,7 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
     def checkpoint():
         if not ckpt_path or not shard.lead:
             return
-        save_atomic({"generator": generator.state_dict(), "aux": aux.state_dict(),
+        save_checkpoint({"generator": generator.state_dict(), "aux": aux.state_dict(),
                      "ema": ema.state_dict(), "opt_g": opt_g.state_dict(),
                      "opt_aux": opt_a.state_dict(), "rng": torch.get_rng_state(),
                      "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,

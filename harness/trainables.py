@@ -5,13 +5,18 @@ teacher id, resumable from its own checkpoint). See ``harness.sweep`` for the wh
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
 import shutil
+import sys
 import tempfile
 
 from . import results as store
 from .pin import canonical_json
+
+DIGEST_SUFFIX = ".sha256"  # beside each cell.pt (harness.io.save_checkpoint)
 
 
 def storage_of(root: str) -> str:
@@ -23,9 +28,10 @@ def storage_of(root: str) -> str:
 # The trainable (runs in a Ray worker)
 
 def _resume_into(ckpt: str, storage: str, saved: str | None, previous=None):
-    """Copy the newest ``cell.pt`` of this trial's Ray checkpoint (``previous``, default
+    """Copy the newest good ``cell.pt`` of this trial's Ray checkpoint (``previous``, default
     ``tune.get_checkpoint()``) and of the cell's newest saved one (``saved``, relative to
-    storage; found by the driver) into ``ckpt``."""
+    storage; found by the driver) into ``ckpt``, with its digest; a copy whose bytes do not
+    match the ``cell.pt.sha256`` stored beside it is reported by its stored path and skipped."""
     import pyarrow.fs as pafs
     from ray import tune
 
@@ -38,14 +44,37 @@ def _resume_into(ckpt: str, storage: str, saved: str | None, previous=None):
     if saved:
         fs, base = store.filesystem(storage)
         found.append((fs, posixpath.join(base, saved)))
-    best = None
+    stored = []
     for fs, path in found:
         info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File and (best is None or info.mtime > best[2]):
-            best = (fs, path, info.mtime)
-    if best is not None:
-        with best[0].open_input_stream(best[1]) as src, open(ckpt, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        if info.type == pafs.FileType.File:
+            stored.append((info.mtime, fs, path))
+    # newest first; one whose bytes do not match the digest stored beside it is reported by its
+    # stored path and the previous one is tried (none left: the cell starts from step 0)
+    for _, fs, path in sorted(stored, key=lambda s: s[0], reverse=True):
+        digest = hashlib.sha256()
+        with fs.open_input_stream(path) as src, open(ckpt, "wb") as dst:
+            for block in iter(lambda: src.read(1 << 22), b""):
+                digest.update(block)
+                dst.write(block)
+        recorded = _recorded_digests(fs, path + DIGEST_SUFFIX)
+        if recorded and digest.hexdigest() not in recorded:
+            os.unlink(ckpt)
+            print(f"note: the stored checkpoint {path} does not match its recorded sha256 "
+                  f"(damaged in storage); not used", file=sys.stderr)
+            continue
+        with open(ckpt + DIGEST_SUFFIX, "w") as f:
+            json.dump({"sha256": [digest.hexdigest()]}, f)
+        return
+
+
+def _recorded_digests(fs, path: str) -> list[str]:
+    try:
+        with fs.open_input_stream(path) as f:
+            doc = json.loads(f.read(4096))
+        return [d for d in doc["sha256"] if isinstance(d, str)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def _metrics(cid: str, ev) -> dict:

@@ -1,7 +1,8 @@
 """``harness tune``: the Ray Tune part of ``harness.tuning`` (one experiment per loss family).
 
 ``tune_study`` loads the study, trains each trial teacher once in the driver (as ``harness run``
-does), and runs or resumes (``Tuner.can_restore`` / ``Tuner.restore(..., resume_errored=True)``)
+does), and runs or resumes (``Tuner.can_restore`` / ``Tuner.restore(..., resume_errored=True)``,
+only when Ray's state verifies against the harness's signed ledger, ``harness.signed``)
 one experiment per family that has no choice pinned under its current hash, in
 ``<results root>/tune/<study>-<family>-<hash8>``. The search is Ray's: ``tune.loguniform`` &c.
 from ``tune_spec.Dist.ray``, ``BasicVariantGenerator(random_state=tune_spec.SEARCH_SEED)``, and
@@ -16,12 +17,13 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 import pyarrow.fs as pafs
 
 from ray import tune
 
-from . import config as C
+from . import config as C, signed
 from .pin import canonical_json
 from .progress import read_text, drop_older, error_summary
 from .tune_spec import ASHA_GRACE, ASHA_REDUCTION, SEARCH_SEED, TRIAL_PROTOCOL, TuneError
@@ -152,6 +154,33 @@ class TrialLines(tune.Callback):
         return {**self.__dict__, "count": 0}
 
 
+class SignState(tune.Callback):
+    """Records Ray's experiment state in the harness's ledger (``harness.signed``) every few
+    half second (less often where a look costs more: at most 5% of the driver's time) and at the
+    end, so the next ``harness tune`` can verify it before restoring. A driver killed between
+    Ray's write and the next look leaves a version the ledger lacks: not restored, started again."""
+
+    def __init__(self, where: str):
+        self.where, self._ledger, self._next = where, None, 0.0
+
+    def record(self):
+        if self._ledger is None:
+            self._ledger = signed.Ledger(self.where)
+        t0 = time.monotonic()
+        self._ledger.record()
+        self._next = time.monotonic() + max(0.5, 20 * (time.monotonic() - t0))
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() >= self._next:
+            self.record()
+
+    def on_experiment_end(self, trials, **info):
+        self.record()
+
+    def __getstate__(self):  # pickled into tuner.pkl: never the key
+        return {"where": self.where, "_ledger": None, "_next": 0.0}
+
+
 # ---------------------------------------------------------------------------------------------
 # harness tune
 
@@ -253,9 +282,18 @@ def _tune_family(study, label: str, root: str, cache: str, device: str, cell_fn)
                              device=device, threads=max(1, int(study.resources["cpu"])),
                              cell_fn=cell_fn),
         {"cpu": study.resources["cpu"], "gpu": study.resources["gpu"]})
-    callbacks = [TrialLines(label, t.trials, per_trial, list(t.seeds))]
+    signer = SignState(where)
+    callbacks = [TrialLines(label, t.trials, per_trial, list(t.seeds)), signer]
     tuner = None
-    if tune.Tuner.can_restore(where):
+    restorable = tune.Tuner.can_restore(where)
+    bad = signed.unverified(where) if restorable else []
+    if bad:
+        signed.set_aside(where, bad)
+        print(f"note: Ray's state of {name} does not match what the harness recorded ("
+              f"{len(bad)} files, e.g. {bad[0]}: a driver killed before it could record them, "
+              f"or written by someone else), so it is not restored: its trials start again. The "
+              f"files are kept as *.unverified in {where}")
+    elif restorable:
         print(f"tune {label}: resuming Ray experiment {name} ({where})")
         try:
             tuner = tune.Tuner.restore(where, trainable=trainable, resume_errored=True)
@@ -284,7 +322,10 @@ def _tune_family(study, label: str, root: str, cache: str, device: str, cell_fn)
                 name=name, storage_path=storage, verbose=0, callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=study.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        signer.record()
     table = trial_table(read_trial_rows(root, t.seeds), fh, t.seeds, final_kimg(fam.base))
     best = select(table)
     if best is None:

@@ -237,9 +237,7 @@ def read_trial_rows(root: str, seeds, cell: str | None = None):
     """Rows with status ``tuning`` of the given seeds only (and of one ``cell``, if given):
     filtered while reading the Parquet files, so rows of other seeds are never read. Repeated
     keys resolve to the newest."""
-    import pyarrow as pa
     import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
 
     from . import results
 
@@ -251,8 +249,7 @@ def read_trial_rows(root: str, seeds, cell: str | None = None):
     where = [("status", "=", "tuning"), ("seed", "in", [int(s) for s in seeds])]
     if cell is not None:
         where.append(("cell", "=", cell))
-    tables = [pq.read_table(f, filesystem=fs, schema=results.ROWS, filters=where) for f in files]
-    df = (pa.concat_tables(tables) if tables else results.ROWS.empty_table()).to_pandas()
+    df = results.read_parts(fs, files, results.ROWS, filters=where).to_pandas()
     if df.empty:
         return df
     df = df.sort_values("written_at", kind="stable")

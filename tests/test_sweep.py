@@ -171,7 +171,7 @@ def test_killed_driver_resumes(tmp_path, cache):
     print(second.stdout, second.stderr)  # shown with -s
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "taking over the stale lock" in second.stderr
-    assert "resuming Ray experiment kill-1" in second.stdout
+    assert "unfinished cells resume from their last checkpoint" in second.stdout
     ids, _ = ids_of(study)
     after = results.load_rows(root)
     assert {s["state"] for s in cell_states(after, ids).values()} == {"done"}
@@ -328,11 +328,16 @@ def test_uri_results_root_resumes(tmp_path, local_ray, capsys):
     newer = os.path.join(os.path.dirname(os.path.dirname(ckpt)), "checkpoint_999999")
     os.makedirs(newer)
     os.rename(ckpt, os.path.join(newer, "cell.pt"))
+    # Ray's state in the results root is not trusted: a planted tuner.pkl is never unpickled
+    marker = tmp_path / "ran"
+    with open(tmp_path / "uri-root" / "ray" / "uri-1" / "tuner.pkl", "wb") as f:
+        f.write(b"cposix\nsystem\n(V" + f"touch {marker}".encode() + b"\ntR.")
     t_second = results.now()
     capsys.readouterr()
 
     assert run_study(study, results=root) == 0
-    assert "resuming Ray experiment uri-1 (1 unfinished cells): file://" in capsys.readouterr().out
+    assert "1 unfinished cells resume from their last checkpoint" in capsys.readouterr().out
+    assert not marker.exists()
     df = results.load_rows(root)
     assert [s["state"] for s in cell_states(df, ids).values()] == ["done", "done"]
     raw = raw_rows(root)

@@ -10,14 +10,15 @@ import torch
 
 from .common import MetricsError, _fingerprint_seed, _torch_device, n_tag, to_uint8
 from .extractor import (FEATURE_LAYER, INCEPTION_URL, _file_hash, _fidelity, _U8Images,
-                        has_shipped, load_or_train_extractor, load_shipped_extractor,
-                        register_extractor)
+                        has_shipped, load_inception_weights, load_or_train_extractor,
+                        load_shipped_extractor, register_extractor, register_inception)
 from .toy import (TOY_BANDWIDTH_FACTORS, TOY_DIRECTIONS, TOY_MODE_MIN_FRACTION, TOY_MODE_RADIUS,
                   _modes_covered, _pair_kernel_sum, _sliced_w1)
 
 FEATURES_VERSION = 1  # bump when the extractor's outputs change for the same weights (cache names)
 KID_SUBSETS = 100
 KID_MAX_SUBSET = 1000
+_REFERENCE: dict[str, tuple] = {}  # reference cache name -> (features, FID statistics), per process
 
 
 class Evaluator:
@@ -47,6 +48,7 @@ class Evaluator:
         self.identity: dict = {"data_fingerprint": dataset.fingerprint}
         self.heldout_acc: float | None = None  # the domain classifier's, for metric fd
         self._floor = None
+        self._fe = None  # (torch-fidelity extractor, FID layer, KID layer), built on first use
         self._x = np.asarray(dataset.x)
         tag = n_tag(self.n)
         if dataset.x.ndim == 4:
@@ -92,8 +94,8 @@ class Evaluator:
                 raise MetricsError(f"inception_weights {path!r} does not exist; expected the "
                                    f"pt_inception-2015-12-05 weights file ({INCEPTION_URL})")
             weights = _file_hash(path)
-            self._fe_name, self._rgb = "inception-v3-compat", True
-            self._fe_kwargs = {"feature_extractor_weights_path": path}
+            self._fe_name = register_inception(weights, load_inception_weights(path))
+            self._rgb = True
             self._batch = 64
             self.metric_name = f"fid_inception_{tag}"
             self._names = {"fid": self.metric_name, "kid": f"kid_inception_{tag}"}
@@ -116,7 +118,7 @@ class Evaluator:
             weights = ext["weights"]
             self.heldout_acc = ext["heldout_acc"]
             self._fe_name = register_extractor(ds.name, weights, ext["recipe"]["arch"], ext["state_dict"])
-            self._rgb, self._fe_kwargs, self._batch = False, {}, 256
+            self._rgb, self._batch = False, 256
             self.metric_name = f"fd_{ds.tag}_{tag}"
             self._names = {"fid": self.metric_name, "kid": f"kid_{ds.tag}_{tag}"}
             self.identity.update(extractor=self._fe_name, extractor_weights=weights,
@@ -136,24 +138,54 @@ class Evaluator:
         self.metric_names = tuple(self._names.values())
 
     def _fidelity_metrics(self, u8_a, u8_b, cache_name_b, kid_subset):
+        """FD and KID through torch-fidelity's feature and metric functions. Its own file cache
+        (``calculate_metrics(cache=True)``) is never used: it unpickles whatever sits in the cache
+        folder with ``weights_only=False``, so a planted file there would run code in every
+        evaluating process. The reference features (``cache_name_b``) are kept in this process's
+        memory instead, computed once per extractor and reference."""
+        from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+        from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+        from torch_fidelity.utils import get_featuresdict_from_dataset
+
         tf = _fidelity()
-        kw = dict(
-            input1=_U8Images(u8_a, self._rgb), input2=_U8Images(u8_b, self._rgb),
-            feature_extractor=self._fe_name, fid=True, kid=True,
-            kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset, batch_size=self._batch,
-            cuda=self.device.type == "cuda", save_cpu_ram=True, verbose=False, rng_seed=2020,
-            **self._fe_kwargs)
-        if cache_name_b is None:
-            kw["cache"] = False
-        else:  # only input2 (the real reference) is cached: input1 has no cache name
-            kw.update(cache=True, cache_root=os.path.join(self.cache_dir, "fidelity", tf.__version__),
-                      input2_cache_name=cache_name_b)
-        pin = kw["cuda"] and self.device.index is not None
+        cuda = self.device.type == "cuda"
+        pin = cuda and self.device.index is not None
         with torch.cuda.device(self.device) if pin else contextlib.nullcontext():
-            m = tf.calculate_metrics(**kw)  # torch-fidelity's .cuda() means the current device
-        out = {self._names["fid"]: max(0.0, float(m[tf.KEY_METRIC_FID])),
-               self._names["kid"]: float(m[tf.KEY_METRIC_KID_MEAN])}
-        return out
+            fe, layer_fid, layer_kid = self._feature_extractor(cuda)  # .cuda(): the current device
+
+            def features(u8):
+                return get_featuresdict_from_dataset(_U8Images(u8, self._rgb), fe, self._batch,
+                                                     cuda, True, False)
+
+            f_a = features(u8_a)
+            if cache_name_b is None:
+                f_b = features(u8_b)
+                stats_b = fid_featuresdict_to_statistics(f_b, layer_fid)
+            else:
+                key = f"{cache_name_b}@{self.device}"
+                if key not in _REFERENCE:
+                    f_b = features(u8_b)
+                    _REFERENCE[key] = (f_b, fid_featuresdict_to_statistics(f_b, layer_fid))
+                f_b, stats_b = _REFERENCE[key]
+        fid = fid_statistics_to_metric(fid_featuresdict_to_statistics(f_a, layer_fid), stats_b,
+                                       False)
+        kid = kid_featuresdict_to_metric(f_a, f_b, layer_kid, kid_subsets=KID_SUBSETS,
+                                         kid_subset_size=kid_subset, rng_seed=2020, verbose=False)
+        return {self._names["fid"]: max(0.0, float(fid[tf.KEY_METRIC_FID])),
+                self._names["kid"]: float(kid[tf.KEY_METRIC_KID_MEAN])}
+
+    def _feature_extractor(self, cuda: bool):
+        """(torch-fidelity extractor, FID layer, KID layer), built once per Evaluator."""
+        if self._fe is None:
+            from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+            from torch_fidelity.utils import create_feature_extractor
+
+            cls = FEATURE_EXTRACTORS_REGISTRY[self._fe_name]
+            layers = (cls.get_default_feature_layer_for_metric("fid"),
+                      cls.get_default_feature_layer_for_metric("kid"))
+            self._fe = (create_feature_extractor(self._fe_name, sorted(set(layers)), cuda=cuda,
+                                                 verbose=False), *layers)
+        return self._fe
 
     # ---- toy2d -------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -363,6 +364,59 @@ def register_extractor(dataset_name: str, weights: str, arch: dict, state_dict: 
             base = _make_extractor_base()
             cls = type(f"HarnessDomainExtractor_{weights}", (base,),
                        {"_arch": dict(arch), "_state": dict(state_dict)})
+            register_feature_extractor(name, cls)
+        _REGISTERED[name] = cls
+    return name
+
+
+INCEPTION_MAX_BYTES = 256 << 20  # the pt_inception-2015-12-05 file is 91 MB
+
+
+def load_inception_weights(path: str) -> dict:
+    """The Inception weights file as a dict of tensors, read by the harness itself with
+    ``torch.load(weights_only=True)`` (tensors and plain containers only: a pickle that names any
+    other global is refused, so the file runs no code). torch-fidelity would read the path with
+    ``weights_only=False``; it is handed these tensors instead (:func:`register_inception`)."""
+    fix = (f"Use the pt_inception-2015-12-05 weights file ({INCEPTION_URL}) as "
+           f"eval.inception_weights.")
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) > INCEPTION_MAX_BYTES:
+            raise ValueError(f"not a regular file of at most {INCEPTION_MAX_BYTES >> 20} MB")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a foreign file
+        raise MetricsError(f"inception_weights {path!r} is not a plain weights file "
+                           f"({type(e).__name__}: {str(e)[:200]}). {fix}") from None
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise MetricsError(f"inception_weights {path!r} does not hold a state dict of tensors. "
+                           f"{fix}")
+    return state
+
+
+def register_inception(weights: str, state_dict: dict) -> str:
+    """Register torch-fidelity's InceptionV3 with these tensors (once per weight hash); returns
+    its name. The library's constructor reads its weights with ``torch.load``: it is given a
+    buffer the harness serialized from the tensors above, never the user's file."""
+    name = f"harness-inception-v3-compat-{weights}"
+    with _REGISTER_LOCK:
+        if name in _REGISTERED:
+            return name
+        _fidelity()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+        if name in FEATURE_EXTRACTORS_REGISTRY:
+            cls = FEATURE_EXTRACTORS_REGISTRY[name]
+        else:
+            def __init__(self, name, features_list, **kwargs):
+                buf = io.BytesIO()
+                torch.save(dict(self._state), buf)
+                buf.seek(0)
+                kwargs["feature_extractor_weights_path"] = buf
+                FeatureExtractorInceptionV3.__init__(self, name, features_list, **kwargs)
+
+            cls = type(f"HarnessInception_{weights}", (FeatureExtractorInceptionV3,),
+                       {"_state": dict(state_dict), "__init__": __init__})
             register_feature_extractor(name, cls)
         _REGISTERED[name] = cls
     return name
