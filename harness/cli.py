@@ -8,6 +8,7 @@
   harness teacher --data digits --arch unet-xs
   harness cell --data digits --loss sid --init teacher --kimg 20 --out /tmp/cell
   harness bench [--rows step,init]
+  harness env [--write-constraints .ci/constraints.txt]
 
 Every user error prints one paragraph naming the problem and the fix, and exits with code 2.
 """
@@ -27,12 +28,12 @@ def _user_errors() -> tuple[type, ...]:
     """Exceptions that mean "bad input": reported in one paragraph with exit code 2."""
     from .config import ConfigError
     from .data import DataError
-
+    from .environment import EnvError
     from .lock import LockedError
     from .pin import PinError
     from .results import RootError
 
-    return (ConfigError, DataError, FileNotFoundError, PinError, LockedError, RootError)
+    return (ConfigError, DataError, EnvError, FileNotFoundError, PinError, LockedError, RootError)
 
 
 def _torch_errors() -> tuple[type, ...]:
@@ -279,6 +280,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="also write the table to this markdown file, "
                     "a row as soon as it is measured")
     sp.set_defaults(func=cmd_bench)
+
+    from .environment import add_parser as add_env_parser  # harness env (harness.environment)
+
+    add_env_parser(sub)
     return p
 
 

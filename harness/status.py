@@ -13,7 +13,7 @@ import os
 import socket
 import time
 
-from . import lock, pin as pins, results
+from . import environment, lock, pin as pins, results
 from .pin import canonical_json
 from .study import describe
 
@@ -219,6 +219,11 @@ def study_status(path: str, results_root: str | None = None) -> str:
     if pin is not None and current:
         cache = (holder or {}).get("cache") or results.cache_for(root, log=lambda *a: None)
         out += teacher_plan(study, pin, cache, live=holder is not None)
+    recorded = results.load_versions(root)
+    out += environment.drift(recorded, environment.current())
+    if not recorded and not df.empty:
+        notes.append("no versions recorded with these rows (written before the harness "
+                     "recorded them in versions/)")
     out += [f"note: {n}" for n in notes]
     rows = []
     for cid, cell in current:
