@@ -3,6 +3,7 @@
   harness run studies/quick.yaml [--dry-run] [--address auto] [--results DIR]
   harness tune studies/tune-digits.yaml [--dry-run]   (a study with a tune: section, before run)
   harness status studies/quick.yaml
+  harness plan studies/quick.yaml [--img-per-s N] [--workers N]   (the cost, before running)
   harness figures studies/quick.yaml [--only heatmap]
   harness rescore studies/quick.yaml [--set eval.extractor=shipped]
   harness teacher --data digits --arch unet-xs
@@ -31,9 +32,11 @@ def _user_errors() -> tuple[type, ...]:
     from .environment import EnvError
     from .lock import LockedError
     from .pin import PinError
+    from .plan import PlanError
     from .results import RootError
 
-    return (ConfigError, DataError, EnvError, FileNotFoundError, PinError, LockedError, RootError)
+    return (ConfigError, DataError, EnvError, FileNotFoundError, PinError, PlanError, LockedError,
+            RootError)
 
 
 def _torch_errors() -> tuple[type, ...]:
@@ -282,8 +285,10 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_bench)
 
     from .environment import add_parser as add_env_parser  # harness env (harness.environment)
+    from .plan import add_parser as add_plan_parser  # harness plan (harness.plan)
 
     add_env_parser(sub)
+    add_plan_parser(sub)
     return p
 
 
