@@ -10,6 +10,7 @@
   harness cell --data digits --loss sid --init teacher --kimg 20 --out /tmp/cell
   harness bench [--rows step,init]
   harness env [--write-constraints .ci/constraints.txt]
+  harness accept-gpu [--out gpu.md]   (once per GPU machine: gpu tests, bench GPU rows, a cifar10 cell)
 
 Every user error prints one paragraph naming the problem and the fix, and exits with code 2.
 """
@@ -30,13 +31,14 @@ def _user_errors() -> tuple[type, ...]:
     from .config import ConfigError
     from .data import DataError
     from .environment import EnvError
+    from .gpu_check import NoGPUError
     from .lock import LockedError
     from .pin import PinError
     from .plan import PlanError
     from .results import RootError
 
     return (ConfigError, DataError, EnvError, FileNotFoundError, PinError, PlanError, LockedError,
-            RootError)
+            RootError, NoGPUError)
 
 
 def _torch_errors() -> tuple[type, ...]:
@@ -285,10 +287,12 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_bench)
 
     from .environment import add_parser as add_env_parser  # harness env (harness.environment)
+    from .gpu_check import add_parser as add_gpu_parser  # harness accept-gpu (harness.gpu_check)
     from .plan import add_parser as add_plan_parser  # harness plan (harness.plan)
 
     add_env_parser(sub)
     add_plan_parser(sub)
+    add_gpu_parser(sub)
     return p
 
 

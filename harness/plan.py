@@ -64,12 +64,15 @@ def add_parser(sub) -> None:
                     help="cells (and teachers) running at the same time, e.g. the GPUs of a "
                          "cluster for a one-GPU-per-cell study (default: what this machine holds "
                          "by the study's resources)")
+    sp.add_argument("--warm-up-s", type=positive(float), default=3.0, metavar="S",
+                    help="training seconds timed per kind of step when measuring, after two "
+                         "untimed steps (default: 3)")
     sp.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args) -> int:
     for line in plan_study(args.study, args.results, args.img_per_s, args.teacher_img_per_s,
-                           args.workers):
+                           args.workers, args.warm_up_s):
         print(line)
     return 0
 
@@ -137,7 +140,7 @@ def _work(study, root: str) -> tuple[list, list, list[str]]:
     return cells, list(teachers.values()), notes
 
 
-def _measure(study, cells, teachers, img_per_s, teacher_img_per_s) -> dict:
+def _measure(study, cells, teachers, img_per_s, teacher_img_per_s, budget_s) -> dict:
     """{("cells"|"teachers", key): {img_per_s, source}}: given, or measured here."""
     rates = {}
     kinds = [("cells", throughput.cell_key(cfg), cfg, None) for cfg, _ in cells]
@@ -152,11 +155,11 @@ def _measure(study, cells, teachers, img_per_s, teacher_img_per_s) -> dict:
             rates[(kind, key)] = {"img_per_s": given[kind], "source": source}
             continue
         res = study.resources if kind == "cells" else study.teacher_resources
-        rates[(kind, key)] = _warm_up(study, kind, cfg, res)
+        rates[(kind, key)] = _warm_up(study, kind, cfg, res, budget_s)
     return rates
 
 
-def _warm_up(study, kind: str, cfg: dict, res: dict) -> dict:
+def _warm_up(study, kind: str, cfg: dict, res: dict, budget_s: float) -> dict:
     import torch  # measuring needs torch; a plan with given throughputs does not
 
     from . import warmup  # torch
@@ -172,12 +175,13 @@ def _warm_up(study, kind: str, cfg: dict, res: dict) -> dict:
     threads = int(res.get("cpu", 1)) if device == "cpu" else None
     if kind == "cells":
         per_worker = cfg["student"]["batch"] // study.workers
-        m = warmup.time_cell(cfg, shape, sigma, device, threads=threads, batch=per_worker)
+        m = warmup.time_cell(cfg, shape, sigma, device, threads=threads, batch=per_worker,
+                             budget_s=budget_s)
         rate = m["img_per_s"] * study.workers
         scaled = f" x {study.workers} data-parallel workers (ideal scaling)" \
             if study.workers > 1 else ""
     else:
-        m = warmup.time_teacher(cfg, shape, sigma, device, threads=threads)
+        m = warmup.time_teacher(cfg, shape, sigma, device, threads=threads, budget_s=budget_s)
         rate, scaled = m["img_per_s"], ""
     where = torch.cuda.get_device_name() if device == "cuda" else \
         f"cpu, {threads} thread{'s' if threads != 1 else ''}"
@@ -201,14 +205,15 @@ def _kimg(kimg: float) -> str:
 
 
 def plan_study(path: str, results_root: str | None = None, img_per_s: float | None = None,
-               teacher_img_per_s: float | None = None, workers: int | None = None) -> list[str]:
+               teacher_img_per_s: float | None = None, workers: int | None = None,
+               warm_up_s: float = 3.0) -> list[str]:
     """The plan's lines; writes ``<root>/plan.json`` (nothing else) once they are computed."""
     study = load_study(path)
     root = results_root or study.results_root
     results.check_root(root)
     study = apply_pinned(study, root, strict=False)  # harness.tuning: tuned values
     cells, teachers, notes = _work(study, root)
-    rates = _measure(study, cells, teachers, img_per_s, teacher_img_per_s)
+    rates = _measure(study, cells, teachers, img_per_s, teacher_img_per_s, warm_up_s)
     slots = workers or _default_workers(study)
     out = [f"plan for study {study.name} ({path}): {len(study.cells)} cells, {len(cells)} still "
            f"to run; results {root}"]

@@ -79,7 +79,7 @@ def test_schedule_is_longest_first_on_the_freest_worker():
 @pytest.mark.parametrize("args", [["--img-per-s", "0"], ["--img-per-s", "-3"],
                                   ["--img-per-s", "nan"], ["--img-per-s", "fast"],
                                   ["--workers", "0"], ["--workers", "2.5"],
-                                  ["--teacher-img-per-s", "inf"]])
+                                  ["--teacher-img-per-s", "inf"], ["--warm-up-s", "-1"]])
 def test_plan_bad_numbers_exit_2(tmp_path, args):
     study = write_study(tmp_path, "bad", GRID)
     code, out, err = cli("plan", study, "--results", tmp_path / "r", *args, cwd=tmp_path)
@@ -106,8 +106,8 @@ def test_plan_of_a_gpu_study_without_a_gpu_asks_for_the_throughput(tmp_path):
 def test_plan_measures_by_a_warm_up_and_status_compares(tmp_path, empty_cache):
     study = write_study(tmp_path, "warm", "grid: {seed: [0, 1]}\nresources: {cpu: 1}\n")
     root = tmp_path / "r"
-    code, out, err = cli("plan", study, "--results", root, cwd=tmp_path, env=empty_cache,
-                         timeout=300)
+    code, out, err = cli("plan", study, "--results", root, "--warm-up-s", 0.3, cwd=tmp_path,
+                         env=empty_cache, timeout=300)
     assert code == 0, err
     assert "(measured: " in out and "steps on cpu, 1 thread)" in out, out
     plan = json.loads((root / "plan.json").read_text())
