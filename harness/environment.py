@@ -124,40 +124,34 @@ def minor(version: str | None) -> str | None:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-def signature(versions: dict) -> dict:
-    """What of a version set can change numbers, at major.minor."""
-    keys = NUMERIC + (("cuda", "cudnn") if versions.get("device", "cpu") != "cpu" else ())
-    return {k: minor(versions.get(k)) for k in keys}
-
-
 def drift(recorded: list[dict], running: dict) -> list[str]:
     """Warning lines (at most two) when ``running`` versions differ from those the study's rows
-    were computed with in a way that can change numbers. ``recorded``: the ``versions/*.json``
-    documents of a results root."""
+    were computed with in a way that can change numbers (major.minor of ``NUMERIC``, and of CUDA
+    and cuDNN for rows computed on a GPU). ``recorded``: the ``versions/*.json`` documents of a
+    results root; the newest is the one compared with."""
     if not recorded:
         return []
-    recorded = sorted(recorded, key=lambda d: d.get("recorded_at", ""))
-    out = []
-    sigs = []
-    for doc in recorded:
-        sig = signature(doc["versions"])
-        if sig not in sigs:
-            sigs.append(sig)
-    if len(sigs) > 1:
-        varying = [k for k in dict.fromkeys(k for s in sigs for k in s)
-                   if len({s.get(k) for s in sigs}) > 1]
-        out.append(f"warning: this study's rows were computed with {len(sigs)} different sets of "
-                   f"versions ({'; '.join(k + ' ' + ' / '.join(str(s.get(k)) for s in sigs) for k in varying)}); "
-                   f"rows from different sets may differ by more than rounding "
-                   f"(the sets: versions/*.json in the results root)")
-    latest = sigs[-1]
-    here = {k: minor(running.get(k)) for k in latest}
-    changed = [k for k in latest if here[k] != latest[k]]
+    sets = [d["versions"] for d in sorted(recorded, key=lambda d: d.get("recorded_at", ""))]
+    gpu = [v for v in sets if v.get("device", "cpu") != "cpu"]
+    out, varying = [], []
+    for k in NUMERIC + ("cuda", "cudnn"):
+        values = list(dict.fromkeys(minor(v.get(k)) for v in (sets if k in NUMERIC else gpu)))
+        if len(values) > 1:
+            varying.append(f"{k} {' / '.join(str(x) for x in values)}")
+    if varying:
+        out.append(f"warning: this study's rows were computed with different versions "
+                   f"({'; '.join(varying)}): rows from different versions may differ by more "
+                   f"than rounding (versions/*.json in the results root lists them)")
+    expected = {k: minor(sets[-1].get(k)) for k in NUMERIC}
+    if gpu:
+        expected.update(cuda=minor(gpu[-1].get("cuda")), cudnn=minor(gpu[-1].get("cudnn")))
+    changed = [k for k in expected if minor(running.get(k)) != expected[k]]
     if changed:
-        fix = " ".join(f'"{k}=={latest[k]}.*"' for k in changed
-                       if k in NUMERIC and latest[k] is not None)
+        fix = " ".join(f'"{k}=={expected[k]}.*"' for k in changed
+                       if k in NUMERIC and expected[k] is not None)
         out.append("warning: this machine runs " + ", ".join(
-            f"{k} {here[k] or 'none'} (the study's rows: {latest[k] or 'none'})" for k in changed)
+            f"{k} {minor(running.get(k)) or 'none'} (the study's rows: {expected[k] or 'none'})"
+            for k in changed)
             + ": cells computed here can give other numbers than the stored ones"
             + (f"; to match, pip install {fix}" if fix else ""))
     return out

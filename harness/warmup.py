@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -105,9 +104,3 @@ def time_teacher(cfg: dict, shape: tuple, sigma_data: float, device: str, *,
         torch.set_num_threads(old)
     return {"img_per_s": meta["steps"] * batch / meta["wall_s"], "steps": meta["steps"]}
 
-
-def elapsed(fn, *args, **kwargs) -> tuple[object, float]:
-    """(``fn(...)``, wall seconds it took)."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

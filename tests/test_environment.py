@@ -51,9 +51,19 @@ def test_cuda_and_cudnn_count_only_for_rows_computed_on_a_gpu():
 def test_rows_from_two_sets_of_versions_warn_once_and_compare_with_the_newest():
     old, new = doc("2026-01-01T00:00:00+00:00", torch="2.13.0"), doc("2026-02-01T00:00:00+00:00")
     lines = environment.drift([new, old], BASE)
-    assert len(lines) == 1 and "2 different sets of versions (torch 2.13 / 2.14)" in lines[0]
+    assert len(lines) == 1 and "computed with different versions (torch 2.13 / 2.14)" in lines[0]
     lines = environment.drift([old, new], {**BASE, "torch": "2.13.1"})
     assert len(lines) == 2 and "torch 2.13 (the study's rows: 2.14)" in lines[1]
+
+
+def test_a_driver_without_a_gpu_beside_gpu_workers_is_not_a_second_set():
+    """The driver records its CPU process when it writes a failed cell's row; CUDA and cuDNN
+    are compared among the rows computed on a GPU only, with the newest of those."""
+    worker = doc("2026-01-01T00:00:00+00:00", device="NVIDIA H200")
+    driver = doc("2026-01-02T00:00:00+00:00", cuda=None, cudnn=None)
+    assert environment.drift([worker, driver], BASE) == []
+    (line,) = environment.drift([worker, driver], {**BASE, "cuda": "12.8"})
+    assert line.startswith("warning: this machine runs cuda 12.8 (the study's rows: 13.0)")
 
 
 def test_written_rows_record_this_process_versions_once(tmp_path):
