@@ -153,7 +153,10 @@ def load_versions(root: str) -> list[dict]:
                 doc = json.loads(f.read().decode())
         except (OSError, ValueError):
             continue
-        if isinstance(doc, dict) and isinstance(doc.get("versions"), dict):
+        ok = isinstance(doc, dict) and isinstance(doc.get("recorded_at", ""), str) and \
+            isinstance(doc.get("versions"), dict) and \
+            all(v is None or isinstance(v, str) for v in doc["versions"].values())
+        if ok:  # anything else is not ours (or was edited): left out, never a crash
             out.append(doc)
     return out
 

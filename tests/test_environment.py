@@ -96,8 +96,11 @@ def test_status_warns_when_this_machine_runs_other_versions(tmp_path):
     running = environment.minor(md.version("torch"))
     assert f"warning: this machine runs torch {running} (the study's rows: 1.13)" in out, out
     (root / "versions" / "old.json").unlink()
+    for name, text in (("a.json", "{not json"), ("b.json", '{"versions": {"torch": 2}}'),
+                       ("c.json", '{"versions": {}, "recorded_at": 5}'), ("d.json", "[]")):
+        (root / "versions" / name).write_text(text)  # not ours: left out, never a crash
     code, out, err = cli("status", study, "--results", root, cwd=tmp_path)
-    assert "note: no versions recorded with these rows" in out, out
+    assert code == 0 and "note: no versions recorded with these rows" in out, out + err
 
 
 def test_write_constraints_pins_the_installed_closure(tmp_path):

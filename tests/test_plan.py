@@ -131,3 +131,24 @@ def test_time_cell_runs_the_real_step_on_digits():
     m = warmup.time_cell(cfg, (1, 8, 8), 0.5, "cpu", threads=1, warm=1, budget_s=0.2,
                          min_steps=2, max_steps=4)
     assert 2 <= m["steps"] <= 4 and math.isfinite(m["img_per_s"]) and m["img_per_s"] > 0
+
+
+@pytest.mark.parametrize("plan", ['{"cells": {KEY: 5}, "teachers": {}}', "not json",
+                                  '{"cells": {KEY: {"img_per_s": "fast"}}, "teachers": {}}',
+                                  '{"cells": {KEY: {"img_per_s": -1}}, "teachers": []}',
+                                  '{"cells": {KEY: {"img_per_s": 100}}, "teachers": {}}'])
+def test_status_ignores_a_plan_it_cannot_read(tmp_path, plan):
+    from harness.throughput import cell_key
+
+    study = write_study(tmp_path, "junk", "grid: {seed: [0]}\n")
+    root = tmp_path / "r"
+    (cid,) = fake_rows(study, root, {0: "running"})
+    results.write_rows(str(root), [{"study": "junk", "cell": cid, "kimg": 1.0, "step": 16,
+                                    "metric": "img_per_s", "value": 50.0, "status": "running"}])
+    key = json.dumps(cell_key(load_study(str(study)).cells[0].config))
+    (root / "plan.json").write_text(plan.replace("KEY", key))
+    code, out, err = cli("status", study, "--results", root, cwd=tmp_path)
+    assert code == 0 and "Traceback" not in err, err
+    valid = '"img_per_s": 100' in plan  # the same key with a readable rate is compared
+    assert ("planned 100 img/s (?); 1 cell measures 50 img/s (median), 0.50x the plan" in out) \
+        == valid, out
