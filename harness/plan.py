@@ -207,17 +207,20 @@ def _kimg(kimg: float) -> str:
 def plan_study(path: str, results_root: str | None = None, img_per_s: float | None = None,
                teacher_img_per_s: float | None = None, workers: int | None = None,
                warm_up_s: float = 3.0) -> list[str]:
-    """The plan's lines; writes ``<root>/plan.json`` (nothing else) once they are computed."""
+    """The plan's lines; writes ``<root>/plan.json`` (nothing else) once they are computed, if
+    anything is left to run."""
     study = load_study(path)
     root = results_root or study.results_root
     results.check_root(root)
     study = apply_pinned(study, root, strict=False)  # harness.tuning: tuned values
     cells, teachers, notes = _work(study, root)
-    rates = _measure(study, cells, teachers, img_per_s, teacher_img_per_s, warm_up_s)
-    slots = workers or _default_workers(study)
     out = [f"plan for study {study.name} ({path}): {len(study.cells)} cells, {len(cells)} still "
            f"to run; results {root}"]
     out += [f"note: {n}" for n in notes]
+    if not cells and not teachers:
+        return out + ["nothing left to run (every cell is done or diverged): no plan saved"]
+    rates = _measure(study, cells, teachers, img_per_s, teacher_img_per_s, warm_up_s)
+    slots = workers or _default_workers(study)
     walls, totals = {}, {}
     for kind, items in (("teachers", [(throughput.teacher_key(d, t), kimg,
                                        throughput.describe_teacher(d, t))

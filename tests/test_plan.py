@@ -70,6 +70,15 @@ def test_plan_counts_only_what_is_left(tmp_path, empty_cache):
     assert "teachers: none to train" in out and "teachers 0s" in out
 
 
+def test_a_finished_study_has_nothing_to_plan(tmp_path, empty_cache):
+    study = write_study(tmp_path, "fin", GRID)
+    root = tmp_path / "r"
+    fake_rows(study, root, {0: "done", 1: "done", 2: "diverged"})
+    code, out, err = cli("plan", study, "--results", root, cwd=tmp_path, env=empty_cache)
+    assert code == 0 and "3 cells, 0 still to run" in out and "no plan saved" in out, out + err
+    assert not (root / "plan.json").exists()
+
+
 def test_schedule_is_longest_first_on_the_freest_worker():
     assert schedule([20, 20, 20], 2) == 40
     assert schedule([30, 20, 20, 10], 2) == 40
