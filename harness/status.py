@@ -144,6 +144,8 @@ def dry_run_report(study, root: str, cache: str | None = None) -> int:
         print(line)
     for note in pin.notes:
         print(f"note: {note}")
+    for line in environment.drift(results.load_versions(root), environment.current()):
+        print(line)
     count = lambda *s: sum(states[c]["state"] in s for c in pin.ids)  # noqa: E731
     print(f"{count('pending', 'failed', 'unfinished')} to run, {count('done')} done, "
           f"{count('diverged')} diverged, {len(pin.orphaned)} orphaned (dry run: nothing written)")

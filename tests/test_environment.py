@@ -95,6 +95,8 @@ def test_status_warns_when_this_machine_runs_other_versions(tmp_path):
     assert code == 0, err
     running = environment.minor(md.version("torch"))
     assert f"warning: this machine runs torch {running} (the study's rows: 1.13)" in out, out
+    code, out, err = cli("run", study, "--results", root, "--dry-run", cwd=tmp_path)
+    assert code == 0 and "warning: this machine runs torch" in out, out + err
     (root / "versions" / "old.json").unlink()
     for name, text in (("a.json", "{not json"), ("b.json", '{"versions": {"torch": 2}}'),
                        ("c.json", '{"versions": {}, "recorded_at": 5}'), ("d.json", "[]")):
