@@ -10,7 +10,7 @@
   harness cell --data digits --loss sid --init teacher --kimg 20 --out /tmp/cell
   harness bench [--rows step,init]
   harness env [--write-constraints .ci/constraints.txt]
-  harness accept-gpu [--out gpu.md]   (once per GPU machine: gpu tests, bench GPU rows, a cifar10 cell)
+  harness accept-gpu [--out gpu.md]   (once per GPU machine: gpu tests, bench rows, cifar10 cell)
 
 Every user error prints one paragraph naming the problem and the fix, and exits with code 2.
 """
@@ -31,14 +31,14 @@ def _user_errors() -> tuple[type, ...]:
     from .config import ConfigError
     from .data import DataError
     from .environment import EnvError
-    from .gpu_check import NoGPUError
+    from .gpu_check import AcceptError
     from .lock import LockedError
     from .pin import PinError
     from .plan import PlanError
     from .results import RootError
 
     return (ConfigError, DataError, EnvError, FileNotFoundError, PinError, PlanError, LockedError,
-            RootError, NoGPUError)
+            RootError, AcceptError)
 
 
 def _torch_errors() -> tuple[type, ...]:

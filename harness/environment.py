@@ -201,7 +201,8 @@ def constraints_text(pins: dict[str, str]) -> str:
     (local version labels such as ``+cu130`` dropped: ``torch==2.14.1`` matches every build)."""
     head = [
         "# The tested dependency set of harness: every distribution that",
-        f'# `pip install -e ".[{",".join(EXTRAS)}]"` installs, at the version the tests passed with.',
+        f'# `pip install -e ".[{",".join(EXTRAS)}]"` installs, at the version a fresh install',
+        "# resolved on the machine where the tests run.",
         "# Install exactly this set:",
         '#   pip install -e ".[test]" -c .ci/constraints.txt',
         "# Regenerate after a fresh install that passes the tests (README, Installing):",
@@ -235,7 +236,7 @@ def write_constraints(path: str) -> int:
 
 
 def describe(versions: dict) -> str:
-    """One line: ``python 3.11.9, harness 0.1.0, torch 2.14.1+cu130 (CUDA 13.0, cuDNN ...), ...``."""
+    """One line: ``python 3.11.9, harness 0.1.0, torch 2.14.1 (CUDA 13.0, cuDNN ...), ...``."""
     parts = []
     for k, v in versions.items():
         if k in ("cuda", "cudnn", "platform", "device"):

@@ -11,7 +11,7 @@ one GPU), run from a checkout with ``pip install -e ".[test]"``:
    last 190 steps, with its peak memory.
 
 Then one table (``--out FILE`` also writes it as markdown). Exit 0 when every check passed, 1
-when one failed, 2 (before anything runs) on a machine without CUDA.
+when one failed, 2 (before anything runs) on a machine without CUDA or with an --out in no folder.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ TIMEOUTS = {"tests": 240, "bench": 330}  # seconds; the cell runs a fixed 200 st
 CELL_STEPS, CELL_WARM = 200, 10
 
 
-class NoGPUError(RuntimeError):
-    """No CUDA device: nothing to accept (exit 2)."""
+class AcceptError(RuntimeError):
+    """The acceptance cannot run (no CUDA device, an --out that cannot be written): exit 2."""
 
 
 def add_parser(sub) -> None:
@@ -86,9 +86,11 @@ def check_bench(tmp: str) -> list[tuple[str, str, float, bool]]:
     code, text, s = _run([sys.executable, "-m", "harness.cli", "bench", "--rows", "perf,packing",
                           "--quick", "--out", out], TIMEOUTS["bench"])
     rows = bench_rows(Path(out).read_text()) if os.path.exists(out) else []
-    result = [(f"bench: {row}", measured, 0.0, verdict != "MISSED") for row, measured, verdict in rows]
+    result = [(f"bench: {row}", measured, 0.0, verdict != "MISSED")
+              for row, measured, verdict in rows]
     if code != 0:
-        why = "timed out" if code is None else f"exit {code}: {text.strip().splitlines()[-1:]}"
+        last = (text.strip().splitlines() or [""])[-1][:200]
+        why = "timed out" if code is None else f"exit {code}: {last}"
         result.append(("bench (harness bench --rows perf,packing --quick)",
                        f"{why} after {s:.0f} s", s, False))
     else:
@@ -105,12 +107,13 @@ def cifar10_cell() -> tuple[dict, str]:
     cell = next(c for c in study.cells if c.config["loss"]["name"] == "sid")
     st = cell.config["student"]
     what = (f"cifar10-shaped cell: {cell.config['teacher']['arch']} 3x32x32, sid, batch "
-            f"{st['batch']}, {st['precision']}" + (" + channels_last" if st["channels_last"] else ""))
+            f"{st['batch']}, {st['precision']}"
+            + (" + channels_last" if st["channels_last"] else ""))
     return cell.config, what
 
 
-def check_cell(cfg: dict, what: str, device: str = "cuda", shape=(3, 32, 32), steps: int = CELL_STEPS,
-               warm: int = CELL_WARM) -> list[tuple[str, str, float, bool]]:
+def check_cell(cfg: dict, what: str, device: str = "cuda", shape=(3, 32, 32),
+               steps: int = CELL_STEPS, warm: int = CELL_WARM) -> list[tuple]:
     from . import warmup  # torch
 
     t0 = time.perf_counter()
@@ -140,18 +143,23 @@ def cmd_accept_gpu(args) -> int:
 
     from . import environment
 
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise AcceptError(f"--out {args.out}: its folder does not exist, so the table could not "
+                          f"be written after the run; give a path in an existing folder. Nothing "
+                          f"was run.")
     if not torch.cuda.is_available():
-        raise NoGPUError("harness accept-gpu needs a CUDA GPU and this machine has none "
-                         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}"
-                         "): nothing was run. Run it on a machine with one NVIDIA GPU and a CUDA "
-                         "build of torch (`python -c \"import torch; print(torch.cuda.is_available())"
-                         "\"` prints True there).")
+        raise AcceptError(
+            f"harness accept-gpu needs a CUDA GPU and this machine has none (torch "
+            f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}): nothing was "
+            f"run. Run it on a machine with one NVIDIA GPU and a CUDA build of torch (`python -c "
+            f"\"import torch; print(torch.cuda.is_available())\"` prints True there).")
     head = (f"harness accept-gpu on {torch.cuda.get_device_name()}: "
             f"{environment.describe(environment.current())}")
     print(head, flush=True)
-    rows = []
+    rows, t0 = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, stage in (("gpu test tier", check_tests), ("bench GPU rows", lambda: check_bench(tmp)),
+        for name, stage in (("gpu test tier", check_tests),
+                            ("bench GPU rows", lambda: check_bench(tmp)),
                             ("cifar10-shaped cell", lambda: check_cell(*cifar10_cell()))):
             print(f"{name} ...", flush=True)
             done = stage()
@@ -160,6 +168,7 @@ def cmd_accept_gpu(args) -> int:
                       flush=True)
             rows += done
     lines = table(head, rows)
+    lines.insert(-1, f"total: {time.perf_counter() - t0:.0f} s")
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

@@ -103,10 +103,10 @@ def schedule(seconds: list[float], slots: int) -> float:
 
 def _work(study, root: str) -> tuple[list, list, list[str]]:
     """(cells to run [(config, kimg left)], teachers to train [(data, teacher section,
-    kimg left, label)], notes)."""
+    kimg left)], notes)."""
     notes = []
     try:
-        fp, datasets = fingerprints(study)
+        fp, _ = fingerprints(study)
     except DataError as e:
         notes.append(f"the dataset is not on this machine ({e}); every cell and teacher is "
                      f"counted as still to run (their ids hash the data)")
@@ -115,7 +115,7 @@ def _work(study, root: str) -> tuple[list, list, list[str]]:
             for section in (cell.config["teacher"], source_teacher(cell.config)):
                 if section is not None and not section.get("import"):
                     teachers.setdefault(canonical_json(section),
-                                        (cell.config["data"], section, section["kimg"], "teacher"))
+                                        (cell.config["data"], section, section["kimg"]))
         return ([(c.config, c.config["student"]["kimg"]) for c in study.cells],
                 list(teachers.values()), notes)
     pin = pins.pin_study(study, root, fp, write=False)
@@ -136,18 +136,18 @@ def _work(study, root: str) -> tuple[list, list, list[str]]:
                 continue
             st = read_teacher_status(folder) or {}
             done = st.get("step", 0) / st["total"] if st.get("total") else 0.0
-            teachers[tid] = (cfg["data"], section, section["kimg"] * (1 - min(done, 1.0)), tid)
+            teachers[tid] = (cfg["data"], section, section["kimg"] * (1 - min(done, 1.0)))
     return cells, list(teachers.values()), notes
 
 
 def _measure(study, cells, teachers, img_per_s, teacher_img_per_s, budget_s) -> dict:
     """{("cells"|"teachers", key): {img_per_s, source}}: given, or measured here."""
     rates = {}
-    kinds = [("cells", throughput.cell_key(cfg), cfg, None) for cfg, _ in cells]
-    kinds += [("teachers", throughput.teacher_key(data, t), {"data": data, "teacher": t}, t)
-              for data, t, _, _ in teachers]
+    kinds = [("cells", throughput.cell_key(cfg), cfg) for cfg, _ in cells]
+    kinds += [("teachers", throughput.teacher_key(data, t), {"data": data, "teacher": t})
+              for data, t, _ in teachers]
     given = {"cells": img_per_s, "teachers": teacher_img_per_s or img_per_s}
-    for kind, key, cfg, teacher in kinds:
+    for kind, key, cfg in kinds:
         if (kind, key) in rates:
             continue
         if given[kind] is not None:
@@ -224,7 +224,7 @@ def plan_study(path: str, results_root: str | None = None, img_per_s: float | No
     walls, totals = {}, {}
     for kind, items in (("teachers", [(throughput.teacher_key(d, t), kimg,
                                        throughput.describe_teacher(d, t))
-                                      for d, t, kimg, _ in teachers]),
+                                      for d, t, kimg in teachers]),
                         ("cells", [(throughput.cell_key(c), kimg, throughput.describe_cell(c))
                                    for c, kimg in cells])):
         res = study.resources if kind == "cells" else study.teacher_resources

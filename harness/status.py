@@ -169,7 +169,8 @@ def planned_throughput(root: str, df, current, pin, cache: str) -> list[str]:
         st = read_teacher_status(os.path.join(cache, "teachers", tid)) or {}
         if cell is not None and tid not in teachers and st.get("step") and st.get("wall_s"):
             section = cell.config["teacher"]
-            teachers[tid] = (cell.config["data"], section, st["step"] * section["batch"] / st["wall_s"])
+            teachers[tid] = (cell.config["data"], section,
+                             st["step"] * section["batch"] / st["wall_s"])
     return throughput.compare(plan, cells, list(teachers.values()))
 
 

@@ -49,7 +49,8 @@ def describe_teacher(data: dict, teacher: dict) -> str:
 
 
 def read_plan(data: bytes | None) -> dict | None:
-    """A plan.json document, or None if there is none or it is not one (status never fails on it)."""
+    """A plan.json document, or None if there is none or it is not one (status never fails
+    on it)."""
     if data is None:
         return None
     try:

@@ -34,9 +34,9 @@ def _threads(device: str, threads: int | None):
     return old
 
 
-def time_cell(cfg: dict, shape: tuple, sigma_data: float, device: str, *, threads: int | None = None,
-              warm: int = 2, budget_s: float = 3.0, min_steps: int = 3, max_steps: int = 50,
-              batch: int | None = None) -> dict:
+def time_cell(cfg: dict, shape: tuple, sigma_data: float, device: str, *,
+              threads: int | None = None, warm: int = 2, budget_s: float = 3.0,
+              min_steps: int = 3, max_steps: int = 50, batch: int | None = None) -> dict:
     """Train ``cfg``'s step on random weights: ``warm`` steps untimed (compilation, cuDNN
     autotuning), then steps until ``budget_s`` of training seconds and at least ``min_steps``,
     at most ``max_steps``. ``batch`` replaces the cell's batch (one data-parallel worker's share).
@@ -94,7 +94,8 @@ def time_teacher(cfg: dict, shape: tuple, sigma_data: float, device: str, *,
     try:
         with tempfile.TemporaryDirectory() as cache:
             def run(steps):
-                c = resolve_cell({"data": cfg["data"], "teacher": {**tc, "kimg": steps * batch / 1000}})
+                c = resolve_cell({"data": cfg["data"],
+                                  "teacher": {**tc, "kimg": steps * batch / 1000}})
                 return load_or_train(c, dataset, cache, device, log=lambda *a: None)[1]
 
             first = run(2)  # compilation, cuDNN autotuning; sets the measured run's length

@@ -26,7 +26,8 @@ def doc(at="2026-01-01T00:00:00+00:00", **versions):
 
 
 def test_same_minor_versions_do_not_warn():
-    running = {**BASE, "torch": "2.14.3+cu130", "numpy": "2.4.0", "ray": "2.70.0", "python": "3.12.1"}
+    running = {**BASE, "torch": "2.14.3+cu130", "numpy": "2.4.0", "ray": "2.70.0",
+               "python": "3.12.1"}
     assert environment.drift([doc()], running) == []
     assert environment.drift([], running) == []  # nothing recorded: nothing to compare
 

@@ -18,6 +18,8 @@ def test_accept_gpu_without_cuda_exits_2_and_runs_nothing(tmp_path):
     assert code == 2, out + err
     assert "needs a CUDA GPU and this machine has none" in err and "nothing was run" in err
     assert out == "" and not (tmp_path / "gpu.md").exists()
+    code, out, err = cli("accept-gpu", "--out", tmp_path / "no" / "gpu.md", cwd=tmp_path)
+    assert code == 2 and f"--out {tmp_path / 'no' / 'gpu.md'}: its folder does not exist" in err
 
 
 def test_the_cifar10_cell_is_the_study_s_sid_cell_in_bf16():
