@@ -3,12 +3,15 @@
   harness run studies/quick.yaml [--dry-run] [--address auto] [--results DIR]
   harness tune studies/tune-digits.yaml [--dry-run]   (a study with a tune: section, before run)
   harness status studies/quick.yaml
+  harness plan studies/quick.yaml [--img-per-s N] [--workers N]   (the cost, before running)
   harness figures studies/quick.yaml [--only heatmap]
   harness report studies/quick.yaml          (one HTML page: claims, figures, cells, versions)
   harness rescore studies/quick.yaml [--set eval.extractor=shipped]
   harness teacher --data digits --arch unet-xs
   harness cell --data digits --loss sid --init teacher --kimg 20 --out /tmp/cell
   harness bench [--rows step,init]
+  harness env [--write-constraints .ci/constraints.txt]
+  harness accept-gpu [--out gpu.md]   (once per GPU machine: gpu tests, bench rows, cifar10 cell)
 
 Every user error prints one paragraph naming the problem and the fix, and exits with code 2.
 """
@@ -28,14 +31,16 @@ def _user_errors() -> tuple[type, ...]:
     """Exceptions that mean "bad input": reported in one paragraph with exit code 2."""
     from .config import ConfigError
     from .data import DataError
-
+    from .environment import EnvError
+    from .gpu_check import AcceptError
     from .lock import LockedError
     from .pin import PinError
+    from .plan import PlanError
     from .results import RootError
     from .safefs import UnsafePathError
 
-    return (ConfigError, DataError, FileNotFoundError, PinError, LockedError, RootError,
-            UnsafePathError)
+    return (ConfigError, DataError, EnvError, FileNotFoundError, PinError, PlanError, LockedError,
+            RootError, AcceptError, UnsafePathError)
 
 
 def _torch_errors() -> tuple[type, ...]:
@@ -315,6 +320,14 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="also write the table to this markdown file, "
                     "a row as soon as it is measured")
     sp.set_defaults(func=cmd_bench)
+
+    from .environment import add_parser as add_env_parser  # harness env (harness.environment)
+    from .gpu_check import add_parser as add_gpu_parser  # harness accept-gpu (harness.gpu_check)
+    from .plan import add_parser as add_plan_parser  # harness plan (harness.plan)
+
+    add_env_parser(sub)
+    add_plan_parser(sub)
+    add_gpu_parser(sub)
     return p
 
 

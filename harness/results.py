@@ -13,6 +13,7 @@ No torch and no Ray here: analysis reads results through this module alone.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import posixpath
 import sys
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from . import environment
 from .config import param_columns
 
 _ARROW = {str: pa.string(), float: pa.float64(), int: pa.int64(), bool: pa.bool_()}
@@ -120,7 +122,44 @@ def write_rows(root: str, rows: list[dict]) -> str | None:
     bad = {r["status"] for r in rows} - set(STATUSES)
     if bad:
         raise ValueError(f"unknown status {sorted(bad)}; known: {STATUSES}")
+    record_versions(root)
     return _write(root, "rows", pa.Table.from_pylist(rows, schema=ROWS))
+
+
+_VERSIONS_RECORDED: set = set()  # results roots this process has recorded its versions in
+
+
+def record_versions(root: str) -> None:
+    """``versions/<hash>.json`` for this process's software (``harness.environment``), once per
+    process and root; the same set of versions is the same file, so nothing races."""
+    name, data = environment.record()
+    if (root, name) in _VERSIONS_RECORDED:
+        return
+    if read_bytes(root, f"{environment.FOLDER}/{name}") is None:
+        write_bytes_atomic(root, f"{environment.FOLDER}/{name}", data)
+    _VERSIONS_RECORDED.add((root, name))
+
+
+def load_versions(root: str) -> list[dict]:
+    """The version sets recorded under ``root`` (``record_versions``), unreadable files skipped."""
+    fs, base = filesystem(root)
+    info = fs.get_file_info(pafs.FileSelector(posixpath.join(base, environment.FOLDER),
+                                              allow_not_found=True))
+    out = []
+    for i in sorted(info, key=lambda i: i.path):
+        if i.type != pafs.FileType.File or not i.path.endswith(".json"):
+            continue
+        try:
+            with fs.open_input_stream(i.path) as f:
+                doc = json.loads(f.read().decode())
+        except (OSError, ValueError):
+            continue
+        ok = isinstance(doc, dict) and isinstance(doc.get("recorded_at", ""), str) and \
+            isinstance(doc.get("versions"), dict) and \
+            all(v is None or isinstance(v, str) for v in doc["versions"].values())
+        if ok:  # anything else is not ours (or was edited): left out, never a crash
+            out.append(doc)
+    return out
 
 
 SAMPLE_KINDS = ("samples", "final")

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 
-from . import lock, pin as pins, results, rounds
+from . import environment, lock, pin as pins, results, rounds, throughput
 from .pin import canonical_json
 from .study import describe
 
@@ -146,12 +146,36 @@ def dry_run_report(study, root: str, cache: str | None = None) -> int:
         print(line)
     for note in pin.notes:
         print(f"note: {note}")
+    for line in environment.drift(results.load_versions(root), environment.current()):
+        print(line)
     count = lambda *s: sum(states[c]["state"] in s for c in pin.ids)  # noqa: E731
     print(f"{count('pending', 'failed', 'unfinished')} to run, {count('done')} done, "
           f"{count('diverged')} diverged, {len(pin.orphaned)} orphaned (dry run: nothing written)")
     for line in rounds.cap_lines(study) + (rounds.describe_round(now) if study.claims.seeds else []):
         print(line)
     return 0
+
+
+def planned_throughput(root: str, df, current, pin, cache: str) -> list[str]:
+    """``harness plan``'s throughputs (``plan.json``) against the latest ``img_per_s`` row of
+    each cell and each teacher's steps x batch / training seconds (``harness.throughput``)."""
+    plan = throughput.read_plan(results.read_bytes(root, throughput.PLAN))
+    if plan is None:
+        return []
+    ips = df[(df.metric == "img_per_s") & df.cell.isin([c for c, _ in current])] \
+        if not df.empty else df
+    latest = ips.sort_values("kimg").groupby("cell").value.last() if len(ips) else {}
+    cells = [(cell.config, float(latest[cid])) for cid, cell in current
+             if cell is not None and cid in latest]
+    teachers = {}
+    for cid, cell in current:
+        tid = pin.teacher_of(cid)
+        st = read_teacher_status(os.path.join(cache, "teachers", tid)) or {}
+        if cell is not None and tid not in teachers and st.get("step") and st.get("wall_s"):
+            section = cell.config["teacher"]
+            teachers[tid] = (cell.config["data"], section,
+                             st["step"] * section["batch"] / st["wall_s"])
+    return throughput.compare(plan, cells, list(teachers.values()))
 
 
 def duration(seconds: float) -> str:
@@ -225,8 +249,14 @@ def study_status(path: str, results_root: str | None = None) -> str:
     if pin is not None and current:
         cache = (holder or {}).get("cache") or results.cache_for(root, log=lambda *a: None)
         out += teacher_plan(study, pin, cache, live=holder is not None)
+        out += planned_throughput(root, df, current, pin, cache)
     if pin is not None and study.claims.seeds is not None:
         out += rounds.cap_lines(study) + rounds.describe_round(now)
+    recorded = results.load_versions(root)
+    out += environment.drift(recorded, environment.current())
+    if not recorded and not df.empty:
+        notes.append("no versions recorded with these rows (written before the harness "
+                     "recorded them in versions/)")
     out += [f"note: {n}" for n in notes]
     rows = []
     for cid, cell in current:
