@@ -64,9 +64,26 @@ def _ray_start(tag: str, env: dict, *args: str) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
+def _descendants(pids: list[int]) -> list[int]:
+    parent = {}
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    out, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += [c for c, p in parent.items() if p == pid and c not in out]
+    return out
+
+
 def _kill_node(tag: str) -> int:
-    """SIGKILL every process of the node whose temp dir is ``tag``; how many there were."""
-    pids = ray_leftovers(tag)
+    """SIGKILL every process of the node whose temp dir is ``tag`` (its raylet and the others
+    naming the dir, and their children: the node's workers); how many there were."""
+    pids = [p for p in _descendants(ray_leftovers(tag)) if p != os.getpid()]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
