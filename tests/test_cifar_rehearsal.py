@@ -67,7 +67,7 @@ def _ray_start(tag: str, env: dict, *args: str) -> None:
            "--object-store-memory", str(100 * 2 ** 20), "--disable-usage-stats",
            "--min-worker-port", str(base), "--max-worker-port", str(base + 60),
            *[str(x) for kv in ports.items() for x in kv]]
-    for attempt in range(3):  # a loaded machine: Ray gives a raylet 30 s to register
+    for attempt in range(5):  # a loaded machine: Ray gives a raylet 30 s to register
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
                               start_new_session=True)
         if done.returncode == 0:
