@@ -58,10 +58,10 @@ def write_references(root: str, study: str, cfg: dict, dataset, teacher, meta, e
     heun = teachers.cached_quality(folder, "heun35|" + key, lambda: teachers.heun_quality(
         teacher, evaluator, dataset.x.shape[1:], evaluator.n, cfg["teacher"]["seed"], device))
     rows = (reference_rows(study, meta["id"], cfg, "data_floor", floor, evaluator.floor_protocol(),
-                           evaluator.protocol, meta["steps"], meta["wall_s"])
+                           evaluator.protocol, meta.get("steps", 0), meta.get("wall_s"))
             + reference_rows(study, meta["id"], cfg, "teacher_heun35", heun,
                              "teacher, Heun sampler, 35 evaluations", evaluator.protocol,
-                             meta["steps"], meta["wall_s"]))
+                             meta.get("steps", 0), meta.get("wall_s")))
     results.write_rows(root, rows)
     log(f"references: data floor {floor.get(evaluator.metric_name, float('nan')):.4g}, "
         f"teacher Heun-35 {heun.get(evaluator.metric_name, float('nan')):.4g} "
@@ -87,10 +87,10 @@ def prepare(cfg: dict, root: str, cache: str, device: str, *, study: str = "adho
 
 def network_sizes(cfg: dict, shape: tuple) -> dict:
     """Parameter counts of the generator and the auxiliary net (fake score or ratio net)."""
-    arch = cfg["teacher"]["arch"]
+    arch, width = cfg["teacher"]["arch"], cfg["teacher"].get("channels")
     ratio = losses.family_class(cfg["loss"]).aux_kind == "ratio"
-    aux = nets.build_ratio(arch, shape) if ratio else nets.build(arch, shape)
-    return {"generator_params": nets.count_parameters(nets.build(arch, shape)),
+    aux = nets.build_ratio(arch, shape, width) if ratio else nets.build(arch, shape, width)
+    return {"generator_params": nets.count_parameters(nets.build(arch, shape, width)),
             "aux_params": nets.count_parameters(aux),
             "aux_net": "ratio net (encoder half)" if ratio else "fake score"}
 

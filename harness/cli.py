@@ -149,7 +149,7 @@ def cmd_run(args) -> int:
     from .sweep import run_study
 
     return run_study(args.study, results=args.results, address=args.address,
-                     dry_run=args.dry_run, device=args.device)
+                     dry_run=args.dry_run, device=args.device, overrides=_overrides(args.set))
 
 
 def cmd_rescore(args) -> int:
@@ -169,7 +169,7 @@ def cmd_rescore(args) -> int:
 def cmd_status(args) -> int:
     from .sweep import study_status
 
-    print(study_status(args.study, results=args.results))
+    print(study_status(args.study, results=args.results, overrides=_overrides(args.set)))
     return 0
 
 
@@ -231,6 +231,15 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def add_study_set(sp):
+    sp.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                    help="change a setting of the study file (repeatable): SECTION.KEY for "
+                    "data, teacher, student, eval, resources, teacher_resources; grid.AXIS=[...]; "
+                    "init.SCHEME.PARAM; e.g. --set student.kimg=1 --set grid.seed=[0]. Cells get "
+                    "the ids of the settings they run with: give such a run its own --results, "
+                    "and pass the same --set to status")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -270,6 +279,7 @@ def parser() -> argparse.ArgumentParser:
                     help="Ray cluster to join, e.g. 'auto' (default: $RAY_ADDRESS or a local Ray)")
     sp.add_argument("--results", default=None, help="results root (default: the study's)")
     sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    add_study_set(sp)
     sp.set_defaults(func=cmd_run)
 
     from .tuning import add_parser as add_tune_parser  # harness tune (harness.tuning)
@@ -288,6 +298,7 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="cells done / running / failed / pending, time, ETA")
     sp.add_argument("study", help="study YAML file")
     sp.add_argument("--results", default=None, help="results root (default: the study's)")
+    add_study_set(sp)
     sp.set_defaults(func=cmd_status)
 
     sp = sub.add_parser("figures", help="every figure and table, from stored results alone")

@@ -368,5 +368,13 @@ def resolve_cell(cfg: dict) -> dict:
     if out["teacher"]["import"] is not None and out["teacher"]["arch"] != "ddpmpp":
         raise ConfigError("teacher.import", f"an imported EDM teacher is a DDPM++ network: set "
                                             f"teacher.arch: ddpmpp (got {out['teacher']['arch']!r})")
+    channels = out["teacher"]["channels"]
+    if channels is not None and out["teacher"]["arch"] != "ddpmpp":
+        raise ConfigError("teacher.channels", f"only the ddpmpp architecture takes a channel "
+                                              f"count (got arch {out['teacher']['arch']!r}); "
+                                              f"remove teacher.channels")
+    if channels is not None and channels % 4:
+        raise ConfigError("teacher.channels", f"must be a multiple of 4 (GroupNorm groups), got "
+                                              f"{channels}")
     out["eval"]["verifier"] = resolve_verifier(out["eval"]["verifier"])
     return out

@@ -462,11 +462,12 @@ def build_ddpmpp(state: dict[str, torch.Tensor], meta: dict):
 UNUSED_AT_INFERENCE = ("map_augment.weight",)
 
 
-def harness_teacher(state: dict[str, torch.Tensor], meta: dict, shape: tuple):
+def harness_teacher(state: dict[str, torch.Tensor], meta: dict, shape: tuple,
+                    channels: int | None = None):
     """(the harness's ``ddpmpp`` network for data of ``shape`` holding the pickle's weights,
     a summary for the teacher's metadata).
 
-    The network is ``harness.nets.build("ddpmpp", shape)``, so generator and auxiliary nets
+    The network is ``harness.nets.build("ddpmpp", shape, channels)``, so generator and auxiliary nets
     built from it take these weights by name (every init scheme works). Refused: other
     architectures (``ddpmpp_settings``), class-conditional networks (EDM trains them without
     label dropout, so they have no unconditional mode for a one-step generator to distil),
@@ -486,11 +487,13 @@ def harness_teacher(state: dict[str, torch.Tensor], meta: dict, shape: tuple):
     if tuple(shape) != want:
         raise EDMImportError(f"{where}: the network is for {want[0]}x{want[1]}x{want[2]} images, "
                              f"the study's data are {'x'.join(map(str, shape))}")
-    for k, v in nets.DDPMPP_SETTINGS.items():
+    for k, v in nets.ddpmpp_settings(channels).items():
         if k != "dropout" and kw[k] != v:  # dropout is no weight: a frozen teacher never uses it
+            fix = (" (teacher.channels sets the harness's model_channels)"
+                   if k == "model_channels" else "")
             raise EDMImportError(f"{where}: {k}={kw[k]!r}, the harness's ddpmpp has {k}={v!r}; "
-                                 f"only EDM's CIFAR-10 DDPM++ shape is supported")
-    net = nets.build("ddpmpp", tuple(shape))
+                                 f"only EDM's CIFAR-10 DDPM++ shape is supported{fix}")
+    net = nets.build("ddpmpp", tuple(shape), channels)
     inner = {k: v for k, v in model_state(state).items() if k not in UNUSED_AT_INFERENCE}
     try:
         net.load_state_dict(inner, strict=True)

@@ -7,8 +7,9 @@ the bench measures exactly the step the cells run):
 - ``precision`` (part of the cell id: it changes the numbers): ``fp32`` runs IEEE float32
   matmuls *and* convolutions on CUDA (PyTorch's own default lets cuDNN use TF32 for
   convolutions); ``tf32`` lets both use TF32 tensor cores; ``bf16`` adds bfloat16 autocast
-  around every forward pass (optimizer state, EMA, losses' reductions stay float32). On a CPU the
-  three are the same float32 arithmetic.
+  around every forward pass (optimizer state, EMA, losses' reductions stay float32), on a CPU as
+  on CUDA, so a bf16 study rehearsed on a CPU runs the same mixed-precision code. On a CPU
+  ``fp32`` and ``tf32`` are the same float32 arithmetic.
 - ``channels_last`` and ``compile`` (not part of the cell id: execution only, numbers agree to
   float rounding; a checkpoint written with one setting resumes with the other): the networks'
   4-D weights in NHWC layout, and ``torch.compile`` of the generator, auxiliary net and teacher.
@@ -39,9 +40,10 @@ def set_precision(precision: str) -> None:
 
 
 def autocast(precision: str, device: torch.device):
-    """bfloat16 autocast for ``bf16`` on CUDA; nothing otherwise."""
-    if precision == "bf16" and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bfloat16 autocast for ``bf16`` (CUDA or CPU); nothing otherwise."""
+    kind = torch.device(device).type
+    if precision == "bf16" and kind in ("cuda", "cpu"):
+        return torch.autocast(kind, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -185,7 +185,9 @@ class TeacherProgress:
         """The task returned: a last line, unless ``poll`` already printed it done."""
         self.poll()
         if tid not in self.done:
-            print(f"{self._head(tid)}  cached, reused ({meta.get('steps')} steps)", flush=True)
+            what = (f"imported from {meta['imported']}" if meta.get("imported")
+                    else f"cached, reused ({meta.get('steps')} steps)")
+            print(f"{self._head(tid)}  {what}", flush=True)
             self.done.add(tid)
 
 

@@ -107,6 +107,10 @@ SETTINGS = {
         "noise": other({"name": "edm"}, help="{name: edm} (ln s ~ N(P_mean, P_std)) or {band: "
                        "[lo, hi]}: a band-limited teacher (config.resolve_noise)",
                        identity="unless_default"),
+        "channels": Setting("int", 4, False, 1024, nullable=True, default=None,
+                            help="ddpmpp only: base channel count (EDM's model_channels; null: "
+                                 "128, the CIFAR-10 network); narrower to rehearse a study on a "
+                                 "CPU", identity="unless_default"),
         "import": text(help="a local EDM .pkl (NVIDIA's published teachers; arch ddpmpp): "
                             "loaded, never trained; ids hash its content",
                        identity="unless_default"),

@@ -190,14 +190,14 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
 
 
-def study_status(path: str, results_root: str | None = None) -> str:
+def study_status(path: str, results_root: str | None = None, overrides: dict | None = None) -> str:
     """Counts (done / running / failed / diverged / pending / orphaned), compute spent, ETA and a
-    compact table per cell. Writes nothing and takes no lock."""
+    compact table per cell. Writes nothing and takes no lock. ``overrides``: the run's ``--set``."""
     from .data import DataError
     from .study import load_study
     from .tuning import apply_pinned
 
-    study = load_study(path)
+    study = load_study(path, overrides)
     root = results_root or study.results_root
     study = apply_pinned(study, root, strict=False)  # harness.tuning: tuned values
     notes, pin = [], None

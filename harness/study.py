@@ -32,6 +32,7 @@ from .settings import (DEFAULT_MAX_FAILURES, DEFAULT_RESOURCES, IMAGE_ARCHS, MAX
                        _setting, _type_name, _Value)
 from .tracking import check as _check_tracking
 from .safefs import UnsafePathError, open_regular
+from .overrides import apply as apply_overrides
 from .study_yaml import MAX_BYTES, StudyError, read_yaml
 
 MAX_CELLS = 100_000  # cells one study may expand to (the cifar10 protocol has 150)
@@ -82,6 +83,7 @@ class Study:
 class _Parser:
     def __init__(self, text: str, source: str):
         self.source, self.text, self.lines = source, text, {}
+        self.overridden: tuple = ()  # yaml paths a --set gave: errors there name --set
 
     # -- errors ----------------------------------------------------------------------------
     def line(self, path: str) -> int | None:
@@ -96,6 +98,9 @@ class _Parser:
         return None
 
     def error(self, bad: _Bad) -> StudyError:
+        if any(bad.path == p or bad.path.startswith((p + ".", p + "["))
+               for p in self.overridden):
+            return StudyError(bad.problem, source="--set", line=None, path=bad.path, fix=bad.fix)
         return StudyError(bad.problem, source=self.source, line=self.line(bad.path),
                           path=bad.path, fix=bad.fix)
 
@@ -104,8 +109,10 @@ class _Parser:
         return raw
 
     # -- validation ------------------------------------------------------------------------
-    def parse(self) -> Study:
-        raw = self.load()
+    def parse(self, overrides: dict | None = None) -> Study:
+        raw = apply_overrides(self.load(), overrides)
+        self.overridden = tuple(f"{section}.{key}" if section != "init" else "grid.init"
+                                for section, values in (overrides or {}).items() for key in values)
         try:
             return self._study(raw)
         except _Bad as bad:
@@ -372,14 +379,16 @@ def study_from_mapping(raw: dict, source: str = "the command line") -> Study:
         raise parser.error(bad) from None
 
 
-def parse_study(text: str, source: str = "<string>") -> Study:
-    """Validate a study given as YAML text; ``source`` names it in error messages."""
-    return _Parser(text, source).parse()
+def parse_study(text: str, source: str = "<string>", overrides: dict | None = None) -> Study:
+    """Validate a study given as YAML text; ``source`` names it in error messages; ``overrides``
+    ({section: {key: value}}, ``--set``) are applied first (``harness.overrides``)."""
+    return _Parser(text, source).parse(overrides)
 
 
-def load_study(path: str) -> Study:
-    """Read and validate a study file (a regular file of at most ``study_yaml.MAX_BYTES``: a
-    FIFO or ``/dev/zero`` given as the study is refused, not read forever)."""
+def load_study(path: str, overrides: dict | None = None) -> Study:
+    """Read and validate a study file (with ``--set`` ``overrides``, see ``parse_study``): a
+    regular file of at most ``study_yaml.MAX_BYTES`` (a FIFO or ``/dev/zero`` given as the
+    study is refused, not read forever)."""
     if not os.path.exists(path):
         raise StudyError("no such study file", source=str(path),
                          fix="check the path (studies live in studies/NAME.yaml)")
@@ -392,7 +401,7 @@ def load_study(path: str) -> Study:
     except (OSError, UnicodeDecodeError) as e:
         raise StudyError(f"cannot read the study file ({e})", source=str(path),
                          fix="check that it is a readable UTF-8 text file") from None
-    study = parse_study(text, source=str(path))
+    study = parse_study(text, source=str(path), overrides=overrides)
     study.path = str(path)
     return study
 

@@ -76,9 +76,9 @@ REUSE_ACTORS = True  # a finished trial's worker runs the next cell: no process 
 EXIT_USAGE = 2
 
 
-def study_status(path: str, results: str | None = None) -> str:
+def study_status(path: str, results: str | None = None, overrides: dict | None = None) -> str:
     """``harness status``: read-only counts, compute spent, ETA and a table (harness.status)."""
-    return _study_status(path, results)
+    return _study_status(path, results, overrides)
 
 
 def results_root(root: str) -> str:
@@ -199,14 +199,16 @@ def _fit(tuner) -> dict[str, str]:
 # run_study
 
 def run_study(path: str, results: str | None = None, address: str | None = None,
-              dry_run: bool = False, device: str = "auto", cell_fn=None, teacher_fn=None) -> int:
+              dry_run: bool = False, device: str = "auto", cell_fn=None, teacher_fn=None,
+              overrides: dict | None = None) -> int:
     """Run (or resume) every unfinished cell of a study; 0 when all are done or diverged, 1 when
     some failed or remain, 2 when the study cannot run (locked, impossible resources).
 
     ``cell_fn`` replaces ``harness.cell.run_cell`` in the trainable, ``teacher_fn``
     ``harness.teacher.load_or_train`` in the teacher tasks (tests inject failures).
+    ``overrides``: ``--set`` settings ({section: {key: value}}, ``harness.overrides``).
     """
-    study = load_study(path)
+    study = load_study(path, overrides)
     root = results_root(results or study.results_root)
     store.check_root(root)
     study = apply_pinned(study, root, strict=not dry_run)  # harness.tuning: tuned values

@@ -39,14 +39,16 @@ def teacher_dir(cache: str, cfg: dict, dataset: Dataset) -> tuple[str, str]:
 
 
 def _build(cfg: dict, dataset: Dataset) -> Denoiser:
-    return Denoiser(nets.build(cfg["teacher"]["arch"], dataset.x.shape[1:]), dataset.sigma_data)
+    return Denoiser(nets.build(cfg["teacher"]["arch"], dataset.x.shape[1:],
+                               cfg["teacher"].get("channels")), dataset.sigma_data)
 
 
 def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=print,
                   max_steps: int | None = None) -> tuple[Denoiser, dict]:
     """The teacher's EMA denoiser and its metadata, training (or resuming) it if needed."""
     if cfg["teacher"].get("import"):  # NVIDIA's published EDM teacher: loaded, never trained
-        return load_imported(cfg["teacher"]["import"], dataset, device)
+        return load_imported(cfg["teacher"]["import"], dataset, device,
+                             cfg["teacher"].get("channels"))
     tid, folder = teacher_dir(cache, cfg, dataset)
     final = os.path.join(folder, "teacher.pt")
     denoiser = _build(cfg, dataset)
@@ -167,14 +169,15 @@ def cached_quality(folder: str, key: str, compute) -> dict:
     return known[key]
 
 
-def load_imported(path: str, dataset: Dataset, device="cpu") -> tuple[Denoiser, dict]:
+def load_imported(path: str, dataset: Dataset, device="cpu",
+                  channels: int | None = None) -> tuple[Denoiser, dict]:
     """A teacher imported from one of NVIDIA's EDM pickles (``teacher: {import: PATH}``), read
     without running anything from it (``harness.edm_import``), as the harness's ``ddpmpp``.
     Its id is ``t-`` + the first 12 hex digits of the file's sha256."""
     from .edm_import import EDMImportError, harness_teacher, load_edm_pickle
 
     state, edm = load_edm_pickle(path)
-    net, info = harness_teacher(state, edm, tuple(dataset.x.shape[1:]))
+    net, info = harness_teacher(state, edm, tuple(dataset.x.shape[1:]), channels)
     sigma_data = info["sigma_data"]
     if sigma_data is None or abs(sigma_data - dataset.sigma_data) > 1e-9:
         raise EDMImportError(f"{path}: the teacher was trained with sigma_data {sigma_data}, the "

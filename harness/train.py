@@ -101,10 +101,11 @@ def build_student(cfg: dict, teacher_state: dict, shape: tuple, sigma_data: floa
     """Generator and auxiliary network at step 0 (SPEC §3-§4). ``init_extra``: more
     ``inits.InitContext`` fields (cache, teacher_id, source_state, device)."""
     arch, st, seed = cfg["teacher"]["arch"], cfg["student"], cfg["seed"]
-    ctx = InitContext(teacher_state, lambda: nets.build(arch, shape), seed, st["sigma_init"],
+    width = cfg["teacher"].get("channels")
+    ctx = InitContext(teacher_state, lambda: nets.build(arch, shape, width), seed, st["sigma_init"],
                       sigma_data, shape, **(init_extra or {}))
     gen_init = init_generator(cfg["init"], ctx)
-    net = nets.build(arch, shape)
+    net = nets.build(arch, shape, width)
     net.load_state_dict(gen_init.state)
     generator = OneStepGenerator(Denoiser(net, sigma_data), st["sigma_init"], gen_init.sigma_feat)
 
@@ -112,10 +113,10 @@ def build_student(cfg: dict, teacher_state: dict, shape: tuple, sigma_data: floa
     if family.aux_kind == "ratio":
         if st["ratio_net"] != "encoder":
             raise ValueError(f"student.ratio_net {st['ratio_net']!r} unknown; known: encoder")
-        build_aux = lambda: nets.build_ratio(arch, shape)  # noqa: E731
+        build_aux = lambda: nets.build_ratio(arch, shape, width)  # noqa: E731
         wrap = nets.RatioNet
     else:
-        build_aux = lambda: nets.build(arch, shape)  # noqa: E731
+        build_aux = lambda: nets.build(arch, shape, width)  # noqa: E731
         wrap = Denoiser
     aux_net = build_aux()
     aux_net.load_state_dict(init_aux(st["aux_init"], teacher_state, build_aux, seed))

@@ -322,10 +322,10 @@ def cell_rows(cfg: dict, evaluator, sample_fn, aux, teacher_state: dict, data: t
             sigma = SIGMA_MIN  # ratio[fixed] learned its ratio at sigma_min only
         source = "the cell's own ratio net (trained against the live generator)"
     else:
-        arch = cfg["teacher"]["arch"]
+        arch, width = cfg["teacher"]["arch"], cfg["teacher"].get("channels")
         batch, lr = vcfg["fit_batch"] or st["batch"], vcfg["fit_lr"] or st["aux_lr"]
         net, fit_s = fit_post_hoc_ratio(
-            sample_fn, data, lambda: nets.build_ratio(arch, shape), teacher_state, sigma_data,
+            sample_fn, data, lambda: nets.build_ratio(arch, shape, width), teacher_state, sigma_data,
             st["aux_init"], vcfg["fit_steps"], batch, lr, st["t_max"], cfg["seed"], device)
         source = (f"a post-hoc ratio net ({vcfg['fit_steps']} BCE steps of batch {batch}, lr "
                   f"{lr:g}, aux_init {st['aux_init']}, on the frozen EMA generator)")

@@ -290,3 +290,30 @@ def _small_ddpmpp(**over):
 
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in SMALL.items()}
     return DDPMpp(**{**kw, **over})
+
+
+def test_teacher_channels_imports_a_narrower_ddpmpp(tmp_path, small_harness_ddpmpp):
+    """``teacher.channels`` (a CPU rehearsal's narrow teacher) is the one architecture knob: the
+    pickle's model_channels must equal it, and generator and aux nets are built at that width."""
+    from harness import nets
+    from harness.config import ConfigError, resolve_cell
+    from harness.teacher import load_imported
+
+    net = _small_ddpmpp(model_channels=32)
+    path = tmp_path / "narrow.pkl"
+    write_snapshot(path, net, song_kwargs={"model_channels": 32})
+    with pytest.raises(EDMImportError, match="teacher.channels"):
+        load_imported(str(path), _dataset())
+    teacher, meta = load_imported(str(path), _dataset(), channels=32)
+    state = teacher.net.state_dict()
+    narrow = nets.build("ddpmpp", (3, 8, 8), 32)
+    narrow.load_state_dict(state, strict=True)  # what generator and fake score are built as
+    assert meta["parameters"] == nets.count_parameters(narrow) < nets.count_parameters(
+        nets.build("ddpmpp", (3, 8, 8), 64))
+    cfg = resolve_cell({"data": {"name": "cifar10", "path": "/x"},
+                        "teacher": {"arch": "ddpmpp", "channels": 32}})
+    assert cfg["teacher"]["channels"] == 32
+    for bad, match in (({"arch": "unet-xs", "channels": 32}, "only the ddpmpp"),
+                       ({"arch": "ddpmpp", "channels": 30}, "multiple of 4")):
+        with pytest.raises(ConfigError, match=match):
+            resolve_cell({"data": {"name": "cifar10", "path": "/x"}, "teacher": bad})

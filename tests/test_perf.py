@@ -34,10 +34,13 @@ def test_unknown_precision_is_refused():
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
-def test_bf16_autocasts_on_cuda_only():
+def test_bf16_autocasts_on_cuda_and_cpu():
     assert isinstance(perf.autocast("bf16", "cuda"), torch.autocast)
-    assert not isinstance(perf.autocast("bf16", "cpu"), torch.autocast)
-    assert not isinstance(perf.autocast("fp32", "cuda"), torch.autocast)
+    with perf.autocast("bf16", "cpu"):  # a bf16 study rehearsed on a CPU runs mixed precision
+        assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.bfloat16
+    for precision in ("fp32", "tf32"):
+        assert not isinstance(perf.autocast(precision, "cuda"), torch.autocast)
+        assert not isinstance(perf.autocast(precision, "cpu"), torch.autocast)
 
 
 def _image_cfg(**student):

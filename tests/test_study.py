@@ -318,3 +318,57 @@ def test_malformed_study(path):
     message = str(e.value)
     assert message.startswith(str(path))
     assert expected in message
+
+
+OVERRIDABLE = textwrap.dedent("""\
+    study: ov
+    data: {name: digits}
+    student: {kimg: 100, batch: 64}
+    grid:
+      loss: [di, sid]
+      init: [teacher, mapping_match, {mapping_match: {lr: 0.01}}, {name: random}]
+      seed: [0, 1, 2]
+    resources: {cpu: 8, gpu: 1}
+    """)
+
+
+def test_set_overrides_a_study_as_if_its_file_said_so():
+    """``harness run/status --set``: sections, resources, a grid axis's values and an init
+    scheme's parameter wherever that scheme is used; the cells are those of the edited file."""
+    s = parse_study(OVERRIDABLE, "ov.yaml", overrides={
+        "student": {"kimg": 0.5}, "resources": {"gpu": 0}, "grid": {"seed": [0]},
+        "init": {"mapping_match.steps": 3}})
+    assert len(s.cells) == 2 * 4 and s.resources == {"cpu": 8.0, "gpu": 0.0}
+    assert {c.config["student"]["kimg"] for c in s.cells} == {0.5}
+    maps = [c.config["init"] for c in s.cells if c.config["init"]["name"] == "mapping_match"]
+    assert {(m["steps"], m["lr"]) for m in maps} == {(3, 0.001), (3, 0.01)}
+    edited = OVERRIDABLE.replace("kimg: 100", "kimg: 0.5").replace("gpu: 1", "gpu: 0").replace(
+        "seed: [0, 1, 2]", "seed: [0]").replace("[teacher, mapping_match,", "[teacher, "
+        "{mapping_match: {steps: 3}},").replace("{lr: 0.01}", "{lr: 0.01, steps: 3}")
+    assert [c.config for c in parse_study(edited).cells] == [c.config for c in s.cells]
+    assert parse_study(OVERRIDABLE).cells[0].config["student"]["kimg"] == 100  # file untouched
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"grid": {"sed": [0]}}, r"--set grid.sed: the study has no grid axis 'sed'"),
+    ({"init": {"mapping_match.stps": 3}}, r"--set init.mapping_match.stps: expected "
+                                          r"init.SCHEME.PARAM"),
+    ({"init": {"feature_transplant.reinit": "fresh"}}, r"no init of the study is "
+                                                       r"'feature_transplant'"),
+    ({"tracking": {"x": 1}}, r"'tracking' cannot be set on the command line"),
+])
+def test_set_that_fits_nothing_is_refused(overrides, match):
+    with pytest.raises(config.ConfigError, match=match):
+        parse_study(OVERRIDABLE, "ov.yaml", overrides=overrides)
+
+
+def test_bad_set_value_is_blamed_on_set_not_the_file():
+    for overrides, where in (({"resources": {"gpu": -1}}, "--set: resources.gpu: must be"),
+                             ({"grid": {"seed": ["a"]}}, "--set: grid.seed[0]: expected"),
+                             ({"init": {"mapping_match.steps": -3}}, "--set: grid.init[1]")):
+        with pytest.raises(StudyError) as e:
+            parse_study(OVERRIDABLE, "ov.yaml", overrides=overrides)
+        assert str(e.value).startswith(where), str(e.value)
+    with pytest.raises(StudyError, match=r"^ov.yaml:3: student.kimg"):  # the file's own error
+        parse_study(OVERRIDABLE.replace("kimg: 100", "kimg: -1"), "ov.yaml",
+                    overrides={"grid": {"seed": [0]}})

@@ -2,6 +2,8 @@
 
 ``build(arch, shape)`` gives the raw network ``F(x_in, c_noise)`` that the EDM preconditioning
 wraps; ``build_ratio(arch, shape)`` the ratio network's backbone (the encoder half + a head).
+``channels`` (``teacher.channels``, ddpmpp only) narrows ddpmpp's base width (EDM's
+``model_channels``, 128 by default) and nothing else.
 
 Groups (``group_of``): for ``mlp`` and the ``unet-*`` sizes a parameter's group is the first
 component of its name. ``ddpmpp`` (EDM's SongUNet, ``nets.ddpmpp``) keeps EDM's own names, so
@@ -50,18 +52,23 @@ def _check(arch: str, shape: tuple):
                             f"{shape[1]}x{shape[2]} must be divisible by {2 ** (levels - 1)}")
 
 
-def build(arch: str, shape: tuple) -> nn.Module:
+def ddpmpp_settings(channels: int | None = None) -> dict:
+    """ddpmpp's keyword arguments: EDM's CIFAR-10 DDPM++, at ``channels`` base width if given."""
+    return {**DDPMPP_SETTINGS, **({"model_channels": channels} if channels else {})}
+
+
+def build(arch: str, shape: tuple, channels: int | None = None) -> nn.Module:
     """Raw network for data of per-sample ``shape`` ((C, H, W) or (2,))."""
     _check(arch, shape)
     if arch == "ddpmpp":  # EDM's CIFAR-10 DDPM++, unconditional, no augmentation labels
-        return DDPMpp(shape[1], shape[0], shape[0], **DDPMPP_SETTINGS)
+        return DDPMpp(shape[1], shape[0], shape[0], **ddpmpp_settings(channels))
     return MLP(shape[0]) if arch == "mlp" else UNet(shape[0], SIZES[arch])
 
 
-def build_ratio(arch: str, shape: tuple) -> nn.Module:
+def build_ratio(arch: str, shape: tuple, channels: int | None = None) -> nn.Module:
     _check(arch, shape)
     if arch == "ddpmpp":
-        return DDPMppEncoder(shape[1], shape[0], **DDPMPP_SETTINGS)
+        return DDPMppEncoder(shape[1], shape[0], **ddpmpp_settings(channels))
     return MLPClassifier(shape[0]) if arch == "mlp" else EncoderClassifier(shape[0], SIZES[arch])
 
 
