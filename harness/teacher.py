@@ -174,7 +174,8 @@ def load_imported(path: str, dataset: Dataset, device="cpu",
     """A teacher imported from one of NVIDIA's EDM pickles (``teacher: {import: PATH}``), read
     without running anything from it (``harness.edm_import``), as the harness's ``ddpmpp``.
     Its id is ``t-`` + the first 12 hex digits of the file's sha256."""
-    from .edm_import import EDMImportError, harness_teacher, load_edm_pickle
+    from .edm_ddpmpp import harness_teacher
+    from .edm_import import EDMImportError, load_edm_pickle
 
     state, edm = load_edm_pickle(path)
     net, info = harness_teacher(state, edm, tuple(dataset.x.shape[1:]), channels)

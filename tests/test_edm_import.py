@@ -15,8 +15,8 @@ import torch
 
 from edm_pickles import MODULE_SRC, SMALL, c_noise, small_net, write_snapshot
 from harness.diffusion import Denoiser
-from harness.edm_import import (EDMImportError, build_ddpmpp, ddpmpp_settings, load_edm_pickle,
-                                model_state)
+from harness.edm_ddpmpp import build_ddpmpp, ddpmpp_settings, model_state
+from harness.edm_import import EDMImportError, load_edm_pickle
 
 
 @pytest.fixture(autouse=True)
