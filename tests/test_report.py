@@ -94,6 +94,43 @@ def test_open_study_refuses_an_empty_root(tmp_path):
         analysis.open_study(str(tmp_path))
 
 
+def test_import_harness_is_light_and_open_study_is_the_notebook_api():
+    """``import harness`` loads no torch, Ray or pandas; ``harness.open_study`` is imported on
+    first use and is the notebook API itself; an unknown attribute is still an AttributeError."""
+    code = ("import sys, harness\n"
+            "heavy = lambda: sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'ray', 'pandas', 'matplotlib'})\n"
+            "print(heavy())\n"
+            "import analysis.notebook\n"
+            "print(harness.open_study is analysis.notebook.open_study, "
+            "'open_study' in dir(harness))\n"
+            "print(heavy())\n"
+            "try:\n    harness.no_such_thing\nexcept AttributeError as e:\n    print('AE', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "[]"
+    assert lines[1] == "True True"
+    assert lines[2] == "['matplotlib', 'pandas']"  # the notebook API's own needs, still no torch
+    assert lines[3].startswith("AE") and "no_such_thing" in lines[3]
+
+
+def test_every_analysis_module_imports_without_torch_or_ray():
+    """Each module of analysis/ on its own, in a fresh interpreter: neither torch nor Ray loads."""
+    names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "analysis"))
+                   if f.endswith(".py") and f != "__init__.py")
+    assert len(names) > 10
+    code = ("import importlib, sys\n"
+            f"for n in {names!r}:\n"
+            "    importlib.import_module('analysis.' + n)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_readme_example_runs():
     """The README's notebook example, verbatim, from the repository root."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:

@@ -108,6 +108,7 @@ def test_open_study_and_report_from_s3_match_the_local_store(s3):
     import pandas as pd
 
     import analysis
+    import harness
     from analysis.report import write_report
 
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "results_small")
@@ -116,7 +117,7 @@ def test_open_study_and_report_from_s3_match_the_local_store(s3):
         for f in fs:
             rel = os.path.relpath(os.path.join(d, f), here).replace(os.sep, "/")
             client.upload_file(os.path.join(d, f), BUCKET, f"nb/{rel}")
-    remote, local = analysis.open_study(f"s3://{BUCKET}/nb"), analysis.open_study(here)
+    remote, local = harness.open_study(f"s3://{BUCKET}/nb"), analysis.open_study(here)
     for name in ("cells", "scores", "final", "refs"):
         pd.testing.assert_frame_equal(getattr(remote, name), getattr(local, name))
     assert remote.pin == local.pin and remote.data_floor == local.data_floor
