@@ -1,4 +1,4 @@
-"""Figures, tables and claims regenerated from a study's stored results (SPEC §8).
+"""Figures, tables and claims regenerated from a study's stored results.
 
 Entry points: ``analysis.figures.make_all`` (every figure), ``analysis.report.write_report``
 (the study page) and ``analysis.open_study`` (frames and claims for a notebook). Reads results

@@ -13,7 +13,7 @@ from harness.claims_spec import ClaimsSpec
 
 from .claims import RULES, SEEDS_RULE, STATEMENTS, ClaimResult, claim_results
 from .data import Study
-from .style import RC, panel_grid, save, write_csv
+from .style import RC, legend_below, panel_grid, save, write_csv
 from .tables import footer_md, footer_tex, md_escape, provenance_lines, tex_escape
 
 
@@ -184,8 +184,9 @@ def write_claims_kimg(study: Study, out_dir: str, spec: ClaimsSpec | None = None
         return [csv]
     pct = {"C1", "C1-best", "C2"}
     with plt.rc_context(RC):
-        ncol = min(4, len(show))
-        fig, axes, _ = panel_grid(len(show), ncol, w=2.3, h=1.6, wgap=0.55, left=0.7)
+        ncol = min(3, len(show))  # three across: a two-column page width at most
+        fig, axes, _ = panel_grid(len(show), ncol, w=1.75, h=1.25, wgap=0.55, hgap=0.65,
+                                  left=0.6, top=0.75)
         for k, (ax, claim) in enumerate(zip(axes, show)):
             d = df[df["claim"] == claim].sort_values("kimg")
             scale = 100.0 if claim.split(" (")[0] in pct else 1.0
@@ -206,15 +207,15 @@ def write_claims_kimg(study: Study, out_dir: str, spec: ClaimsSpec | None = None
             ax.set_title(f"{claim}: {rule}{thr:g}{'%' if scale == 100 else ''}", fontsize=7.5)
             ax.set_xlabel("kimg", fontsize=7)
             ax.set_ylabel("effect" + (" (%)" if scale == 100 else " (share of gap)"), fontsize=7)
+            ax.tick_params(labelsize=7)
         handles = [Line2D([], [], color=c, marker="o", lw=1.6) for c in VERDICT_COLORS.values()]
         handles.append(Line2D([], [], color="black", ls=(0, (4, 2)), lw=0.9))
         labels = list(VERDICT_COLORS) + ["threshold"]
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
-                   title="verdict at that kimg")
+        legend_below(fig, handles, labels, ncol=len(labels), title="verdict at that kimg")
         _, hi_n, words = study.seeds_phrase()
-        fig.suptitle(f"Claims at every evaluated kimg > 0 on {study.metric}: estimate and "
+        fig.suptitle(f"Claims at every evaluated kimg > 0 on {study.metric}:\nestimate and "
                      f"interval (Fieller, seed-paired) over {words}" if hi_n > 1 else
-                     f"Claims at every evaluated kimg > 0 on {study.metric} (one seed per cell: no "
-                     f"interval, every verdict inconclusive)", fontsize=8.5,
-                     y=1 - 0.12 / fig.get_size_inches()[1], va="top")
+                     f"Claims at every evaluated kimg > 0 on {study.metric}\n(one seed per cell: "
+                     f"no interval, every verdict inconclusive)", fontsize=8,
+                     y=1 - 0.08 / fig.get_size_inches()[1], va="top")
         return [csv] + save(fig, out_dir, "claims_kimg", study.note())

@@ -19,6 +19,7 @@ import pandas as pd
 from harness.config import INIT_SCHEMES, ConfigError, param_columns
 from harness.results import ROWS, cell_status, load_rows, read_bytes
 
+from .grid_axes import axis_levels, extra_axis_labels
 from .protocol import FLOOR_NAMES, ProtocolChoice, select_protocol
 from .style import _nn, base_loss, init_sort_key, loss_palette, loss_sort_key
 from .tuning import load_tuned
@@ -69,53 +70,6 @@ def choose_metric(counts: pd.Series, metric: str | None = None) -> str | None:
     return quality[0] if quality else None
 
 
-def _fmt_axis_value(v) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, (dict, list)):
-        return json.dumps(v, sort_keys=True, separators=(",", ":"))
-    return str(v)
-
-
-def _varying_axes(cells: pd.DataFrame) -> tuple[dict, list]:
-    """({axes json: {axis: value}} without loss/init/seed, the axes whose value varies)."""
-    parsed = {}
-    for a in cells["axes"].dropna().unique():
-        try:
-            d = json.loads(a)
-        except (TypeError, ValueError):
-            d = {}
-        parsed[a] = {k: v for k, v in (d.items() if isinstance(d, dict) else ())
-                     if k != "seed" and k.split(".")[0] not in ("loss", "init")}
-    keys = sorted({k for d in parsed.values() for k in d})
-    varying = [k for k in keys
-               if len({_fmt_axis_value(d.get(k)) for d in parsed.values()}) > 1]
-    return parsed, varying
-
-
-def extra_axis_labels(cells: pd.DataFrame) -> pd.Series:
-    """Per cell: the loss label, suffixed with grid axes other than loss/init/seed that vary
-    across the study, e.g. ``sid (student.lr=0.0001)`` (figures keep such cells apart)."""
-    parsed, varying = _varying_axes(cells)
-    if not varying:
-        return cells["loss"].astype(str)
-    suffix = {a: ", ".join(f"{k}={_fmt_axis_value(d[k])}" for k in varying if k in d)
-              for a, d in parsed.items()}
-    sfx = cells["axes"].map(suffix).fillna("")
-    loss = cells["loss"].astype(str)
-    return loss.where(sfx == "", loss + " (" + sfx + ")")
-
-
-def axis_levels(cells: pd.DataFrame) -> pd.Series:
-    """Per cell: the levels of the grid axes other than loss/init/seed that vary across the
-    study, as canonical JSON (``{"student.lr":0.001}``; ``{}`` when none vary). Claims are
-    judged within each level, never averaged across levels unless the study pools the axis."""
-    parsed, varying = _varying_axes(cells)
-    text = {a: json.dumps({k: d[k] for k in varying if k in d}, sort_keys=True,
-                          separators=(",", ":"), default=str) for a, d in parsed.items()}
-    return cells["axes"].map(text).fillna("{}")
-
-
 def with_columns(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with every ROWS column present (missing ones all null): rows given as a frame by
     a caller may predate the typed loss/init columns."""
@@ -151,7 +105,8 @@ def derive_legacy_families(cells: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
 def legacy_reinit(info: dict | None) -> bool:
     """A reset or transplant cell stored before ``reinit``/``reset_output`` existed: it used the
-    near-zero output re-init (SPEC §4), which breaks the optimisation, not the features."""
+    near-zero output re-init, whose tiny output weights stall the optimisation: such a cell
+    measures that stall, not what the kept features are worth."""
     if not info:
         return False
     scheme = info.get("init_scheme")
@@ -384,63 +339,6 @@ def floor_caveat(ref: pd.DataFrame, name: str) -> str:
     if "too small for this protocol" in text:
         return "the dataset is too small for this protocol: halves smaller than n"
     return ""
-
-
-# ---------------------------------------------------------------- bootstrap statistics
-B = 2000
-LEVEL = 0.95
-
-
-def mean_ci(df: pd.DataFrame, keys: list, rng: np.random.Generator, value: str = "value",
-            b: int = B) -> pd.DataFrame:
-    """Per group of ``keys``: n, mean, std (ddof 1) and a 95% percentile bootstrap CI of the mean
-    over the group's rows (its seeds). Groups of equal size share one draw of resampling weights
-    (each group's interval is still a correct marginal interval). n < 2 gives a NaN interval."""
-    d = df.dropna(subset=[value])
-    if d.empty:
-        return pd.DataFrame(columns=list(keys) + ["n", "mean", "std", "ci_low", "ci_high"])
-    g = d.groupby(keys, sort=True, dropna=False)[value]
-    stats = g.agg(n="count", mean="mean", std="std").reset_index()
-    codes = g.ngroup().to_numpy()
-    order = np.argsort(codes, kind="stable")
-    vals = d[value].to_numpy(dtype=float)[order]
-    counts = np.bincount(codes, minlength=len(stats))
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    lo = np.full(len(stats), np.nan)
-    hi = np.full(len(stats), np.nan)
-    q = [(1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2]
-    for n in sorted(set(counts.tolist())):
-        if n < 2:
-            continue
-        idx = np.nonzero(counts == n)[0]
-        w = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(float) / n  # (b, n)
-        chunk = max(1, 4_000_000 // b)
-        for s in range(0, len(idx), chunk):
-            sel = idx[s:s + chunk]
-            means = vals[starts[sel][:, None] + np.arange(n)] @ w.T  # (g, b)
-            lo[sel], hi[sel] = percentiles(means, q)
-    stats["ci_low"], stats["ci_high"] = lo, hi
-    return stats
-
-
-def percentiles(a: np.ndarray, qs) -> np.ndarray:
-    """np.quantile(a, qs, axis=-1) (linear interpolation) via one np.partition: ~3x faster."""
-    a = np.asarray(a, dtype=float)
-    n = a.shape[-1]
-    pos = np.asarray(qs, dtype=float) * (n - 1)
-    lo = np.floor(pos).astype(int)
-    hi = np.minimum(lo + 1, n - 1)
-    p = np.partition(a, sorted(set(lo.tolist() + hi.tolist())), axis=-1)
-    fr = pos - lo
-    out = p[..., lo] * (1 - fr) + p[..., hi] * fr
-    return np.moveaxis(out, -1, 0)
-
-
-def boot_means(values: np.ndarray, rng: np.random.Generator, b: int = B) -> np.ndarray:
-    """(b,) bootstrap means of one group's seed values (independent draws per call)."""
-    values = np.asarray(values, dtype=float)
-    n = len(values)
-    return values[rng.integers(0, n, size=(b, n))].mean(axis=1)
 
 
 def ordered(df: pd.DataFrame, loss: str = "loss", init: str | None = "init",

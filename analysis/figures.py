@@ -1,4 +1,4 @@
-"""Every figure and table of SPEC §8, regenerated from a results store only.
+"""Every figure and table of a study, regenerated from a results store only.
 
     make_all(root, out_dir=None, only=None, metric=None, seed=0) -> list of written paths
 
@@ -17,7 +17,6 @@ seed per cell: single runs, no interval, no ±). No torch, no Ray.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import textwrap
@@ -267,25 +266,18 @@ def rng_for(seed: int, name: str) -> np.random.Generator:
 def make_all(root: str, out_dir: str | None = None, only: str | None = None,
              metric: str | None = None, seed: int = 0, *, timings: list | None = None,
              rows: pd.DataFrame | None = None,
-             c1_pair: tuple[str, str] | None = None,
              claims: ClaimsSpec | None = None) -> list[str]:
-    """Write the figures/tables of SPEC §8 for the results under ``root``; return the paths.
+    """Write every figure and table for the results under ``root``; return the paths.
 
     ``only``: one of OUTPUTS (anything else raises ``harness.config.ConfigError``, a ValueError
     naming the valid outputs, which the CLI reports with exit code 2). ``metric``: the primary
     metric (default: first fid_inception_*, fd_*, mmd_*). ``seed``: bootstrap seed.
     ``timings``: list to receive (step, seconds). ``rows``: an already loaded
-    ``load_rows(root)`` frame (skips loading). ``c1_pair``: C1's declared (score-free,
-    teacher-score) pair of loss labels when the study declares one (default
-    ``harness.claims_spec.DEFAULT_PAIR``); a pair missing from the results leaves C1 not tested,
-    saying why. ``claims``: the study's claims declaration (``harness.claims_spec.ClaimsSpec``:
-    thresholds, pair, alpha, pooled axes, seeds plan; default: the declared defaults).
+    ``load_rows(root)`` frame (skips loading). ``claims``: the study's claims declaration
+    (``harness.claims_spec.ClaimsSpec``: thresholds, C1's (score-free, teacher-score) pair,
+    alpha, pooled axes, seeds plan; default: the declared defaults); a pair missing from the
+    results leaves C1 not tested, saying why.
     """
-    if c1_pair is not None and (len(c1_pair) != 2 or not all(isinstance(x, str) for x in c1_pair)):
-        raise ConfigError("c1_pair", f"expected two loss labels (score-free, teacher-score), "
-                                     f"got {c1_pair!r}")
-    if c1_pair is not None:
-        claims = dataclasses.replace(claims or ClaimsSpec(), pair=tuple(c1_pair))
     if only is not None and only not in OUTPUTS:
         raise ConfigError("only", f"unknown output {only!r}; valid outputs: "
                                   f"{', '.join(OUTPUTS)}")

@@ -1,4 +1,4 @@
-"""The init-ablation figures of SPEC §8: ``reset`` (per reset group, matched vs fresh),
+"""The init-ablation figures: ``reset`` (per reset group, matched vs fresh),
 ``mapping`` (mapping vs features: teacher, reset output, band teachers, mapping_match, random)
 and ``transplant`` (score vs sigma_feat), each with teacher and random init as references.
 Every seed is drawn (a dot each) with the median on top: groups of 2-3 seeds can be bimodal."""
@@ -7,15 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .style import RC, SIGMA_LABEL, axis_limits, save, use_log, write_csv
+from .style import RC, SIGMA_LABEL, axis_limits, legend_below, save, use_log, write_csv
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
 
 from .data import Study, legacy_reinit, ordered  # noqa: E402
 
-from .panels import (_draw_refs, _legend_right, _order_key, _ref_handles,  # noqa: E402
-                     _seeds_shown, _ylabel)
+from .panels import (_draw_refs, _order_key, _ref_handles, _seeds_shown,  # noqa: E402
+                     _ylabel)
 from .seeds import offsets, seed_summary, strip  # noqa: E402
 
 
@@ -96,7 +96,8 @@ def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: li
         agg.insert(0, "metric", study.metric)
         csv = write_csv(agg, out_dir, name)
     with timer(f"{name}: render"), plt.rc_context(RC):
-        fig, ax = plt.subplots(figsize=(1.0 + 0.85 * len(cats), 3.0))
+        # a column wide up to four inits, at most a two-column page width; legend below
+        fig, ax = plt.subplots(figsize=(min(7.0, max(3.4, 0.7 + 0.68 * len(cats))), 2.5))
         _ref_span(ax, cats)
         sel = f[f["init"].isin(cats)]
         losses = _points(ax, study, sel, cats)
@@ -113,8 +114,8 @@ def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: li
             handles.append(Line2D([], [], ls="none", marker="x", color="#555555", mew=1.2))
             labels.append("at kimg 0 (the init before training, median over cells)")
             vals += z["median"].dropna().tolist()
-        if ref_lines:
-            _draw_refs(ax, refs)
+        if ref_lines:  # their values are in the legend: no label on the data
+            _draw_refs(ax, refs, labels=False)
             handles += [h for _, _, h, _ in refs]
             labels += [lb for _, _, _, lb in refs]
             vals += [v for _, v, _, _ in refs]
@@ -123,17 +124,17 @@ def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: li
         labels += ml
         ax.set_xticks(range(len(cats)))
         ax.set_xticklabels([study.display(c) + (f"\n({roles[c]})" if roles.get(c) else "")
-                            for c in cats], fontsize=6.5)
+                            for c in cats], fontsize=6.5, linespacing=1.0)
         ax.set_xlim(-0.6, len(cats) - 0.4)
         ax.grid(axis="x", visible=False)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(_ylabel(study))
+        ax.set_xlabel(xlabel, fontsize=7)
+        ax.set_ylabel(_ylabel(study, wrap=True), fontsize=7.5)
         log = use_log(vals)
         if log:
             ax.set_yscale("log")
         ax.set_ylim(*axis_limits(vals, log))
-        ax.set_title(f"{title}\n({_seeds_shown(study, sel)})", fontsize=8.5)
-        _legend_right(ax, handles, labels, title="loss / marker")
+        ax.set_title(f"{title}\n({_seeds_shown(study, sel)})", fontsize=8)
+        legend_below(fig, handles, labels)
         return [csv] + save(fig, out_dir, name, study.note())
 
 
@@ -149,9 +150,7 @@ def reset(study: Study, out_dir: str, rng, timer) -> list[str]:
     roles = {i: "reference" for i in teacher + random_}
     return _category_figure(
         study, out_dir, rng, timer, "reset", cats, roles,
-        "generator initialization: teacher weights with the named groups re-initialized\n"
-        "(matched: fresh init rescaled to the teacher tensor's RMS; fresh: the architecture's "
-        "own init)",
+        "generator initialization: teacher weights,\nthe named groups re-initialized",
         f"Final {study.metric} after resetting layer groups")
 
 
@@ -206,7 +205,7 @@ def transplant(study: Study, out_dir: str, rng, timer) -> list[str]:
         agg.insert(0, "metric", study.metric)
         csv = write_csv(agg, out_dir, "transplant")
     with timer("transplant: render"), plt.rc_context(RC):
-        fig, ax = plt.subplots(figsize=(4.6, 3.2))
+        fig, ax = plt.subplots(figsize=(3.5, 2.6))
         losses = [lo for lo in study.loss_order if lo in set(a["loss"])]
         variants = [v for v in TRANSPLANT_VARIANTS if v in set(a["variant"])]
         step = 0.16 / max(1, len(losses))  # dodge per loss, in decades of sigma_feat
@@ -235,12 +234,12 @@ def transplant(study: Study, out_dir: str, rng, timer) -> list[str]:
         ax.set_xticks(sig)
         ax.set_xticklabels([f"{s:g}" for s in sig])
         ax.minorticks_off()
-        ax.set_xlabel(SIGMA_LABEL)
-        ax.set_ylabel(_ylabel(study))
+        ax.set_xlabel(SIGMA_LABEL, fontsize=7)
+        ax.set_ylabel(_ylabel(study, wrap=True), fontsize=7.5)
         if use_log(ft["value"].tolist() + r["median"].tolist()):
             ax.set_yscale("log")
-        ax.set_title(f"Final {study.metric} vs transplanted feature noise level\n"
-                     f"({_seeds_shown(study, ft)})", fontsize=8.5)
+        ax.set_title(f"Final {study.metric} vs transplanted feature noise\n"
+                     f"({_seeds_shown(study, ft)})", fontsize=8)
         handles = [Line2D([], [], color=study.palette[lo], marker="o", lw=1.3) for lo in losses]
         labels = list(losses)
         handles.append(Line2D([], [], color="#444444", marker="o", ls="none"))
@@ -253,7 +252,7 @@ def transplant(study: Study, out_dir: str, rng, timer) -> list[str]:
         handles += [Line2D([], [], color="#444444", ls=ls, lw=1.0)
                     for ls in ((0, (5, 3)), (0, (1, 2)))]
         labels += ["teacher init, median (reference)", "random init, median (reference)"]
-        _legend_right(ax, handles, labels, title="loss / line style")
+        legend_below(fig, handles, labels)
         return [csv] + save(fig, out_dir, "transplant", study.note())
 
 

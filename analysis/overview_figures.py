@@ -24,8 +24,8 @@ from .seeds import offsets  # noqa: E402
 def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = None,
            claims: ClaimsSpec | None = None) -> list[str]:
     """One row per tested claim: the estimate (dot), its 95% interval (bar), and the claim's
-    threshold (a red tick on that row, with the side on which the claim holds); the verdict is
-    written at the right. x is the effect in %, symmetric-log beyond ±100%."""
+    threshold (a red tick on that row; the side on which the claim holds under its name); the
+    verdict is written at the right in its colour. x is the effect in %, symmetric-log beyond ±100%."""
     with timer("forest: judge+render"):
         judged = [c for c in judged_claims(study, claims, rows=rows) if c.name != "C3"]
         data = claims_frame(judged).drop(columns=["statement", "rule", "comparison"])
@@ -36,9 +36,12 @@ def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = N
             print("figures: forest skipped (no claim tested)")
             return [csv]
         with plt.rc_context(RC):
-            h = 0.6 + 0.28 * len(shown)
-            fig, ax = plt.subplots(figsize=(4.8, h))
-            fig.subplots_adjust(left=0.34, right=0.7)  # claim names left, verdicts right
+            # fixed inches: claim and rule left, the axes, the verdict right (its own column,
+            # in the verdict's colour, so no text sits on an interval)
+            left, width, right, row = 1.25, 1.9, 1.25, 0.3
+            fw, fh = left + width + right, 0.95 + row * len(shown)
+            fig = plt.figure(figsize=(fw, fh))
+            ax = fig.add_axes((left / fw, 0.6 / fh, width / fw, row * len(shown) / fh))
             ys = np.arange(len(shown))[::-1]
             for y, c in zip(ys, shown):
                 pct = [100 * c.effect, 100 * c.lo, 100 * c.hi, 100 * c.threshold]
@@ -48,30 +51,33 @@ def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = N
                 if math.isfinite(pct[3]):
                     ax.plot([pct[3]], [y], marker="|", color="#d62728", ms=11, mew=1.8,
                             zorder=4)
-                    side = "<" if c.holds_if == "below" else ">"
-                    ax.annotate(f"holds if {side}{pct[3]:g}%", (pct[3], y), xytext=(0, 6),
-                                textcoords="offset points", ha="center", fontsize=5.5,
-                                color="#d62728")
-                ax.annotate(_verdict_words(c), (1.02, y), xycoords=("axes fraction", "data"),
-                            va="center", fontsize=6.5)
+                ax.text(1.04, y, _verdict_words(c), transform=ax.get_yaxis_transform(),
+                        va="center", ha="left", fontsize=7, linespacing=1.0,
+                        color=VERDICT_INK.get(c.verdict.split(" (")[0], "#333333"))
             ax.axvline(0, color="#999999", lw=0.8)
             ax.set_xscale("symlog", linthresh=100)
             ax.set_yticks(ys)
-            ax.set_yticklabels([c.name for c in shown], fontsize=7)
-            ax.set_ylabel("claim", fontsize=7)
-            ax.set_ylim(-0.7, len(shown) - 0.3)
+            ax.set_yticklabels([f"{c.name}\nholds if {'<' if c.holds_if == 'below' else '>'}"
+                                f"{100 * c.threshold:g}%" for c in shown], fontsize=7,
+                               linespacing=1.0)
+            ax.set_ylim(-0.6, len(shown) - 0.4)
             ax.grid(axis="y", visible=False)
-            ax.tick_params(axis="x", labelsize=6.5)
-            ax.set_xlabel("effect (%), 95% interval; symmetric log beyond ±100%", fontsize=7)
+            ax.tick_params(axis="x", labelsize=7)
+            ax.set_xlabel("effect (%), 95% interval\n(symmetric log beyond ±100%)", fontsize=7)
             _, hi, words = study.seeds_phrase()
-            ax.set_title(f"Claims on final {study.metric}:\nestimate, 95% interval ({words}), "
-                         f"threshold", fontsize=7.5)
+            fig.suptitle(f"Claims on final {study.metric}: estimate,\n95% interval ({words}), "
+                         f"threshold (red)", fontsize=7.5, x=(left + width / 2) / fw,
+                         y=1 - 0.04 / fh, va="top")
             return [csv] + save(fig, out_dir, "forest", study.note())
+
+
+VERDICT_INK = {"holds": "#027a59", "does not hold": "#b84a00", "inconclusive": "#555555"}
 
 
 def _verdict_words(c) -> str:
     v = c.verdict
-    return v if not c.seeds_to_decide else f"{v}; ~{c.seeds_to_decide} seeds decide"
+    return v.replace(" (", "\n(", 1) if not c.seeds_to_decide else \
+        f"{v.split(' (')[0]}\n~{c.seeds_to_decide} seeds decide"
 
 
 # -------------------------------------------------------------------------------------- kimg0

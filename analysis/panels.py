@@ -17,14 +17,6 @@ def _ylabel(study: Study, wrap: bool = False) -> str:
     return metric_label(study.metric, study.higher_better, wrap)
 
 
-def _legend_right(where, handles, labels, title=None):
-    """Legend outside the data, right of the axes (``where``: an Axes) or figure."""
-    x = 1.02 if hasattr(where, "transAxes") else 1.0
-    labels = [textwrap.fill(str(lb), 52, subsequent_indent="  ") for lb in labels]  # no wide caveats
-    where.legend(handles, labels, loc="center left", bbox_to_anchor=(x, 0.5), frameon=False,
-                 title=title, ncol=1 if len(labels) <= 18 else 2)
-
-
 def _seeds_shown(study: Study, df: pd.DataFrame | None = None) -> str:
     """'every seed a dot, the median a bar; 3 seeds' for per-seed figures."""
     lo, hi, words = study.seeds_phrase(df)

@@ -48,41 +48,60 @@ def samples(study: Study, out_dir: str, timer, root: str) -> list[str]:
         look = {(r.loss, r.init): r for r in s.itertuples(index=False)}
         tiles = {k: decode_samples({"data": r.data, "dtype": r.dtype, "shape": r.shape})
                  for k, r in look.items()}
-        # tile size from its content: about 0.2 in per stored image side (an 8x8 grid of 8x8
-        # digits is 1.6 in), so digits are legible; toy2d scatters get 1.4 in
+        # inits across, wrapped into blocks of at most MAX_ACROSS so the figure stays within a
+        # two-column page width (7 in); tiles about 0.2 in per stored image side, so digits are
+        # legible; toy2d scatters get 1.4 in
         side = max((int(math.isqrt(min(int(t.shape[0]), 64))) for t in tiles.values()
                     if t.ndim == 4), default=0)
-        tile_in = max(1.0, min(1.8 if len(inits) <= 6 else 1.15, 0.2 * side)) if side else 1.4
-        lines = max(study.display(i).count("\n") + 1 for i in inits)
-        head = 0.42 + 0.12 * lines  # tick labels above the tiles, then the two-line title
-        left, right, bottom = 0.85, 0.05, 0.05
-        fw = left + tile_in * len(inits) + right
-        fh = head + tile_in * len(losses) + bottom
+        nblock = math.ceil(len(inits) / MAX_ACROSS)
+        across = math.ceil(len(inits) / nblock)
+        left, right, bottom, title_h = 0.75, 0.05, 0.05, 0.36
+        tile_in = min(1.8 if side else 1.4, 0.2 * side if side else 1.4,
+                      (MAX_WIDTH - left - right) / across)
+        tile_in = max(tile_in, 0.9)
+        blocks = [inits[b * across:(b + 1) * across] for b in range(nblock)]
+        heads = [0.1 + 0.115 * max(study.display(i).count("\n") + 1 for i in part)
+                 for part in blocks]  # the init names above each block's tiles
+        fw = left + tile_in * across + right
+        fh = title_h + sum(heads) + nblock * tile_in * len(losses) + (nblock - 1) * 0.08 + bottom
         fig = plt.figure(figsize=(fw, fh))
-        ax = fig.add_axes((left / fw, bottom / fh, tile_in * len(inits) / fw,
-                           tile_in * len(losses) / fh))
-        _draw_mosaic(ax, tiles, losses, inits, study.palette)
         kimgs = [float(r.kimg) for r in look.values()]
         common = max(set(kimgs), key=kimgs.count)
-        for (loss, init), r in look.items():  # the tile's seed and score (and an odd kimg)
-            at = "" if float(r.kimg) == common else f", {r.kimg:g} kimg"
-            ax.text(inits.index(init) + 0.5, losses.index(loss) + 0.94,
-                    f"seed {r.seed}: {fmt_num(r.score)}{at}", ha="center", va="top",
-                    fontsize=5.5, color="#333333")
-        ax.set_xticks(np.arange(len(inits)) + 0.5)
-        ax.set_xticklabels([study.display(i) for i in inits], fontsize=6.5)
-        ax.xaxis.tick_top()
-        ax.set_yticks(np.arange(len(losses)) + 0.48)
-        ax.set_yticklabels(losses, fontsize=8)
-        for t, lo in zip(ax.get_yticklabels(), losses):
-            t.set_color(study.palette[lo])
-        ax.tick_params(length=0)
-        for sp in ax.spines.values():
-            sp.set_visible(False)
-        fig.suptitle(f"Stored samples of the median seed of each loss x init, {common:g} kimg\n"
+        y0 = fh - title_h
+        for part, head in zip(blocks, heads):
+            y0 -= head + tile_in * len(losses)
+            ax = fig.add_axes((left / fw, y0 / fh, tile_in * len(part) / fw,
+                               tile_in * len(losses) / fh))
+            _draw_mosaic(ax, {k: v for k, v in tiles.items() if k[1] in part}, losses, part,
+                         study.palette)
+            for (loss, init), r in look.items():  # the tile's seed and score (and odd kimg)
+                if init not in part:
+                    continue
+                at = "" if float(r.kimg) == common else f", {r.kimg:g} kimg"
+                ax.text(part.index(init) + 0.5, losses.index(loss) + 0.93,
+                        f"seed {r.seed}: {fmt_num(r.score)}{at}", ha="center", va="center",
+                        fontsize=6.5, color="#222222")
+            ax.set_xticks(np.arange(len(part)) + 0.5)
+            ax.set_xticklabels([study.display(i) for i in part], fontsize=6.5)
+            ax.xaxis.tick_top()
+            ax.set_yticks(np.arange(len(losses)) + 0.46)
+            ax.set_yticklabels([lo.replace(" (", "\n(") for lo in losses], fontsize=7.5)
+            for t, lo in zip(ax.get_yticklabels(), losses):
+                t.set_color(study.palette[lo])
+            ax.tick_params(length=0, pad=1.5)
+            for sp in ax.spines.values():
+                sp.set_visible(False)
+            y0 -= 0.08
+        fig.suptitle(f"Stored samples at {common:g} kimg of each loss x init's median seed\n"
                      f"(under each tile: that seed and its final {study.metric})", fontsize=8,
-                     x=(left + tile_in * len(inits) / 2) / fw, y=1 - 0.04 / fh, va="top")
+                     x=(left + tile_in * across / 2) / fw, y=1 - 0.04 / fh, va="top")
         return [csv] + save(fig, out_dir, "samples", study.note())
+
+
+MAX_ACROSS = 6
+"""Most tiles side by side; more inits wrap into further blocks below."""
+MAX_WIDTH = 7.0
+"""Inches: a two-column page width."""
 
 
 def _draw_mosaic(ax, tiles: dict, losses: list, inits: list, palette: dict):
@@ -91,11 +110,12 @@ def _draw_mosaic(ax, tiles: dict, losses: list, inits: list, palette: dict):
     ax.set_xlim(0, len(inits))
     ax.set_ylim(len(losses), 0)
     ax.set_autoscale_on(False)
-    pad, bottom = 0.04, 0.88  # tile spans [pad, 1-pad] x [pad/2, bottom] of its unit cell
+    pad, bottom = 0.04, 0.86  # a tile spans [pad/2, bottom] of its unit cell down (images: square,
+    # centred across); the score goes in the strip below it
     images = {k: _image_grid(a) for k, a in tiles.items() if a.ndim == 4}
     if images:
         size = max(max(g.shape[:2]) for g in images.values())
-        unit = int(math.ceil(size / (1 - 2 * pad)))
+        unit = int(math.ceil(size / (bottom - pad / 2)))  # square tile, room for the score
         rgb = any(g.ndim == 3 for g in images.values())
         canvas = np.full((len(losses) * unit, len(inits) * unit) + ((3,) if rgb else ()), 255,
                          dtype=np.uint8)
@@ -104,7 +124,7 @@ def _draw_mosaic(ax, tiles: dict, losses: list, inits: list, palette: dict):
             if rgb and g.ndim == 2:
                 g = np.repeat(g[..., None], 3, axis=2)
             y0 = losses.index(loss) * unit + int(round(pad / 2 * unit))
-            x0 = inits.index(init) * unit + int(round(pad * unit))
+            x0 = inits.index(init) * unit + (unit - size) // 2
             canvas[y0:y0 + size, x0:x0 + size] = g
         ax.imshow(canvas, cmap=None if rgb else "gray", vmin=0, vmax=255,
                   interpolation="nearest", extent=(0, len(inits), len(losses), 0), aspect="auto")

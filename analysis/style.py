@@ -68,7 +68,7 @@ RC = {
     "pdf.fonttype": 42,
 }
 KIMG_LABEL = "training images seen (kimg)"
-SIGMA_LABEL = "σ_feat: noise level of transplanted features (log scale)"
+SIGMA_LABEL = "σ_feat: noise on the transplanted features (log)"
 
 
 def base_loss(label: str) -> str:
@@ -312,6 +312,28 @@ def panel_grid(n: int, ncol: int, w: float = 2.4, h: float = 1.7, left: float = 
         y0 = fh - top - (r + 1) * h - r * hgap
         axes.append(fig.add_axes((x0 / fw, y0 / fh, w / fw, h / fh)))
     return fig, axes, (nrow, ncol)
+
+
+def legend_below(fig, handles, labels, ncol: int | None = None, fontsize: float = 7,
+                 title: str | None = None) -> None:
+    """The legend under everything drawn so far (axes, tick labels, axis labels), centred on
+    the axes: a figure keeps the width of its panels instead of growing a column at the right.
+    Two columns where the figure is wide enough, long labels wrapped."""
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.get_tightbbox(renderer) for ax in fig.axes if ax.get_visible()]
+    x0, x1 = min(b.x0 for b in boxes), max(b.x1 for b in boxes)
+    y0 = min(b.y0 for b in boxes)
+    W, H = fig.bbox.width, fig.bbox.height
+    width_in = (x1 - x0) / fig.dpi
+    if ncol is None:
+        ncol = 1 if width_in < 4.2 or len(labels) < 3 else 2
+    chars = max(24, int(width_in / ncol * 72 / (0.55 * fontsize)) - 5)
+    labels = [textwrap.fill(str(lb), chars, subsequent_indent="  ") for lb in labels]
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=((x0 + x1) / 2 / W,
+                                                                    (y0 - 4) / H),
+               bbox_transform=fig.transFigure, ncol=ncol, frameon=False, fontsize=fontsize,
+               title=title, title_fontsize=fontsize, handlelength=1.8, columnspacing=1.2,
+               borderaxespad=0.0)
 
 
 def write_csv(df, out_dir: str, name: str) -> str:

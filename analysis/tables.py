@@ -57,7 +57,7 @@ def provenance_lines(study: Study) -> list[str]:
     if legacy:
         out.append(f"**Legacy re-init:** {', '.join(f'`{i}`' for i in legacy)} were stored "
                    f"before `reinit` / `reset_output` existed: they used the near-zero output "
-                   f"re-init that stalls the optimisation (SPEC §4), so they measure the "
+                   f"re-init that stalls the optimisation, so they measure the "
                    f"optimiser, not the features, and claims C3a-C3c are not judged on them.")
     from .tuning import protocol_lines  # harness tune: the protocol and the choice
 

@@ -19,7 +19,8 @@ import pandas as pd
 from harness.results import read_bytes
 from harness.tuning import SELECTION_RULE, trial_table
 
-from .style import RC, axis_limits, fmt_num, loss_sort_key, panel_grid, save, use_log, write_csv
+from .style import (RC, axis_limits, fmt_num, legend_below, loss_sort_key, panel_grid, save,
+                    use_log, write_csv)
 
 
 def load_tuned(root: str) -> dict | None:
@@ -105,14 +106,16 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
     log_y = use_log(shown_values)  # one metric, one scale for every panel
     ylim = axis_limits(shown_values, log_y)
     with plt.rc_context(RC):
-        # one column per family, one row per searched setting
-        fig, axes, _ = panel_grid(len(fams) * len(settings), len(fams), w=2.2, h=1.7,
-                                  wgap=0.25, hgap=0.75, left=0.8)
+        # one panel per (searched setting, family), three across (a two-column page width)
+        ncol = min(3, len(fams) * len(settings))
+        fig, axes, _ = panel_grid(len(fams) * len(settings), ncol, w=1.75, h=1.35,
+                                  wgap=0.15, hgap=0.7, left=0.7, top=0.65)
         for i, fam in enumerate(fams):
             e = tuned["families"][fam]
             d = table[table["family"] == fam]
             for j, setting in enumerate(settings):
-                ax = axes[j * len(fams) + i]
+                k = j * len(fams) + i
+                ax = axes[k]
                 if setting not in e.get("space", {}):
                     ax.set_axis_off()
                     ax.set_title(f"{fam}: {setting} not searched", fontsize=7)
@@ -148,10 +151,11 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
                     pad = 0.05 * (bounds[1] - bounds[0])
                     ax.set_xlim(bounds[0] - pad, bounds[1] + pad)
                 ax.set_xlabel(setting, fontsize=7)
+                ax.tick_params(labelsize=7)
                 if log_y:
                     ax.set_yscale("log")
                 ax.set_ylim(*ylim)
-                if i == 0:
+                if k % ncol == 0:
                     ax.set_ylabel(e.get("metric", "metric") + (" (log scale)" if log_y else ""),
                                   fontsize=7)
                 else:
@@ -166,12 +170,11 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
                     seen.setdefault(lb, h)
         handles, labels = list(seen.values()), list(seen)
         if handles:
-            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
-                       frameon=False, fontsize=7)
+            legend_below(fig, handles, labels, ncol=1)
         p = tuned.get("protocol", {})
-        fig.suptitle(f"Tuning: {p.get('trials')} trials per family, up to {p.get('kimg')} kimg each, "
-                     f"selection seeds {p.get('seeds')}, scheduler {p.get('scheduler')}",
-                     fontsize=8.5, y=1 - 0.12 / fig.get_size_inches()[1], va="top")
+        fig.suptitle(f"Tuning: {p.get('trials')} trials per family, up to {p.get('kimg')} kimg "
+                     f"each,\nselection seeds {p.get('seeds')}, scheduler {p.get('scheduler')}",
+                     fontsize=8, y=1 - 0.08 / fig.get_size_inches()[1], va="top")
         note = f"Selection: {tuned.get('protocol', {}).get('selection', SELECTION_RULE)}."
         return [csv] + save(fig, out_dir, "tuning", note)
 

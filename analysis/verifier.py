@@ -1,4 +1,5 @@
-"""The ratio verifier (issue 16): score vs candidates per kept sample, and claim C4.
+"""The ratio verifier (draw n candidates per kept sample, keep one by the ratio net's
+estimate): score vs candidates per kept sample, and claim C4.
 
 Reads result rows only (a DataFrame as ``harness.results.load_rows`` returns; no torch). The
 verifier rows are written at a cell's final evaluation under ``<metric>@<mode><n>`` (for example
@@ -21,10 +22,10 @@ import zlib
 import numpy as np
 import pandas as pd
 
-from .data import (FLOOR_NAMES, choose_metric, extra_axis_labels, higher_is_better, mean_ci,
-                   ordered)
+from .bootstrap import mean_ci
+from .data import FLOOR_NAMES, choose_metric, extra_axis_labels, higher_is_better, ordered
 from .style import (RC, axis_limits, REFERENCE_STYLE, fmt_num, fmt_pm, loss_palette, loss_sort_key,
-                    panel_grid, save, use_log, write_csv)
+                    legend_below, panel_grid, save, use_log, write_csv)
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
@@ -185,9 +186,9 @@ def verifier_figure(df: pd.DataFrame, out_dir: str, metric: str | None = None, s
         # one small panel per (mode, loss): a thin line per seed, the median on top (one band
         # per loss in one panel hid every line under the others)
         panels = [(m, lo) for m in modes for lo in losses]
-        ncol = min(len(losses), 5)
-        fig, axes, _ = panel_grid(len(panels), ncol, w=1.5, h=1.35, wgap=0.12, hgap=0.45,
-                                  left=0.65, top=0.6)
+        ncol = min(len(panels), 3)  # three across: a two-column page width at most
+        fig, axes, _ = panel_grid(len(panels), ncol, w=1.75, h=1.3, wgap=0.12, hgap=0.45,
+                                  left=0.65, top=0.75)
         vals = t["value"].tolist() + [v for _, v in refs]
         log = use_log(vals)
         ylim = axis_limits(vals, log)
@@ -233,12 +234,11 @@ def verifier_figure(df: pd.DataFrame, out_dir: str, metric: str | None = None, s
             labels.append(f"{st['label']}: {fmt_num(val)}")
         n_seeds = int(agg["seeds"].max())
         words = " / ".join(f"{m}: {MODE_WORDS[m]}" for m in modes)
-        fig.suptitle(f"Ratio verifier ({words}): final {metric} ({'higher' if higher else 'lower'}"
-                     f" is better)\nvs {N_LABEL}, teacher init, every seed "
-                     f"(up to {n_seeds}) and the median", fontsize=8,
-                     y=1 - 0.08 / fig.get_size_inches()[1], va="top")
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
-                   frameon=False)
+        fig.suptitle(f"Ratio verifier ({words}):\nfinal {metric} ({'higher' if higher else 'lower'}"
+                     f" is better) vs {N_LABEL},\nteacher init, every seed "
+                     f"(up to {n_seeds}) and the median", fontsize=7.5,
+                     y=1 - 0.05 / fig.get_size_inches()[1], va="top")
+        legend_below(fig, handles, labels)
         note = ("n = 1: the plain one-step samples (the same draw as the plain score); n > 1 costs "
                 "n generator + n ratio-net evaluations per kept sample.")
         return [csv, md] + save(fig, out_dir, "verifier", note)

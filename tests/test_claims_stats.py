@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.data import percentiles
+from analysis.bootstrap import percentiles
 from analysis.stats import abs_interval, decide, fieller, look_alphas, seeds_to_decide, spent
 from harness.claims_spec import SeedPlan
 
