@@ -185,7 +185,7 @@ def write_claims_kimg(study: Study, out_dir: str, spec: ClaimsSpec | None = None
     pct = {"C1", "C1-best", "C2"}
     with plt.rc_context(RC):
         ncol = min(3, len(show))  # three across: a two-column page width at most
-        fig, axes, _ = panel_grid(len(show), ncol, w=1.75, h=1.25, wgap=0.55, hgap=0.65,
+        fig, axes, _ = panel_grid(len(show), ncol, w=1.65, h=1.25, wgap=0.62, hgap=0.65,
                                   left=0.6, top=0.75)
         for k, (ax, claim) in enumerate(zip(axes, show)):
             d = df[df["claim"] == claim].sort_values("kimg")

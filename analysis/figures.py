@@ -82,7 +82,8 @@ def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
         seeds = agg.pivot(index="init", columns="loss", values="values").reindex_like(med)
         nr, nc = med.shape
         multi = study.seeds_phrase()[1] > 1
-        cw, ch, left, bottom, top = 0.85, 0.42 if multi else 0.3, 1.6, 0.3, 0.75
+        # cells as wide as a two-column page allows (7 in), at most 0.9 in: each seed's value fits
+        cw, ch, left, bottom, top = min(0.9, 4.4 / max(nc, 1)), 0.42 if multi else 0.3, 1.6, 0.3, 0.75
         ch = max(ch, 1.5 / max(nr, 1))  # the colour bar (as tall as the rows) fits its label
         top += 0.12 * max(_column_label(lo).count("\n") for lo in study.loss_order)
         fw, fh = left + cw * nc + 1.0, bottom + ch * nr + top
@@ -108,11 +109,11 @@ def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
                         va="center", fontsize=8, color=ink, fontweight="bold")
                 if multi and isinstance(seeds.iat[i, j], str) and ";" in seeds.iat[i, j]:
                     ax.text(j + 0.5, i + 0.75, seeds_text(seeds.iat[i, j], " · "),
-                            ha="center", va="center", fontsize=5.6, color=ink)
+                            ha="center", va="center", fontsize=6.2, color=ink)
         ax.set_facecolor("#eeeeee")
         ax.grid(False)
         ax.set_yticklabels([textwrap.fill(study.display(t.get_text()).replace("\n+", "+")
-                                          .replace("\n", " "), 30)
+                                          .replace("\n", " "), 26)
                             for t in ax.get_yticklabels()], rotation=0, fontsize=6.5)
         ax.set_xticklabels([_column_label(t.get_text()) for t in ax.get_xticklabels()],
                            rotation=0, fontsize=7)

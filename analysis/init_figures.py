@@ -4,6 +4,8 @@ and ``transplant`` (score vs sigma_feat), each with teacher and random init as r
 Every seed is drawn (a dot each) with the median on top: groups of 2-3 seeds can be bimodal."""
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pandas as pd
 
@@ -96,8 +98,11 @@ def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: li
         agg.insert(0, "metric", study.metric)
         csv = write_csv(agg, out_dir, name)
     with timer(f"{name}: render"), plt.rc_context(RC):
-        # a column wide up to four inits, at most a two-column page width; legend below
-        fig, ax = plt.subplots(figsize=(min(7.0, max(3.4, 0.7 + 0.68 * len(cats))), 2.5))
+        # 0.8 in per init (its tick label fits), at most a two-column page width; legend below
+        cw = min(0.8, 6.1 / len(cats))
+        fw, fh = 0.8 + cw * len(cats) + 0.1, 2.6
+        fig = plt.figure(figsize=(fw, fh))
+        ax = fig.add_axes((0.8 / fw, 0.1, cw * len(cats) / fw, 1.9 / fh))
         _ref_span(ax, cats)
         sel = f[f["init"].isin(cats)]
         losses = _points(ax, study, sel, cats)
@@ -123,7 +128,7 @@ def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: li
         handles += mh
         labels += ml
         ax.set_xticks(range(len(cats)))
-        ax.set_xticklabels([study.display(c) + (f"\n({roles[c]})" if roles.get(c) else "")
+        ax.set_xticklabels([_tick(study.display(c) + (f"\n({roles[c]})" if roles.get(c) else ""))
                             for c in cats], fontsize=6.5, linespacing=1.0)
         ax.set_xlim(-0.6, len(cats) - 0.4)
         ax.grid(axis="x", visible=False)
@@ -136,6 +141,13 @@ def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: li
         ax.set_title(f"{title}\n({_seeds_shown(study, sel)})", fontsize=8)
         legend_below(fig, handles, labels)
         return [csv] + save(fig, out_dir, name, study.note())
+
+
+def _tick(label: str, width: int = 13) -> str:
+    """A category's tick label with every line wrapped to ``width`` characters (0.8 in at
+    6.5 pt), so neighbouring labels never run into each other."""
+    return "\n".join(textwrap.fill(line, width, break_long_words=False, break_on_hyphens=False)
+                     for line in label.split("\n"))
 
 
 def reset(study: Study, out_dir: str, rng, timer) -> list[str]:

@@ -3,6 +3,7 @@ against its threshold) and ``kimg0`` (every seed of every init at kimg 0 and at 
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -38,7 +39,7 @@ def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = N
         with plt.rc_context(RC):
             # fixed inches: claim and rule left, the axes, the verdict right (its own column,
             # in the verdict's colour, so no text sits on an interval)
-            left, width, right, row = 1.25, 1.9, 1.25, 0.3
+            left, width, right, row = 1.5, 1.9, 1.45, 0.3
             fw, fh = left + width + right, 0.95 + row * len(shown)
             fig = plt.figure(figsize=(fw, fh))
             ax = fig.add_axes((left / fw, 0.6 / fh, width / fw, row * len(shown) / fh))
@@ -103,7 +104,7 @@ def kimg0(study: Study, out_dir: str, rng, timer) -> list[str]:
         losses = [lo for lo in study.loss_order if lo in set(d["loss"])]
         with plt.rc_context(RC):
             # inits down the page (one row each), score across: a column wide for any grid
-            fig, ax = plt.subplots(figsize=(4.4, 0.9 + 0.1 * len(cats) * max(2, len(losses))))
+            fig, ax = plt.subplots(figsize=(3.9, 0.9 + 0.1 * len(cats) * max(2.5, len(losses))))
             width = 0.8 / max(1, len(losses))
             for j, loss in enumerate(losses):
                 c = study.palette[loss]
@@ -121,8 +122,9 @@ def kimg0(study: Study, out_dir: str, rng, timer) -> list[str]:
                 ax.set_xscale("log")
             ax.set_xlim(*axis_limits(vals, log))
             ax.set_yticks(range(len(cats)))
-            ax.set_yticklabels([study.display(i).replace("\n+", "+").replace("\n", " ")
-                                for i in cats], fontsize=6.5)
+            ax.set_yticklabels([textwrap.fill(study.display(i).replace("\n+", "+")
+                                              .replace("\n", " "), 24) for i in cats],
+                               fontsize=6.5, linespacing=1.0)
             ax.set_ylim(len(cats) - 0.5, -0.5)
             ax.grid(axis="y", visible=False)
             ax.set_xlabel(_ylabel(study), fontsize=8)

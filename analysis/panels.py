@@ -1,8 +1,6 @@
-"""Pieces every figure shares: axis labels, the right-hand legend, what a title says for the
-seed count at hand, and the reference lines (teacher Heun-35, data floor) with their labels."""
+"""Pieces every figure shares: axis labels, what a title says for the seed count at hand, and
+the reference lines (teacher Heun-35, data floor) with their labels."""
 from __future__ import annotations
-
-import textwrap
 
 import pandas as pd
 

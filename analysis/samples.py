@@ -48,46 +48,55 @@ def samples(study: Study, out_dir: str, timer, root: str) -> list[str]:
         look = {(r.loss, r.init): r for r in s.itertuples(index=False)}
         tiles = {k: decode_samples({"data": r.data, "dtype": r.dtype, "shape": r.shape})
                  for k, r in look.items()}
-        # inits across, wrapped into blocks of at most MAX_ACROSS so the figure stays within a
-        # two-column page width (7 in); tiles about 0.2 in per stored image side, so digits are
-        # legible; toy2d scatters get 1.4 in
+        # inits across (or the losses, where there are fewer inits), wrapped into blocks of at
+        # most MAX_ACROSS so the figure stays within a two-column page width (7 in); tiles
+        # about 0.2 in per stored image side, so digits are legible; toy2d scatters get 1.4 in
+        flip = len(inits) < len(losses) <= MAX_ACROSS
+        rows, cols = (inits, losses) if flip else (losses, inits)
+        if flip:
+            tiles = {(i, lo): v for (lo, i), v in tiles.items()}
+        name = {**{lo: lo.replace(" (", "\n(") for lo in losses},
+                **{i: study.display(i) for i in inits}}
+        ink = {**{lo: study.palette[lo] for lo in losses}, **{i: "#222222" for i in inits}}
         side = max((int(math.isqrt(min(int(t.shape[0]), 64))) for t in tiles.values()
                     if t.ndim == 4), default=0)
-        nblock = math.ceil(len(inits) / MAX_ACROSS)
-        across = math.ceil(len(inits) / nblock)
+        nblock = math.ceil(len(cols) / MAX_ACROSS)
+        across = math.ceil(len(cols) / nblock)
         left, right, bottom, title_h = 0.75, 0.05, 0.05, 0.36
         tile_in = min(1.8 if side else 1.4, 0.2 * side if side else 1.4,
                       (MAX_WIDTH - left - right) / across)
         tile_in = max(tile_in, 0.9)
-        blocks = [inits[b * across:(b + 1) * across] for b in range(nblock)]
-        heads = [0.1 + 0.115 * max(study.display(i).count("\n") + 1 for i in part)
-                 for part in blocks]  # the init names above each block's tiles
+        blocks = [cols[b * across:(b + 1) * across] for b in range(nblock)]
+        heads = [0.1 + 0.115 * max(name[c].count("\n") + 1 for c in part)
+                 for part in blocks]  # the column names above each block's tiles
         fw = left + tile_in * across + right
-        fh = title_h + sum(heads) + nblock * tile_in * len(losses) + (nblock - 1) * 0.08 + bottom
+        fh = title_h + sum(heads) + nblock * tile_in * len(rows) + (nblock - 1) * 0.08 + bottom
         fig = plt.figure(figsize=(fw, fh))
         kimgs = [float(r.kimg) for r in look.values()]
         common = max(set(kimgs), key=kimgs.count)
         y0 = fh - title_h
         for part, head in zip(blocks, heads):
-            y0 -= head + tile_in * len(losses)
+            y0 -= head + tile_in * len(rows)
             ax = fig.add_axes((left / fw, y0 / fh, tile_in * len(part) / fw,
-                               tile_in * len(losses) / fh))
-            _draw_mosaic(ax, {k: v for k, v in tiles.items() if k[1] in part}, losses, part,
-                         study.palette)
+                               tile_in * len(rows) / fh))
+            _draw_mosaic(ax, {k: v for k, v in tiles.items() if k[1] in part}, rows, part,
+                         ink)
             for (loss, init), r in look.items():  # the tile's seed and score (and odd kimg)
-                if init not in part:
+                row, col = (init, loss) if flip else (loss, init)
+                if col not in part:
                     continue
                 at = "" if float(r.kimg) == common else f", {r.kimg:g} kimg"
-                ax.text(part.index(init) + 0.5, losses.index(loss) + 0.93,
+                ax.text(part.index(col) + 0.5, rows.index(row) + 0.93,
                         f"seed {r.seed}: {fmt_num(r.score)}{at}", ha="center", va="center",
                         fontsize=6.5, color="#222222")
             ax.set_xticks(np.arange(len(part)) + 0.5)
-            ax.set_xticklabels([study.display(i) for i in part], fontsize=6.5)
+            ax.set_xticklabels([name[c] for c in part], fontsize=6.5 if not flip else 7.5)
             ax.xaxis.tick_top()
-            ax.set_yticks(np.arange(len(losses)) + 0.46)
-            ax.set_yticklabels([lo.replace(" (", "\n(") for lo in losses], fontsize=7.5)
-            for t, lo in zip(ax.get_yticklabels(), losses):
-                t.set_color(study.palette[lo])
+            ax.set_yticks(np.arange(len(rows)) + 0.46)
+            ax.set_yticklabels([name[r] for r in rows], fontsize=7.5 if not flip else 6.5)
+            for lab, c in list(zip(ax.get_yticklabels(), rows)) + list(
+                    zip(ax.get_xticklabels(), part)):
+                lab.set_color(ink[c])
             ax.tick_params(length=0, pad=1.5)
             for sp in ax.spines.values():
                 sp.set_visible(False)
@@ -105,8 +114,9 @@ MAX_WIDTH = 7.0
 
 
 def _draw_mosaic(ax, tiles: dict, losses: list, inits: list, palette: dict):
-    """All tiles in one axes, unit cell (j, i) per (loss i, init j), y pointing down: images
-    are composed into one canvas (a single imshow), toy2d points into a single scatter."""
+    """All tiles in one axes, unit cell (j, i) per (row ``losses[i]``, column ``inits[j]``), y
+    pointing down: images are composed into one canvas (a single imshow), toy2d points into a
+    single scatter in the row's colour (``palette``)."""
     ax.set_xlim(0, len(inits))
     ax.set_ylim(len(losses), 0)
     ax.set_autoscale_on(False)

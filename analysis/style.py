@@ -272,7 +272,10 @@ def use_log(values) -> bool:
 def save(fig, out_dir: str, name: str, note: str | None = None) -> list[str]:
     """Write ``name.png`` (dpi 150) and ``name.pdf``; ``note`` goes in small text under the axes."""
     os.makedirs(out_dir, exist_ok=True)
-    # the tight box is computed once and reused: one layout pass instead of one per format
+    # the tight box is computed once and reused: one layout pass instead of one per format,
+    # at the PNG's dpi (hinted text is wider at 150 dpi than at 100: a box measured at 100
+    # cut the ends off the outermost labels)
+    fig.set_dpi(150)
     renderer = fig.canvas.get_renderer()
     bbox = fig.get_tightbbox(renderer)
     if note:

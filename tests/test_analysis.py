@@ -83,6 +83,23 @@ def test_every_figure_written(full_run):
         assert os.path.join(out, name) in paths
 
 
+def test_figures_fit_a_two_column_page(full_run):
+    """Every PNG is at most 7 in wide at its 150 dpi (a two-column page width: nothing is shrunk
+    below readable type when placed), and the single-panel ones fit 5 in."""
+    from PIL import Image
+
+    out, paths = full_run
+    widths = {}
+    for p in paths:
+        if p.endswith(".png"):
+            with Image.open(p) as im:
+                widths[os.path.basename(p)[:-4]] = im.size[0] / 150
+    assert set(FIGURES) <= set(widths)
+    assert max(widths.values()) <= 7.0, widths
+    for name in ("forest", "transplant", "kimg0"):
+        assert widths[name] <= 5.0, (name, widths[name])
+
+
 def test_excluded_cells_in_footers(full_run):
     out, _ = full_run
     for doc in ("table.md", "claims.md"):
