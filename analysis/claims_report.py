@@ -185,7 +185,7 @@ def write_claims_kimg(study: Study, out_dir: str, spec: ClaimsSpec | None = None
     pct = {"C1", "C1-best", "C2"}
     with plt.rc_context(RC):
         ncol = min(3, len(show))  # three across: a two-column page width at most
-        fig, axes, _ = panel_grid(len(show), ncol, w=1.65, h=1.25, wgap=0.62, hgap=0.65,
+        fig, axes, _ = panel_grid(len(show), ncol, w=1.65, h=1.25, wgap=0.62, hgap=0.8,
                                   left=0.6, top=0.75)
         for k, (ax, claim) in enumerate(zip(axes, show)):
             d = df[df["claim"] == claim].sort_values("kimg")
@@ -204,7 +204,9 @@ def write_claims_kimg(study: Study, out_dir: str, spec: ClaimsSpec | None = None
             thr = float(d["threshold"].iloc[0]) * scale
             ax.axhline(thr, color="black", ls=(0, (4, 2)), lw=0.9)
             rule = "holds if" + (" below " if d["holds_if"].iloc[0] == "below" else " above ")
-            ax.set_title(f"{claim}: {rule}{thr:g}{'%' if scale == 100 else ''}", fontsize=7.5)
+            title = f"{claim}: {rule}{thr:g}{'%' if scale == 100 else ''}"
+            ax.set_title(title if len(title) <= 30 else title.replace(": ", ":\n", 1),
+                         fontsize=7.5)  # a level's label (student.lr=...) on its own line
             ax.set_xlabel("kimg", fontsize=7)
             ax.set_ylabel("effect" + (" (%)" if scale == 100 else " (share of gap)"), fontsize=7)
             ax.tick_params(labelsize=7)

@@ -32,7 +32,8 @@ from harness.config import ConfigError
 from harness.safefs import prepare_output
 
 from .seeds import seed_summary, seeds_text
-from .style import KIMG_LABEL, RC, axis_limits, fmt_num, panel_grid, save, use_log, write_csv
+from .style import (KIMG_LABEL, RC, axis_limits, fmt_num, log_ticks, panel_grid, save, use_log,
+                    write_csv)
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
@@ -83,7 +84,12 @@ def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
         nr, nc = med.shape
         multi = study.seeds_phrase()[1] > 1
         # cells as wide as a two-column page allows (7 in), at most 0.9 in: each seed's value fits
-        cw, ch, left, bottom, top = min(0.9, 4.4 / max(nc, 1)), 0.42 if multi else 0.3, 1.6, 0.3, 0.75
+        cw, ch, left, bottom, top = min(0.9, 4.4 / max(nc, 1)), 0.3, 1.6, 0.3, 0.75
+        # each seed's value in small type under the median, as many to a line as fit the cell
+        per_line = max(2, int(cw * 72 / (6.2 * 0.55 * 6)))  # ~6 characters a value at 6.2 pt
+        n_max = int(agg["n"].max()) if len(agg) else 1
+        seed_lines = math.ceil(n_max / per_line) if multi else 0
+        ch += 0.11 * seed_lines
         ch = max(ch, 1.5 / max(nr, 1))  # the colour bar (as tall as the rows) fits its label
         top += 0.12 * max(_column_label(lo).count("\n") for lo in study.loss_order)
         fw, fh = left + cw * nc + 1.0, bottom + ch * nr + top
@@ -105,11 +111,15 @@ def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
                     continue
                 r, g, b, _ = mapper.cmap(mapper.norm(m))
                 ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-                ax.text(j + 0.5, i + (0.38 if multi else 0.5), fmt_num(m), ha="center",
+                top_in = 0.16 if multi else ch / 2  # the median's centre, inches below the top
+                ax.text(j + 0.5, i + top_in / ch, fmt_num(m), ha="center",
                         va="center", fontsize=8, color=ink, fontweight="bold")
                 if multi and isinstance(seeds.iat[i, j], str) and ";" in seeds.iat[i, j]:
-                    ax.text(j + 0.5, i + 0.75, seeds_text(seeds.iat[i, j], " · "),
-                            ha="center", va="center", fontsize=6.2, color=ink)
+                    each = seeds_text(seeds.iat[i, j], ";").split(";")
+                    text = "\n".join(" · ".join(each[k:k + per_line])
+                                     for k in range(0, len(each), per_line))
+                    ax.text(j + 0.5, i + (0.29 + ch) / 2 / ch, text, ha="center", va="center",
+                            fontsize=6.2, color=ink, linespacing=1.1)
         ax.set_facecolor("#eeeeee")
         ax.grid(False)
         ax.set_yticklabels([textwrap.fill(study.display(t.get_text()).replace("\n+", "+")
@@ -172,6 +182,7 @@ def curves(study: Study, out_dir: str, rng, timer) -> list[str]:
             ax.set_autoscale_on(False)
             if log:
                 ax.set_yscale("log")
+                log_ticks(ax.yaxis, *ylim)
             ax.set_xlim(*xlim)
             ax.set_ylim(*ylim)
             sub = study.scores[study.scores["init"] == init]

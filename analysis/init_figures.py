@@ -9,7 +9,8 @@ import textwrap
 import numpy as np
 import pandas as pd
 
-from .style import RC, SIGMA_LABEL, axis_limits, legend_below, save, use_log, write_csv
+from .style import (RC, SIGMA_LABEL, axis_limits, legend_below, log_ticks, save, use_log,
+                    write_csv)
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
@@ -137,6 +138,7 @@ def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: li
         log = use_log(vals)
         if log:
             ax.set_yscale("log")
+            log_ticks(ax.yaxis, *axis_limits(vals, log))
         ax.set_ylim(*axis_limits(vals, log))
         ax.set_title(f"{title}\n({_seeds_shown(study, sel)})", fontsize=8)
         legend_below(fig, handles, labels)

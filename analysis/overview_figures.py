@@ -10,7 +10,7 @@ import pandas as pd
 
 from harness.claims_spec import ClaimsSpec
 
-from .style import RC, axis_limits, save, use_log, write_csv
+from .style import RC, axis_limits, legend_below, log_ticks, save, use_log, write_csv
 
 import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
@@ -120,6 +120,7 @@ def kimg0(study: Study, out_dir: str, rng, timer) -> list[str]:
             log = use_log(vals)
             if log:
                 ax.set_xscale("log")
+                log_ticks(ax.xaxis, *axis_limits(vals, log))
             ax.set_xlim(*axis_limits(vals, log))
             ax.set_yticks(range(len(cats)))
             ax.set_yticklabels([textwrap.fill(study.display(i).replace("\n+", "+")
@@ -135,7 +136,6 @@ def kimg0(study: Study, out_dir: str, rng, timer) -> list[str]:
             handles += [Line2D([], [], marker="o", color=study.palette[lo], lw=0.7)
                         for lo in losses]
             labels += [f"final, {lo}" for lo in losses]
-            fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2,
-                       frameon=False, fontsize=7, title="a line joins one seed's two scores",
-                       title_fontsize=7)
+            legend_below(fig, handles, labels, ncol=2,
+                         title="a line joins one seed's two scores")
             return [csv] + save(fig, out_dir, "kimg0", study.note())

@@ -339,6 +339,18 @@ def legend_below(fig, handles, labels, ncol: int | None = None, fontsize: float 
                borderaxespad=0.0)
 
 
+def log_ticks(axis, lo: float, hi: float) -> None:
+    """Plain-number ticks on a log ``axis`` (``ax.yaxis``): 1, 2, 5 per decade over at most
+    three decades, else the decades; no minor labels (matplotlib's ``6x10^0`` minor labels
+    overlap on a short axis)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    wide = lo > 0 and hi / lo > 1000
+    axis.set_major_locator(LogLocator(subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def write_csv(df, out_dir: str, name: str) -> str:
     """``<name>.data.csv``: the figure's aggregated data, floats to 6 significant digits."""
     os.makedirs(out_dir, exist_ok=True)
