@@ -57,6 +57,14 @@ def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = N
                         color=VERDICT_INK.get(c.verdict.split(" (")[0], "#333333"))
             ax.axvline(0, color="#999999", lw=0.8)
             ax.set_xscale("symlog", linthresh=100)
+            ax.margins(x=0.08)  # an estimate at the edge stays whole
+            lo_x, hi_x = ax.get_xlim()
+            if max(abs(lo_x), abs(hi_x)) <= 100:  # all in the linear part: plain ticks
+                from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+                ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+                ax.xaxis.set_minor_locator(MaxNLocator(nbins=5))
             ax.set_yticks(ys)
             ax.set_yticklabels([f"{c.name}\nholds if {'<' if c.holds_if == 'below' else '>'}"
                                 f"{100 * c.threshold:g}%" for c in shown], fontsize=7,
