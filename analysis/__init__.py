@@ -2,7 +2,7 @@
 
 Entry points: ``analysis.figures.make_all`` (every figure), ``analysis.report.write_report``
 (the study page) and ``analysis.open_study`` (frames and claims for a notebook). Reads results
-only through ``harness.results`` and labels through ``harness.config``; never imports torch or Ray.
+only through ``harness.store.results`` and labels through ``harness.declare.config``; never imports torch or Ray.
 """
 from .notebook import StudyResults, open_study
 

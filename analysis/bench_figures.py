@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.results import ROWS, SAMPLES, load_rows
+from harness.store.results import ROWS, SAMPLES, load_rows
 
 LOSSES = ["di", "sid", "ratio_kl", "ratio_js", "ratio_rkl"]
 INITS = [("teacher", "teacher", None, None), ("random", "random", None, None),
@@ -73,7 +73,7 @@ def build(root: str, n_rows: int = 1_000_000, seeds: int = 20, lrs=(1e-5, 3e-5, 
         "reset_groups": pa.array(np.array([x[2] for x in INITS], dtype=object)[init_i]),
         "sigma_feat": pa.array(np.array([np.nan if x[3] is None else x[3] for x in INITS])[init_i],
                                from_pandas=True),
-        # the typed columns of harness.config.cell_params (reinit matched for every reset and
+        # the typed columns of harness.declare.config.cell_params (reinit matched for every reset and
         # transplant, reset_output false for transplants)
         "loss_family": pa.array(np.array(["ratio" if lo.startswith("ratio_") else lo
                                           for lo in LOSSES], dtype=object)[loss_i]),

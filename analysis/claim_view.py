@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from harness.claims_spec import ClaimsSpec
+from harness.declare.claims_spec import ClaimsSpec
 
 from .claims import claim_results
 from .claims_report import rule_of, statement_of

@@ -5,7 +5,7 @@ Public API (stable; figures, reports and ``harness run`` read claims only throug
 
     claim_results(study, spec=None, rows=None, final=None, kimg=None) -> list[ClaimResult]
 
-``study`` is ``analysis.data.load_study``'s; ``spec`` the study's ``harness.claims_spec.
+``study`` is ``analysis.data.load_study``'s; ``spec`` the study's ``harness.declare.claims_spec.
 ClaimsSpec`` (thresholds, C1's declared pair, alpha, pooled axes, seeds plan; default: the
 declared defaults); ``rows`` the stored rows (for C4, the verifier); ``final`` a frame like
 ``study.final`` (default), e.g. the scores at one kimg (``kimg`` is then recorded). Every
@@ -29,8 +29,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from harness.claims_spec import ClaimsSpec
-from harness.config import TEACHER_SCORE_FAMILIES
+from harness.declare.claims_spec import ClaimsSpec
+from harness.declare.config import TEACHER_SCORE_FAMILIES
 
 from .claims_base import METHOD_SIMULTANEOUS, NOT_TESTED, ClaimResult, Groups, finish
 from .claims_c3 import c3, c3c, c3d, c3e, reset_claim

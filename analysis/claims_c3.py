@@ -9,7 +9,7 @@ import itertools
 
 import numpy as np
 
-from harness.config import GROUPS
+from harness.declare.config import GROUPS
 
 from .claims_base import (METHOD_SIMULTANEOUS, NOT_JUDGED, NOT_TESTED, ClaimResult, Groups,
                           abs_ratio, extreme, finish)

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from harness.claims_spec import ClaimsSpec
+from harness.declare.claims_spec import ClaimsSpec
 
 from .claims import RULES, SEEDS_RULE, STATEMENTS, ClaimResult, claim_results
 from .data import Study

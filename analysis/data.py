@@ -5,7 +5,7 @@ final status, orphaned cells (not in ``pin.json``'s ``current``), extra grid axe
 loss label, per-cell final scores, and the reference values (teacher Heun-35, data floor, initial
 one-step generator). Only cells that are ``done`` and current enter ``scores``/``final``; the rest
 are ``excluded``. Loss and init parameters are read from their typed result columns
-(``harness.config.param_columns``), never parsed from labels; rows stored before those columns
+(``harness.declare.config.param_columns``), never parsed from labels; rows stored before those columns
 existed get ``loss_family``/``init_scheme`` from ``derive_legacy_families`` and nothing else.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from harness.config import INIT_SCHEMES, ConfigError, param_columns
-from harness.results import ROWS, cell_status, load_rows, read_bytes
+from harness.declare.config import INIT_SCHEMES, ConfigError, param_columns
+from harness.store.results import ROWS, cell_status, load_rows, read_bytes
 
 from .grid_axes import axis_levels, extra_axis_labels
 from .protocol import FLOOR_NAMES, ProtocolChoice, select_protocol
@@ -200,7 +200,7 @@ class Study:
 def load_pin(root: str) -> set | None:
     """pin.json's ``current`` cells (None without a pin file or a ``current`` list). A corrupt
     or hand-broken file is a ``PinError`` naming it and the fix (exit 2), not a traceback."""
-    from harness.pin import PinError
+    from harness.declare.hashing import PinError
 
     raw = read_bytes(root, "pin.json")
     if raw is None:

@@ -27,9 +27,9 @@ from contextlib import contextmanager
 import numpy as np
 import pandas as pd
 
-from harness.claims_spec import ClaimsSpec
-from harness.config import ConfigError
-from harness.safefs import prepare_output
+from harness.declare.claims_spec import ClaimsSpec
+from harness.declare.config import ConfigError
+from harness.base.safefs import prepare_output
 
 from .seeds import seed_summary, seeds_text
 from .style import (KIMG_LABEL, RC, axis_limits, fmt_num, log_ticks, panel_grid, save, use_log,
@@ -281,12 +281,12 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
              claims: ClaimsSpec | None = None) -> list[str]:
     """Write every figure and table for the results under ``root``; return the paths.
 
-    ``only``: one of OUTPUTS (anything else raises ``harness.config.ConfigError``, a ValueError
+    ``only``: one of OUTPUTS (anything else raises ``harness.declare.config.ConfigError``, a ValueError
     naming the valid outputs, which the CLI reports with exit code 2). ``metric``: the primary
     metric (default: first fid_inception_*, fd_*, mmd_*). ``seed``: bootstrap seed.
     ``timings``: list to receive (step, seconds). ``rows``: an already loaded
     ``load_rows(root)`` frame (skips loading). ``claims``: the study's claims declaration
-    (``harness.claims_spec.ClaimsSpec``: thresholds, C1's (score-free, teacher-score) pair,
+    (``harness.declare.claims_spec.ClaimsSpec``: thresholds, C1's (score-free, teacher-score) pair,
     alpha, pooled axes, seeds plan; default: the declared defaults); a pair missing from the
     results leaves C1 not tested, saying why.
     """
@@ -305,7 +305,7 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
     prepare_output(root if default_out else os.path.dirname(os.path.abspath(out_dir)), out_dir)
     timer = Timer(timings)
     if rows is None:
-        from harness.results import load_rows
+        from harness.store.results import load_rows
 
         rows = load_rows(root)
     if only == "tuning":  # right after `harness tune`: no done cell needed

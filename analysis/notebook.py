@@ -18,10 +18,10 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from harness.claims_spec import ClaimsSpec
-from harness.config import ConfigError
-from harness.results import load_rows, read_bytes
-from harness.study import load_study as load_study_file
+from harness.declare.claims_spec import ClaimsSpec
+from harness.declare.config import ConfigError
+from harness.store.results import load_rows, read_bytes
+from harness.declare.study import load_study as load_study_file
 
 from .claim_view import Claim, claims_frame, judged_claims
 from .data import Study, load_study
@@ -124,7 +124,7 @@ def open_study(root: str, metric: str | None = None,
     ``metric``: the primary metric (default: the figures' choice, first fid_inception_*, fd_*,
     mmd_*). ``claims``: the study's claims declaration, as the study YAML's path (its
     ``claims:`` section is read) or a ``ClaimsSpec``; None: the default claims. A root with no
-    result rows or no quality metric raises ``harness.config.ConfigError`` saying so.
+    result rows or no quality metric raises ``harness.declare.config.ConfigError`` saying so.
     """
     if isinstance(claims, str):
         claims = load_study_file(claims).claims

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pandas as pd
 
-from harness.claims_spec import ClaimsSpec
+from harness.declare.claims_spec import ClaimsSpec
 
 from .style import RC, axis_limits, legend_below, log_ticks, save, use_log, write_csv
 

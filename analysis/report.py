@@ -18,8 +18,8 @@ import json
 import os
 import tempfile
 
-from harness.claims_spec import ClaimsSpec
-from harness.results import write_bytes_atomic
+from harness.declare.claims_spec import ClaimsSpec
+from harness.store.results import write_bytes_atomic
 
 from .claim_view import Claim
 from .figures import OUTPUTS, make_all

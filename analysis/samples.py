@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from harness.results import decode_samples, load_samples
+from harness.store.results import decode_samples, load_samples
 
 from .data import Study, ordered
 from .style import RC, fmt_num, save, write_csv

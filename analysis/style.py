@@ -20,7 +20,7 @@ import matplotlib.colors as mcolors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
-from harness.safefs import write_inside  # noqa: E402
+from harness.base.safefs import write_inside  # noqa: E402
 
 # Known loss families, in display order, with fixed colours (seaborn "colorblind" hues).
 # Teacher-score families are blue/green, score-free (ratio) family members warm colours.
@@ -183,7 +183,7 @@ def display_init(label: str, info: dict | None = None) -> str:
             out += f"\n+reset output ({get('reinit') or 'matched'})"
         return out
     if scheme == "mapping_match":
-        from harness.config import INIT_SCHEMES
+        from harness.declare.config import INIT_SCHEMES
 
         extras = [f"{name}={_nn(info.get(p.column or name)):g}"
                   for name, p in INIT_SCHEMES["mapping_match"].items()

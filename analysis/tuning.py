@@ -6,7 +6,7 @@ seed at the full budget) filled, trials the scheduler stopped (or that diverged)
 last evaluated value, the chosen trial as a red star; x is logarithmic for log-scale
 distributions (loguniform, qloguniform, lograndint). ``tuning.data.csv`` holds the table.
 Everything comes from ``pin.json``'s ``tuned`` entry and the rows with status ``tuning``
-(``harness.tuning.trial_table``, the same code that selected). No torch, no Ray.
+(``harness.store.tuning.trial_table``, the same code that selected). No torch, no Ray.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from harness.results import read_bytes
-from harness.tuning import SELECTION_RULE, trial_table
+from harness.store.results import read_bytes
+from harness.store.tuning import SELECTION_RULE, trial_table
 
 from .style import (RC, axis_limits, fmt_num, legend_below, loss_sort_key, panel_grid, save,
                     use_log, write_csv)
@@ -92,7 +92,7 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
     if tuned is None:
         return []
     if rows is None:
-        from harness.results import load_rows
+        from harness.store.results import load_rows
 
         rows = load_rows(root)
     table = tuning_table(rows, tuned)

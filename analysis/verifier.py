@@ -1,7 +1,7 @@
 """The ratio verifier (draw n candidates per kept sample, keep one by the ratio net's
 estimate): score vs candidates per kept sample, and claim C4.
 
-Reads result rows only (a DataFrame as ``harness.results.load_rows`` returns; no torch). The
+Reads result rows only (a DataFrame as ``harness.store.results.load_rows`` returns; no torch). The
 verifier rows are written at a cell's final evaluation under ``<metric>@<mode><n>`` (for example
 ``fd_digits_1k@resample4``); n = 1 carries the plain one-step score of the same samples.
 
@@ -251,11 +251,11 @@ def claim_c4(df: pd.DataFrame, metric: str | None = None, mode: str | None = Non
     Returns an ``analysis.claims_base.ClaimResult``: effect = the worst family's relative
     shortfall of n=4 against n=1 (< 0: improvement), each family's a Fieller interval of the
     seed-paired ratio (``analysis.stats``), the worst from their simultaneous (Bonferroni)
-    intervals; threshold and direction from ``spec`` (``harness.claims_spec``), error rate
+    intervals; threshold and direction from ``spec`` (``harness.declare.claims_spec``), error rate
     ``alpha`` (default ``spec.alpha``), seeds restricted to ``seeds`` (None: all). The statement
     and rule are STATEMENT_C4 / RULE_C4.
     """
-    from harness.claims_spec import ClaimsSpec
+    from harness.declare.claims_spec import ClaimsSpec
 
     from .claims_base import METHOD_SIMULTANEOUS, NOT_TESTED, ClaimResult, extreme, finish
     from .stats import fieller

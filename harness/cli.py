@@ -29,26 +29,26 @@ EXIT_USAGE = 2
 
 def _user_errors() -> tuple[type, ...]:
     """Exceptions that mean "bad input": reported in one paragraph with exit code 2."""
-    from .config import ConfigError
-    from .data import DataError
-    from .environment import EnvError
-    from .gpu_check import AcceptError
-    from .lock import LockedError
-    from .pin import PinError
-    from .plan import PlanError
-    from .results import RootError
-    from .safefs import UnsafePathError
+    from harness.declare.config import ConfigError
+    from harness.core.data import DataError
+    from harness.store.environment import EnvError
+    from harness.orchestrate.gpu_check import AcceptError
+    from harness.store.lock import LockedError
+    from harness.declare.hashing import PinError
+    from harness.orchestrate.plan import PlanError
+    from harness.store.results import RootError
+    from harness.base.safefs import UnsafePathError
 
     return (ConfigError, DataError, EnvError, FileNotFoundError, PinError, PlanError, LockedError,
             RootError, AcceptError, UnsafePathError)
 
 
 def _torch_errors() -> tuple[type, ...]:
-    from .inits import InitError
-    from .metrics import MetricsError
-    from .nets import ArchError
-    from .edm_import import EDMImportError
-    from .io import CheckpointError
+    from harness.core.inits import InitError
+    from harness.core.metrics import MetricsError
+    from harness.core.nets import ArchError
+    from harness.core.edm_import import EDMImportError
+    from harness.core.io import CheckpointError
 
     return (InitError, ArchError, CheckpointError, MetricsError, EDMImportError)
 
@@ -70,14 +70,14 @@ def _fail(message: str) -> int:
 def _parse_value(text: str, source: str = "a command-line value"):
     """A ``--set``/``--loss``/``--init`` value, read by the study file's own YAML reader (the
     same refusals: anchors and aliases, deep nesting, huge values, control characters)."""
-    from .study_yaml import read_yaml
+    from harness.declare.study_yaml import read_yaml
 
     return read_yaml(text, source)[0]
 
 
 def _overrides(pairs: list[str]) -> dict:
     """``--set student.lr=3e-4`` -> {'student': {'lr': 0.0003}}."""
-    from .config import ConfigError
+    from harness.declare.config import ConfigError
 
     out: dict = {}
     for pair in pairs or []:
@@ -93,8 +93,8 @@ def _overrides(pairs: list[str]) -> dict:
 def _check_override(section: str, name: str, value):
     """Type and range of a ``--set`` value, by the schema study files use (unknown keys are
     left to ``resolve_cell``)."""
-    from .config import DEFAULTS
-    from .settings import check_value
+    from harness.declare.config import DEFAULTS
+    from harness.declare.settings import check_value
 
     if not isinstance(DEFAULTS.get(section), dict) or name not in DEFAULTS[section]:
         return value
@@ -104,14 +104,14 @@ def _check_override(section: str, name: str, value):
 def _one_cell(spec: dict) -> dict:
     """The config of the one cell that ``spec`` (options and --set, as study-file sections)
     names, validated like a study file (``study.study_from_mapping``)."""
-    from .study import study_from_mapping
+    from harness.declare.study import study_from_mapping
 
     (cell,) = study_from_mapping({"study": "adhoc", **spec}).cells
     return cell.config
 
 
 def cmd_teacher(args) -> int:
-    from .cell import pick_device, prepare
+    from harness.orchestrate.cell import pick_device, prepare
 
     spec = _overrides(args.set)
     spec["data"] = {"name": args.data, **({"path": args.data_path} if args.data_path else {}),
@@ -127,9 +127,9 @@ def cmd_teacher(args) -> int:
 
 
 def cmd_cell(args) -> int:
-    from .cell import run_cell
-    from .data import from_config
-    from .pin import cell_id
+    from harness.orchestrate.cell import run_cell
+    from harness.core.data import from_config
+    from harness.declare.hashing import cell_id
 
     spec = _overrides(args.set)
     spec["data"] = {"name": args.data, **({"path": args.data_path} if args.data_path else {}),
@@ -146,16 +146,16 @@ def cmd_cell(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .sweep import run_study
+    from harness.orchestrate.sweep import run_study
 
     return run_study(args.study, results=args.results, address=args.address,
                      dry_run=args.dry_run, device=args.device, overrides=_overrides(args.set))
 
 
 def cmd_rescore(args) -> int:
-    from .rescore import rescore_study
+    from harness.orchestrate.rescore import rescore_study
 
-    from .config import ConfigError
+    from harness.declare.config import ConfigError
 
     overrides = _overrides(args.set or [])
     unknown = sorted(set(overrides) - {"eval"})
@@ -167,7 +167,7 @@ def cmd_rescore(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .sweep import study_status
+    from harness.orchestrate.sweep import study_status
 
     print(study_status(args.study, results=args.results, overrides=_overrides(args.set)))
     return 0
@@ -176,7 +176,7 @@ def cmd_status(args) -> int:
 def cmd_figures(args) -> int:
     from analysis.figures import make_all
 
-    from .study import load_study
+    from harness.declare.study import load_study
 
     study = load_study(args.study)
     root = args.results or study.results_root
@@ -188,7 +188,7 @@ def cmd_figures(args) -> int:
 def cmd_report(args) -> int:
     from analysis.report import write_report
 
-    from .study import load_study
+    from harness.declare.study import load_study
 
     study = load_study(args.study)
     root = args.results or study.results_root
@@ -200,9 +200,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_compact(args) -> int:
-    from .lock import acquire_lock
-    from .results import compact
-    from .study import load_study
+    from harness.store.lock import acquire_lock
+    from harness.store.results import compact
+    from harness.declare.study import load_study
 
     root = args.results or load_study(args.study).results_root
     with acquire_lock(root):
@@ -213,9 +213,9 @@ def cmd_compact(args) -> int:
 
 def _check_cache(args):
     """Refuse an object-store cache before anything starts (``results.cache_folder``)."""
-    from .results import cache_folder
+    from harness.store.results import cache_folder
 
-    from .results import cache_for
+    from harness.store.results import cache_for
 
     if getattr(args, "cache", None):
         args.cache = cache_folder(args.cache, "--cache (default $HARNESS_CACHE)")
@@ -226,7 +226,7 @@ def _check_cache(args):
 
 
 def cmd_bench(args) -> int:
-    from .bench import main as bench_main
+    from harness.orchestrate.bench import main as bench_main
 
     return bench_main(args)
 
@@ -282,7 +282,7 @@ def parser() -> argparse.ArgumentParser:
     add_study_set(sp)
     sp.set_defaults(func=cmd_run)
 
-    from .tuning import add_parser as add_tune_parser  # harness tune (harness.tuning)
+    from harness.store.tuning import add_parser as add_tune_parser  # harness tune (harness.store.tuning)
 
     add_tune_parser(sub)
 
@@ -332,9 +332,9 @@ def parser() -> argparse.ArgumentParser:
                     "a row as soon as it is measured")
     sp.set_defaults(func=cmd_bench)
 
-    from .environment import add_parser as add_env_parser  # harness env (harness.environment)
-    from .gpu_check import add_parser as add_gpu_parser  # harness accept-gpu (harness.gpu_check)
-    from .plan import add_parser as add_plan_parser  # harness plan (harness.plan)
+    from harness.store.environment import add_parser as add_env_parser  # harness env (harness.store.environment)
+    from harness.orchestrate.gpu_check import add_parser as add_gpu_parser  # harness accept-gpu (harness.orchestrate.gpu_check)
+    from harness.orchestrate.plan import add_parser as add_plan_parser  # harness plan (harness.orchestrate.plan)
 
     add_env_parser(sub)
     add_plan_parser(sub)

@@ -8,8 +8,9 @@ import time
 import pytest
 import torch
 
-from harness import data, teacher as teachers
-from harness.config import resolve_cell
+from harness.core import data
+from harness.orchestrate import teacher as teachers
+from harness.declare.config import resolve_cell
 
 TOY_TEACHER = {"kimg": 12, "batch": 128, "lr": 2e-3, "ema_halflife_kimg": 1}
 

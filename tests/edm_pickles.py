@@ -1,4 +1,4 @@
-"""EDM-format pickles written by our own code (no NVIDIA code): fixtures for harness.edm_import.
+"""EDM-format pickles written by our own code (no NVIDIA code): fixtures for harness.core.edm_import.
 
 EDM's ``torch_utils.persistence`` pickles a decorated object as
 ``_reconstruct_persistent_obj(meta)`` with ``meta = {type: 'class', version: 6, module_src,
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.nets.ddpmpp import Block, Conv, DDPMpp, PositionalEmbedding
+from harness.core.nets.ddpmpp import Block, Conv, DDPMpp, PositionalEmbedding
 
 # the module source a persistent record carries; the loader must never run it: running it
 # creates the file named by MARKER_ENV

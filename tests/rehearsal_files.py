@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from edm_pickles import write_snapshot  # noqa: E402
-from harness.nets import ddpmpp_settings  # noqa: E402
-from harness.nets.ddpmpp import DDPMpp  # noqa: E402
+from harness.core.nets import ddpmpp_settings  # noqa: E402
+from harness.core.nets.ddpmpp import DDPMpp  # noqa: E402
 
 CIFAR = "cifar-10-batches-py"
 TEACHER = "edm-rehearsal-32x32-uncond.pkl"

@@ -28,7 +28,7 @@ import sys
 import pandas as pd
 import pytest
 
-from harness.results import cell_status, load_rows, write_rows
+from harness.store.results import cell_status, load_rows, write_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "results_small")
@@ -123,7 +123,7 @@ def test_study_note_and_status():
     note = study.note()
     for reason in EXCLUDED.values():
         assert f"1 {reason}" in note
-    # the fast status path agrees with harness.results.cell_status on the full rows
+    # the fast status path agrees with harness.store.results.cell_status on the full rows
     full = cell_status(load_rows(FIXTURE))
     assert dict(zip(study.cells.cell, study.cells.status)) == full
     # the orphan's value (5.0) would otherwise be di/teacher's best
@@ -258,7 +258,7 @@ def test_toy2d_store(tmp_path):
     import numpy as np
 
     from analysis.figures import make_all
-    from harness.results import write_samples
+    from harness.store.results import write_samples
 
     root = str(tmp_path / "toy")
     rows = []
@@ -303,7 +303,7 @@ def test_fixed_pair_interval_is_the_pairs_own():
 
     from analysis.claims import claim_results
     from analysis.stats import fieller
-    from harness.claims_spec import ClaimsSpec
+    from harness.declare.claims_spec import ClaimsSpec
 
     study = _study()
     c1 = {x.claim: x for x in claim_results(study)}["C1"]
@@ -393,7 +393,7 @@ def test_protocol_selection_leaves_other_protocols_out(full_run):
 def test_verifier_metrics_stay_out(tmp_path):
     """``<metric>@<mode><n>`` rows are verifier scores: never the primary metric."""
     from analysis.data import choose_metric
-    from harness.config import ConfigError
+    from harness.declare.config import ConfigError
 
     counts = pd.Series({"fd_digits_1k@resample4": 100, "fd_digits_1k": 10, "img_per_s": 5})
     assert choose_metric(counts) == "fd_digits_1k"

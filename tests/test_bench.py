@@ -1,7 +1,7 @@
 """harness bench: the perf and packing rows run end to end (CPU here; CUDA uses the same code)."""
 import pytest
 
-from harness import bench
+from harness.orchestrate import bench
 
 from test_cli import cli
 

@@ -128,7 +128,7 @@ def loopback_cluster():
 
 
 def _rows(root):
-    from harness import results
+    from harness.store import results
 
     df = results.load_rows(root)
     return df, df[df.status != "reference"]
@@ -136,7 +136,7 @@ def _rows(root):
 
 @pytest.mark.slow
 def test_cifar10_study_end_to_end_on_a_loopback_cluster_with_s3(s3, loopback_cluster, tmp_path):
-    from harness import results
+    from harness.store import results
 
     address, workers, env = loopback_cluster
     files = write_all(str(tmp_path / "files"), channels=CHANNELS, per_batch=16)

@@ -1,6 +1,6 @@
 """The claims engine on the small fixture store: one declaration with study overrides, claims
 within each level of other grid axes (never averaged across them unless pooled), no verdict at
-kimg 0, and the round-by-round replay that seeds on demand runs on (``harness.rounds``)."""
+kimg 0, and the round-by-round replay that seeds on demand runs on (``harness.orchestrate.rounds``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +13,8 @@ import pytest
 
 from analysis.claims import NOT_AT_ZERO, claim_results, open_claims
 from analysis.data import load_study
-from harness.claims_spec import ClaimsSpec, SeedPlan
-from harness.study import parse_study
+from harness.declare.claims_spec import ClaimsSpec, SeedPlan
+from harness.declare.study import parse_study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "results_small")
@@ -115,7 +115,7 @@ def test_rounds_replay_decides_or_opens_each_claim(study):
 def test_dry_run_and_status_show_the_cap_and_the_claims(tmp_path, capsys):
     """A study with a seeds plan: the dry run gives the most it can cost (every group at the
     cap) and `harness status` the plan and the claims' state; nothing is written."""
-    from harness.sweep import run_study, study_status
+    from harness.orchestrate.sweep import run_study, study_status
 
     path = tmp_path / "s.yaml"
     path.write_text("study: capped\ndata: {name: toy2d}\nteacher: {kimg: 4}\n"

@@ -12,7 +12,7 @@ import pytest
 
 from analysis.bootstrap import percentiles
 from analysis.stats import abs_interval, decide, fieller, look_alphas, seeds_to_decide, spent
-from harness.claims_spec import SeedPlan
+from harness.declare.claims_spec import SeedPlan
 
 
 def paired(rng, m, n, means, sd, rho):

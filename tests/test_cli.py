@@ -17,8 +17,9 @@ import textwrap
 
 import pytest
 
-from harness import pin as pins, results
-from harness.lock import acquire_lock
+from harness.declare import hashing
+from harness.store import pins, results
+from harness.store.lock import acquire_lock
 
 HERE = pathlib.Path(__file__).parent
 BAD_FILES = sorted((HERE / "studies_bad").glob("*.yaml"))
@@ -53,13 +54,13 @@ def write_study(folder: pathlib.Path, name: str, extra: str = "") -> pathlib.Pat
 
 def fake_rows(study_path, root, states: dict[int, str]):
     """Rows for cell index -> status (done, running, failed, diverged); returns the cell ids."""
-    from harness.status import fingerprints
-    from harness.study import load_study
+    from harness.orchestrate.status import fingerprints
+    from harness.declare.study import load_study
 
     study = load_study(str(study_path))
     fp, _ = fingerprints(study)
     pins.pin_study(study, str(root), fp)
-    ids = [cid for cid, *_ in pins.compute_ids(study, fp)]
+    ids = [cid for cid, *_ in hashing.compute_ids(study, fp)]
     rows = []
     for i, status in states.items():
         for kimg, st in ((0.0, "running"), (1.0, status)):
@@ -73,8 +74,9 @@ def fake_rows(study_path, root, states: dict[int, str]):
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory) -> pathlib.Path:
     """The toy teacher, trained once per test session (shared with tests/test_sweep.py)."""
-    from harness import data, teacher
-    from harness.config import resolve_cell
+    from harness.core import data
+    from harness.orchestrate import teacher
+    from harness.declare.config import resolve_cell
 
     folder = tmp_path_factory.getbasetemp() / "harness-cache"
     cfg = resolve_cell({"data": {"name": "toy2d"}, "teacher": {"kimg": 4}})
@@ -125,8 +127,8 @@ def test_cell_user_errors(args, words, tmp_path):
 
 def test_cell_corrupt_checkpoint(tmp_path, cache):
     out = tmp_path / "out"
-    from harness.data import load
-    from harness.pin import cell_id
+    from harness.core.data import load
+    from harness.declare.hashing import cell_id
 
     cfg = {"data": {"name": "toy2d"}, "teacher": {"kimg": 4}, "student": {"kimg": 0.5},
            "eval": {"n": 200}}

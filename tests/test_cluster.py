@@ -1,4 +1,4 @@
-"""Cluster scale: teachers as Ray tasks, data-parallel cells through Ray Train (harness.parallel).
+"""Cluster scale: teachers as Ray tasks, data-parallel cells through Ray Train (harness.core.parallel).
 
     python -m pytest tests/test_cluster.py -q                # fast tier: no Ray
     python -m pytest -m slow tests/test_cluster.py -q -x    # Ray tasks, Ray Train, SIGKILLs
@@ -31,15 +31,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import data, nets, results, teacher as teachers
-from harness.config import resolve_cell
-from harness.diffusion import Denoiser
-from harness.parallel import ParallelError, Shard, _RankRows
-from harness.pin import cell_id, teacher_id
-from harness.status import read_teacher_status, teacher_state
-from harness.study import StudyError, parse_study
-from harness.sweep import study_status
-from harness.train import build_student, train_student
+from harness.core import data, nets
+from harness.store import results
+from harness.orchestrate import teacher as teachers
+from harness.declare.config import resolve_cell
+from harness.core.diffusion import Denoiser
+from harness.core.parallel import ParallelError, Shard, _RankRows
+from harness.declare.hashing import cell_id, teacher_id
+from harness.orchestrate.status import read_teacher_status, teacher_state
+from harness.declare.study import StudyError, parse_study
+from harness.orchestrate.sweep import study_status
+from harness.core.train import build_student, train_student
 
 from conftest import reap_ray, toy_cfg
 
@@ -161,7 +163,7 @@ def test_teacher_status_file_and_status_lines(tmp_path, monkeypatch):
 
 
 def test_cache_note_on_a_multi_node_cluster(tmp_path, monkeypatch):
-    from harness import sweep
+    from harness.orchestrate import sweep
 
     assert sweep.cache_note(str(tmp_path), nodes=1) is None
     note = sweep.cache_note(str(tmp_path), nodes=3)  # /tmp: a local filesystem here
@@ -251,7 +253,7 @@ def test_two_workers_match_one_and_resume_exactly(toy_teacher, toy_cache, tmp_pa
     1-worker cell with batch B, after k steps (10 for toy2d, 4 for the unet-xs image net).
 
     Why it can match at all: each rank draws exactly its rows of the single worker's batch
-    (latents, data indices, noise levels, noises: see harness.parallel), and every network is
+    (latents, data indices, noise levels, noises: see harness.core.parallel), and every network is
     per-sample (GroupNorm in UNet/DDPM++, LayerNorm in the MLP; no BatchNorm anywhere), so a
     rank's forward pass is the single worker's on its rows, and the mean of the two ranks' mean
     losses is the global mean loss.
@@ -428,7 +430,7 @@ def test_two_teachers_train_in_parallel(tmp_path, local_ray, capsys, monkeypatch
     whose training intervals (status.json: started_at .. finished_at) overlap."""
     cache = str(tmp_path / "cache")
     monkeypatch.setenv("HARNESS_CACHE", cache)
-    from harness.sweep import run_study
+    from harness.orchestrate.sweep import run_study
 
     study = write_study(tmp_path, "two", "grid: {teacher.seed: [0, 1]}\n", kimg=0.128,
                         teacher_kimg=40)
@@ -453,7 +455,7 @@ def _dp_cell(cfg, root, cache, ckpt, *, out, tag, kill_after=None, **kw):
     SIGKILLs rank 1's process once, 6 s after its report at that kimg (Ray Train's controller
     collects reports every 2 s: a worker dead sooner can take that report's checkpoint with it,
     and the retry then resumes, still exactly, from the one before)."""
-    from harness.cell import run_cell
+    from harness.orchestrate.cell import run_cell
 
     shard = kw.get("shard") or Shard()
     if shard.lead:
@@ -483,7 +485,7 @@ def test_data_parallel_cell_through_ray_train(tmp_path, local_ray, capsys, monke
     test_two_workers_match_one_and_resume_exactly (2% of k * lr, k = 24 steps here), and after
     one of its workers is SIGKILLed at kimg 1 the retried trial resumes from rank 0's Train
     checkpoint and ends bit-identical to the uninterrupted 2-worker run."""
-    from harness.sweep import run_study
+    from harness.orchestrate.sweep import run_study
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     out = str(tmp_path)

@@ -1,4 +1,4 @@
-"""harness.nets.ddpmpp: EDM's DDPM++ (SongUNet) by name, shape, count and output.
+"""harness.core.nets.ddpmpp: EDM's DDPM++ (SongUNet) by name, shape, count and output.
 
 The reference numbers below were measured once with NVIDIA's own code (NVlabs/edm,
 ``training/networks.py``, fetched to a scratch folder outside this repository; it is CC BY-NC-SA
@@ -20,11 +20,11 @@ import math
 import pytest
 import torch
 
-from harness import nets
-from harness.config import GROUPS
-from harness.diffusion import Denoiser
-from harness.inits import init_aux
-from harness.nets.ddpmpp import CIFAR10, DDPMpp
+from harness.core import nets
+from harness.declare.config import GROUPS
+from harness.core.diffusion import Denoiser
+from harness.core.inits import init_aux
+from harness.core.nets.ddpmpp import CIFAR10, DDPMpp
 
 # (label_dim, augment_dim) -> (parameters, state-dict tensors, names+shapes digest), NVIDIA's code
 NVIDIA = {

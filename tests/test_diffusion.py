@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from harness import diffusion as D
+from harness.core import diffusion as D
 
 
 @pytest.mark.parametrize("sd", [0.5, 1.3])

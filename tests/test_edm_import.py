@@ -1,4 +1,4 @@
-"""harness.edm_import: EDM pickles read without executing anything from them.
+"""harness.core.edm_import: EDM pickles read without executing anything from them.
 
 The fixtures are written by our own code in EDM's format (``edm_pickles``). Parity with a
 pickle written by NVIDIA's own ``torch_utils.persistence`` was shown once outside the repository
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from edm_pickles import MODULE_SRC, SMALL, c_noise, small_net, write_snapshot
-from harness.diffusion import Denoiser
-from harness.edm_ddpmpp import build_ddpmpp, ddpmpp_settings, model_state
-from harness.edm_import import EDMImportError, load_edm_pickle
+from harness.core.diffusion import Denoiser
+from harness.core.edm_ddpmpp import build_ddpmpp, ddpmpp_settings, model_state
+from harness.core.edm_import import EDMImportError, load_edm_pickle
 
 
 @pytest.fixture(autouse=True)
@@ -225,7 +225,7 @@ def test_strict_loading_reports_mismatch(tmp_path):
 @pytest.fixture
 def small_harness_ddpmpp(monkeypatch):
     """The harness's ddpmpp at the fixture's small settings (the real one is 56M parameters)."""
-    from harness import nets
+    from harness.core import nets
 
     small = {"model_channels": 16, "channel_mult": (1, 2), "channel_mult_emb": 4,
              "num_blocks": 1, "attn_resolutions": (4,), "dropout": 0.13}
@@ -236,15 +236,15 @@ def small_harness_ddpmpp(monkeypatch):
 def _dataset(shape=(3, 8, 8), sigma_data=0.5):
     import numpy as np
 
-    from harness.data import Dataset
+    from harness.core.data import Dataset
 
     return Dataset("fake", np.zeros((4, *shape), np.float32), None, sigma_data)
 
 
 def test_load_imported_teacher(tmp_path, marker, small_harness_ddpmpp):
-    from harness import nets
-    from harness.inits import init_aux
-    from harness.teacher import load_imported
+    from harness.core import nets
+    from harness.core.inits import init_aux
+    from harness.orchestrate.teacher import load_imported
 
     net = small_net()
     path = tmp_path / "edm-uncond.pkl"
@@ -269,7 +269,7 @@ def test_load_imported_teacher(tmp_path, marker, small_harness_ddpmpp):
                                          ("sigma", "sigma_data"),
                                          ("width", "model_channels=32")])
 def test_load_imported_refuses(tmp_path, small_harness_ddpmpp, case, match):
-    from harness.teacher import load_imported
+    from harness.orchestrate.teacher import load_imported
 
     path = tmp_path / "t.pkl"
     label_dim = 10 if case == "cond" else 0
@@ -286,7 +286,7 @@ def test_load_imported_refuses(tmp_path, small_harness_ddpmpp, case, match):
 
 
 def _small_ddpmpp(**over):
-    from harness.nets.ddpmpp import DDPMpp
+    from harness.core.nets.ddpmpp import DDPMpp
 
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in SMALL.items()}
     return DDPMpp(**{**kw, **over})
@@ -295,9 +295,9 @@ def _small_ddpmpp(**over):
 def test_teacher_channels_imports_a_narrower_ddpmpp(tmp_path, small_harness_ddpmpp):
     """``teacher.channels`` (a CPU rehearsal's narrow teacher) is the one architecture knob: the
     pickle's model_channels must equal it, and generator and aux nets are built at that width."""
-    from harness import nets
-    from harness.config import ConfigError, resolve_cell
-    from harness.teacher import load_imported
+    from harness.core import nets
+    from harness.declare.config import ConfigError, resolve_cell
+    from harness.orchestrate.teacher import load_imported
 
     net = _small_ddpmpp(model_channels=32)
     path = tmp_path / "narrow.pkl"

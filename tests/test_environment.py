@@ -11,7 +11,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from harness import environment, results
+from harness.store import environment, results
 
 from test_cli import cli, fake_rows, write_study
 

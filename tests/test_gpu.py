@@ -3,10 +3,10 @@ fp32, peak memory and images/s reach the results, and a CUDA checkpoint resumes 
 import pytest
 import torch
 
-from harness import bench
-from harness.cell import run_cell
-from harness.config import resolve_cell
-from harness.results import load_rows
+from harness.orchestrate import bench
+from harness.orchestrate.cell import run_cell
+from harness.declare.config import resolve_cell
+from harness.store.results import load_rows
 
 from test_perf import SHAPE, _image_cfg, _train_image
 

@@ -1,4 +1,4 @@
-"""``harness accept-gpu`` (harness.gpu_check): refused without CUDA (exit 2, nothing run); its
+"""``harness accept-gpu`` (harness.orchestrate.gpu_check): refused without CUDA (exit 2, nothing run); its
 parts checked on the CPU: the cifar10-shaped cell's step, the parsing of pytest's and the
 bench's output, the table and its verdict."""
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import gpu_check
-from harness.config import resolve_cell
+from harness.orchestrate import gpu_check
+from harness.declare.config import resolve_cell
 
 from test_cli import cli
 

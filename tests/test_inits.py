@@ -3,10 +3,10 @@ matched re-initialization, mapping_match, source teachers, and the gradient at s
 import pytest
 import torch
 
-from harness import inits, nets
-from harness.config import GROUPS, resolve_init
-from harness.diffusion import Denoiser, OneStepGenerator
-from harness.train import build_student
+from harness.core import inits, nets
+from harness.declare.config import GROUPS, resolve_init
+from harness.core.diffusion import Denoiser, OneStepGenerator
+from harness.core.train import build_student
 
 SHAPE = (1, 8, 8)
 

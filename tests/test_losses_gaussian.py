@@ -21,8 +21,8 @@ import math
 import pytest
 import torch
 
-import harness.losses as losses
-from harness.config import resolve_loss
+from harness.core import losses
+from harness.declare.config import resolve_loss
 from gaussian_oracle import (
     DT, denoiser_oracle, fisher, gh2, js_gh, js_grid, kl_pq, kl_qp, logratio_oracle, raising,
 )

@@ -1,11 +1,11 @@
-"""harness.metrics: protocol-carrying names, FD sanity, extractor cache, toy metrics (SPEC §6)."""
+"""harness.core.metrics: protocol-carrying names, FD sanity, extractor cache, toy metrics (SPEC §6)."""
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from harness import data, metrics
+from harness.core import data, metrics
 
 EPOCHS = 10  # fewer than the default (it enters the cache key, so tests never share its cache)
 
@@ -35,7 +35,7 @@ def _subset(x, n, seed):
 def test_n_tag_and_to_uint8():
     assert [metrics.n_tag(n) for n in (1000, 2000, 500, 50000, 1500)] == ["1k", "2k", "500", "50k", "1500"]
     u8 = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
-    x = torch.from_numpy(u8.astype(np.float32) / 127.5 - 1.0)  # how harness.data scales images
+    x = torch.from_numpy(u8.astype(np.float32) / 127.5 - 1.0)  # how harness.core.data scales images
     assert torch.equal(metrics.to_uint8(x), torch.from_numpy(u8))  # exact round trip
     assert metrics.to_uint8(torch.tensor([-2.0, 2.0])).tolist() == [0, 255]
 

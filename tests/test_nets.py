@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from harness import nets
-from harness.config import GROUPS
+from harness.core import nets
+from harness.declare.config import GROUPS
 
 ARCHS = [("mlp", (2,)), ("unet-xs", (1, 8, 8)), ("unet-s", (1, 32, 32))]
 

@@ -1,13 +1,13 @@
-"""harness.perf: precision flags, channels_last and torch.compile run the same step as eager
+"""harness.core.perf: precision flags, channels_last and torch.compile run the same step as eager
 fp32 (to float rounding), keep checkpoints portable, and stay out of the cell id."""
 import pytest
 import torch
 
-from harness import nets, perf
-from harness.config import resolve_cell
-from harness.diffusion import Denoiser
-from harness.pin import cell_id
-from harness.train import CheckpointError, train_student
+from harness.core import nets, perf
+from harness.declare.config import resolve_cell
+from harness.core.diffusion import Denoiser
+from harness.declare.hashing import cell_id
+from harness.core.train import CheckpointError, train_student
 
 from conftest import toy_cfg
 
@@ -116,7 +116,7 @@ def test_compile_trains_the_same_and_saves_plain_state_dicts(toy_teacher, tmp_pa
 
 
 def test_teacher_precision_enters_the_ids_only_away_from_fp32():
-    from harness.pin import teacher_id
+    from harness.declare.hashing import teacher_id
 
     base = _image_cfg()
     bf16 = resolve_cell({**base, "teacher": {**base["teacher"], "precision": "bf16"}})

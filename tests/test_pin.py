@@ -10,10 +10,13 @@ import textwrap
 
 import pytest
 
-from harness import __version__, pin as pins, results
-from harness.lock import LockedError, acquire_lock
-from harness.pin import PinError, canonical_json, cell_id, identity, pin_study, read_pin, teacher_id
-from harness.study import parse_study
+from harness import __version__
+from harness.declare import hashing
+from harness.store import pins, results
+from harness.store.lock import LockedError, acquire_lock
+from harness.declare.hashing import PinError, canonical_json, cell_id, identity, teacher_id
+from harness.store.pins import pin_study, read_pin
+from harness.declare.study import parse_study
 
 FP = "0123456789abcdef"
 
@@ -260,9 +263,9 @@ def test_lock_of_another_host_is_respected(tmp_path):
 def test_study_and_pin_import_no_torch_or_ray(tmp_path):
     code = textwrap.dedent(f"""
         import sys
-        from harness.study import parse_study, describe
-        from harness.lock import acquire_lock
-        from harness.pin import pin_study
+        from harness.declare.study import parse_study, describe
+        from harness.store.lock import acquire_lock
+        from harness.store.pins import pin_study
         s = parse_study({BASE!r})
         describe(s)
         with acquire_lock({str(tmp_path)!r}):
@@ -281,7 +284,7 @@ def test_imported_teacher_id_is_its_file_content(tmp_path):
     import hashlib
     import shutil
 
-    from harness.config import ConfigError
+    from harness.declare.config import ConfigError
 
     a = tmp_path / "a.pkl"
     a.write_bytes(b"not really a pickle, only its bytes are hashed here")
@@ -291,9 +294,9 @@ def test_imported_teacher_id_is_its_file_content(tmp_path):
     sha = hashlib.sha256(a.read_bytes()).hexdigest()
     cfg = {"data": {"name": "digits"}, "teacher": {"arch": "ddpmpp", "import": str(a)}}
     moved = {**cfg, "teacher": {"arch": "ddpmpp", "import": str(b)}}
-    assert pins.teacher_id(cfg, "fp") == pins.teacher_id(moved, "fp") == "t-" + sha[:12]
-    assert pins.cell_id(cfg, "fp") == pins.cell_id(moved, "fp")
+    assert hashing.teacher_id(cfg, "fp") == hashing.teacher_id(moved, "fp") == "t-" + sha[:12]
+    assert hashing.cell_id(cfg, "fp") == hashing.cell_id(moved, "fp")
     with pytest.raises(ConfigError, match="teacher.arch: ddpmpp"):
-        pins.teacher_id({**cfg, "teacher": {"import": str(a)}}, "fp")
+        hashing.teacher_id({**cfg, "teacher": {"import": str(a)}}, "fp")
     with pytest.raises(ConfigError, match="does not exist"):
-        pins.teacher_id({**cfg, "teacher": {"arch": "ddpmpp", "import": str(tmp_path / "x")}}, "fp")
+        hashing.teacher_id({**cfg, "teacher": {"arch": "ddpmpp", "import": str(tmp_path / "x")}}, "fp")

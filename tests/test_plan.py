@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
-from harness import results, warmup
-from harness.config import resolve_cell
-from harness.pin import teacher_id
-from harness.plan import schedule
-from harness.status import fingerprints
-from harness.study import load_study
+from harness.store import results
+from harness.orchestrate import warmup
+from harness.declare.config import resolve_cell
+from harness.declare.hashing import teacher_id
+from harness.orchestrate.plan import schedule
+from harness.orchestrate.status import fingerprints
+from harness.declare.study import load_study
 
 from test_cli import cli, fake_rows, write_study
 
@@ -150,7 +151,7 @@ def test_time_cell_runs_the_real_step_on_digits():
                                   '{"cells": {KEY: {"img_per_s": -1}}, "teachers": []}',
                                   '{"cells": {KEY: {"img_per_s": 100}}, "teachers": {}}'])
 def test_status_ignores_a_plan_it_cannot_read(tmp_path, plan):
-    from harness.throughput import cell_key
+    from harness.orchestrate.throughput import cell_key
 
     study = write_study(tmp_path, "junk", "grid: {seed: [0]}\n")
     root = tmp_path / "r"

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.results import load_rows, write_rows
+from harness.store.results import load_rows, write_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -88,7 +88,7 @@ def test_claims_objects_carry_the_claims_md_numbers():
 
 def test_open_study_refuses_an_empty_root(tmp_path):
     import analysis
-    from harness.config import ConfigError
+    from harness.declare.config import ConfigError
 
     with pytest.raises(ConfigError, match="no result rows"):
         analysis.open_study(str(tmp_path))

@@ -2,10 +2,12 @@
 import numpy as np
 import torch
 
-from harness import data, metrics, pin, results
-from harness.cell import run_cell
-from harness.rescore import rescore_study
-from harness.study import load_study
+from harness.core import data, metrics
+from harness.declare import hashing
+from harness.store import pins as pin, results
+from harness.orchestrate.cell import run_cell
+from harness.orchestrate.rescore import rescore_study
+from harness.declare.study import load_study
 
 STUDY = """study: rs
 data: {name: digits}

@@ -2,7 +2,7 @@
 import numpy as np
 import pandas as pd
 
-from harness import results
+from harness.store import results
 
 
 def _row(cell, kimg, value, status="running"):

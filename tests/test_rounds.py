@@ -11,10 +11,12 @@ import pathlib
 
 import pytest
 
-from harness import pin as pins, results, rounds
-from harness.status import fingerprints
-from harness.study import load_study
-from harness.sweep import run_study, study_status
+from harness.declare import hashing
+from harness.store import pins, results
+from harness.orchestrate import rounds
+from harness.orchestrate.status import fingerprints
+from harness.declare.study import load_study
+from harness.orchestrate.sweep import run_study, study_status
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +33,7 @@ grid:
 
 
 def _ids(study, cells, fp) -> set:
-    return {cid for cid, *_ in pins.compute_ids(rounds.with_cells(study, cells), fp)}
+    return {cid for cid, *_ in hashing.compute_ids(rounds.with_cells(study, cells), fp)}
 
 
 def test_rounds_add_seeds_to_open_claims_only(tmp_path, study_cache, monkeypatch, capsys):
@@ -53,7 +55,7 @@ def test_rounds_add_seeds_to_open_claims_only(tmp_path, study_cache, monkeypatch
     hand = pathlib.Path(tmp_path) / "hand.yaml"
     hand.write_text(TOY.replace("  init: [teacher, random]\n",
                                 "  init: [teacher, random]\n  seed: [0, 1, 2]\n"))
-    hand_ids = {cid: c for cid, c, *_ in pins.compute_ids(load_study(str(hand)), fp)}
+    hand_ids = {cid: c for cid, c, *_ in hashing.compute_ids(load_study(str(hand)), fp)}
     assert stored <= set(hand_ids)
     # round 2 ran seed 2 for the teacher-init groups only: those of the open claims
     added = {c for c in stored if hand_ids[c].config["seed"] == 2}

@@ -25,8 +25,8 @@ pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
 from conftest import reap_ray
-from harness import lock as locks, results  # noqa: E402
-from harness.lock import LockedError, acquire_lock  # noqa: E402
+from harness.store import lock as locks, results  # noqa: E402
+from harness.store.lock import LockedError, acquire_lock  # noqa: E402
 
 BUCKET = "harness-test"
 
@@ -229,7 +229,8 @@ def test_s3_cache_is_refused_with_exit_2(tmp_path):
 
 
 def test_tensorboard_event_files_are_uploaded_to_s3(s3):
-    from harness import tracking
+    from harness.declare import tracking_spec
+    from harness.store import tracking
 
     root = f"s3://{BUCKET}/tb-up"
     t = tracking.open_trackers({}, root, "st", "c0ffee", {"a": 1}, {"seed": 0})
@@ -257,10 +258,11 @@ def test_killed_run_on_s3_resumes_and_matches_a_local_run(s3, tmp_path):
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from harness import pin as pins
-    from harness.progress import checkpoint_files
-    from harness.status import cell_states, fingerprints
-    from harness.study import load_study
+    from harness.declare import hashing
+    from harness.store import pins
+    from harness.orchestrate.progress import checkpoint_files
+    from harness.orchestrate.status import cell_states, fingerprints
+    from harness.declare.study import load_study
 
     study = write_study(tmp_path, "s3kill")
     root = f"s3://{BUCKET}/s3kill"
@@ -270,7 +272,7 @@ def test_killed_run_on_s3_resumes_and_matches_a_local_run(s3, tmp_path):
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "harness.cli", "run", study, "--results", root]
     s = load_study(study)
-    ids = [cid for cid, *_ in pins.compute_ids(s, fingerprints(s)[0])]
+    ids = [cid for cid, *_ in hashing.compute_ids(s, fingerprints(s)[0])]
 
     # 1. run until one cell is done and another has a checkpoint on S3, then SIGKILL the driver
     with open(tmp_path / "first.log", "w") as log:

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from harness import data, metrics
-from harness.metrics.extractor import SHIPPED, SHIPPED_DIR, DomainNet, load_shipped_extractor
+from harness.core import data, metrics
+from harness.core.metrics.extractor import SHIPPED, SHIPPED_DIR, DomainNet, load_shipped_extractor
 
 # Features of the first 4 held-out images, summed over the 128 dimensions, as recorded when the
-# weights were shipped (python -m harness.metrics.ship on the development machine).
+# weights were shipped (python -m harness.core.metrics.ship on the development machine).
 RECORDED = {"digits": [58.33902062475681, 74.64938183454797, 67.53594028949738, 61.45159048400819],
             "mnist5k": [90.19554063677788, 90.3193919621408, 96.76203346252441, 81.31395129859447]}
 
@@ -28,7 +28,7 @@ def test_shipped_weights_load_match_their_hash_and_features(name):
 def test_a_changed_shipped_file_is_refused(tmp_path, monkeypatch):
     import shutil
 
-    from harness.metrics import extractor
+    from harness.core.metrics import extractor
 
     folder = tmp_path / "weights"
     folder.mkdir()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.study import load_study
+from harness.declare.study import load_study
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
@@ -39,10 +39,11 @@ COMMITTED = sorted(p.parent.name for p in (STUDIES.parent / "results").glob("*/p
 def test_committed_results_keep_their_cell_ids(name):
     """Settings added since the results were stored (execution-only ones, teacher.precision at
     fp32) must not orphan them: the study's ids today are exactly the pinned current ones."""
-    from harness.data import from_config
-    from harness.pin import compute_ids, read_pin
+    from harness.core.data import from_config
+    from harness.declare.hashing import compute_ids
+    from harness.store.pins import read_pin
 
-    from harness.tuning import apply_pinned
+    from harness.store.tuning import apply_pinned
 
     root = str(STUDIES.parent / "results" / name)
     study = apply_pinned(load_study(str(STUDIES / f"{name}.yaml")), root)  # tuned values, if any

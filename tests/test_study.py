@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from harness import config
-from harness.study import Study, StudyError, describe, load_study, parse_study
+from harness.declare import config
+from harness.declare.study import Study, StudyError, describe, load_study, parse_study
 
 BAD = pathlib.Path(__file__).parent / "studies_bad"
 BAD_FILES = sorted(BAD.glob("*.yaml"))

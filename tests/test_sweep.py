@@ -1,4 +1,4 @@
-"""The Ray Tune sweep (harness.sweep) end to end on tiny toy2d studies; all marked slow.
+"""The Ray Tune sweep (harness.orchestrate.sweep) end to end on tiny toy2d studies; all marked slow.
 
     python -m pytest -m slow tests/test_sweep.py -q -x
 
@@ -26,11 +26,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import reap_ray
-from harness import pin as pins, results
-from harness.status import cell_states, fingerprints
-from harness.study import load_study
-from harness.progress import checkpoint_files
-from harness.sweep import run_study, study_status
+from harness.declare import hashing
+from harness.store import pins, results
+from harness.orchestrate.status import cell_states, fingerprints
+from harness.declare.study import load_study
+from harness.orchestrate.progress import checkpoint_files
+from harness.orchestrate.sweep import run_study, study_status
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,7 @@ def write_study(folder, name, extra, kimg=2):
 def ids_of(path):
     study = load_study(path)
     fp, _ = fingerprints(study)
-    return [cid for cid, *_ in pins.compute_ids(study, fp)], study
+    return [cid for cid, *_ in hashing.compute_ids(study, fp)], study
 
 
 def raw_rows(root):
@@ -72,7 +73,7 @@ def flaky_cell(cfg, root, cache, ckpt, *, attempts, fail_seed, fail_lr=None, aft
                once=False, **kw):
     """run_cell, except that the chosen cell raises at its first evaluation at kimg >=
     ``after_kimg`` (every attempt, or only the first with ``once``); attempts are logged."""
-    from harness.cell import run_cell
+    from harness.orchestrate.cell import run_cell
 
     chosen = cfg["seed"] == fail_seed and fail_lr in (None, cfg["student"]["lr"])
     if chosen:
@@ -92,7 +93,7 @@ def flaky_cell(cfg, root, cache, ckpt, *, attempts, fail_seed, fail_lr=None, aft
 
 def slow_cell(cfg, root, cache, ckpt, *, delay, **kw):
     """run_cell with a pause after each evaluation, so a node can be removed mid-cell."""
-    from harness.cell import run_cell
+    from harness.orchestrate.cell import run_cell
 
     report = kw.pop("on_eval")
 

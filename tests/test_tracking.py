@@ -1,4 +1,4 @@
-"""Trackers (harness.tracking): the study setting, TensorBoard event files, MLflow runs, and
+"""Trackers (harness.store.tracking): the study setting, TensorBoard event files, MLflow runs, and
 that a failing tracker never fails a cell. Default tier; MLflow parts skip without mlflow.
 
     python -m pytest -q tests/test_tracking.py
@@ -14,8 +14,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from harness import pin as pins, tracking
-from harness.study import StudyError, parse_study
+from harness.declare import hashing, tracking_spec
+from harness.store import pins, tracking
+from harness.declare.study import StudyError, parse_study
 
 from conftest import toy_cfg
 
@@ -75,7 +76,7 @@ def test_tracking_setting_defaults_and_is_not_in_cell_ids():
                           "{uri: 'http://127.0.0.1:5000', experiment: abl}}\n")
     assert tracked.tracking == {"tensorboard": False,
                                 "mlflow": {"uri": "http://127.0.0.1:5000", "experiment": "abl"}}
-    ids = lambda s: [pins.cell_id(c.config, "fp") for c in s.cells]  # noqa: E731
+    ids = lambda s: [hashing.cell_id(c.config, "fp") for c in s.cells]  # noqa: E731
     assert ids(plain) == ids(tracked)
     assert parse_study(textwrap.dedent(STUDY) + "tracking: {mlflow: {uri: databricks}}\n") \
         .tracking["mlflow"] == {"uri": "databricks", "experiment": None}
@@ -186,8 +187,8 @@ def test_cell_with_trackers_and_an_unreachable_mlflow(toy_teacher, toy_cache, tm
                                                        monkeypatch):
     """run_cell feeds TensorBoard the stored rows; an MLflow server that is down costs one line
     (or the extra is missing: one line too) and the cell is done all the same."""
-    from harness import results
-    from harness.cell import run_cell
+    from harness.store import results
+    from harness.orchestrate.cell import run_cell
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     root, lines = str(tmp_path / "res"), []
@@ -245,8 +246,8 @@ def test_mlflow_one_run_per_cell_across_resumes(tmp_path, monkeypatch):
     experiment = client.get_experiment_by_name("st")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["harness.cell"] == "c0ffee" and run.data.tags["harness.study"] == "st"
-    assert run.data.tags["harness.status"] == "done"
+    assert run.data.tags["harness.orchestrate.cell"] == "c0ffee" and run.data.tags["harness.declare.study"] == "st"
+    assert run.data.tags["harness.orchestrate.status"] == "done"
     assert run.data.params["student.lr"] == "0.0001" and run.data.params["grid"] == "[1, 2]"
     history = client.get_metric_history(run.info.run_id, "mmd_toy2d_1k")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (500, 0.25)]

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from harness import metrics
-from harness.cell import run_cell
-from harness.diffusion import Denoiser
-from harness.nets import group_of
-from harness.results import load_rows
-from harness.train import CheckpointError, train_student
+from harness.core import metrics
+from harness.orchestrate.cell import run_cell
+from harness.core.diffusion import Denoiser
+from harness.core.nets import group_of
+from harness.store.results import load_rows
+from harness.core.train import CheckpointError, train_student
 
 from conftest import toy_cfg
 
@@ -157,8 +157,8 @@ def test_freeze_keeps_the_teachers_values_in_the_frozen_groups(toy_teacher, tmp_
 
 
 def test_freeze_is_validated_and_named():
-    from harness.config import ConfigError, init_label, resolve_init
-    from harness.schema import GROUPS
+    from harness.declare.config import ConfigError, init_label, resolve_init
+    from harness.declare.schema import GROUPS
     init = resolve_init({"name": "teacher", "freeze": ["middle", "encoder"]})
     assert init == {"name": "teacher", "freeze": ["encoder", "middle"]}
     assert init_label(init) == "teacher[freeze encoder+middle]"

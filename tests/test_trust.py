@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import pytest
 
-from harness import data
+from harness.core import data
 
 
 class Payload:
@@ -60,7 +60,7 @@ def test_fidelity_feature_cache_is_never_unpickled(tmp_path):
     import torch
     import torch_fidelity
 
-    from harness import metrics
+    from harness.core import metrics
 
     digits = data.load("digits")
     cache = tmp_path / "cache"
@@ -103,7 +103,7 @@ def _tiny_npz(tmp_path):
 
 
 def test_hostile_inception_weights_run_no_code(tmp_path):
-    from harness import metrics
+    from harness.core import metrics
 
     ds = _tiny_npz(tmp_path)
     marker = tmp_path / "ran"
@@ -119,7 +119,7 @@ def test_inception_weights_are_handed_to_fidelity_as_tensors(tmp_path):
     """About a minute on 2 busy CPU cores (InceptionV3 at 299x299)."""
     import torch
 
-    from harness import metrics
+    from harness.core import metrics
 
     ds = _tiny_npz(tmp_path)
     good = tmp_path / "inception.pth"
@@ -133,7 +133,7 @@ def test_inception_weights_are_handed_to_fidelity_as_tensors(tmp_path):
 def test_ray_state_restores_only_when_its_ledger_verifies(tmp_path, monkeypatch):
     """The ledger signs each version of Ray's state files with the user's own key: a planted
     or changed file, or a folder whose ledger was made with another key, does not verify."""
-    from harness import signed
+    from harness.store import signed
 
     monkeypatch.setenv("HARNESS_KEY_FILE", str(tmp_path / "key"))
     where = tmp_path / "tune" / "exp"
@@ -185,7 +185,7 @@ class _PastStorage:
 def test_hostile_edm_pickles_are_refused_within_bounds(tmp_path):
     import resource
 
-    from harness.edm_import import EDMImportError, load_edm_pickle
+    from harness.core.edm_import import EDMImportError, load_edm_pickle
 
     good = _edm(tmp_path, "good.pkl")
     state, _ = load_edm_pickle(str(good))
@@ -292,7 +292,7 @@ def test_truncated_parquet_part_is_quarantined(tmp_path, capsys):
     import glob
     import shutil
 
-    from harness import results
+    from harness.store import results
     from harness.cli import main
 
     root = tmp_path / "root"
@@ -319,7 +319,7 @@ def test_stale_lock_with_a_reused_pid_is_taken_over(tmp_path, capsys):
     import json
     import socket
 
-    from harness import lock
+    from harness.store import lock
 
     root = tmp_path / "root"
     root.mkdir()
@@ -344,7 +344,7 @@ def test_stale_lock_with_a_reused_pid_is_taken_over(tmp_path, capsys):
         with pytest.raises(lock.LockedError, match=f"process {me} on host"):
             lock.acquire_lock(str(root))  # the live holder, named truly
     (tmp_path / "file").write_text("x")
-    from harness.results import RootError
+    from harness.store.results import RootError
 
     with pytest.raises(RootError, match="is a file, not a folder"):
         lock.acquire_lock(str(tmp_path / "file"))
@@ -374,8 +374,8 @@ def test_bit_flipped_checkpoint_is_reported_and_skipped(tmp_path, capsys):
     import pyarrow.fs as pafs
     import torch
 
-    from harness import io as hio
-    from harness.trainables import _resume_into
+    from harness.core import io as hio
+    from harness.orchestrate.trainables import _resume_into
 
     storage = tmp_path / "ray"
     older, newer = storage / "a" / "cell.pt", storage / "b" / "cell.pt"
@@ -443,7 +443,7 @@ def test_study_file_and_command_line_values_are_bounded(tmp_path):
     # --set values go through the study file's reader (what `harness cell --set` calls before
     # anything else; StudyError is one of the CLI's user errors: exit 2)
     from harness.cli import _overrides, _user_errors
-    from harness.study_yaml import StudyError
+    from harness.declare.study_yaml import StudyError
 
     assert issubclass(StudyError, _user_errors())
     marker = tmp_path / "ran"

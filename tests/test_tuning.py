@@ -1,4 +1,4 @@
-"""``tune:`` sections and ``harness tune`` (harness.tuning, harness.tune_run, analysis.tuning).
+"""``tune:`` sections and ``harness tune`` (harness.store.tuning, harness.orchestrate.tune_run, analysis.tuning).
 
     python -m pytest -q tests/test_tuning.py                 # fast: validation, selection, apply
     python -m pytest -q -m slow tests/test_tuning.py         # Ray: tune then run, kill/resume
@@ -25,9 +25,11 @@ import types
 
 import pytest
 
-from harness import cli, pin as pins, results, tune_spec, tuning
-from harness.status import fingerprints
-from harness.study import StudyError, load_study
+from harness import cli
+from harness.declare import hashing, tune_spec
+from harness.store import pins, results, tuning
+from harness.orchestrate.status import fingerprints
+from harness.declare.study import StudyError, load_study
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -282,7 +284,7 @@ def _pin_choice(study, root, lrs: dict):
 def _ids(study):
     fp, _ = fingerprints(study)
     return {c.config["loss"]["name"] + str(c.config["seed"]): cid
-            for cid, c, *_ in pins.compute_ids(study, fp)}
+            for cid, c, *_ in hashing.compute_ids(study, fp)}
 
 
 def test_chosen_values_reach_cells_and_ids_and_run_refuses_without(tmp_path, capsys):
@@ -388,8 +390,8 @@ def own_ray(cache, monkeypatch):
 
 @pytest.mark.slow
 def test_tune_same_trials_per_family_then_run_uses_the_choice(tmp_path, own_ray, capsys):
-    from harness.sweep import run_study
-    from harness.tune_run import tune_study
+    from harness.orchestrate.sweep import run_study
+    from harness.orchestrate.tune_run import tune_study
 
     path = toy(tmp_path, name="tr", kimg=0.5, trials=3, tkimg=1, scheduler="asha")
     path = write(tmp_path, open(path).read().replace("seed: [0, 1]", "seed: [0]"), "tr.yaml")
@@ -431,7 +433,7 @@ def test_tune_same_trials_per_family_then_run_uses_the_choice(tmp_path, own_ray,
 
 
 def test_pinned_family_trial_weights_are_deleted(tmp_path):
-    from harness.tune_run import _drop_trial_weights
+    from harness.orchestrate.tune_run import _drop_trial_weights
 
     exp = tmp_path / "tune" / "exp"
     keep = []

@@ -1,4 +1,4 @@
-"""The density-ratio network as a verifier (issue 16): harness.verifier and analysis.verifier.
+"""The density-ratio network as a verifier (issue 16): harness.core.verifier and analysis.verifier.
 
 Default tier: each test takes seconds on one CPU thread.
 """
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from harness import data as datasets, metrics, nets, verifier
-from harness.diffusion import Denoiser
-from harness.train import build_student, load_checkpoint, train_student
+from harness.core import data as datasets, metrics, nets, verifier
+from harness.core.diffusion import Denoiser
+from harness.core.train import build_student, load_checkpoint, train_student
 
 from conftest import toy_cfg
 

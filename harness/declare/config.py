@@ -1,0 +1,380 @@
+"""The resolved-config model every layer shares: defaults, loss and init schemas, labels.
+
+Pure Python (no torch, no Ray) so that a study validates instantly. A *cell config* is a plain
+nested dict with exactly the sections of ``DEFAULTS``; ``loss`` and ``init`` are resolved to
+canonical form (every parameter explicit), which is what cell ids hash (see ``pin.py``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+from harness.declare import schema
+from harness.declare.schema import ARCHS, DATASETS, GROUPS, PRECISIONS  # noqa: F401 (re-exported)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a loss family or init scheme: default, type and allowed values."""
+
+    default: object = None  # None with required=True: the user must give it
+    kind: type = float  # float | int | str | bool | list (of ``of``) | dict (a teacher section)
+    choices: tuple | None = None
+    positive: bool = False
+    required: bool = False
+    of: tuple | None = None  # for kind=list: allowed items
+    hi: float | None = None  # upper bound (inclusive) for float and int
+    omit_default: bool = False  # added after ids were stored: left out of the canonical form
+    # (and so of ids and labels) at its default, which reproduces what those ids computed
+    column: str | None = None  # its typed column in result rows (default: the name)
+
+
+# Registered loss names -> (family, fixed parameters). A short name such as ``ratio_kl`` is the
+# ``ratio`` family with ``divergence`` fixed; it resolves to the same canonical config.
+LOSS_FAMILIES = {
+    "di": {"weighting": Param("dmd", str, choices=("dmd", "sigma2"))},
+    "sid": {"alpha": Param(1.2, float, hi=100.0)},
+    "ratio": {
+        "divergence": Param("kl", str, choices=("kl", "js", "rkl")),
+        "sigma": Param("schedule", str, choices=("schedule", "fixed"), column="ratio_sigma"),
+    },
+}
+LOSS_NAMES = {
+    "di": ("di", {}),
+    "sid": ("sid", {}),
+    "ratio": ("ratio", {}),
+    "ratio_kl": ("ratio", {"divergence": "kl"}),
+    "ratio_js": ("ratio", {"divergence": "js"}),
+    "ratio_rkl": ("ratio", {"divergence": "rkl"}),
+}
+TEACHER_SCORE_FAMILIES = ("di", "sid")
+
+REINITS = ("matched", "fresh")
+INIT_SCHEMES = {  # SPEC §4; the functions are registered in harness.core.inits
+    # source: a partial teacher section naming another teacher whose weights start the generator
+    "teacher": {"source": Param(None, dict, omit_default=True, column="init_source"),
+                # groups that keep the teacher's values and get no updates: which weights the
+                # generator needs to change (freezing the features and training the ends asks
+                # whether the teacher's features carry the benefit)
+                "freeze": Param(None, list, of=GROUPS, omit_default=True, column="freeze_groups")},
+    "random": {},
+    "reset_layers": {"groups": Param(None, list, required=True, of=GROUPS, column="reset_groups"),
+                     "reinit": Param("matched", str, choices=REINITS)},
+    "feature_transplant": {"sigma_feat": Param(None, float, required=True, positive=True, hi=1e3),
+                           "reset_output": Param(False, bool),
+                           "reinit": Param("matched", str, choices=REINITS)},
+    "mapping_match": {"steps": Param(2000, int, positive=True, hi=1e6, column="mapping_steps"),
+                      "lr": Param(1e-3, float, positive=True, hi=1.0, column="mapping_lr"),
+                      "batch": Param(64, int, positive=True, hi=4096, column="mapping_batch")},
+}
+
+
+VERIFIER = {  # eval.verifier (harness.core.verifier): best-of-n / resampled one-step samples
+    "n": Param([1, 2, 4, 8, 16], list, hi=1024),  # candidates per kept sample (whole numbers)
+    "mode": Param("resample", str, choices=("resample", "best")),
+    "sigma": Param(0.05, float, positive=True, hi=80.0),  # noise level the ratio net scores at
+    "net": Param("auto", str, choices=("auto", "post_hoc")),  # auto: a ratio cell's own net
+    "fit_steps": Param(500, int, positive=True, hi=1e6),  # post-hoc ratio net (di, sid)
+    "fit_batch": Param(None, int, positive=True, hi=65536),  # null: student.batch
+    "fit_lr": Param(None, float, positive=True, hi=1.0),  # null: student.aux_lr
+}
+
+
+def resolve_verifier(spec, path: str = "eval.verifier") -> dict | None:
+    """``eval.verifier``: null (off) or a mapping of ``VERIFIER`` keys -> canonical dict."""
+    if spec is None or spec is False:
+        return None
+    if not isinstance(spec, dict):
+        raise ConfigError(path, f"expected a mapping such as {{n: [1, 4], mode: resample}}, got "
+                                f"{_short(spec)}")
+    out = _resolve_params(path, "the verifier", VERIFIER, {k: v for k, v in spec.items()
+                                                           if v is not None or k not in VERIFIER})
+    for key in ("fit_batch", "fit_lr"):
+        out.setdefault(key, None)
+    return out
+
+
+def param_columns() -> dict[str, type]:
+    """Result-row column -> Python kind for every loss and init parameter (one typed column each,
+    declared by its ``Param``), plus ``loss_family`` and ``init_scheme``."""
+    out = {"loss_family": str, "init_scheme": str}
+    for schema in (*LOSS_FAMILIES.values(), *INIT_SCHEMES.values()):
+        for name, p in schema.items():
+            kind = str if p.kind in (list, dict) else p.kind
+            col = p.column or name
+            if out.setdefault(col, kind) is not kind:
+                raise TypeError(f"result column {col!r} declared with two types")
+    return out
+
+
+def cell_params(cfg: dict) -> dict:
+    """A canonical cell config's loss and init parameters as typed column values (lists
+    '+'-joined, a teacher source as its label); parameters of other schemes are absent."""
+    out = {"loss_family": cfg["loss"]["name"], "init_scheme": cfg["init"]["name"]}
+    for part, schemas in (("loss", LOSS_FAMILIES), ("init", INIT_SCHEMES)):
+        schema = schemas[cfg[part]["name"]]
+        for name, value in cfg[part].items():
+            if name == "name":
+                continue
+            p = schema[name]
+            if p.kind is list:
+                value = "+".join(value)
+            elif p.kind is dict:
+                value = _source_label(value)
+            out[p.column or name] = value
+    return out
+
+_SCALAR = schema.defaults()  # the scalar sections' defaults: declared once, harness.declare.schema
+DEFAULTS = {"data": _SCALAR["data"], "teacher": _SCALAR["teacher"], "student": _SCALAR["student"],
+            "loss": {"name": "sid"}, "init": {"name": "teacher"}, "eval": _SCALAR["eval"],
+            "seed": schema.SEED.default}
+STUDY_ONLY = ("resources", "max_failures", "teacher_resources")
+"""Study settings that change scheduling, not numbers: never part of a cell or teacher id."""
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted path of the offending value."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+def defaults() -> dict:
+    return copy.deepcopy(DEFAULTS)
+
+
+def _check_param(path: str, name: str, spec: Param, value):
+    where = f"{path}.{name}"
+    if spec.kind in (float, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(where, f"expected a number, got {_short(value)}")
+        if spec.kind is int and not (isinstance(value, int) or float(value).is_integer()):
+            raise ConfigError(where, f"expected a whole number, got {_short(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(where, f"must be a finite number, got {value!r}")
+        value = spec.kind(value)
+        if spec.positive and not value > 0:
+            raise ConfigError(where, f"must be > 0, got {_short(value)}")
+        if spec.hi is not None and value > spec.hi:
+            raise ConfigError(where, f"must be <= {spec.hi:g}, got {_short(value)}")
+    elif spec.kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, f"expected true or false, got {_short(value)}")
+    elif spec.kind is dict:
+        value = resolve_teacher_source(value, where)
+    elif spec.kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, f"expected a string, got {_short(value)}")
+        if spec.choices and value not in spec.choices:
+            raise ConfigError(where, f"unknown value {_short(value)}; known: {', '.join(spec.choices)}")
+    elif spec.kind is list and spec.of is None:  # whole numbers >= 1, sorted, unique
+        value = value if isinstance(value, (list, tuple)) else [value]
+        if not value or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= spec.hi
+                            for v in value):
+            raise ConfigError(where, f"expected whole numbers in [1, {spec.hi:g}], got "
+                                     f"{_short(value)}")
+        value = sorted(set(value))
+    elif spec.kind is list:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(where, f"expected a non-empty list, got {_short(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or item not in spec.of:
+                raise ConfigError(f"{where}[{i}]",
+                                  f"unknown group {_short(item)}; known: {', '.join(spec.of)}")
+        if len(set(value)) != len(value):
+            raise ConfigError(where, f"repeated entries in {list(value)}")
+        value = sorted(value, key=spec.of.index)
+    return value
+
+
+def cut(text, limit: int = 80) -> str:
+    """At most ``limit`` characters of ``str(text)``."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _short(value, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: error messages never echo a huge value in full."""
+    return cut(repr(value), limit)
+
+
+def _resolve_params(path: str, what: str, schema: dict, given: dict) -> dict:
+    unknown = sorted(set(given) - set(schema), key=str)
+    if unknown:
+        known = ", ".join(schema) or "none"
+        raise ConfigError(f"{path}.{cut(unknown[0], 40)}",
+                          f"unknown parameter for {what}; known: {known}")
+    out = {}
+    for name, spec in schema.items():
+        if name in given:
+            value = _check_param(path, name, spec, given[name])
+        elif spec.required:
+            raise ConfigError(f"{path}.{name}", f"{what} needs {name!r}")
+        else:
+            value = spec.default
+        if not (spec.omit_default and value == spec.default):
+            out[name] = value
+    return out
+
+
+NOISE_MAX = 1e3  # a band edge beyond sigma_max = 80 trains on pure noise; 1e3 is generous
+
+
+def resolve_noise(value, path: str = "teacher.noise") -> dict:
+    """``{name: edm}`` or ``{band: [lo, hi]}`` (0 < lo < hi) -> canonical form."""
+    if value == "edm" or value == {"name": "edm"}:
+        return {"name": "edm"}
+    if not isinstance(value, dict) or set(value) != {"band"}:
+        raise ConfigError(path, f"expected {{name: edm}} or {{band: [lo, hi]}}, got {_short(value)}")
+    band = value["band"]
+    ok = (isinstance(band, (list, tuple)) and len(band) == 2
+          and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in band))
+    if not ok or not (0 < band[0] < band[1] <= NOISE_MAX):
+        raise ConfigError(f"{path}.band", f"expected [lo, hi] with 0 < lo < hi <= {NOISE_MAX:g}, "
+                                          f"got {_short(band)}")
+    return {"band": [float(band[0]), float(band[1])]}
+
+
+def resolve_teacher_source(value, path: str) -> dict:
+    """A partial teacher section (``init: {teacher: {source: {...}}}``): known keys, checked."""
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(path, f"expected a non-empty partial teacher section such as "
+                                f"{{noise: {{band: [1.5, 4.0]}}}}, got {_short(value)}")
+    out = {}
+    for key, v in value.items():
+        if key not in DEFAULTS["teacher"]:
+            raise ConfigError(f"{path}.{cut(key, 40)}",
+                              f"unknown teacher key; known: {', '.join(DEFAULTS['teacher'])}")
+        if key == "noise":
+            out[key] = resolve_noise(v, f"{path}.noise")
+            continue
+        from harness.declare.settings import check_value  # the one scalar schema of the teacher section
+
+        try:
+            out[key] = check_value("teacher", key, v)
+        except ConfigError as e:
+            raise ConfigError(f"{path}.{key}", str(e).split(": ", 1)[-1]) from None
+    return out
+
+
+def source_teacher(cfg: dict) -> dict | None:
+    """The teacher section of the teacher whose weights start the generator, if not the study's
+    own (``init: {name: teacher, source: {...}}``)."""
+    source = cfg["init"].get("source") if cfg["init"]["name"] == "teacher" else None
+    return None if not source else {**cfg["teacher"], **source}
+
+
+def _named(spec, path: str, kind: str, known) -> tuple[str, dict]:
+    """``'name'`` or ``{'name': name, **params}`` -> (name, params); an unknown name raises."""
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = spec.pop("name", None)
+    if name not in known:
+        raise ConfigError(f"{path}.name" if name is not None else path,
+                          f"unknown {kind} {name!r}; known: {', '.join(known)}")
+    return name, spec
+
+
+def resolve_loss(spec, path: str = "loss") -> dict:
+    """``'ratio_js'`` or ``{'name': 'sid', 'alpha': 1}`` -> ``{'name': family, **all params}``."""
+    name, spec = _named(spec, path, "loss", LOSS_NAMES)
+    family, fixed = LOSS_NAMES[name]
+    for key, value in fixed.items():
+        if key in spec and spec[key] != value:
+            raise ConfigError(f"{path}.{key}", f"{name} fixes {key}={value!r}")
+        spec[key] = value
+    return {"name": family, **_resolve_params(path, f"loss {name!r}", LOSS_FAMILIES[family], spec)}
+
+
+def resolve_init(spec, path: str = "init") -> dict:
+    """``'teacher'`` or ``{'name': 'reset_layers', 'groups': [...]}`` -> canonical dict."""
+    name, spec = _named(spec, path, "init", INIT_SCHEMES)
+    out = {"name": name, **_resolve_params(path, f"init {name!r}", INIT_SCHEMES[name], spec)}
+    if len(out.get("freeze") or ()) == len(GROUPS):
+        raise ConfigError(f"{path}.freeze", "freezes every group, so nothing would train; "
+                                            "leave at least one group out")
+    return out
+
+
+def loss_label(loss: dict) -> str:
+    """Short display name of a canonical loss config: ``ratio_js``, ``sid[alpha=1]``."""
+    name = loss["name"]
+    if name == "ratio":
+        label = f"ratio_{loss['divergence']}"
+        return label + ("[fixed]" if loss["sigma"] == "fixed" else "")
+    extras = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+              for k, v in loss.items() if k != "name" and v != LOSS_FAMILIES[name][k].default]
+    return name + (f"[{','.join(extras)}]" if extras else "")
+
+
+def _source_label(src: dict) -> str:
+    return ", ".join(f"band {v['band'][0]:g}-{v['band'][1]:g}" if k == "noise" and "band" in v
+                     else f"{k}={v}" for k, v in src.items())
+
+
+def init_label(init: dict) -> str:
+    """Short display name of a canonical init config: ``reset_layers[output]``,
+    ``reset_layers[output,fresh]``, ``teacher[band 1.5-4]``."""
+    name = init["name"]
+    fresh = ",fresh" if init.get("reinit") == "fresh" else ""
+    if name == "reset_layers":
+        return f"reset_layers[{'+'.join(init['groups'])}{fresh}]"
+    if name == "feature_transplant":
+        reset = f",reset_output{fresh}" if init["reset_output"] else ""
+        return f"feature_transplant[{init['sigma_feat']:g}{reset}]"
+    if name == "teacher" and (init.get("source") or init.get("freeze")):
+        parts = [_source_label(init["source"])] if init.get("source") else []
+        parts += [f"freeze {'+'.join(init['freeze'])}"] if init.get("freeze") else []
+        return f"teacher[{', '.join(parts)}]"
+    if name == "mapping_match":
+        defaults = {k: p.default for k, p in INIT_SCHEMES[name].items()}
+        extras = [f"{k}={v:g}" for k, v in init.items() if k != "name" and v != defaults[k]]
+        return name + (f"[{','.join(extras)}]" if extras else "")
+    return name
+
+
+def resolve_cell(cfg: dict) -> dict:
+    """Fill defaults into a (possibly partial) cell config and canonicalise loss and init."""
+    out = defaults()
+    for section, value in cfg.items():
+        if section not in out:
+            raise ConfigError(section, f"unknown section; known: {', '.join(out)}")
+        if isinstance(out[section], dict) and section not in ("loss", "init"):
+            if not isinstance(value, dict):
+                raise ConfigError(section, f"expected a mapping, got {value!r}")
+            unknown = sorted(set(value) - set(out[section]))
+            if unknown:
+                raise ConfigError(f"{section}.{unknown[0]}",
+                                  f"unknown key; known: {', '.join(out[section])}")
+            out[section].update(value)
+        else:
+            out[section] = value
+    if out["data"]["name"] == "toy2d" and "arch" not in (cfg.get("teacher") or {}):
+        out["teacher"]["arch"] = "mlp"  # the only architecture for 2-D points
+    out["loss"] = resolve_loss(out["loss"])
+    out["init"] = resolve_init(out["init"])
+    if out["data"]["name"] not in DATASETS:
+        raise ConfigError("data.name", f"unknown dataset {out['data']['name']!r}; "
+                                       f"known: {', '.join(DATASETS)}")
+    for path in ("teacher.arch",):
+        section, key = path.split(".")
+        if out[section][key] not in ARCHS:
+            raise ConfigError(path, f"unknown architecture {out[section][key]!r}; "
+                                    f"known: {', '.join(ARCHS)}")
+    if out["student"]["aux_init"] not in ("teacher", "random"):
+        raise ConfigError("student.aux_init", "must be 'teacher' or 'random'")
+    out["teacher"]["noise"] = resolve_noise(out["teacher"]["noise"])
+    if out["teacher"]["import"] is not None and out["teacher"]["arch"] != "ddpmpp":
+        raise ConfigError("teacher.import", f"an imported EDM teacher is a DDPM++ network: set "
+                                            f"teacher.arch: ddpmpp (got {out['teacher']['arch']!r})")
+    channels = out["teacher"]["channels"]
+    if channels is not None and out["teacher"]["arch"] != "ddpmpp":
+        raise ConfigError("teacher.channels", f"only the ddpmpp architecture takes a channel "
+                                              f"count (got arch {out['teacher']['arch']!r}); "
+                                              f"remove teacher.channels")
+    if channels is not None and channels % 4:
+        raise ConfigError("teacher.channels", f"must be a multiple of 4 (GroupNorm groups), got "
+                                              f"{channels}")
+    out["eval"]["verifier"] = resolve_verifier(out["eval"]["verifier"])
+    return out

@@ -1,0 +1,252 @@
+"""The schema of a study's settings: what each value may be, and how loss/init specs expand.
+
+Pure Python (no torch, no Ray), like ``study``, which uses it. Every scalar setting is declared
+once in ``harness.declare.schema`` (type, range, default, help, id membership); ``SCHEMA`` here is that
+table plus the seed, and ``_check`` validates and coerces a value against its ``Setting``. ``_expand_spec`` turns one ``loss`` / ``init`` item into canonical
+values: a name (``ratio_js``), a one-key mapping (``{sid: {alpha: [1.0, 1.2]}}``) or a mapping with
+``name`` (``{name: sid, alpha: 1.0}``). A list-valued parameter expands into one value per item
+(cartesian product over parameters), except ``groups``, which is itself a list and expands only
+when written as a list of lists.
+
+Problems are raised as ``_Bad`` (a yaml path, a problem and a fix); ``study`` adds file and line.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass
+
+from harness.declare import config as C, schema
+from harness.declare.schema import Setting
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema of the scalar settings (sections of config.DEFAULTS, the seed, resources).
+
+PATH_DATASETS = {  # datasets read from files the user provides: what data.path must point at
+    "cifar10": "the folder cifar-10-batches-py with data_batch_1..5",
+    "mnist": "a folder with train-images-idx3-ubyte and train-labels-idx1-ubyte",
+    "npz": "an .npz file holding 'x' (uint8 images) and optionally 'y'",
+    "folder": "a folder of same-size PNG/JPEG images",
+}
+IMAGE_ARCHS = tuple(a for a in C.ARCHS if a != "mlp")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\Z")  # YAML 1.1 reads 1e-4 as a str
+
+
+def _num(lo=None, lo_open=True, hi=None, hi_open=False):
+    return Setting("num", lo, lo_open, hi, hi_open)
+
+
+def _int(lo=None, hi=None):
+    return Setting("int", lo, False, hi)
+
+
+SCHEMA = {**schema.SETTINGS, "seed": schema.SEED}  # every scalar setting: harness.declare.schema
+RESOURCES = {"cpu": _num(0, hi=1024), "gpu": _num(0, False, 64),
+             "workers": _int(1, 1024)}  # per worker: cpu, gpu; workers: Ray Train data parallel
+DEFAULT_RESOURCES = {"cpu": 1.0, "gpu": 0.0}
+TEACHER_RESOURCES = {k: RESOURCES[k] for k in ("cpu", "gpu")}  # a teacher: one Ray task
+MAX_FAILURES = _int(0, 100)
+DEFAULT_MAX_FAILURES = 0
+SECTIONS = tuple(k for k, v in C.DEFAULTS.items() if isinstance(v, dict) and k not in ("loss", "init"))
+TOP_KEYS = ("study", "description", "results", *SECTIONS, "loss", "init", "seed", "grid",
+            *C.STUDY_ONLY, "tracking", "tune", "claims", "seeds")  # tracking: harness.declare.tracking_spec.check,
+# not in cell ids; tune: harness.declare.tune_spec.check_tune (its choice enters cell ids as ordinary
+# settings); claims, seeds: harness.declare.claims_spec (seeds on demand add ordinary seed cells)
+
+
+def _setting(section: str, key: str | None) -> Setting:
+    """The declaration (``harness.declare.schema``) of ``section.key``, or of the top-level ``seed``."""
+    return SCHEMA[section] if key is None else SCHEMA[section][key]
+
+
+MAX_EXPANSION = 100_000  # values one grid entry with parameter lists may expand to
+
+
+class _Bad(Exception):
+    """A problem found at a yaml path (converted to StudyError with file and line)."""
+
+    def __init__(self, path: str, problem: str, fix: str | None = None):
+        super().__init__(problem)
+        self.path, self.problem, self.fix = path, problem, fix
+
+
+def _type_name(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", str: "a string", list: "a list", dict: "a mapping",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _check(spec: Setting, value, path: str):
+    """Validate and coerce one scalar value against its Setting."""
+    if value is None:
+        if spec.nullable:
+            return None
+        raise _Bad(path, "a value is required, got null", "give a value or remove the key")
+    if spec.kind in ("num", "int"):
+        if isinstance(value, str) and spec.kind == "num" and _FLOAT_RE.match(value.strip()):
+            value = float(value)  # 1e-4: YAML 1.1 reads it as a string
+        if spec.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _Bad(path, f"expected a whole number, got {C._short(value)} ({_type_name(value)})",
+                           "write an integer such as 1")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad(path, f"expected a number, got {C._short(value)} ({_type_name(value)})",
+                       "write a number such as 0.5 or 1.0e-4")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Bad(path, f"must be a finite number, got {C._short(value)}", "write a finite number")
+        lo_bad = spec.lo is not None and (value <= spec.lo if spec.lo_open else value < spec.lo)
+        hi_bad = spec.hi is not None and (value >= spec.hi if spec.hi_open else value > spec.hi)
+        if lo_bad or hi_bad:
+            raise _Bad(path, f"must be {spec.range_text()}, got {C._short(value)}",
+                       f"use a value {spec.range_text()}")
+        return value
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise _Bad(path, f"expected true or false, got {C._short(value)} ({_type_name(value)})",
+                       "write true or false")
+        return value
+    if spec.kind == "str":
+        if not isinstance(value, str) or not value:
+            raise _Bad(path, f"expected a string, got {C._short(value)} ({_type_name(value)})",
+                       "write a name" + (f": one of {', '.join(spec.choices)}" if spec.choices else ""))
+        if spec.choices and value not in spec.choices:
+            raise _Bad(path, f"unknown value {C._short(value)}", f"known: {', '.join(spec.choices)}")
+        return value
+    return value
+
+
+def check_value(section: str, key: str, value, where: str = ""):
+    """Validate and coerce one ``section.key`` value as study files are checked (``--set`` uses
+    it); raises ``config.ConfigError`` at ``where + section.key``."""
+    try:
+        return _check(_setting(section, key), value, f"{section}.{key}")
+    except _Bad as bad:
+        fix = f"; {bad.fix}" if bad.fix else ""
+        raise C.ConfigError(where + bad.path, bad.problem + fix) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and init specs: expansion of list-valued parameters, canonicalisation through config.
+
+@dataclass
+class _Value:
+    """One value of an axis (or a fixed setting), with where it came from."""
+
+    value: object  # what goes into the cell config (canonical for loss/init)
+    label: object  # what Cell.axes records
+    origin: str  # yaml path of the item that produced it
+
+
+def _rewrap(e: C.ConfigError, expanded: dict) -> _Bad:
+    """A ConfigError from config.resolve_* as a _Bad, with [j] inserted for expanded params."""
+    path = e.path
+    text = str(e)[len(path) + 2:] if path else str(e)
+    for param_path, j in expanded.items():
+        if path == param_path or path.startswith(param_path + "[") or path.startswith(param_path + "."):
+            path = f"{param_path}[{j}]{path[len(param_path):]}"
+            break
+    problem, _, fix = text.partition("; ")
+    return _Bad(path, problem, fix or None)
+
+
+def _param_text(spec: C.Param) -> str:
+    kind = {float: "a number", str: "a string", list: "a list"}.get(spec.kind, spec.kind.__name__)
+    if spec.choices:
+        kind = "one of " + "|".join(spec.choices)
+    if spec.of:
+        kind = "a list of " + "|".join(spec.of)
+    if spec.positive:
+        kind += " > 0"
+    return kind + (", required" if spec.required else f", default {C._short(spec.default)}")
+
+
+def _expand_spec(kind: str, item, path: str, fixed: bool) -> list[_Value]:
+    """Expand one loss/init item (name, one-key mapping or mapping with ``name``) into values."""
+    names = C.LOSS_NAMES if kind == "loss" else C.INIT_SCHEMES
+    example = "sid or {sid: {alpha: 1.2}}" if kind == "loss" else \
+        "teacher or {reset_layers: {groups: [output]}}"
+    if isinstance(item, str):
+        name, params, prefix = item, {}, path
+    elif isinstance(item, dict) and "name" in item:
+        name, prefix = item["name"], path
+        params = {k: v for k, v in item.items() if k != "name"}
+        if not isinstance(name, str):
+            raise _Bad(f"{path}.name", f"expected a {kind} name, got {C._short(name)}",
+                       f"known: {', '.join(names)}")
+    elif isinstance(item, dict) and len(item) == 1:
+        (name, params), = item.items()
+        prefix = f"{path}.{name}"
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise _Bad(prefix, f"expected a mapping of parameters, got {C._short(params)}",
+                       f"write e.g. {example}")
+    else:
+        raise _Bad(path, f"expected a {kind} name or a one-key mapping, got {C._short(item)}",
+                   f"write e.g. {example}")
+    if name not in names:
+        raise _Bad(prefix if prefix != path or isinstance(item, str) else f"{path}.name",
+                   f"unknown {kind} {C._short(name)}",
+                   f"known: {', '.join(names)}")
+    family = C.LOSS_NAMES[name][0] if kind == "loss" else name
+    schema = C.LOSS_FAMILIES[family] if kind == "loss" else C.INIT_SCHEMES[name]
+
+    # each parameter: a list of (value, index or None)
+    choices = []
+    for pname, pvalue in params.items():
+        ppath = f"{prefix}.{pname}"
+        spec = schema.get(pname)
+        if spec is not None and spec.kind is list:  # groups: only a list of lists expands
+            if not isinstance(pvalue, list) or not pvalue:
+                choices.append([(pvalue, None)])  # config reports the error
+                continue
+            inner = [isinstance(v, list) for v in pvalue]
+            if all(inner):
+                many = True
+            elif any(inner):
+                raise _Bad(ppath, "mixes group names and lists of groups",
+                           "write [output] for one value or [[output], [encoder, middle]] for "
+                           "one value per inner list")
+            else:
+                many = False
+        else:
+            many = isinstance(pvalue, list)
+        if many and fixed:
+            raise _Bad(ppath, f"a fixed {kind} takes one value, got a list {C._short(pvalue)}",
+                       f"to compare several values, move it into grid.{kind}")
+        if many and not pvalue:
+            raise _Bad(ppath, "empty list of values", "give at least one value")
+        values = list(pvalue) if many else [pvalue]
+        if spec is not None and spec.kind is float:
+            values = [float(v) if isinstance(v, str) and _FLOAT_RE.match(v.strip()) else v
+                      for v in values]
+        choices.append([(v, j if many else None) for j, v in enumerate(values)])
+
+    count = math.prod(len(c) for c in choices)
+    if count > MAX_EXPANSION:
+        raise _Bad(prefix, f"expands to {count:,} values, more than a study may have "
+                           f"({MAX_EXPANSION:,})", "give each parameter a few values")
+    out = []
+    resolve = C.resolve_loss if kind == "loss" else C.resolve_init
+    label = C.loss_label if kind == "loss" else C.init_label
+    for combo in itertools.product(*choices):
+        spec = {"name": name}
+        expanded = {}
+        for pname, (v, j) in zip(params, combo):
+            spec[pname] = v
+            if j is not None:
+                expanded[f"{prefix}.{pname}"] = j
+        try:
+            canon = resolve(spec, prefix)
+        except C.ConfigError as e:
+            bad = _rewrap(e, expanded)
+            if bad.fix is None:
+                bad.fix = f"{name} takes " + (", ".join(
+                    f"{p} ({_param_text(s)})" for p, s in schema.items()) or "no parameters")
+            raise bad from None
+        out.append(_Value(canon, label(canon), path))
+    return out

@@ -1,0 +1,118 @@
+"""Seeds on demand: the cells a study with a ``seeds:`` plan runs now, replayed from its rows.
+
+A study with ``seeds: {start, step, max}`` starts with ``start`` seeds per group. After each
+round every claim is judged (``analysis.claims.claim_results``, which looks at each claim
+round by round and spends part of the error rate at each look); the groups that the claims still
+open compare get the next ``step`` seeds, until every claim decides or reaches ``max``. The
+plan is recomputed from the stored rows every time (the ``status=done`` rows are the truth), so a
+driver killed mid-round reruns into the same round and re-runs nothing: a claim is looked at
+only once every cell of that look is final. An added seed is an ordinary cell of the study's
+``seed_pool`` (the cells of every seed up to the cap, built like hand-listed seeds), so it gets
+the id it would have had in ``grid.seed``.
+
+No torch, no Ray: ``harness run``, ``harness status`` and the dry run share it.
+"""
+from __future__ import annotations
+
+import copy
+import io
+from contextlib import redirect_stdout
+from dataclasses import dataclass, field
+
+from harness.declare import hashing
+from harness.store import pins, results as store
+from harness.declare.hashing import canonical_json
+
+
+@dataclass
+class Round:
+    """The cells the study runs now and why."""
+
+    cells: list  # start cells, cells with stored rows, and the cells the open claims need next
+    adds: list = field(default_factory=list)  # of those, the ones beyond the first round
+    # with no rows yet: what the open claims wait for
+    open: list = field(default_factory=list)  # analysis.claims_base.ClaimResult, still open
+    results: list = field(default_factory=list)  # every claim as judged now
+
+
+def signature(config: dict) -> str:
+    """A group: the cell's config less its seed."""
+    return canonical_json({k: v for k, v in config.items() if k != "seed"})
+
+
+def judge(study, root: str, rows) -> list:
+    """Every claim of the study on the stored rows (empty when nothing is scored yet)."""
+    # analysis brings matplotlib (~seconds): only studies with a seeds plan pay for it
+    from analysis.claims import claim_results
+    from analysis.data import load_study as load_results
+
+    if rows is None or rows.empty:
+        return []
+    with redirect_stdout(io.StringIO()):  # "nothing to plot" notes are for `harness figures`
+        found = load_results(root, rows=rows)
+    if found is None or found.final.empty:
+        return []
+    return claim_results(found, study.claims, rows=rows)
+
+
+def plan(study, root: str, data_fingerprint, rows=None) -> Round:
+    """The round ``harness run`` runs now; without a seeds plan, the study's cells."""
+    if study.claims.seeds is None:
+        return Round(cells=list(study.cells))
+    rows = store.load_rows(root) if rows is None else rows
+    pool = copy.copy(study)
+    pool.cells = study.seed_pool
+    ids = {cid: cell for cid, cell, *_ in hashing.compute_ids(pool, data_fingerprint)}
+    first = {cid for cid, *_ in hashing.compute_ids(study, data_fingerprint)}
+    stored = set(rows["cell"]) if not rows.empty else set()
+    judged = judge(study, root, rows)
+    waiting = [v for v in judged if v.next_seeds]  # analysis.claims.open_claims
+    want = set()
+    for v in waiting:
+        sigs = {signature(ids[c].config) for c in v.cells if c in ids}
+        want |= {(s, int(seed)) for s in sigs for seed in v.next_seeds}
+    cells, adds = [], []
+    for cid, cell in ids.items():
+        needed = (signature(cell.config), int(cell.config["seed"])) in want
+        if cid in first or cid in stored or needed:
+            cells.append(cell)
+        if needed and cid not in first and cid not in stored:
+            adds.append(cell)
+    return Round(cells=cells, adds=adds, open=waiting, results=judged)
+
+
+def with_cells(study, cells: list):
+    """A copy of the study whose cells are ``cells`` (the study itself is never changed)."""
+    out = copy.copy(study)
+    out.cells = list(cells)
+    return out
+
+
+def cap_lines(study) -> list[str]:
+    """What a seeds plan can cost at most: every group at the cap."""
+    plan_ = study.claims.seeds
+    if plan_ is None:
+        return []
+    pool = study.seed_pool
+    kimg = sum(float(c.config["student"]["kimg"]) for c in pool)
+    looks = plan_.looks()
+    return [f"seeds on demand: {plan_.start} seeds per group, then {plan_.step} more per round "
+            f"to the groups of the claims still open, up to {plan_.max} ({len(looks)} rounds at "
+            f"most); claims alpha {study.claims.alpha:g}",
+            f"at most {len(pool)} cells ({kimg:g} kimg of student training) if every claim "
+            f"stays open to the cap; this round: {len(study.cells)} cells"]
+
+
+def describe_round(r: Round) -> list[str]:
+    """Open claims and the cells the next round adds (``harness status``, dry run, run)."""
+    if not r.results:
+        return ["claims: not judged yet (no scores stored)"]
+    if not r.open:
+        return [f"claims: none open ({len(r.results)} judged)"]
+    out = [f"claims open ({len(r.open)}): " + "; ".join(
+        f"{v.name} ({v.verdict}): the next round runs {len(v.next_seeds)} seeds per group "
+        f"({v.next_seeds[0]}-{v.next_seeds[-1]})" for v in r.open)]
+    if r.adds:
+        out.append(f"the next round adds {len(r.adds)} cells: " + ", ".join(
+            c.label for c in r.adds[:12]) + (" ..." if len(r.adds) > 12 else ""))
+    return out

@@ -1,0 +1,277 @@
+"""Read-only views of a study's progress: per-cell state, ``harness status``, dry-run notes.
+
+No torch and no Ray: everything comes from the study file, ``pin.json``, the lock file, the
+stored rows (``harness.store.results``) and the teachers' ``status.json`` files in the cache, so
+``harness status`` is quick and safe while a sweep runs. The rows are the truth: a cell is done
+when its ``status=done`` row exists, whatever Ray says.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+
+from harness.store import environment, lock, pins, results
+from harness.declare import hashing
+from harness.orchestrate import rounds, throughput
+from harness.declare.hashing import canonical_json
+from harness.declare.study import describe
+
+# the state of one cell, from its rows: done / diverged are final; failed and unfinished (rows
+# but no final one) and pending (no rows) are run by the next `harness run`
+FINAL = ("done", "diverged")
+
+
+def fingerprints(study):
+    """``(data config) -> fingerprint`` for every distinct data config of the study, and the
+    datasets by the same key (``canonical_json(data config)``). DataError propagates."""
+    from harness.core import data
+
+    sets = {}
+    for cell in study.cells:
+        key = canonical_json(cell.config["data"])
+        if key not in sets:
+            sets[key] = data.from_config(cell.config["data"])
+    return (lambda d: sets[canonical_json(d)].fingerprint), sets
+
+
+def cell_states(df, ids) -> dict[str, dict]:
+    """{cell id: {state, kimg, step, wall_s, metric, value, message}} for ``ids``."""
+    out = {cid: {"state": "pending", "kimg": 0.0, "step": 0, "wall_s": 0.0, "metric": None,
+                 "value": math.nan, "message": None} for cid in ids}
+    if df.empty:
+        return out
+    rows = df[df.cell.isin(list(ids)) & (df.status != "reference")].sort_values(
+        "written_at", kind="stable")
+    for cid, g in rows.groupby("cell", sort=False):
+        statuses = set(g.status)
+        last = g.iloc[-1]
+        state = ("done" if "done" in statuses else "diverged" if "diverged" in statuses
+                 else "failed" if last.status == "failed" else "unfinished")
+        # the primary metric: the first one written at the latest evaluation
+        scored = g[(g.kimg == g.kimg.max())
+                   & ~g.metric.isin(results.BOOKKEEPING)]
+        best = scored.iloc[0] if len(scored) else last
+        out[cid] = {"state": state, "kimg": float(g.kimg.max()), "step": int(g.step.max()),
+                    "wall_s": float(g.wall_s.max()) if g.wall_s.notna().any() else 0.0,
+                    "metric": best.metric, "value": float(best.value),
+                    "message": next((m for m in g.message[::-1] if isinstance(m, str) and m),
+                                    None)}
+    return out
+
+
+TEACHER_STATUS = "status.json"  # beside a teacher's ckpt.pt / teacher.pt (teacher.load_or_train)
+
+
+def read_teacher_status(folder: str) -> dict | None:
+    """A teacher folder's ``status.json`` (state, step, total, loss, times), or None."""
+    try:
+        with open(os.path.join(folder, TEACHER_STATUS)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def teacher_state(folder: str, live: bool | None = None) -> str:
+    """What a teacher folder says: cached, training (``live``: a run holds the study lock),
+    interrupted or failed at a step, or not trained yet. ``live=None``: a dry run's words."""
+    st = read_teacher_status(folder) or {}
+    at = f"step {st.get('step', 0):,}/{st.get('total', 0):,}" if st else ""
+    if os.path.exists(os.path.join(folder, "teacher.pt")):
+        return "cached, reused" if live is None else "done (cached)"
+    if st.get("state") == "failed":
+        return f"failed at {at}: {st.get('message', '')}"
+    if os.path.exists(os.path.join(folder, "ckpt.pt")) or st:
+        if live and st.get("state") == "training":
+            loss = f", loss {st['loss']:.4g}" if st.get("loss") is not None else ""
+            ago = duration(time.time() - st.get("updated_at", time.time()))
+            return (f"training: {at}{loss}, {duration(st.get('wall_s', 0))} of training "
+                    f"(updated {ago} ago on {st.get('host', '?')})")
+        return (f"partly trained ({at}): resumes from its checkpoint" if live is None else
+                f"interrupted at {at}: the next `harness run` resumes it from its checkpoint")
+    return "not cached: trained before the first cell" if live is None else "not trained yet"
+
+
+def teacher_plan(study, pin, cache: str, live: bool | None = None) -> list[str]:
+    """One line per teacher the study needs (its own and generator-init sources): cached,
+    partly trained, or to be trained (steps), so a dry run says what the first minutes do;
+    ``harness status`` (``live``: whether a run holds the lock) adds training progress."""
+    import math
+
+    from harness.declare.config import source_teacher
+    from harness.declare.hashing import teacher_id
+
+    needed = {}
+    for cid, cell in pin.current:
+        cfg = cell.config
+        fp = pin.document["cells"][cid]["data_fingerprint"]
+        for role, section in (("teacher", cfg["teacher"]), ("init source", source_teacher(cfg))):
+            if section is not None:
+                needed.setdefault(teacher_id({**cfg, "teacher": section}, fp), (role, section))
+    lines = []
+    for tid, (role, t) in needed.items():
+        folder = os.path.join(cache, "teachers", tid)
+        steps = max(1, math.ceil(t["kimg"] * 1000 / t["batch"]))
+        what = f"{t['arch']}, {t['kimg']:g} kimg = {steps:,} steps of {t['batch']}" + (
+            f", noise band {t['noise']['band']}" if "band" in t["noise"] else "")
+        state = teacher_state(folder, live)
+        lines.append(f"{role} {tid} ({what}): {state} [{folder}]")
+    return lines
+
+
+def dry_run_report(study, root: str, cache: str | None = None) -> int:
+    """``harness run --dry-run``: the cells, what happens to each, the teachers, a summary.
+    Writes nothing. Data that is not on this machine (a cluster study checked on a laptop) is
+    an error (exit 2) after the cells are listed without ids (ids hash the data)."""
+    from harness.core.data import DataError
+
+    study.results_root = root
+    try:
+        fp, _ = fingerprints(study)
+    except DataError as e:
+        print(describe(study))
+        print(f"{len(study.cells)} cells would run once the data is there (dry run: nothing "
+              f"written). Cell ids hash the data's fingerprint, so they are listed then.")
+        raise
+    rows = results.load_rows(root)
+    now = rounds.plan(study, root, fp, rows)
+    study = rounds.with_cells(study, now.cells)
+    pin = pins.pin_study(study, root, fp, write=False)
+    teachers = teacher_plan(study, pin, cache) if cache else []
+    states = cell_states(rows, pin.ids)
+    words = {"done": "done", "diverged": "diverged (final, not re-run)", "pending": "would run",
+             "failed": "failed: would retry", "unfinished": "unfinished: would resume"}
+    print(describe(study, pin.ids, [words[states[c]["state"]] for c in pin.ids]))
+    for line in teachers:
+        print(line)
+    for note in pin.notes:
+        print(f"note: {note}")
+    for line in environment.drift(results.load_versions(root), environment.current()):
+        print(line)
+    count = lambda *s: sum(states[c]["state"] in s for c in pin.ids)  # noqa: E731
+    print(f"{count('pending', 'failed', 'unfinished')} to run, {count('done')} done, "
+          f"{count('diverged')} diverged, {len(pin.orphaned)} orphaned (dry run: nothing written)")
+    for line in rounds.cap_lines(study) + (rounds.describe_round(now) if study.claims.seeds else []):
+        print(line)
+    return 0
+
+
+def planned_throughput(root: str, df, current, pin, cache: str) -> list[str]:
+    """``harness plan``'s throughputs (``plan.json``) against the latest ``img_per_s`` row of
+    each cell and each teacher's steps x batch / training seconds (``harness.orchestrate.throughput``)."""
+    plan = throughput.read_plan(results.read_bytes(root, throughput.PLAN))
+    if plan is None:
+        return []
+    ips = df[(df.metric == "img_per_s") & df.cell.isin([c for c, _ in current])] \
+        if not df.empty else df
+    latest = ips.sort_values("kimg").groupby("cell").value.last() if len(ips) else {}
+    cells = [(cell.config, float(latest[cid])) for cid, cell in current
+             if cell is not None and cid in latest]
+    teachers = {}
+    for cid, cell in current:
+        tid = pin.teacher_of(cid)
+        st = read_teacher_status(os.path.join(cache, "teachers", tid)) or {}
+        if cell is not None and tid not in teachers and st.get("step") and st.get("wall_s"):
+            section = cell.config["teacher"]
+            teachers[tid] = (cell.config["data"], section,
+                             st["step"] * section["batch"] / st["wall_s"])
+    return throughput.compare(plan, cells, list(teachers.values()))
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s" if rest >= 60 \
+        else f"{rest}s"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[j]) for r in [head] + rows) for j in range(len(head))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+
+
+def study_status(path: str, results_root: str | None = None, overrides: dict | None = None) -> str:
+    """Counts (done / running / failed / diverged / pending / orphaned), compute spent, ETA and a
+    compact table per cell. Writes nothing and takes no lock. ``overrides``: the run's ``--set``."""
+    from harness.core.data import DataError
+    from harness.declare.study import load_study
+    from harness.store.tuning import apply_pinned
+
+    study = load_study(path, overrides)
+    root = results_root or study.results_root
+    study = apply_pinned(study, root, strict=False)  # harness.store.tuning: tuned values
+    notes, pin = [], None
+    try:
+        fp, _ = fingerprints(study)
+        now = rounds.plan(study, root, fp)
+        study = rounds.with_cells(study, now.cells)
+        pin = pins.pin_study(study, root, fp, write=False)
+        current, orphaned = pin.current, pin.orphaned
+        notes += pin.notes
+    except DataError as e:  # the data is not on this machine: fall back to pin.json
+        doc = pins.read_pin(root) or {"current": [], "cells": {}}
+        notes.append(f"dataset unavailable here ({e}); cells as pinned in pin.json")
+        current = [(cid, None) for cid in doc["current"]]
+        orphaned = [c for c in doc["cells"] if c not in set(doc["current"])]
+    df = results.load_rows(root)
+    states = cell_states(df, [cid for cid, _ in current])
+    holder = lock.holder(root)
+    live = "running" if holder else "interrupted"
+    counts = {k: 0 for k in ("done", live, "failed", "diverged", "pending")}
+    for s in states.values():
+        counts[live if s["state"] == "unfinished" else s["state"]] += 1
+
+    done_walls = [s["wall_s"] for s in states.values() if s["state"] == "done"]
+    spent = sum(s["wall_s"] for s in states.values())
+    per_cpu = max(study.resources["cpu"] * getattr(study, "workers", 1), 1e-9)
+    concurrency = max(1, math.floor((os.cpu_count() or 1) / per_cpu))
+    out = [f"study {study.name} ({path}): {len(current)} cells; results {root}"]
+    if holder:
+        out.append(f"a run is in progress: process {holder.get('pid')} on "
+                   f"{holder.get('host', socket.gethostname())} since {holder.get('started_at')}")
+    out.append(", ".join(f"{k} {v}" for k, v in counts.items()) + f", orphaned {len(orphaned)}")
+    eta = "unknown (no cell done yet)"
+    if done_walls:
+        mean = sum(done_walls) / len(done_walls)
+        left = 0.0
+        for cid, cell in current:
+            s = states[cid]
+            if s["state"] in FINAL:
+                continue
+            total = cell.config["student"]["kimg"] if cell is not None else 0
+            frac = min(1.0, s["kimg"] / total) if total else 0.0
+            left += mean * (1 - frac)
+        eta = (f"~{duration(left / concurrency)} at {concurrency} cells at a time on this "
+               f"machine (mean {duration(mean)} of training per done cell; evaluations, the "
+               f"verifier and Ray's start come on top)") if left else "none: nothing left"
+    out.append(f"training compute spent: {duration(spent)} (sum of each cell's latest wall_s); "
+               f"ETA {eta}")
+    if pin is not None and current:
+        cache = (holder or {}).get("cache") or results.cache_for(root, log=lambda *a: None)
+        out += teacher_plan(study, pin, cache, live=holder is not None)
+        out += planned_throughput(root, df, current, pin, cache)
+    if pin is not None and study.claims.seeds is not None:
+        out += rounds.cap_lines(study) + rounds.describe_round(now)
+    recorded = results.load_versions(root)
+    out += environment.drift(recorded, environment.current())
+    if not recorded and not df.empty:
+        notes.append("no versions recorded with these rows (written before the harness "
+                     "recorded them in versions/)")
+    out += [f"note: {n}" for n in notes]
+    rows = []
+    for cid, cell in current:
+        s = states[cid]
+        label = cell.label if cell is not None else ""
+        total = f"/{cell.config['student']['kimg']:g}" if cell is not None else ""
+        state = live if s["state"] == "unfinished" else s["state"]
+        value = "" if s["metric"] is None or math.isnan(s["value"]) else \
+            f"{s['metric']} {s['value']:.4g}"
+        rows.append([cid, label, state, f"{s['kimg']:g}{total}", value, duration(s["wall_s"]),
+                     (s["message"] or "")[:60] if state in ("failed", "diverged") else ""])
+    out += _table(["cell", "axes", "state", "kimg", "last metric", "wall", "message"], rows)
+    if orphaned:
+        out.append(f"orphaned (no longer in the study; kept, left out of figures): "
+                   f"{', '.join(orphaned)}")
+    return "\n".join(out)

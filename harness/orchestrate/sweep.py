@@ -1,0 +1,372 @@
+"""Ray Tune sweep of a study's unfinished cells (DESIGN "Ray Tune"): ``harness run`` / ``status``.
+
+``run_study`` pins the study (``pin.json``), takes the study lock, has each teacher trained once
+as a Ray task, then has Ray Tune run every cell that has no final row yet, one function trainable
+per cell (``harness_cell``, which calls ``harness.orchestrate.cell.run_cell``, the code of ``harness cell``).
+The driver only plans, prints progress and waits.
+
+Teachers (``harness_teacher``): one Ray task per teacher id the pending cells need (their own
+and generator-init sources), with the study's ``teacher_resources`` (default: one cell's), all
+submitted at once, so they train in parallel as far as resources allow. A task trains or resumes
+with ``teacher.load_or_train`` (a complete checkpoint every 5% in the cache folder, so a killed
+task, driver or node resumes bit-identically; Ray retries a task whose worker or node died) and
+writes the teacher's reference rows (``cell.write_references``) itself, so the driver never
+loads a teacher. Its ``status.json`` beside the checkpoint is what the driver prints progress
+from and what ``harness status`` shows. A task, not a Tune trial: a teacher is one function with
+one result and its own resume (the cache), so a Tune experiment would only add state to restore.
+
+Cells:
+
+- ``tune.grid_search`` over the pending cell ids; ``tune.with_resources`` from the study's
+  ``resources`` (fractions of a GPU allowed); ``FailureConfig(max_failures)`` from the study.
+- every evaluation reports with ``tune.Checkpoint.from_directory`` holding the cell's complete
+  training state (``cell.pt``); a retried or resumed trial starts from ``tune.get_checkpoint()``.
+- ``resources: {workers: W}`` with W > 1 (data parallel, ``harness.core.parallel``): the trial
+  reserves nothing itself and runs a ``ray.train.torch.TorchTrainer`` with
+  ``ScalingConfig(num_workers=W, use_gpu=gpu > 0)``, ``cpu``/``gpu`` per worker, calling
+  ``.fit()`` (Ray Train V2's way to run Train inside Tune; ``Tuner(trainer)`` is deprecated).
+  Each worker runs ``run_cell`` on its rank (``cell_worker``); rank 0 reports each evaluation
+  with its ``cell.pt`` as a Train checkpoint (``<results root>/ray/train/<cell id>``, the newest
+  kept; Train's run snapshot survives a kill), ``TuneReportCallback`` hands the metrics to the
+  trial, so the same progress lines print. A failed worker fails the fit; Tune retries the trial
+  (``max_failures``) and its new TorchTrainer of the same name resumes from the newest
+  checkpoint. ``max_concurrent_trials`` keeps the fits within the cluster's resources.
+- Ray's storage is ``<results root>/ray``: experiments ``<study>-<k>``, each with a
+  ``<study>-<k>.cells.json`` beside it naming its cells. A later ``harness run`` starts
+  ``<study>-<k+1>`` over every cell without a final row; an interrupted cell continues from the
+  newest ``cell.pt`` any experiment stored for it. Ray's ``Tuner.restore`` is never called: it
+  would unpickle Ray's experiment state from the results root, which is not trusted to hold
+  code. The ``status=done`` rows are the truth about what finished, never Ray's ResultGrid.
+
+Rounds: a study with a ``seeds:`` plan runs the cells ``harness.orchestrate.rounds.plan`` names (its first
+seeds, the cells already stored, and the next seeds of the groups of open claims), then plans
+again from the stored rows, one Ray experiment per round, until no open claim needs a new cell.
+
+Clusters: ``--address auto`` (or ``RAY_ADDRESS``) joins a running cluster; the results root (and
+so Ray's storage) must then be a path every node sees or a pyarrow URI (``s3://...``), and the
+cache folder (``HARNESS_CACHE``, else ``<results root>/cache``) a shared path too: teachers are
+trained on any node and read by every cell. On a cluster of several nodes, a cache on a local
+filesystem gets one printed note. The harness must be installed on every node.
+Ray 2.60 turns on token authentication when ``ray.init()`` starts a local instance (token in
+``~/.ray/auth_token``); every node of a cluster and every driver joining it needs the same
+setting: export ``RAY_AUTH_MODE=token`` and the same ``RAY_AUTH_TOKEN`` (or a shared
+``RAY_AUTH_TOKEN_PATH``) on all of them before ``ray start`` and ``harness run``, or set
+``RAY_AUTH_MODE=disabled`` on all of them, only on a private network.
+
+Safety: study files are parsed as data (``yaml.safe_load``), nothing in them is evaluated, and
+checkpoints are read with ``torch.load(weights_only=True)`` (``io.load_torch``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+
+from harness.declare import hashing, tracking_spec
+from harness.store import pins, results as store, tracking
+from harness.orchestrate import rounds
+from harness.store.lock import acquire_lock
+from harness.orchestrate.status import FINAL, cell_states, dry_run_report, fingerprints
+from harness.orchestrate.status import study_status as _study_status
+from harness.declare.study import load_study
+from harness.orchestrate.trainables import _teachers, _trainable, storage_of
+from harness.store.tuning import apply_pinned
+
+REUSE_ACTORS = True  # a finished trial's worker runs the next cell: no process start per cell
+EXIT_USAGE = 2
+
+
+def study_status(path: str, results: str | None = None, overrides: dict | None = None) -> str:
+    """``harness status``: read-only counts, compute spent, ETA and a table (harness.orchestrate.status)."""
+    return _study_status(path, results, overrides)
+
+
+def results_root(root: str) -> str:
+    return root.rstrip("/") if "://" in root else os.path.abspath(os.path.expanduser(root))
+
+
+def cache_root(root: str) -> str:
+    return store.cache_for(root)
+
+
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "gpfs",
+              "beegfs", "9p", "afs", "panfs", "wekafs", "juicefs", "fuse")
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem that holds ``path`` (Linux ``/proc/mounts``), or None."""
+    path, best = os.path.realpath(path), (-1, None)
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) > 2]
+    except OSError:
+        return None
+    for point, kind in mounts:
+        point = point.replace("\\040", " ")
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > best[0]:
+            best = (len(point), kind)
+    return best[1]
+
+
+def cache_note(cache: str, nodes: int) -> str | None:
+    """The one note for a teacher cache on a local filesystem when Ray has several nodes."""
+    kind = filesystem_type(cache)
+    if nodes < 2 or (kind and kind.split(".")[0] in NETWORK_FS):
+        return None
+    return (f"note: the teacher cache {cache} is a local path ({kind or 'filesystem unknown'}) "
+            f"and this Ray cluster has {nodes} nodes: teachers train on any node and every cell "
+            f"reads them, so every node must see this folder at the same path (a shared mount). "
+            f"Otherwise set HARNESS_CACHE to one (README, Running on a cluster).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray: connect, check resources, quiet logs, experiments
+
+def connect(address: str | None) -> bool:
+    """Start or join Ray unless this process already did; True if this call started it."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ctrl-C raises KeyboardInterrupt in the driver (exit 130 and the harness's own resume line)
+    # instead of Tune's handler, which stops the sweep and prints its Tuner.restore hint
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # Ray's notice that a local instance turned token auth on (README, cluster section) is not
+    # the user's first line: dropped from its own logger only, nothing else is silenced
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: "Token authentication is enabled" not in record.getMessage())
+    ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING,
+             include_dashboard=False)
+    return True
+
+
+def resource_problem(study) -> str | None:
+    """Why no trial (or teacher task) could ever be scheduled, or None (Ray would leave them
+    pending forever)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    w = study.workers
+    for what, key, need, count in (("cell" if w == 1 else "worker of a cell", "resources",
+                                    study.resources, w),
+                                   ("teacher", "teacher_resources", study.teacher_resources, 1)):
+        for kind, res in (("GPU", "gpu"), ("CPU", "cpu")):
+            biggest = max((n.get(kind, 0) for n in nodes), default=0)
+            total = ray.cluster_resources().get(kind, 0)
+            if need[res] > 0 and (biggest < need[res] or total < count * need[res]):
+                setting = "resources: {gpu: 0}" if res == "gpu" else f"a smaller {key}.cpu"
+                if count > 1:
+                    setting += " or fewer resources.workers"
+                return (f"study {study.name!r} ({study.path}) asks for {need[res]:g} {kind}(s) "
+                        f"per {what} ({key}.{res}"
+                        + (f", {count} workers: {count * need[res]:g} in all" if count > 1 else "")
+                        + f"), but the Ray cluster has {total:g} {kind}(s) in all and at most "
+                        f"{biggest:g} on one node, so Ray would leave it pending forever. Run it "
+                        f"where such nodes exist (--address / RAY_ADDRESS to join a cluster) or "
+                        f"set {setting} in the study file. Nothing was run.")
+    return None
+
+
+def _concurrency(study) -> int | None:
+    """At most how many data-parallel cells fit the cluster at once (None: no limit needed,
+    Tune packs one-worker trials by their own resources)."""
+    import ray
+
+    if study.workers == 1:
+        return None
+    total = ray.cluster_resources()
+    fits = [total.get(kind, 0) // (study.workers * study.resources[key])
+            for kind, key in (("CPU", "cpu"), ("GPU", "gpu")) if study.resources[key] > 0]
+    return max(1, int(min(fits, default=1)))
+
+
+def _fit(tuner) -> dict[str, str]:
+    """Run a Tuner; {cell id: error summary} for the trials that ended in error."""
+    from harness.orchestrate.progress import error_summary
+
+    grid = tuner.fit()
+    errors = {}
+    for i in range(len(grid)):
+        result = grid[i]
+        if result.error is not None and result.config:
+            errors[result.config.get("cell")] = error_summary(str(result.error))
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# run_study
+
+def run_study(path: str, results: str | None = None, address: str | None = None,
+              dry_run: bool = False, device: str = "auto", cell_fn=None, teacher_fn=None,
+              overrides: dict | None = None) -> int:
+    """Run (or resume) every unfinished cell of a study; 0 when all are done or diverged, 1 when
+    some failed or remain, 2 when the study cannot run (locked, impossible resources).
+
+    ``cell_fn`` replaces ``harness.orchestrate.cell.run_cell`` in the trainable, ``teacher_fn``
+    ``harness.orchestrate.teacher.load_or_train`` in the teacher tasks (tests inject failures).
+    ``overrides``: ``--set`` settings ({section: {key: value}}, ``harness.declare.overrides``).
+    """
+    study = load_study(path, overrides)
+    root = results_root(results or study.results_root)
+    store.check_root(root)
+    study = apply_pinned(study, root, strict=not dry_run)  # harness.store.tuning: tuned values
+    cache = cache_root(root)
+    if dry_run:
+        return dry_run_report(study, root, cache)
+    fp, datasets = fingerprints(study)
+    # Read-only first: what is pinned and done. Nothing is written before resources are checked.
+    study = rounds.with_cells(study, rounds.plan(study, root, fp).cells)
+    plan = pins.pin_study(study, root, fp, write=False)
+    states = cell_states(store.load_rows(root), plan.ids)
+    pending = [c for c in plan.ids if states[c]["state"] not in FINAL]
+    if not pending:
+        diverged = sum(s["state"] == "diverged" for s in states.values())
+        print(f"all {len(plan.ids)} cells done"
+              + (f" ({diverged} of them diverged)" if diverged else "")
+              + f": their results are stored in {root}, so nothing was trained. To compute "
+                f"them again, run with another --results folder (or move this one aside).")
+        return 0
+    started = connect(address)
+    try:
+        problem = resource_problem(study)
+        if problem:
+            print("error: " + problem, file=sys.stderr)
+            return EXIT_USAGE
+        import ray
+
+        note = cache_note(cache, sum(1 for n in ray.nodes() if n.get("Alive")))
+        if note:
+            print(note)
+        study.tracking = tracking.preflight(study.tracking, study.name)
+        with acquire_lock(root, cache):
+            return _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn) -> int:
+    """Run the study's pending cells; with a seeds plan, round after round until no claim is
+    open (each round re-planned from the stored rows: ``harness.orchestrate.rounds``)."""
+    from harness.orchestrate.progress import quiet_tune
+
+    n = 0
+    while True:
+        n += 1
+        pin = pins.pin_study(study, root, fp)
+        for note in pin.notes:
+            print(f"note: {note}")
+        if pin.orphaned and n == 1:
+            print(f"{len(pin.orphaned)} orphaned cells (no longer in the study; their "
+                  f"results are kept and left out of figures): {', '.join(pin.orphaned)}")
+        states = cell_states(store.load_rows(root), pin.ids)
+        pending = [c for c in pin.ids if states[c]["state"] not in FINAL]
+        if n == 1:
+            for line in tracking.describe(study.tracking, root):
+                print(line)
+        code = 0
+        if pending:
+            _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn)
+            with quiet_tune():
+                code = _sweep(study, pin, pending, root, cache, device, cell_fn)
+        if study.claims.seeds is None or code != 0:
+            return code
+        nxt = rounds.plan(study, root, fp)
+        for line in rounds.describe_round(nxt):
+            print(line)
+        if not nxt.adds:
+            return 0
+        seeds = max(len(v.next_seeds) for v in nxt.open)
+        print(f"round {study.claims.seeds.looks().index(seeds) + 1}: {len(nxt.adds)} cells added "
+              f"for the open claims")
+        study = rounds.with_cells(study, nxt.cells)
+
+
+def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
+    from ray import tune
+
+    from harness.orchestrate.cell import cell_columns
+    from harness.orchestrate.progress import Progress, checkpoint_files, experiments, prune_finished
+
+    storage, cells = storage_of(root), dict(pin.current)
+    labels = {}
+    for cid, c in cells.items():
+        col = cell_columns(c.config, study.name, cid, c.axes)
+        labels[cid] = f"[{col['loss']} | {col['init']} | seed {col['seed']}]"
+    kimg = {cid: c.config["student"]["kimg"] for cid, c in cells.items()}
+
+    def run_config(name, n):
+        return tune.RunConfig(
+            name=name, storage_path=storage, verbose=0,
+            callbacks=[Progress(labels, {c: kimg[c] for c in pending}, n,
+                                len(pin.ids) - len(pending), len(pin.ids))],
+            failure_config=tune.FailureConfig(max_failures=study.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None))  # see progress.Progress
+
+    # Ray's own restore (Tuner.restore) unpickles tuner.pkl and the experiment state from the
+    # results root, which anyone who can write there (or the author of a copied folder) controls.
+    # It is never called: every run is a new experiment over the cells without a final row, and
+    # each cell resumes from its newest stored cell.pt (read as data, digest checked), which is
+    # all a restore would have given back. The harness's own rows say what is finished.
+    known = experiments(storage, study.name)
+    errors = {}
+    rest = list(pending)
+    resuming = {cid for cid, _, _ in checkpoint_files(storage, study.name)} & set(rest)
+    if resuming:
+        print(f"{len(resuming)} unfinished cells resume from their last checkpoint")
+    if rest:
+        k = max((k for k, _, _ in known), default=0) + 1
+        name = f"{study.name}-{k}"
+        store.write_bytes_atomic(storage, f"{name}.cells.json", json.dumps(
+            {"experiment": name, "study": study.name, "cells": rest}, indent=1).encode())
+        each = (f"{study.resources['cpu']:g} CPU and {study.resources['gpu']:g} GPU each"
+                if study.workers == 1 else f"{study.workers} Ray Train workers each (data "
+                f"parallel), {study.resources['cpu']:g} CPU and {study.resources['gpu']:g} GPU "
+                f"per worker")
+        print(f"Ray experiment {name}: {len(rest)} cells, {each}, max_failures "
+              f"{study.max_failures}; Ray's logs in {storage}/{name}")
+        tuner = tune.Tuner(_trainable(study, cells, rest, root, cache, device, cell_fn),
+                           param_space={"cell": tune.grid_search(rest)},
+                           tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(study),
+                                                       reuse_actors=REUSE_ACTORS),
+                           run_config=run_config(name, len(rest)))
+        errors.update(_fit(tuner))
+    prune_finished(storage, study.name, pin.ids, root)
+    return _finish(study, pin, root, cells, errors)
+
+
+def _finish(study, pin, root, cells, errors: dict) -> int:
+    """Record failed cells (unless a final row exists), print the summary, choose the exit code."""
+    from harness import __version__
+    from harness.orchestrate.cell import cell_columns
+
+    states = cell_states(store.load_rows(root), pin.ids)
+    rows = []
+    for cid, message in errors.items():
+        s = states.get(cid)
+        if s is None or s["state"] in FINAL:
+            continue
+        rows.append({**cell_columns(cells[cid].config, study.name, cid, cells[cid].axes),
+                     "kimg": s["kimg"], "step": s["step"], "metric": "failed", "value": math.nan,
+                     "protocol": f"the cell raised; Ray tried it {study.max_failures + 1} times",
+                     "wall_s": s["wall_s"], "status": "failed", "message": message,
+                     "version": __version__})
+        s["state"], s["message"] = "failed", message
+    store.write_rows(root, rows)
+    count = {k: sum(s["state"] == k for s in states.values())
+             for k in ("done", "diverged", "failed", "unfinished", "pending")}
+    print(f"study {study.name}: " + ", ".join(f"{k} {v}" for k, v in count.items())
+          + f" of {len(pin.ids)} cells; results in {root}")
+    for cid in pin.ids:
+        if states[cid]["state"] == "failed":
+            print(f"  failed: cell {cid} [{cells[cid].label}]: {states[cid]['message'] or ''}")
+    left = len(pin.ids) - count["done"] - count["diverged"]
+    if left:
+        print(f"{left} cells not finished: run the same command again to retry or resume them")
+    return 0 if not left else 1

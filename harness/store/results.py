@@ -1,0 +1,346 @@
+"""The append-only results store: tidy Parquet rows and uint8 sample grids.
+
+Layout under a study's results root (a local folder or any pyarrow filesystem URI)::
+
+    rows/part-<utc>-<uuid>.parquet      one (cell, kimg, metric) per row, schema ROWS
+    samples/part-<utc>-<uuid>.parquet   uint8 samples per (cell, kimg), schema SAMPLES
+
+Every write is a new, uniquely named file written under a dot-temp name and renamed into place,
+so concurrent writers and crashes never leave a half file visible and nothing is overwritten.
+Loading drops rows repeated by a resumed cell, keeping the newest ``written_at``.
+No torch and no Ray here: analysis reads results through this module alone.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import posixpath
+import sys
+import uuid
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from harness.store import environment
+from harness.declare.config import param_columns
+
+_ARROW = {str: pa.string(), float: pa.float64(), int: pa.int64(), bool: pa.bool_()}
+ROWS = pa.schema([
+    ("study", pa.string()),
+    ("cell", pa.string()),  # cell id, or ``ref-...`` for reference rows
+    ("loss", pa.string()),  # loss label (config.loss_label), "reference" for reference rows
+    ("init", pa.string()),  # init label (config.init_label), or the reference's name
+    # one typed column per loss/init parameter, declared in harness.declare.config (null where the
+    # cell's scheme has no such parameter): loss_family, init_scheme, reset_groups ('+'-joined),
+    # reinit, sigma_feat, ...
+    *((col, _ARROW[kind]) for col, kind in param_columns().items()),
+    ("seed", pa.int64()),
+    ("axes", pa.string()),  # JSON {axis path: value} of every grid axis of the cell
+    ("kimg", pa.float64()),
+    ("step", pa.int64()),
+    ("metric", pa.string()),  # carries its protocol: fd_digits_1k, mmd_toy2d_1k, img_per_s ...
+    ("value", pa.float64()),
+    ("protocol", pa.string()),  # how the metric was computed, in words
+    ("wall_s", pa.float64()),  # the cell's own compute seconds so far
+    ("status", pa.string()),  # running | done | diverged | failed | reference | tuning
+    ("message", pa.string()),  # why a cell failed or diverged; null otherwise
+    ("version", pa.string()),
+    ("written_at", pa.timestamp("us", tz="UTC")),
+])
+SAMPLES = pa.schema([
+    ("study", pa.string()),
+    ("cell", pa.string()),
+    ("loss", pa.string()),
+    ("init", pa.string()),
+    ("seed", pa.int64()),
+    ("kimg", pa.float64()),
+    ("shape", pa.list_(pa.int64())),  # N, C, H, W (toy2d: N, 2)
+    ("data", pa.binary()),  # uint8 bytes; toy2d: float32 bytes of the points
+    ("dtype", pa.string()),
+    ("written_at", pa.timestamp("us", tz="UTC")),
+])
+BOOKKEEPING = ("img_per_s", "peak_mem_mb", "generator_params", "aux_params", "diverged", "failed")
+"""Metric rows that describe a run, not its samples' quality."""
+STATUSES = ("running", "done", "diverged", "failed", "reference", "tuning")
+"""``tuning``: an evaluation of a ``harness tune`` trial (harness.store.tuning), never a cell's."""
+KEY = ["cell", "kimg", "metric", "protocol"]
+"""A row is one (cell, kimg, metric) under one protocol: `harness rescore` adds rows under a new
+protocol beside the old ones; a resumed cell's repeated rows resolve to the newest."""
+
+
+class RootError(ValueError):
+    """A results root that cannot hold results (for example an existing file)."""
+
+
+def check_root(root: str) -> None:
+    """Refuse a results root that exists but is not a folder, before anything is written."""
+    fs, base = filesystem(root)
+    kind = fs.get_file_info(base).type
+    if kind not in (pafs.FileType.NotFound, pafs.FileType.Directory):
+        raise RootError(f"the results root {root} exists and is a file, not a folder: results "
+                        f"cannot be stored there. Give the study another `results:` path (or "
+                        f"--results), or move that file aside.")
+
+
+def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it for a local path or a URI (s3://, file://).
+
+    ``s3://`` takes its endpoint, credentials and region from the standard AWS variables
+    (``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3`` for an S3-compatible store,
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), which pyarrow's
+    ``FileSystem.from_uri`` honours itself (``AWS_ENDPOINT_URL`` since Arrow 13, the ``_S3``
+    form since 15; checked in tests/test_s3.py), as do Ray's storage and boto3."""
+    if "://" in root:
+        return pafs.FileSystem.from_uri(root)
+    return pafs.LocalFileSystem(), posixpath.abspath(root)
+
+
+def now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _write(root: str, kind: str, table: pa.Table) -> str:
+    fs, base = filesystem(root)
+    folder = posixpath.join(base, kind)
+    fs.create_dir(folder, recursive=True)
+    name = f"part-{now():%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
+    tmp, final = posixpath.join(folder, "." + name), posixpath.join(folder, name)
+    with fs.open_output_stream(tmp) as out:
+        pq.write_table(table, out)
+    fs.move(tmp, final)
+    return final
+
+
+def write_rows(root: str, rows: list[dict]) -> str | None:
+    """Append rows (dicts keyed by ROWS' names; missing keys are null) as one new file."""
+    if not rows:
+        return None
+    stamp = now()
+    rows = [{**{n: None for n in ROWS.names}, "written_at": stamp, **r} for r in rows]
+    bad = {r["status"] for r in rows} - set(STATUSES)
+    if bad:
+        raise ValueError(f"unknown status {sorted(bad)}; known: {STATUSES}")
+    record_versions(root)
+    return _write(root, "rows", pa.Table.from_pylist(rows, schema=ROWS))
+
+
+_VERSIONS_RECORDED: set = set()  # results roots this process has recorded its versions in
+
+
+def record_versions(root: str) -> None:
+    """``versions/<hash>.json`` for this process's software (``harness.store.environment``), once per
+    process and root; the same set of versions is the same file, so nothing races."""
+    name, data = environment.record()
+    if (root, name) in _VERSIONS_RECORDED:
+        return
+    if read_bytes(root, f"{environment.FOLDER}/{name}") is None:
+        write_bytes_atomic(root, f"{environment.FOLDER}/{name}", data)
+    _VERSIONS_RECORDED.add((root, name))
+
+
+def load_versions(root: str) -> list[dict]:
+    """The version sets recorded under ``root`` (``record_versions``), unreadable files skipped."""
+    fs, base = filesystem(root)
+    info = fs.get_file_info(pafs.FileSelector(posixpath.join(base, environment.FOLDER),
+                                              allow_not_found=True))
+    out = []
+    for i in sorted(info, key=lambda i: i.path):
+        if i.type != pafs.FileType.File or not i.path.endswith(".json"):
+            continue
+        try:
+            with fs.open_input_stream(i.path) as f:
+                doc = json.loads(f.read().decode())
+        except (OSError, ValueError):
+            continue
+        ok = isinstance(doc, dict) and isinstance(doc.get("recorded_at", ""), str) and \
+            isinstance(doc.get("versions"), dict) and \
+            all(v is None or isinstance(v, str) for v in doc["versions"].values())
+        if ok:  # anything else is not ours (or was edited): left out, never a crash
+            out.append(doc)
+    return out
+
+
+SAMPLE_KINDS = ("samples", "final")
+"""``samples``: the first ``eval.samples`` of every evaluation (grids); ``final``: all ``eval.n``
+samples of a cell's final evaluation (``eval.final_samples``), what ``harness rescore`` reads."""
+
+
+def write_samples(root: str, meta: dict, array, kind: str = "samples") -> str:
+    """Store one evaluation's samples: ``array`` is a numpy array (uint8 images or 2-D points)."""
+    assert kind in SAMPLE_KINDS, kind
+    row = {**{n: None for n in SAMPLES.names}, **meta, "shape": list(array.shape),
+           "data": array.tobytes(), "dtype": str(array.dtype), "written_at": now()}
+    return _write(root, kind, pa.Table.from_pylist([row], schema=SAMPLES))
+
+
+def _read(root: str, kind: str, schema: pa.Schema) -> pa.Table:
+    fs, base = filesystem(root)
+    folder = posixpath.join(base, kind)
+    info = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    files = sorted(i.path for i in info if i.type == pafs.FileType.File
+                   and posixpath.basename(i.path).startswith("part-")
+                   and i.path.endswith(".parquet"))
+    if not files:
+        return schema.empty_table()
+    return read_parts(fs, files, schema)
+
+
+QUARANTINE = "quarantine"
+
+
+def read_parts(fs, files: list[str], schema: pa.Schema, filters=None) -> pa.Table:
+    """The part files as one table. A part that cannot be read (truncated by a full disk, a
+    bit flip, a foreign file) is moved into ``<store>/quarantine/`` (never read again; left in
+    place where the root is read-only) with a note naming it, and every other row is used."""
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, filesystem=fs, schema=schema, filters=filters))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            _quarantine(fs, f, f"{type(e).__name__}: {str(e)[:160]}")
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _quarantine(fs, path: str, why: str) -> None:
+    folder = posixpath.join(posixpath.dirname(path), QUARANTINE)
+    target = posixpath.join(folder, posixpath.basename(path))
+    try:
+        fs.create_dir(folder, recursive=True)
+        fs.move(path, target)
+        where = f"moved to {target}"
+    except OSError:
+        where = "left in place (the results root is not writable)"
+    print(f"note: the results file {path} is unreadable ({why}); {where} and left out: every "
+          f"other row is used. Delete it once inspected; the cells it held rerun or resume "
+          f"as needed.", file=sys.stderr)
+
+
+def load_rows(root: str):
+    """All rows as a pandas DataFrame, repeated (cell, kimg, metric) rows resolved to the newest."""
+    df = _read(root, "rows", ROWS).to_pandas()
+    if df.empty:
+        return df
+    df = df.sort_values("written_at", kind="stable")
+    return df.drop_duplicates(KEY, keep="last").reset_index(drop=True)
+
+
+def load_samples(root: str, kind: str = "samples"):
+    """Stored samples as a DataFrame; decode one with ``decode_samples(row)``."""
+    df = _read(root, kind, SAMPLES).to_pandas()
+    if df.empty:
+        return df
+    df = df.sort_values("written_at", kind="stable")
+    return df.drop_duplicates(["cell", "kimg"], keep="last").reset_index(drop=True)
+
+
+def decode_samples(row):
+    import numpy as np
+
+    return np.frombuffer(row["data"], dtype=row["dtype"]).reshape(tuple(row["shape"]))
+
+
+def cell_status(df) -> dict[str, str]:
+    """Final status per cell from loaded rows: done > diverged > failed > running."""
+    out = {}
+    if df.empty:
+        return out
+    rank = {"done": 3, "diverged": 2, "failed": 1, "running": 0}
+    for cell, status in df.loc[~df.status.isin(("reference", "tuning")),
+                               ["cell", "status"]].itertuples(index=False):
+        if rank[status] >= rank.get(out.get(cell), -1):
+            out[cell] = status
+    return out
+
+
+def compact(root: str) -> tuple[int, int]:
+    """Merge each store's part files into one (repeated rows resolved to the newest), then
+    remove the merged files. Run it only while no cell writes (``harness compact`` holds the
+    study lock). A crash in between leaves both copies; loading resolves them to one.
+    Returns (files before, files after)."""
+    fs, base = filesystem(root)
+    before = after = 0
+    stores = [("rows", ROWS, load_rows)] + [
+        (kind, SAMPLES, lambda r, k=kind: load_samples(r, k)) for kind in SAMPLE_KINDS]
+    for kind, schema, load in stores:
+        folder = posixpath.join(base, kind)
+        loaded = load(root)  # first: an unreadable part is quarantined, never merged or deleted
+        info = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        old = [i.path for i in info if i.type == pafs.FileType.File
+               and posixpath.basename(i.path).startswith("part-")]
+        before += len(old)
+        if len(old) <= 1:
+            after += len(old)
+            continue
+        table = pa.Table.from_pandas(loaded, schema=schema, preserve_index=False)
+        _write(root, kind, table)
+        for path in old:
+            fs.delete_file(path)
+        after += 1
+    return before, after
+
+
+SMALL_DOCUMENT_MAX = 256 << 20  # pin.json, the lock, cells.json: far smaller in any real study
+
+
+def read_bytes(root: str, name: str, max_bytes: int = SMALL_DOCUMENT_MAX) -> bytes | None:
+    """A small document of the root, None if absent; at most ``max_bytes`` are read (a link to
+    ``/dev/zero`` or a huge planted file is a ``RootError``, not a hang)."""
+    fs, base = filesystem(root)
+    path = posixpath.join(base, name)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise RootError(f"{path} is larger than {max_bytes >> 20} MB, far more than the harness "
+                        f"writes there; move it aside and run again")
+    return data
+
+
+def write_bytes_atomic(root: str, name: str, data: bytes) -> None:
+    """Replace ``root/name`` atomically (for pin.json and similar small documents)."""
+    fs, base = filesystem(root)
+    path = posixpath.join(base, name)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}")
+    with fs.open_output_stream(tmp) as out:
+        out.write(data)
+    fs.move(tmp, path)
+
+
+def cache_for(root: str | None, log=print) -> str:
+    """THE cache resolver (teachers, extractors, mapping_match nets) of every command:
+    ``$HARNESS_CACHE`` if set, else ``<results root>/cache`` for a local root (``harness run``,
+    ``harness cell --out ROOT``: the same root finds the same teachers), else
+    ``~/.cache/harness`` (a remote root, said in a note: every Ray node must see that path)."""
+    import os
+
+    if os.environ.get("HARNESS_CACHE"):  # a local or mounted folder; s3:// is a user error
+        return cache_folder(os.environ["HARNESS_CACHE"])
+    if root is not None and "://" not in root:
+        return os.path.join(os.path.abspath(os.path.expanduser(root)), "cache")
+    path = os.path.expanduser("~/.cache/harness")
+    if root is not None:
+        log(f"note: teachers are cached in {path} (HARNESS_CACHE is not set and the results root "
+            f"{root} is not a local folder): every Ray node must see the same cache at that path")
+    return path
+
+
+def cache_folder(value: str, where: str = "HARNESS_CACHE") -> str:
+    """The teacher and extractor cache as an absolute local folder; an object-store URI is a
+    user error (``config.ConfigError``, exit 2): torch and torch-fidelity open cache files by
+    path, so the cache cannot live on S3."""
+    if "://" in value and not value.startswith("file://"):
+        from harness.declare.config import ConfigError
+
+        raise ConfigError(where, (
+            f"{value!r} is an object-store URI, but the cache of teachers and feature "
+            f"extractors must be a folder on the filesystem (torch and torch-fidelity open its "
+            f"files by path); only the results root (--results / results:) may be s3://. Set "
+            f"{where} to a local folder, on a Ray cluster to a shared mount that every node sees "
+            f"at the same path (NFS, or the bucket mounted with a FUSE tool such as "
+            f"mountpoint-s3), or leave it unset (`harness run` then uses <results root>/cache "
+            f"for a local results root, ~/.cache/harness otherwise). Nothing was run."))
+    return os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
