@@ -4,6 +4,6 @@ Entry points: ``analysis.figures.make_all`` (every figure), ``analysis.report.wr
 (the study page) and ``analysis.open_study`` (frames and claims for a notebook). Reads results
 only through ``harness.store.results`` and labels through ``harness.declare.config``; never imports torch or Ray.
 """
-from .notebook import StudyResults, open_study
+from analysis.notebook import StudyResults, open_study
 
 __all__ = ["StudyResults", "open_study"]

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.figures import make_all
 from harness.store.results import ROWS, SAMPLES, load_rows
 
 LOSSES = ["di", "sid", "ratio_kl", "ratio_js", "ratio_rkl"]
@@ -133,7 +134,6 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--keep", help="build the store here and keep it")
     args = ap.parse_args(argv)
-    from analysis.figures import make_all
 
     tmp = args.keep or tempfile.mkdtemp(prefix="bench-figures-")
     try:

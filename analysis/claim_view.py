@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from analysis.claims import claim_results
+from analysis.claims_report import rule_of, statement_of
+from analysis.data import Study
 from harness.declare.claims_spec import ClaimsSpec
-
-from .claims import claim_results
-from .claims_report import rule_of, statement_of
-from .data import Study
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,14 @@ import json
 import numpy as np
 import pandas as pd
 
+from analysis.claims_base import METHOD_SIMULTANEOUS, NOT_TESTED, ClaimResult, Groups, finish
+from analysis.claims_c3 import c3, c3c, c3d, c3e, reset_claim
+from analysis.stats import look_alphas
+from analysis.style import base_loss, fmt_num
+from analysis.tables import fmt_pct
+from analysis.verifier import claim_c4
 from harness.declare.claims_spec import ClaimsSpec
 from harness.declare.config import TEACHER_SCORE_FAMILIES
-
-from .claims_base import METHOD_SIMULTANEOUS, NOT_TESTED, ClaimResult, Groups, finish
-from .claims_c3 import c3, c3c, c3d, c3e, reset_claim
-from .stats import look_alphas
-from .style import base_loss, fmt_num
-from .tables import fmt_pct
 
 STATEMENTS = {
     "C1": "Losses that never call the teacher's score (density-ratio family) train one-step "
@@ -253,8 +253,6 @@ def claim_results(study, spec: ClaimsSpec | None = None, rows: pd.DataFrame | No
             extra += res[1:]
         out += [c3(subs)] + subs + extra
     if rows is not None and rows["metric"].str.contains("@", regex=False).any():
-        from .verifier import claim_c4  # (verifier draws figures: matplotlib, off this path)
-
         out.append(_replay_c4(study, rows, spec, claim_c4))
     for v in out:
         v.kimg = kimg

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .stats import abs_interval, decide, fieller, seeds_to_decide
-from .style import fmt_pm, loss_sort_key
-from .tables import fmt_pct
+from analysis.stats import abs_interval, decide, fieller, seeds_to_decide
+from analysis.style import fmt_pm, loss_sort_key
+from analysis.tables import fmt_pct
 
 NOT_TESTED = "not tested by this study"
 NOT_JUDGED = "not judged (legacy re-init)"

@@ -9,12 +9,19 @@ import itertools
 
 import numpy as np
 
+from analysis.claims_base import (
+    METHOD_SIMULTANEOUS,
+    NOT_JUDGED,
+    NOT_TESTED,
+    ClaimResult,
+    Groups,
+    abs_ratio,
+    extreme,
+    finish,
+)
+from analysis.data import legacy_reinit
+from analysis.style import fmt_num
 from harness.declare.config import GROUPS
-
-from .claims_base import (METHOD_SIMULTANEOUS, NOT_JUDGED, NOT_TESTED, ClaimResult, Groups,
-                          abs_ratio, extreme, finish)
-from .data import legacy_reinit
-from .style import fmt_num
 
 
 def _gap_coefs(losses, inits, x_terms: dict, closes: bool = False):

@@ -9,12 +9,12 @@ import os
 import numpy as np
 import pandas as pd
 
+from analysis.claims import RULES, SEEDS_RULE, STATEMENTS, ClaimResult, claim_results
+from analysis.data import Study
+from analysis.style import RC, legend_below, panel_grid, save, write_csv
+from analysis.tables import footer_md, footer_tex, md_escape, provenance_lines, tex_escape
+from analysis.verifier import RULE_C4, STATEMENT_C4
 from harness.declare.claims_spec import ClaimsSpec
-
-from .claims import RULES, SEEDS_RULE, STATEMENTS, ClaimResult, claim_results
-from .data import Study
-from .style import RC, legend_below, panel_grid, save, write_csv
-from .tables import footer_md, footer_tex, md_escape, provenance_lines, tex_escape
 
 
 def _seeds_cell(v: ClaimResult) -> str:
@@ -53,14 +53,12 @@ def _data(study: Study, verdicts: list[ClaimResult], kimg: float | None = None) 
 
 
 def rule_of(claim: str) -> str:
-    from .verifier import RULE_C4
 
     base = claim.split("[")[0]
     return RULE_C4 if base == "C4" else RULES[base]
 
 
 def statement_of(claim: str) -> str:
-    from .verifier import STATEMENT_C4
 
     base = claim.split("[")[0]
     return STATEMENT_C4 if base == "C4" else STATEMENTS[base]

@@ -16,13 +16,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from analysis.grid_axes import axis_levels, extra_axis_labels
+from analysis.protocol import FLOOR_NAMES, ProtocolChoice, select_protocol
+from analysis.style import (
+    REFERENCE_NAMES,
+    _nn,
+    base_loss,
+    display_init,
+    init_sort_key,
+    loss_palette,
+    loss_sort_key,
+)
+from analysis.tuning import load_tuned
 from harness.declare.config import INIT_SCHEMES, ConfigError, param_columns
+from harness.declare.hashing import PinError
 from harness.store.results import ROWS, cell_status, load_rows, read_bytes
-
-from .grid_axes import axis_levels, extra_axis_labels
-from .protocol import FLOOR_NAMES, ProtocolChoice, select_protocol
-from .style import _nn, base_loss, init_sort_key, loss_palette, loss_sort_key
-from .tuning import load_tuned
 
 QUALITY_PREFIXES = ("fid_", "fd_", "kid_", "mmd_", "swd_", "modes_", "precision_", "recall_")
 HIGHER_BETTER_PREFIXES = ("modes_", "precision_", "recall_")
@@ -163,7 +171,6 @@ class Study:
         return self.init_info.get(init, {})
 
     def display(self, init: str) -> str:
-        from .style import display_init
 
         return display_init(init, self.info(init))
 
@@ -200,7 +207,6 @@ class Study:
 def load_pin(root: str) -> set | None:
     """pin.json's ``current`` cells (None without a pin file or a ``current`` list). A corrupt
     or hand-broken file is a ``PinError`` naming it and the fix (exit 2), not a traceback."""
-    from harness.declare.hashing import PinError
 
     raw = read_bytes(root, "pin.json")
     if raw is None:
@@ -320,7 +326,6 @@ def _references(ref: pd.DataFrame, scores: pd.DataFrame, init_info: dict) -> pd.
                    "value"].to_numpy(dtype=float)
     if len(v):
         out.append(("initial", len(v), v.mean(), v.std(ddof=1) if len(v) > 1 else np.nan))
-    from .style import REFERENCE_NAMES
 
     refs = pd.DataFrame(out, columns=["name", "n", "mean", "std"])
     refs.insert(1, "label", refs["name"].map(REFERENCE_NAMES))

@@ -24,27 +24,37 @@ import time
 import zlib
 from contextlib import contextmanager
 
+import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patheffects import withStroke  # noqa: E402
 
+from analysis.claims_report import write_claims, write_claims_kimg
+from analysis.data import Study, load_study, ordered  # noqa: E402
+from analysis.init_figures import mapping, reset, transplant  # noqa: E402
+from analysis.overview_figures import forest, kimg0  # noqa: E402
+from analysis.panels import _draw_refs, _order_key, _ref_handles, _seeds_shown, _ylabel  # noqa: E402
+from analysis.samples import samples
+from analysis.seeds import seed_summary, seeds_text
+from analysis.style import (
+    KIMG_LABEL,
+    RC,
+    axis_limits,
+    fmt_num,
+    log_ticks,
+    panel_grid,
+    save,
+    use_log,
+    write_csv,
+)
+from analysis.tables import write_table
+from analysis.tuning import build as _tuning  # noqa: E402  (harness tune: metric vs hyperparameters)
+from analysis.verifier import verifier_figure
+from harness.base.safefs import prepare_output
 from harness.declare.claims_spec import ClaimsSpec
 from harness.declare.config import ConfigError
-from harness.base.safefs import prepare_output
-
-from .seeds import seed_summary, seeds_text
-from .style import (KIMG_LABEL, RC, axis_limits, fmt_num, log_ticks, panel_grid, save, use_log,
-                    write_csv)
-
-import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
-from matplotlib.lines import Line2D  # noqa: E402
-
-from .data import Study, load_study, ordered  # noqa: E402
-from .init_figures import mapping, reset, transplant  # noqa: E402
-from .overview_figures import forest, kimg0  # noqa: E402
-from .panels import (_draw_refs, _order_key, _ref_handles,  # noqa: E402
-                     _seeds_shown, _ylabel)
-from matplotlib.patheffects import withStroke  # noqa: E402
-from .tuning import build as _tuning  # noqa: E402  (harness tune: metric vs hyperparameters)
+from harness.store.results import load_rows
 
 # OUTPUTS: the keys of BUILDERS (below), in order: a new figure is one function + one entry
 
@@ -70,7 +80,6 @@ def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
     large number, every seed's value in small type under it (no mean ± std: groups can be
     bimodal). Inits run down the page so the figure stays a paper column wide."""
     import seaborn as sns
-
     from matplotlib.colors import LogNorm
 
     with timer("heatmap: aggregate"):
@@ -229,27 +238,23 @@ def curves(study: Study, out_dir: str, rng, timer) -> list[str]:
 
 # -------------------------------------------------------------------------------------- main
 def _samples(study, out_dir, rng, timer, root=None):
-    from .samples import samples
 
     return samples(study, out_dir, timer, root)
 
 
 def _table(study, out_dir, rng, timer):
-    from .tables import write_table
 
     with timer("table: aggregate+write"):
         return write_table(study, out_dir)
 
 
 def _claims(study, out_dir, rng, timer, claims=None, rows=None):
-    from .claims_report import write_claims
 
     with timer("claims: judge+write"):
         return write_claims(study, out_dir, claims, rows=rows)
 
 
 def _verifier(study, out_dir, rng, timer, rows=None):
-    from .verifier import verifier_figure
 
     with timer("verifier"):
         return verifier_figure(rows, out_dir, metric=study.metric, rng=rng,
@@ -257,7 +262,6 @@ def _verifier(study, out_dir, rng, timer, rows=None):
 
 
 def _claims_kimg(study, out_dir, rng, timer, claims=None):
-    from .claims_report import write_claims_kimg
 
     with timer("claims_kimg: judge per kimg+write"):
         return write_claims_kimg(study, out_dir, claims)
@@ -305,8 +309,6 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
     prepare_output(root if default_out else os.path.dirname(os.path.abspath(out_dir)), out_dir)
     timer = Timer(timings)
     if rows is None:
-        from harness.store.results import load_rows
-
         rows = load_rows(root)
     if only == "tuning":  # right after `harness tune`: no done cell needed
         return _tuning(None, out_dir, rng_for(seed, only), timer, root=root, rows=rows)

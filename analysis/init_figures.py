@@ -6,20 +6,24 @@ from __future__ import annotations
 
 import textwrap
 
+import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 import numpy as np
 import pandas as pd
-
-from .style import (RC, SIGMA_LABEL, axis_limits, legend_below, log_ticks, save, use_log,
-                    write_csv)
-
-import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
 
-from .data import Study, legacy_reinit, ordered  # noqa: E402
-
-from .panels import (_draw_refs, _order_key, _ref_handles, _seeds_shown,  # noqa: E402
-                     _ylabel)
-from .seeds import offsets, seed_summary, strip  # noqa: E402
+from analysis.data import Study, legacy_reinit, ordered  # noqa: E402
+from analysis.panels import _draw_refs, _order_key, _ref_handles, _seeds_shown, _ylabel  # noqa: E402
+from analysis.seeds import offsets, seed_summary, strip  # noqa: E402
+from analysis.style import (
+    RC,
+    SIGMA_LABEL,
+    axis_limits,
+    legend_below,
+    log_ticks,
+    save,
+    use_log,
+    write_csv,
+)
 
 
 # ------------------------------------------------------------------------------ points w/ CI

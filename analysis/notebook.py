@@ -18,13 +18,12 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from analysis.claim_view import Claim, claims_frame, judged_claims
+from analysis.data import Study, load_study
 from harness.declare.claims_spec import ClaimsSpec
 from harness.declare.config import ConfigError
-from harness.store.results import load_rows, read_bytes
 from harness.declare.study import load_study as load_study_file
-
-from .claim_view import Claim, claims_frame, judged_claims
-from .data import Study, load_study
+from harness.store.results import load_rows, read_bytes
 
 STRING_COLUMNS = ("cell", "loss", "loss_base", "init", "loss_family", "init_scheme", "status",
                   "reason", "message", "metric", "protocol", "study", "name", "label")

@@ -5,20 +5,17 @@ from __future__ import annotations
 import math
 import textwrap
 
+import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 import numpy as np
 import pandas as pd
-
-from harness.declare.claims_spec import ClaimsSpec
-
-from .style import RC, axis_limits, legend_below, log_ticks, save, use_log, write_csv
-
-import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
 
-from .claim_view import claims_frame, judged_claims  # noqa: E402
-from .data import Study  # noqa: E402
-from .panels import _seeds_shown, _ylabel  # noqa: E402
-from .seeds import offsets  # noqa: E402
+from analysis.claim_view import claims_frame, judged_claims  # noqa: E402
+from analysis.data import Study  # noqa: E402
+from analysis.panels import _seeds_shown, _ylabel  # noqa: E402
+from analysis.seeds import offsets  # noqa: E402
+from analysis.style import RC, axis_limits, legend_below, log_ticks, save, use_log, write_csv
+from harness.declare.claims_spec import ClaimsSpec
 
 
 # ------------------------------------------------------------------------------------- forest

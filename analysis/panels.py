@@ -3,12 +3,10 @@ the reference lines (teacher Heun-35, data floor) with their labels."""
 from __future__ import annotations
 
 import pandas as pd
-
-from .style import REFERENCE_STYLE, fmt_num, metric_label
-
 from matplotlib.lines import Line2D  # noqa: E402  (style selected the Agg backend)
 
-from .data import Study  # noqa: E402
+from analysis.data import Study  # noqa: E402
+from analysis.style import REFERENCE_STYLE, fmt_num, metric_label
 
 
 def _ylabel(study: Study, wrap: bool = False) -> str:

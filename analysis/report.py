@@ -18,14 +18,13 @@ import json
 import os
 import tempfile
 
+from analysis.claim_view import Claim
+from analysis.figures import OUTPUTS, make_all
+from analysis.notebook import StudyResults, open_study
+from analysis.report_html import esc, num, page, table, verdict_span
+from analysis.tables import fmt_pct
 from harness.declare.claims_spec import ClaimsSpec
 from harness.store.results import write_bytes_atomic
-
-from .claim_view import Claim
-from .figures import OUTPUTS, make_all
-from .notebook import StudyResults, open_study
-from .tables import fmt_pct
-from .report_html import esc, num, page, table, verdict_span
 
 CAPTIONS = {
     "heatmap": "Final score per loss × init: the median over seeds in each cell, every seed's "

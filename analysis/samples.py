@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.pyplot as plt  # noqa: E402,I001  (style selected the Agg backend)
 import numpy as np
 
+from analysis.data import Study, ordered
+from analysis.style import RC, fmt_num, save, write_csv
 from harness.store.results import decode_samples, load_samples
-
-from .data import Study, ordered
-from .style import RC, fmt_num, save, write_csv
-
-import matplotlib.pyplot as plt  # noqa: E402,I001  (style selected the Agg backend)
 
 
 def samples(study: Study, out_dir: str, timer, root: str) -> list[str]:

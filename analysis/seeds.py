@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .style import fmt_num
+from analysis.style import fmt_num
 
 WIDE_RATIO = 3.0
 """A group whose largest and smallest seed differ by more than this factor is ``wide``."""

@@ -10,9 +10,8 @@ import math
 import os
 import textwrap
 
-import numpy as np
-
 import matplotlib
+import numpy as np
 
 if not os.environ.get("MPLBACKEND"):  # a notebook's inline backend (set by Jupyter) is kept
     matplotlib.use("Agg")
@@ -21,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
 from harness.base.safefs import write_inside  # noqa: E402
+from harness.declare.config import INIT_SCHEMES
 
 # Known loss families, in display order, with fixed colours (seaborn "colorblind" hues).
 # Teacher-score families are blue/green, score-free (ratio) family members warm colours.
@@ -183,8 +183,6 @@ def display_init(label: str, info: dict | None = None) -> str:
             out += f"\n+reset output ({get('reinit') or 'matched'})"
         return out
     if scheme == "mapping_match":
-        from harness.declare.config import INIT_SCHEMES
-
         extras = [f"{name}={_nn(info.get(p.column or name)):g}"
                   for name, p in INIT_SCHEMES["mapping_match"].items()
                   if _nn(info.get(p.column or name)) is not None

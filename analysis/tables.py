@@ -6,9 +6,10 @@ import os
 
 import pandas as pd
 
-from .data import Study, ordered
-from .seeds import WIDE_RATIO, seed_summary, seeds_text
-from .style import fmt_num, fmt_pm
+from analysis.data import Study, legacy_reinit, ordered
+from analysis.seeds import WIDE_RATIO, seed_summary, seeds_text
+from analysis.style import fmt_num, fmt_pm
+from analysis.tuning import protocol_lines
 
 MAX_LISTED = 40  # excluded cells listed one by one; the rest are counted
 
@@ -39,7 +40,6 @@ def _excluded_rows(study: Study) -> tuple[list[tuple], int]:
 def provenance_lines(study: Study) -> list[str]:
     """Protocol, legacy rows and legacy re-init cells, in words (shared by table.md and
     claims.md)."""
-    from .data import legacy_reinit
 
     out = []
     if study.protocol is not None and study.protocol.protocol is not None:
@@ -59,7 +59,6 @@ def provenance_lines(study: Study) -> list[str]:
                    f"before `reinit` / `reset_output` existed: they used the near-zero output "
                    f"re-init that stalls the optimisation, so they measure the "
                    f"optimiser, not the features, and claims C3a-C3c are not judged on them.")
-    from .tuning import protocol_lines  # harness tune: the protocol and the choice
 
     return out + protocol_lines(getattr(study, "tuned", None))
 

@@ -16,11 +16,19 @@ import re
 import numpy as np
 import pandas as pd
 
-from harness.store.results import read_bytes
+from analysis.style import (
+    RC,
+    axis_limits,
+    fmt_num,
+    legend_below,
+    loss_sort_key,
+    panel_grid,
+    save,
+    use_log,
+    write_csv,
+)
+from harness.store.results import load_rows, read_bytes
 from harness.store.tuning import SELECTION_RULE, trial_table
-
-from .style import (RC, axis_limits, fmt_num, legend_below, loss_sort_key, panel_grid, save,
-                    use_log, write_csv)
 
 
 def load_tuned(root: str) -> dict | None:
@@ -92,8 +100,6 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
     if tuned is None:
         return []
     if rows is None:
-        from harness.store.results import load_rows
-
         rows = load_rows(root)
     table = tuning_table(rows, tuned)
     if table.empty:

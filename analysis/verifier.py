@@ -19,17 +19,32 @@ import os
 import re
 import zlib
 
+import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 import numpy as np
 import pandas as pd
-
-from .bootstrap import mean_ci
-from .data import FLOOR_NAMES, choose_metric, extra_axis_labels, higher_is_better, ordered
-from .style import (RC, axis_limits, REFERENCE_STYLE, fmt_num, fmt_pm, loss_palette, loss_sort_key,
-                    legend_below, panel_grid, save, use_log, write_csv)
-
-import matplotlib.pyplot as plt  # noqa: E402  (style selected the Agg backend)
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+
+from analysis.bootstrap import mean_ci
+from analysis.claims_base import METHOD_SIMULTANEOUS, NOT_TESTED, ClaimResult, extreme, finish
+from analysis.data import FLOOR_NAMES, choose_metric, extra_axis_labels, higher_is_better, ordered
+from analysis.stats import fieller
+from analysis.style import (
+    RC,
+    REFERENCE_STYLE,
+    axis_limits,
+    fmt_num,
+    fmt_pm,
+    legend_below,
+    loss_palette,
+    loss_sort_key,
+    panel_grid,
+    save,
+    use_log,
+    write_csv,
+)
+from analysis.tables import fmt_pct
+from harness.declare.claims_spec import ClaimsSpec
 
 VERIFIER_RE = re.compile(r"(?P<base>.+)@(?P<mode>resample|best)(?P<n>\d+)\Z")
 MODE_ORDER = ("resample", "best")
@@ -255,11 +270,6 @@ def claim_c4(df: pd.DataFrame, metric: str | None = None, mode: str | None = Non
     ``alpha`` (default ``spec.alpha``), seeds restricted to ``seeds`` (None: all). The statement
     and rule are STATEMENT_C4 / RULE_C4.
     """
-    from harness.declare.claims_spec import ClaimsSpec
-
-    from .claims_base import METHOD_SIMULTANEOUS, NOT_TESTED, ClaimResult, extreme, finish
-    from .stats import fieller
-    from .tables import fmt_pct
 
     spec = spec or ClaimsSpec()
     alpha = spec.alpha if alpha is None else float(alpha)

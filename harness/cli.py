@@ -23,32 +23,31 @@ import re
 import sys
 import textwrap
 
-
 EXIT_USAGE = 2
 
 
 def _user_errors() -> tuple[type, ...]:
     """Exceptions that mean "bad input": reported in one paragraph with exit code 2."""
-    from harness.declare.config import ConfigError
-    from harness.core.data import DataError
-    from harness.store.environment import EnvError
-    from harness.orchestrate.gpu_check import AcceptError
-    from harness.store.lock import LockedError
-    from harness.declare.hashing import PinError
-    from harness.orchestrate.plan import PlanError
-    from harness.store.results import RootError
     from harness.base.safefs import UnsafePathError
+    from harness.core.data import DataError
+    from harness.declare.config import ConfigError
+    from harness.declare.hashing import PinError
+    from harness.orchestrate.gpu_check import AcceptError
+    from harness.orchestrate.plan import PlanError
+    from harness.store.environment import EnvError
+    from harness.store.lock import LockedError
+    from harness.store.results import RootError
 
     return (ConfigError, DataError, EnvError, FileNotFoundError, PinError, PlanError, LockedError,
             RootError, AcceptError, UnsafePathError)
 
 
 def _torch_errors() -> tuple[type, ...]:
+    from harness.core.edm_import import EDMImportError
     from harness.core.inits import InitError
+    from harness.core.io import CheckpointError
     from harness.core.metrics import MetricsError
     from harness.core.nets import ArchError
-    from harness.core.edm_import import EDMImportError
-    from harness.core.io import CheckpointError
 
     return (InitError, ArchError, CheckpointError, MetricsError, EDMImportError)
 
@@ -127,9 +126,9 @@ def cmd_teacher(args) -> int:
 
 
 def cmd_cell(args) -> int:
-    from harness.orchestrate.cell import run_cell
     from harness.core.data import from_config
     from harness.declare.hashing import cell_id
+    from harness.orchestrate.cell import run_cell
 
     spec = _overrides(args.set)
     spec["data"] = {"name": args.data, **({"path": args.data_path} if args.data_path else {}),
@@ -152,10 +151,16 @@ def cmd_run(args) -> int:
                      dry_run=args.dry_run, device=args.device, overrides=_overrides(args.set))
 
 
-def cmd_rescore(args) -> int:
-    from harness.orchestrate.rescore import rescore_study
+def cmd_tune(args) -> int:
+    from harness.orchestrate.tune_run import tune_study
 
+    return tune_study(args.study, results=args.results, address=args.address,
+                      dry_run=args.dry_run, device=args.device)
+
+
+def cmd_rescore(args) -> int:
     from harness.declare.config import ConfigError
+    from harness.orchestrate.rescore import rescore_study
 
     overrides = _overrides(args.set or [])
     unknown = sorted(set(overrides) - {"eval"})
@@ -175,7 +180,6 @@ def cmd_status(args) -> int:
 
 def cmd_figures(args) -> int:
     from analysis.figures import make_all
-
     from harness.declare.study import load_study
 
     study = load_study(args.study)
@@ -187,7 +191,6 @@ def cmd_figures(args) -> int:
 
 def cmd_report(args) -> int:
     from analysis.report import write_report
-
     from harness.declare.study import load_study
 
     study = load_study(args.study)
@@ -200,9 +203,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_compact(args) -> int:
+    from harness.declare.study import load_study
     from harness.store.lock import acquire_lock
     from harness.store.results import compact
-    from harness.declare.study import load_study
 
     root = args.results or load_study(args.study).results_root
     with acquire_lock(root):
@@ -213,9 +216,7 @@ def cmd_compact(args) -> int:
 
 def _check_cache(args):
     """Refuse an object-store cache before anything starts (``results.cache_folder``)."""
-    from harness.store.results import cache_folder
-
-    from harness.store.results import cache_for
+    from harness.store.results import cache_folder, cache_for
 
     if getattr(args, "cache", None):
         args.cache = cache_folder(args.cache, "--cache (default $HARNESS_CACHE)")
@@ -282,9 +283,16 @@ def parser() -> argparse.ArgumentParser:
     add_study_set(sp)
     sp.set_defaults(func=cmd_run)
 
-    from harness.store.tuning import add_parser as add_tune_parser  # harness tune (harness.store.tuning)
-
-    add_tune_parser(sub)
+    sp = sub.add_parser("tune", help="search each loss family's hyperparameters (the study's "
+                        "tune: section) with Ray Tune and pin the choice for `harness run`")
+    sp.add_argument("study", help="study YAML file with a tune: section")
+    sp.add_argument("--dry-run", action="store_true", help="print the families, the search and "
+                    "what is tuned already; writes nothing")
+    sp.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                    help="Ray cluster to join, e.g. 'auto' (default: $RAY_ADDRESS or a local Ray)")
+    sp.add_argument("--results", default=None, help="results root (default: the study's)")
+    sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    sp.set_defaults(func=cmd_tune)
 
     sp = sub.add_parser("rescore", help="score the stored final samples of done cells again "
                         "(a new protocol: rows are added beside the old ones, nothing retrains)")
@@ -332,9 +340,15 @@ def parser() -> argparse.ArgumentParser:
                     "a row as soon as it is measured")
     sp.set_defaults(func=cmd_bench)
 
-    from harness.store.environment import add_parser as add_env_parser  # harness env (harness.store.environment)
-    from harness.orchestrate.gpu_check import add_parser as add_gpu_parser  # harness accept-gpu (harness.orchestrate.gpu_check)
-    from harness.orchestrate.plan import add_parser as add_plan_parser  # harness plan (harness.orchestrate.plan)
+    from harness.orchestrate.gpu_check import (
+        add_parser as add_gpu_parser,  # harness accept-gpu (harness.orchestrate.gpu_check)
+    )
+    from harness.orchestrate.plan import (
+        add_parser as add_plan_parser,  # harness plan (harness.orchestrate.plan)
+    )
+    from harness.store.environment import (
+        add_parser as add_env_parser,  # harness env (harness.store.environment)
+    )
 
     add_env_parser(sub)
     add_plan_parser(sub)

@@ -12,7 +12,7 @@ import pytest
 
 from harness import __version__
 from harness.declare import hashing
-from harness.store import pins, results
+from harness.store import results
 from harness.store.lock import LockedError, acquire_lock
 from harness.declare.hashing import PinError, canonical_json, cell_id, identity, teacher_id
 from harness.store.pins import pin_study, read_pin

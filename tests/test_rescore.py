@@ -3,7 +3,6 @@ import numpy as np
 import torch
 
 from harness.core import data, metrics
-from harness.declare import hashing
 from harness.store import pins as pin, results
 from harness.orchestrate.cell import run_cell
 from harness.orchestrate.rescore import rescore_study

@@ -12,7 +12,7 @@ import pathlib
 import pytest
 
 from harness.declare import hashing
-from harness.store import pins, results
+from harness.store import results
 from harness.orchestrate import rounds
 from harness.orchestrate.status import fingerprints
 from harness.declare.study import load_study

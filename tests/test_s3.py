@@ -229,7 +229,6 @@ def test_s3_cache_is_refused_with_exit_2(tmp_path):
 
 
 def test_tensorboard_event_files_are_uploaded_to_s3(s3):
-    from harness.declare import tracking_spec
     from harness.store import tracking
 
     root = f"s3://{BUCKET}/tb-up"
@@ -259,7 +258,6 @@ def test_killed_run_on_s3_resumes_and_matches_a_local_run(s3, tmp_path):
     import pyarrow.parquet as pq
 
     from harness.declare import hashing
-    from harness.store import pins
     from harness.orchestrate.progress import checkpoint_files
     from harness.orchestrate.status import cell_states, fingerprints
     from harness.declare.study import load_study

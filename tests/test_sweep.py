@@ -27,7 +27,7 @@ import pytest
 
 from conftest import reap_ray
 from harness.declare import hashing
-from harness.store import pins, results
+from harness.store import results
 from harness.orchestrate.status import cell_states, fingerprints
 from harness.declare.study import load_study
 from harness.orchestrate.progress import checkpoint_files

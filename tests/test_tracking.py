@@ -14,8 +14,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from harness.declare import hashing, tracking_spec
-from harness.store import pins, tracking
+from harness.declare import hashing
+from harness.store import tracking
 from harness.declare.study import StudyError, parse_study
 
 from conftest import toy_cfg

@@ -27,7 +27,7 @@ import pytest
 
 from harness import cli
 from harness.declare import hashing, tune_spec
-from harness.store import pins, results, tuning
+from harness.store import results, tuning
 from harness.orchestrate.status import fingerprints
 from harness.declare.study import StudyError, load_study
 

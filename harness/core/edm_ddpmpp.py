@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from harness.core import nets
 from harness.core.edm_import import EDMImportError, plain
-
+from harness.core.nets.ddpmpp import DDPMpp
 
 # SongUNet's constructor defaults (EDM's training/networks.py), for keys a pickle leaves out
 _SONG_DEFAULTS = {"label_dim": 0, "augment_dim": 0, "model_channels": 128,
@@ -74,7 +75,6 @@ def model_state(state: dict[str, torch.Tensor], prefix: str = "model.") -> dict:
 
 def build_ddpmpp(state: dict[str, torch.Tensor], meta: dict):
     """(``DDPMpp`` holding the pickle's weights, its keyword arguments); strict loading."""
-    from harness.core.nets.ddpmpp import DDPMpp
 
     kwargs = ddpmpp_settings(meta)
     net = DDPMpp(**kwargs)
@@ -103,7 +103,6 @@ def harness_teacher(state: dict[str, torch.Tensor], meta: dict, shape: tuple,
     settings other than the harness's ``ddpmpp`` and a resolution or channel count other than
     the data's. ``map_augment`` is dropped (``UNUSED_AT_INFERENCE``).
     """
-    from harness.core import nets
 
     where = meta.get("path", "the EDM pickle")
     kw = ddpmpp_settings(meta)

@@ -19,8 +19,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from harness.core.nets import group_of
 from harness.base.registry import Registry
+from harness.core.diffusion import Denoiser, OneStepGenerator
+from harness.core.io import load_torch, save_atomic
+from harness.core.nets import group_of
 
 INITS = Registry("init scheme")
 
@@ -153,8 +155,6 @@ def mapping_match(ctx: InitContext, params) -> GeneratorInit:
     """A ``random`` network regressed (MSE, Adam) onto the teacher-init generator's outputs
     ``D_T(sigma_init z; sigma_init)`` on fresh z: the teacher's latent-to-output mapping without
     its features. Cached under ``<cache>/mappings/<id>.pt`` (id: teacher, seed, setup, params)."""
-    from harness.core.diffusion import Denoiser, OneStepGenerator
-    from harness.core.io import load_torch, save_atomic
 
     path = None
     if ctx.cache:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import sys
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,11 +27,11 @@ import torch
 
 from harness import __version__
 from harness.core import losses, nets, perf, verifier
-from harness.core.parallel import SINGLE, Shard
 from harness.core.diffusion import Denoiser, OneStepGenerator, ema_beta
 from harness.core.inits import InitContext, derive_seed, init_aux, init_generator
-from harness.core.io import (
-    CheckpointError, checkpoint_ok, ema_update, load_torch as load_checkpoint, save_checkpoint)
+from harness.core.io import CheckpointError, checkpoint_ok, ema_update, save_checkpoint
+from harness.core.io import load_torch as load_checkpoint
+from harness.core.parallel import SINGLE, Shard
 from harness.declare.hashing import canonical_json, identity
 
 

@@ -74,8 +74,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from harness.core import losses, nets
+from harness.core.diffusion import SIGMA_MIN
+from harness.core.inits import derive_seed, init_aux
 from harness.declare import config as C
-from harness.core.inits import derive_seed
 
 MODES = C.VERIFIER["mode"].choices
 CHUNK = 500  # samples per generator call in train_student's evaluation()
@@ -213,8 +215,6 @@ def fit_post_hoc_ratio(sample_fn: Callable[[torch.Tensor], torch.Tensor], data: 
 
     Returns: (the trained RatioNet in eval mode, wall seconds the fit took).
     """
-    from harness.core import losses, nets
-    from harness.core.inits import init_aux
 
     device = torch.device(device)
     t0 = time.perf_counter()
@@ -306,8 +306,6 @@ def cell_rows(cfg: dict, evaluator, sample_fn, aux, teacher_state: dict, data: t
     ``plain``: the plain evaluation's metrics (n = 1 rows reuse them). ``amp``: the run's autocast
     context (``perf.Step.amp``) to score candidates under; None: full precision.
     """
-    from harness.core import losses, nets
-    from harness.core.diffusion import SIGMA_MIN
 
     vcfg = resolve_verifier(cfg["eval"].get("verifier"))
     if vcfg is None:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from harness.declare import config as C
 from harness.declare.schema import SEED_MAX, num, whole
 from harness.declare.settings import _Bad, _check, _type_name
-from harness.declare import config as C
 
 HOLDS_IF = {"C1": "below", "C1-best": "below", "C2": "above", "C3a": "below", "C3b": "above",
             "C3c": "above", "C3d": "below", "C3e": "above", "C4": "below"}

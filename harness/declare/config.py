@@ -250,7 +250,9 @@ def resolve_teacher_source(value, path: str) -> dict:
         if key == "noise":
             out[key] = resolve_noise(v, f"{path}.noise")
             continue
-        from harness.declare.settings import check_value  # the one scalar schema of the teacher section
+        from harness.declare.settings import (
+            check_value,  # the one scalar schema of the teacher section
+        )
 
         try:
             out[key] = check_value("teacher", key, v)

@@ -17,7 +17,8 @@ import math
 import os
 from typing import Callable, Mapping
 
-from harness.declare import config as C, schema
+from harness.declare import config as C
+from harness.declare import schema
 
 ID_SECTIONS = ("data", "teacher", "student", "loss", "init", "eval", "seed")
 # settings that do not change numbers: file locations (data content is fingerprinted; the

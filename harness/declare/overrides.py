@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 
-from harness.declare.config import ConfigError, INIT_SCHEMES
+from harness.declare.config import INIT_SCHEMES, ConfigError
 from harness.declare.settings import SECTIONS
 
 MAPPINGS = (*SECTIONS, "resources", "teacher_resources")

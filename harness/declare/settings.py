@@ -17,9 +17,9 @@ import math
 import re
 from dataclasses import dataclass
 
-from harness.declare import config as C, schema
+from harness.declare import config as C
+from harness.declare import schema
 from harness.declare.schema import Setting
-
 
 # ---------------------------------------------------------------------------------------------
 # The schema of the scalar settings (sections of config.DEFAULTS, the seed, resources).

@@ -22,22 +22,34 @@ import os
 import re
 from dataclasses import dataclass, field
 
-
+from harness.base.safefs import UnsafePathError, open_regular
 from harness.declare import config as C
 from harness.declare.claims_spec import ClaimsSpec, check_claims
 from harness.declare.hashing import canonical_json
-from harness.declare.settings import (
-    DEFAULT_MAX_FAILURES, DEFAULT_RESOURCES, IMAGE_ARCHS, MAX_FAILURES, NAME_RE, PATH_DATASETS,
-    RESOURCES, SECTIONS, TEACHER_RESOURCES, TOP_KEYS, _Bad, _check, _expand_spec, _setting,
-    _type_name, _Value)
-from harness.declare.tracking_spec import check as _check_tracking
-from harness.base.safefs import UnsafePathError, open_regular
 from harness.declare.overrides import apply as apply_overrides
+from harness.declare.settings import (
+    DEFAULT_MAX_FAILURES,
+    DEFAULT_RESOURCES,
+    IMAGE_ARCHS,
+    MAX_FAILURES,
+    NAME_RE,
+    PATH_DATASETS,
+    RESOURCES,
+    SECTIONS,
+    TEACHER_RESOURCES,
+    TOP_KEYS,
+    _Bad,
+    _check,
+    _expand_spec,
+    _setting,
+    _type_name,
+    _Value,
+)
 from harness.declare.study_yaml import MAX_BYTES, StudyError, read_yaml
+from harness.declare.tracking_spec import check as _check_tracking
 
 MAX_CELLS = 100_000  # cells one study may expand to (the cifar10 protocol has 150)
 from harness.declare.tune_spec import check_tune
-
 
 # ---------------------------------------------------------------------------------------------
 # The study and its cells.

@@ -27,12 +27,20 @@ import time
 
 import torch
 
-from harness.core import data as datasets, losses, metrics, perf
-from harness.declare.config import ConfigError, resolve_cell
-from harness.core.diffusion import Denoiser
+from harness.core import data as datasets
+from harness.core import losses, metrics, perf
+from harness.core.diffusion import Denoiser, OneStepGenerator
+from harness.core.inits import InitContext, init_generator, probe_gradients
+from harness.core.nets import GROUPS
 from harness.core.nets import build as build_net
-from harness.orchestrate.teacher import load_or_train
 from harness.core.train import build_student, frozen, train_student
+from harness.declare.config import ConfigError, init_label, resolve_cell, resolve_init
+from harness.declare.hashing import teacher_id
+from harness.declare.study import load_study
+from harness.orchestrate.cell import run_cell
+from harness.orchestrate.sweep import run_study
+from harness.orchestrate.teacher import load_or_train
+from harness.store.results import cache_for, load_rows
 
 ROWS: list[tuple[str, str, str, str]] = []  # (row, measured, reference, verdict)
 OUT: list[str] = []  # a markdown file each row is appended to as soon as it is measured
@@ -133,8 +141,6 @@ def bench_eval(cfg, dataset, teacher, cache: str, device: str):
 def _timed_study(tmp: str, name: str, body: str, device: str):
     """Write study ``name`` (YAML ``body``, results under ``tmp/name``), train its teacher outside
     the timing, then time one quiet ``harness run``: (wall s, study). Raises if a cell is left."""
-    from harness.declare.study import load_study
-    from harness.orchestrate.sweep import run_study
 
     path = os.path.join(tmp, f"{name}.yaml")
     with open(path, "w") as f:
@@ -155,7 +161,6 @@ def _timed_study(tmp: str, name: str, body: str, device: str):
 
 def _sweep_once(tmp: str, n_cells: int, name: str) -> tuple[float, float, object]:
     """One ``harness run`` of ``n_cells`` tiny toy2d cells: (wall s, cells' compute s, study)."""
-    from harness.store.results import load_rows
 
     wall, study = _timed_study(tmp, name, "data: {name: toy2d}\nteacher: {kimg: 4}\n"
                                "student: {kimg: 1, batch: 64}\n"
@@ -170,8 +175,6 @@ def bench_sweep(sizes=(4, 12)):
     """Row 2: Ray Tune sweep overhead per cell (toy2d, tiny cells), split into the fixed cost of
     one ``harness run`` (Ray start, teacher load, Tune start/stop) and the marginal cost per
     cell (from two grid sizes); and the same cells one after another in one process."""
-    from harness.orchestrate.cell import run_cell
-    from harness.store.results import load_rows
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("HARNESS_CACHE", os.path.join(tmp, "cache"))
@@ -280,11 +283,6 @@ C3_INITS = ("teacher", "random", {"name": "reset_layers", "groups": ["output"]},
 
 def bench_init(cache: str, device: str):
     """Gradient norm per group at step 0 (linear probe), each scheme / teacher init."""
-    from harness.declare.config import init_label, resolve_init
-    from harness.core.diffusion import OneStepGenerator
-    from harness.core.inits import InitContext, init_generator, probe_gradients
-    from harness.core.nets import GROUPS
-    from harness.declare.hashing import teacher_id
 
     cfg = resolve_cell({"data": {"name": "digits"}, "teacher": {"kimg": 600}})
     dataset = datasets.from_config(cfg["data"])
@@ -312,7 +310,6 @@ ALL_ROWS = ("step", "eval", "sweep", "perf", "packing", "init")
 
 def main(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from harness.store.results import cache_for
 
     cache = os.environ.setdefault("HARNESS_CACHE", cache_for(None))  # sub-runs share it
     rows = args.rows.split(",") if args.rows else list(ALL_ROWS)

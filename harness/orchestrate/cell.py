@@ -6,7 +6,6 @@ teacher's Heun-35 quality) are written beside the cell's rows; they are memoised
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -16,27 +15,21 @@ import numpy as np
 import torch
 
 from harness import __version__
-from harness.core import data as datasets, losses, metrics, nets
-from harness.store import results
-from harness.orchestrate import teacher as teachers
-from harness.declare.config import cell_params, init_label, loss_label, source_teacher
+from harness.core import data as datasets
+from harness.core import losses, metrics, nets
 from harness.core.parallel import SINGLE, Shard
-from harness.declare.hashing import cell_id
-from harness.store.tracking import open_trackers
 from harness.core.train import Evaluation, train_student
+from harness.declare.config import init_label, source_teacher
+from harness.declare.hashing import cell_id
+from harness.orchestrate import teacher as teachers
+from harness.store import results
+from harness.store.tracking import open_trackers
 
 
 def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def cell_columns(cfg: dict, study: str, cid: str, axes: dict) -> dict:
-    """The columns that describe a cell on every one of its rows."""
-    return {"study": study, "cell": cid, "loss": loss_label(cfg["loss"]),
-            "init": init_label(cfg["init"]), **cell_params(cfg), "seed": int(cfg["seed"]),
-            "axes": json.dumps(axes, sort_keys=True, default=str)}
 
 
 def _stored(x: torch.Tensor) -> np.ndarray:
@@ -126,7 +119,7 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
         init_extra["source_state"] = {k: v.detach().cpu() for k, v in other.net.state_dict().items()}
         log(f"cell: generator initialized from teacher {other_meta['id']} ({init_label(cfg['init'])})")
     cid = cell_id(cfg, dataset.fingerprint)
-    columns = cell_columns(cfg, study, cid, axes or {})
+    columns = results.cell_columns(cfg, study, cid, axes or {})
     sizes = network_sizes(cfg, dataset.x.shape[1:])
     log(f"cell {cid}: generator {sizes['generator_params']:,} parameters, auxiliary "
         f"{sizes['aux_net']} {sizes['aux_params']:,}")

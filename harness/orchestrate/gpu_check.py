@@ -23,6 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.declare.study import load_study
+from harness.orchestrate import warmup
+from harness.store import environment
+
 CHECKOUT = Path(__file__).resolve().parents[2]
 TIMEOUTS = {"tests": 240, "bench": 330}  # seconds; the cell runs a fixed 200 steps
 CELL_STEPS, CELL_WARM = 200, 10
@@ -101,7 +105,6 @@ def check_bench(tmp: str) -> list[tuple[str, str, float, bool]]:
 
 def cifar10_cell() -> tuple[dict, str]:
     """The first ``sid`` cell of ``studies/cifar10.yaml`` (its data files are not needed)."""
-    from harness.declare.study import load_study
 
     study = load_study(str(CHECKOUT / "studies" / "cifar10.yaml"))
     cell = next(c for c in study.cells if c.config["loss"]["name"] == "sid")
@@ -114,7 +117,6 @@ def cifar10_cell() -> tuple[dict, str]:
 
 def check_cell(cfg: dict, what: str, device: str = "cuda", shape=(3, 32, 32),
                steps: int = CELL_STEPS, warm: int = CELL_WARM) -> list[tuple]:
-    from harness.orchestrate import warmup  # torch
 
     t0 = time.perf_counter()
     try:
@@ -140,8 +142,6 @@ def table(head: str, rows) -> list[str]:
 
 def cmd_accept_gpu(args) -> int:
     import torch
-
-    from harness.store import environment
 
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise AcceptError(f"--out {args.out}: its folder does not exist, so the table could not "

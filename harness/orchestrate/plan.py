@@ -21,15 +21,19 @@ import math
 import os
 import socket
 
-from harness.declare import hashing
-from harness.store import pins, results
-from harness.orchestrate import throughput
+from harness.core.data import DataError, from_config
 from harness.declare.config import source_teacher
-from harness.core.data import DataError
 from harness.declare.hashing import canonical_json, teacher_id
-from harness.orchestrate.status import (
-    FINAL, cell_states, duration, fingerprints, read_teacher_status)
 from harness.declare.study import load_study
+from harness.orchestrate import throughput
+from harness.orchestrate.status import (
+    FINAL,
+    cell_states,
+    duration,
+    fingerprints,
+    read_teacher_status,
+)
+from harness.store import pins, results
 from harness.store.tuning import apply_pinned
 
 SHAPES = {"toy2d": ((2,), None), "digits": ((1, 8, 8), 0.5), "mnist5k": ((1, 32, 32), 0.5),
@@ -192,7 +196,6 @@ def _warm_up(study, kind: str, cfg: dict, res: dict, budget_s: float) -> dict:
 
 
 def _shape(data: dict) -> tuple[tuple, float]:
-    from harness.core.data import from_config
 
     try:
         ds = from_config(data)

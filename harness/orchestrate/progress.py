@@ -28,8 +28,8 @@ import time
 import pyarrow.fs as pafs
 from ray import tune
 
-from harness.store import results as store
 from harness.orchestrate.status import FINAL, cell_states, duration, read_teacher_status
+from harness.store import results as store
 
 CKPT = "cell.pt"  # the file trainables.harness_cell checkpoints to
 

@@ -14,15 +14,19 @@ Heun-35 reference row is not rescored (no teacher samples are stored).
 from __future__ import annotations
 
 import copy
-import os
 
 from harness import __version__
-from harness.declare import hashing
-from harness.store import pins, results as store
-from harness.store.lock import acquire_lock
+from harness.core import metrics
+from harness.declare.config import resolve_cell
 from harness.declare.hashing import canonical_json
-from harness.orchestrate.status import cell_states, fingerprints
 from harness.declare.study import load_study
+from harness.orchestrate.cell import pick_device, reference_rows
+from harness.orchestrate.status import cell_states, fingerprints
+from harness.orchestrate.sweep import cache_root, results_root
+from harness.store import pins
+from harness.store import results as store
+from harness.store.lock import acquire_lock
+from harness.store.results import cell_columns
 from harness.store.tuning import apply_pinned
 
 
@@ -30,11 +34,6 @@ def rescore_study(path: str, results: str | None = None, eval_overrides: dict | 
                   cache: str | None = None, device: str = "auto", log=print) -> int:
     """Score every done cell's stored final samples again; 0 when every such cell is scored."""
     import torch
-
-    from harness.core import metrics
-    from harness.orchestrate.cell import cell_columns, pick_device, reference_rows
-    from harness.declare.config import resolve_cell
-    from harness.orchestrate.sweep import cache_root, results_root
 
     study = load_study(path)
     root = results_root(results or study.results_root)

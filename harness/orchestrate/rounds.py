@@ -19,9 +19,11 @@ import io
 from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 
+from analysis.claims import claim_results
+from analysis.data import load_study as load_results
 from harness.declare import hashing
-from harness.store import pins, results as store
 from harness.declare.hashing import canonical_json
+from harness.store import results as store
 
 
 @dataclass
@@ -43,8 +45,6 @@ def signature(config: dict) -> str:
 def judge(study, root: str, rows) -> list:
     """Every claim of the study on the stored rows (empty when nothing is scored yet)."""
     # analysis brings matplotlib (~seconds): only studies with a seeds plan pay for it
-    from analysis.claims import claim_results
-    from analysis.data import load_study as load_results
 
     if rows is None or rows.empty:
         return []

@@ -13,11 +13,14 @@ import os
 import socket
 import time
 
-from harness.store import environment, lock, pins, results
-from harness.declare import hashing
+from harness.core import data
+from harness.core.data import DataError
+from harness.declare.config import source_teacher
+from harness.declare.hashing import canonical_json, teacher_id
+from harness.declare.study import describe, load_study
 from harness.orchestrate import rounds, throughput
-from harness.declare.hashing import canonical_json
-from harness.declare.study import describe
+from harness.store import environment, lock, pins, results
+from harness.store.tuning import apply_pinned
 
 # the state of one cell, from its rows: done / diverged are final; failed and unfinished (rows
 # but no final one) and pending (no rows) are run by the next `harness run`
@@ -27,7 +30,6 @@ FINAL = ("done", "diverged")
 def fingerprints(study):
     """``(data config) -> fingerprint`` for every distinct data config of the study, and the
     datasets by the same key (``canonical_json(data config)``). DataError propagates."""
-    from harness.core import data
 
     sets = {}
     for cell in study.cells:
@@ -100,9 +102,6 @@ def teacher_plan(study, pin, cache: str, live: bool | None = None) -> list[str]:
     ``harness status`` (``live``: whether a run holds the lock) adds training progress."""
     import math
 
-    from harness.declare.config import source_teacher
-    from harness.declare.hashing import teacher_id
-
     needed = {}
     for cid, cell in pin.current:
         cfg = cell.config
@@ -125,7 +124,6 @@ def dry_run_report(study, root: str, cache: str | None = None) -> int:
     """``harness run --dry-run``: the cells, what happens to each, the teachers, a summary.
     Writes nothing. Data that is not on this machine (a cluster study checked on a laptop) is
     an error (exit 2) after the cells are listed without ids (ids hash the data)."""
-    from harness.core.data import DataError
 
     study.results_root = root
     try:
@@ -195,9 +193,6 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 def study_status(path: str, results_root: str | None = None, overrides: dict | None = None) -> str:
     """Counts (done / running / failed / diverged / pending / orphaned), compute spent, ETA and a
     compact table per cell. Writes nothing and takes no lock. ``overrides``: the run's ``--set``."""
-    from harness.core.data import DataError
-    from harness.declare.study import load_study
-    from harness.store.tuning import apply_pinned
 
     study = load_study(path, overrides)
     root = results_root or study.results_root

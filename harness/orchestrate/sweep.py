@@ -64,14 +64,24 @@ import math
 import os
 import sys
 
-from harness.declare import hashing, tracking_spec
-from harness.store import pins, results as store, tracking
+from harness import __version__
+from harness.declare.study import load_study
 from harness.orchestrate import rounds
-from harness.store.lock import acquire_lock
+from harness.orchestrate.progress import (
+    Progress,
+    checkpoint_files,
+    error_summary,
+    experiments,
+    prune_finished,
+    quiet_tune,
+)
 from harness.orchestrate.status import FINAL, cell_states, dry_run_report, fingerprints
 from harness.orchestrate.status import study_status as _study_status
-from harness.declare.study import load_study
 from harness.orchestrate.trainables import _teachers, _trainable, storage_of
+from harness.store import pins, tracking
+from harness.store import results as store
+from harness.store.lock import acquire_lock
+from harness.store.results import cell_columns
 from harness.store.tuning import apply_pinned
 
 REUSE_ACTORS = True  # a finished trial's worker runs the next cell: no process start per cell
@@ -186,7 +196,6 @@ def _concurrency(study) -> int | None:
 
 def _fit(tuner) -> dict[str, str]:
     """Run a Tuner; {cell id: error summary} for the trials that ended in error."""
-    from harness.orchestrate.progress import error_summary
 
     grid = tuner.fit()
     errors = {}
@@ -254,7 +263,6 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
 def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn) -> int:
     """Run the study's pending cells; with a seeds plan, round after round until no claim is
     open (each round re-planned from the stored rows: ``harness.orchestrate.rounds``)."""
-    from harness.orchestrate.progress import quiet_tune
 
     n = 0
     while True:
@@ -290,9 +298,6 @@ def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn) -> in
 
 def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
     from ray import tune
-
-    from harness.orchestrate.cell import cell_columns
-    from harness.orchestrate.progress import Progress, checkpoint_files, experiments, prune_finished
 
     storage, cells = storage_of(root), dict(pin.current)
     labels = {}
@@ -343,8 +348,6 @@ def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
 
 def _finish(study, pin, root, cells, errors: dict) -> int:
     """Record failed cells (unless a final row exists), print the summary, choose the exit code."""
-    from harness import __version__
-    from harness.orchestrate.cell import cell_columns
 
     states = cell_states(store.load_rows(root), pin.ids)
     rows = []

@@ -26,12 +26,19 @@ from harness import __version__
 from harness.core import nets, perf
 from harness.core.data import Dataset
 from harness.core.diffusion import (
-    Denoiser, denoising_loss, ema_beta, heun_sample, sample_sigma_band)
+    Denoiser,
+    denoising_loss,
+    ema_beta,
+    heun_sample,
+    sample_sigma_band,
+)
+from harness.core.edm_ddpmpp import harness_teacher
+from harness.core.edm_import import EDMImportError, load_edm_pickle
 from harness.core.inits import derive_seed
+from harness.core.io import ema_update, save_atomic, write_json_atomic
+from harness.core.io import load_torch as load_checkpoint
 from harness.declare.hashing import teacher_id
 from harness.orchestrate.status import TEACHER_STATUS
-from harness.core.io import (
-    ema_update, load_torch as load_checkpoint, save_atomic, write_json_atomic)
 
 LR_RAMP_FRACTION = 0.05  # linear warm-up over the first 5% of steps (EDM ramps over 10 Mimg)
 
@@ -177,8 +184,6 @@ def load_imported(path: str, dataset: Dataset, device="cpu",
     """A teacher imported from one of NVIDIA's EDM pickles (``teacher: {import: PATH}``), read
     without running anything from it (``harness.core.edm_import``), as the harness's ``ddpmpp``.
     Its id is ``t-`` + the first 12 hex digits of the file's sha256."""
-    from harness.core.edm_ddpmpp import harness_teacher
-    from harness.core.edm_import import EDMImportError, load_edm_pickle
 
     state, edm = load_edm_pickle(path)
     net, info = harness_teacher(state, edm, tuple(dataset.x.shape[1:]), channels)

@@ -12,11 +12,26 @@ import posixpath
 import shutil
 import sys
 import tempfile
+from types import SimpleNamespace
 
+from harness.core import data
+from harness.declare.config import source_teacher
+from harness.declare.hashing import canonical_json, teacher_id
+from harness.orchestrate.progress import CKPT, TeacherProgress, checkpoint_files, error_summary
 from harness.store import results as store
-from harness.declare.hashing import canonical_json
 
 DIGEST_SUFFIX = ".sha256"  # beside each cell.pt (harness.core.io.save_checkpoint)
+
+
+def torch_side() -> SimpleNamespace:
+    """What a trial or task runs with torch (``run_cell``, ``prepare``, ``pick_device``,
+    ``load_or_train``, ``Shard``), imported in the Ray worker that runs it: the driver of
+    ``harness run`` plans and waits without ever loading torch."""
+    from harness.core.parallel import Shard  # torch: imported in Ray workers only
+    from harness.orchestrate import cell, teacher  # torch: imported in Ray workers only
+
+    return SimpleNamespace(Shard=Shard, run_cell=cell.run_cell, prepare=cell.prepare,
+                           pick_device=cell.pick_device, load_or_train=teacher.load_or_train)
 
 
 def storage_of(root: str) -> str:
@@ -34,8 +49,6 @@ def _resume_into(ckpt: str, storage: str, saved: str | None, previous=None):
     match the ``cell.pt.sha256`` stored beside it is reported by its stored path and skipped."""
     import pyarrow.fs as pafs
     from ray import tune
-
-    from harness.orchestrate.progress import CKPT
 
     found = []
     previous = tune.get_checkpoint() if previous is None else previous
@@ -101,10 +114,8 @@ def harness_cell(config, cells, root, cache, study, device, threads, cell_fn=Non
     torch.set_num_threads(threads)
     if torch.cuda.is_available():  # a reused worker: peak_mem_mb must be this cell's own
         torch.cuda.reset_peak_memory_stats()
-    from harness.orchestrate.progress import CKPT
 
-    if cell_fn is None:
-        from harness.orchestrate.cell import run_cell as cell_fn
+    cell_fn = cell_fn or torch_side().run_cell
     tmp = tempfile.mkdtemp(prefix=f"harness-{cid}-")
     ckpt = os.path.join(tmp, CKPT)
     try:
@@ -155,15 +166,11 @@ def cell_worker(config):
     import ray.train.torch
     import torch
 
-    from harness.core.parallel import Shard
-    from harness.orchestrate.progress import CKPT
-
     context = ray.train.get_context()
-    shard = Shard(context.get_world_rank(), context.get_world_size())
+    shard = torch_side().Shard(context.get_world_rank(), context.get_world_size())
     torch.set_num_threads(config["threads"])
     cell_fn = config["cell_fn"]
-    if cell_fn is None:
-        from harness.orchestrate.cell import run_cell as cell_fn
+    cell_fn = cell_fn or torch_side().run_cell
     cid, cell = config["cid"], config["cell"]
     tmp = tempfile.mkdtemp(prefix=f"harness-{cid}-r{shard.rank}-")
     ckpt = os.path.join(tmp, CKPT)
@@ -186,8 +193,6 @@ def cell_worker(config):
 
 def _trainable(study, cells: dict, todo, root, cache, device, cell_fn):
     from ray import tune
-
-    from harness.orchestrate.progress import checkpoint_files
 
     storage = storage_of(root)
     saved = {}  # the newest cell.pt of each cell, whichever experiment and trial holds it
@@ -212,8 +217,6 @@ def teacher_plan(pin, pending, datasets) -> dict[str, dict]:
     cell config}}} for every teacher the pending cells need: their own (with the reference rows
     to write, one per evaluation protocol) and those whose weights start a generator (``init:
     {name: teacher, source: ...}``)."""
-    from harness.declare.config import source_teacher
-    from harness.declare.hashing import teacher_id
 
     cells, plan = dict(pin.current), {}
     for cid in pending:
@@ -234,17 +237,14 @@ def harness_teacher(entry: dict, root: str, cache: str, study: str, device: str,
     ``teacher.load_or_train``) and write its reference rows; returns a little metadata."""
     import torch
 
-    from harness.core import data
-    from harness.orchestrate.cell import pick_device, prepare
-
+    side = torch_side()
     torch.set_num_threads(threads)
-    if teacher_fn is None:
-        from harness.orchestrate.teacher import load_or_train as teacher_fn
-    dev = pick_device(device)
+    teacher_fn = teacher_fn or side.load_or_train
+    dev = side.pick_device(device)
     dataset = data.from_config(entry["cfg"]["data"])
     _, meta = teacher_fn(entry["cfg"], dataset, cache, dev, print)
     for cfg in entry["refs"].values():  # the teacher is cached now: this loads it
-        prepare(cfg, root, cache, dev, study=study, dataset=dataset)
+        side.prepare(cfg, root, cache, dev, study=study, dataset=dataset)
     return {k: meta.get(k) for k in ("id", "steps", "wall_s")}
 
 
@@ -252,8 +252,6 @@ def _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn=Non
     """Each teacher the pending cells need, trained (or resumed, or loaded) by one Ray task
     (``harness_teacher``), all at once; the driver prints their progress and waits."""
     import ray
-
-    from harness.orchestrate.progress import TeacherProgress, error_summary
 
     plan = teacher_plan(pin, pending, datasets)
     if not plan:

@@ -20,20 +20,45 @@ import tempfile
 import time
 
 import pyarrow.fs as pafs
-
 from ray import tune
 
+from harness import __version__
 from harness.declare import config as C
-from harness.store import signed
 from harness.declare.hashing import canonical_json
-from harness.orchestrate.progress import read_text, drop_older, error_summary
+from harness.declare.study import load_study
 from harness.declare.tune_spec import (
-    ASHA_GRACE, ASHA_REDUCTION, SEARCH_SEED, TRIAL_PROTOCOL, TuneError)
+    ASHA_GRACE,
+    ASHA_REDUCTION,
+    SEARCH_SEED,
+    TRIAL_PROTOCOL,
+    TuneError,
+)
+from harness.orchestrate.cell import pick_device, prepare, run_cell
+from harness.orchestrate.progress import drop_older, error_summary, quiet_tune, read_text
+from harness.orchestrate.status import fingerprints
+from harness.orchestrate.sweep import cache_root, connect, resource_problem, results_root
+from harness.orchestrate.teacher import load_or_train
+from harness.store import results as store
+from harness.store import signed
+from harness.store.lock import acquire_lock
+from harness.store.results import cell_columns, filesystem
 from harness.store.tuning import (
-    fmt_value, describe, experiment_name, family_hash, family_states, final_kimg, higher_is_better,
-    read_trial_rows, record_choice, scratch_root, select, stored_final, trial_config, trial_table,
-    with_values)
-
+    describe,
+    experiment_name,
+    family_hash,
+    family_states,
+    final_kimg,
+    fmt_value,
+    higher_is_better,
+    read_trial_rows,
+    record_choice,
+    scratch_root,
+    select,
+    stored_final,
+    trial_config,
+    trial_table,
+    with_values,
+)
 
 # ---------------------------------------------------------------------------------------------
 # The trainable (runs in a Ray worker)
@@ -47,12 +72,7 @@ def harness_trial(config, family, tune_hash, fam_hash, seeds, metric, root, scra
     and the seeds already finished, so a resumed trial never trains a finished seed again."""
     import torch
 
-    from harness import __version__
-    from harness.store import results
-    from harness.orchestrate.cell import cell_columns
-
-    if cell_fn is None:
-        from harness.orchestrate.cell import run_cell as cell_fn
+    cell_fn = cell_fn or run_cell
     torch.set_num_threads(threads)
     values = {k: config[k] for k in family.space}
     cfgs = [trial_config(family, values, s) for s in seeds]  # the schema, before anything runs
@@ -99,7 +119,7 @@ def harness_trial(config, family, tune_hash, fam_hash, seeds, metric, root, scra
                 rows = [{**base, "metric": m, "value": float(v)} for m, v in ev.metrics.items()]
                 if ev.status == "diverged":
                     rows.append({**base, "metric": "diverged", "value": float(ev.step)})
-                results.write_rows(root, rows)
+                store.write_rows(root, rows)
                 if ev.status == "diverged":
                     return  # nothing to report: the trial ends here, its rows say why
                 if name not in ev.metrics:
@@ -193,11 +213,6 @@ def tune_study(path: str, results: str | None = None, address: str | None = None
     """Search each loss family's hyperparameters and pin the choice; 0 when every family has
     one, 1 when some has none (all its trials failed or diverged); user errors raise (exit 2).
     ``cell_fn`` replaces ``harness.orchestrate.cell.run_cell`` in the trainable (tests)."""
-    from harness.store import results as store
-    from harness.store.lock import acquire_lock
-    from harness.orchestrate.status import fingerprints
-    from harness.declare.study import load_study
-    from harness.orchestrate.sweep import cache_root, connect, resource_problem, results_root
 
     study = load_study(path)
     if study.tune is None:
@@ -224,8 +239,6 @@ def tune_study(path: str, results: str | None = None, address: str | None = None
             return 2
         with acquire_lock(root, cache):
             _teachers(study, todo, datasets, root, cache, device)
-            from harness.orchestrate.progress import quiet_tune
-
             with quiet_tune():
                 for label in todo:
                     chosen[label] = _tune_family(study, label, root, cache, device, cell_fn)
@@ -251,8 +264,6 @@ def tune_study(path: str, results: str | None = None, address: str | None = None
 
 def _teachers(study, todo, datasets, root, cache, device):
     """Train (or load) each trial teacher once in the driver, as ``harness run`` does."""
-    from harness.orchestrate.cell import pick_device, prepare
-    from harness.orchestrate.teacher import load_or_train
 
     dev, seen = pick_device(device), set()
     for label in todo:
@@ -352,7 +363,6 @@ def _drop_trial_weights(where: str, seeds) -> None:
     section is a new experiment), so their checkpointed weights (``seed-<s>.pt``, about 15 MB a
     trial on digits) are deleted; Ray's experiment state, the trials' results and the rows
     stay."""
-    from harness.store.results import filesystem
 
     fs, base = filesystem(where)
     for item in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):

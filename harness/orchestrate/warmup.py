@@ -15,12 +15,12 @@ import tempfile
 import numpy as np
 import torch
 
-from harness.declare.config import resolve_cell
 from harness.core.data import Dataset
 from harness.core.diffusion import Denoiser
 from harness.core.nets import build as build_net
-from harness.orchestrate.teacher import load_or_train
 from harness.core.train import train_student
+from harness.declare.config import resolve_cell
+from harness.orchestrate.teacher import load_or_train
 
 
 class _Enough(Exception):

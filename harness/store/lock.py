@@ -25,6 +25,7 @@ import socket
 import sys
 import uuid
 
+from harness.store import results
 from harness.store.pins import location, utc_now
 
 LOCK = ".lock"
@@ -178,7 +179,6 @@ def acquire_lock(root: str, cache: str | None = None) -> Lock:
     pyarrow filesystems a best-effort check, write and re-read (see the module docstring). A lock
     left by a dead process on this host is taken over.
     """
-    from harness.store import results
 
     results.check_root(root)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": utc_now(),
@@ -252,7 +252,6 @@ def acquire_lock(root: str, cache: str | None = None) -> Lock:
 
 def holder(root: str) -> dict | None:
     """Who holds the study lock, if a live process does (on another host: assumed live)."""
-    from harness.store import results
 
     info = _holder(results.read_bytes(root, LOCK))
     return None if info is None or _is_stale(info) else info
@@ -366,7 +365,6 @@ def _acquire_s3(root: str, where: str, info: dict, payload: bytes) -> Lock:
 
 
 def _pyarrow(root: str):
-    from harness.store import results
 
     fs, base = results.filesystem(root)
     return fs, posixpath.join(base, LOCK)

@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from harness.declare.config import ConfigError, cell_params, init_label, loss_label, param_columns
 from harness.store import environment
-from harness.declare.config import param_columns
 
 _ARROW = {str: pa.string(), float: pa.float64(), int: pa.int64(), bool: pa.bool_()}
 ROWS = pa.schema([
@@ -333,8 +333,6 @@ def cache_folder(value: str, where: str = "HARNESS_CACHE") -> str:
     user error (``config.ConfigError``, exit 2): torch and torch-fidelity open cache files by
     path, so the cache cannot live on S3."""
     if "://" in value and not value.startswith("file://"):
-        from harness.declare.config import ConfigError
-
         raise ConfigError(where, (
             f"{value!r} is an object-store URI, but the cache of teachers and feature "
             f"extractors must be a folder on the filesystem (torch and torch-fidelity open its "
@@ -344,3 +342,10 @@ def cache_folder(value: str, where: str = "HARNESS_CACHE") -> str:
             f"mountpoint-s3), or leave it unset (`harness run` then uses <results root>/cache "
             f"for a local results root, ~/.cache/harness otherwise). Nothing was run."))
     return os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
+
+
+def cell_columns(cfg: dict, study: str, cid: str, axes: dict) -> dict:
+    """The columns that describe a cell on every one of its rows."""
+    return {"study": study, "cell": cid, "loss": loss_label(cfg["loss"]),
+            "init": init_label(cfg["init"]), **cell_params(cfg), "seed": int(cfg["seed"]),
+            "axes": json.dumps(axes, sort_keys=True, default=str)}

@@ -59,13 +59,15 @@ import json
 import math
 import os
 import posixpath
-import re
 import shutil
 import tempfile
 import time
 from typing import Callable
 
 from harness.declare.tracking_spec import DEFAULT
+from harness.store import results
+from harness.store.results import BOOKKEEPING
+
 
 def describe(settings: dict | None, root: str) -> list[str]:
     """Where a study's trackers write, one line each (printed by ``harness run``)."""
@@ -210,8 +212,6 @@ class _TensorBoard:
     def __init__(self, root: str, study: str, cell_id: str, config: dict, axes: dict):
         from tensorboardX import SummaryWriter  # noqa: F401 (fail at open, not at first row)
 
-        from harness.store import results
-
         fs, base = results.filesystem(root)
         folder = posixpath.join(base, "tb", cell_id)
         import pyarrow.fs as pafs
@@ -245,7 +245,6 @@ class _TensorBoard:
         return self.writer
 
     def log_rows(self, rows: list[dict]):
-        from harness.store.results import BOOKKEEPING
 
         if not rows:
             return

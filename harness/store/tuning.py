@@ -61,12 +61,26 @@ import math
 import os
 import re
 
+from harness import __version__
 from harness.declare import config as C
-from harness.declare.hashing import canonical_json
-
+from harness.declare.hashing import canonical_json, identity
+from harness.declare.settings import check_value
+from harness.declare.study import Cell
 from harness.declare.tune_spec import (
-    ASHA_GRACE, ASHA_REDUCTION, HIGHER_BETTER_PREFIXES, NOT_SEARCHED, SEARCH_SEED, SELECTION_RULE,
-    Family, Tune, TuneError, _sha, loss_label)
+    ASHA_GRACE,
+    ASHA_REDUCTION,
+    HIGHER_BETTER_PREFIXES,
+    NOT_SEARCHED,
+    SEARCH_SEED,
+    SELECTION_RULE,
+    Family,
+    Tune,
+    TuneError,
+    _sha,
+    loss_label,
+)
+from harness.store import results
+from harness.store.pins import PIN, dumps, read_pin, utc_now
 
 # ---------------------------------------------------------------------------------------------
 # Values -> configs (the one place a tuned value enters a config)
@@ -75,7 +89,6 @@ def with_values(cfg: dict, values: dict, where: str = "tuned ") -> dict:
     """``cfg`` with ``{setting path: value}`` set, each value checked by the same schema as study
     files (``settings.check_value`` for ``student.*``, the family's ``Param`` for ``loss.*``) and
     the result resolved (``config.resolve_cell``). Raises ``config.ConfigError``."""
-    from harness.declare.settings import check_value
 
     out = copy.deepcopy(cfg)
     for setting, value in values.items():
@@ -103,7 +116,6 @@ def final_kimg(cfg: dict) -> float:
 
 def family_hash(tune: Tune, family: Family) -> str:
     """What a family's choice depends on: the protocol, its space and its trial config."""
-    from harness.declare.hashing import identity
 
     ident = identity({**family.base, "seed": 0})
     ident.pop("seed", None)
@@ -122,7 +134,6 @@ def higher_is_better(metric: str) -> bool:
 def apply(study, choice: dict):
     """The study with each cell's family's chosen values (``{family: {setting: value}}``) as
     ordinary settings of its config, and so of its cell id. Axes are unchanged."""
-    from harness.declare.study import Cell
 
     if study.tune is None:
         return study
@@ -151,7 +162,6 @@ def _tuned(study, cells_in: list, choice: dict, Cell) -> list:
 
 def pinned(root: str) -> dict | None:
     """The ``tuned`` entry of a results root's ``pin.json`` (None if none)."""
-    from harness.store.pins import read_pin
 
     doc = read_pin(root)
     tuned = doc.get("tuned") if doc else None
@@ -208,9 +218,6 @@ def fmt_value(v) -> str:
 def record_choice(root: str, study, label: str, entry: dict) -> dict:
     """Pin one family's choice in ``pin.json`` (``tuned``): entries of families that are no
     longer current (another hash, or gone from the study) move to ``tuned.previous``."""
-    from harness import __version__
-    from harness.store import results
-    from harness.store.pins import PIN, dumps, read_pin, utc_now
 
     doc = read_pin(root) or {"study": study.name, "version": __version__, "updated_at": None,
                              "current": [], "cells": {}, "teachers": {}, "fingerprints": {}}
@@ -240,8 +247,6 @@ def read_trial_rows(root: str, seeds, cell: str | None = None):
     filtered while reading the Parquet files, so rows of other seeds are never read. Repeated
     keys resolve to the newest."""
     import pyarrow.fs as pafs
-
-    from harness.store import results
 
     fs, base = results.filesystem(root)
     folder = base.rstrip("/") + "/rows"
@@ -367,24 +372,3 @@ def scratch_root(root: str) -> str:
 def experiment_name(study, label: str, fam_hash: str) -> str:
     """The family's Ray experiment under ``<root>/tune``: ``<study>-<family>-<hash8>``."""
     return f"{study.name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}-{fam_hash[:8]}"
-
-
-def add_parser(sub) -> None:
-    """The ``harness tune`` subcommand (``harness.cli``)."""
-
-    def cmd_tune(args) -> int:
-        from harness.orchestrate.tune_run import tune_study
-
-        return tune_study(args.study, results=args.results, address=args.address,
-                          dry_run=args.dry_run, device=args.device)
-
-    sp = sub.add_parser("tune", help="search each loss family's hyperparameters (the study's "
-                        "tune: section) with Ray Tune and pin the choice for `harness run`")
-    sp.add_argument("study", help="study YAML file with a tune: section")
-    sp.add_argument("--dry-run", action="store_true", help="print the families, the search and "
-                    "what is tuned already; writes nothing")
-    sp.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                    help="Ray cluster to join, e.g. 'auto' (default: $RAY_ADDRESS or a local Ray)")
-    sp.add_argument("--results", default=None, help="results root (default: the study's)")
-    sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    sp.set_defaults(func=cmd_tune)

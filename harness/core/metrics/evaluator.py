@@ -8,15 +8,36 @@ import os
 import numpy as np
 import torch
 
+from harness.core.data import TOY_CENTERS
 from harness.core.metrics.common import (
-    MetricsError, _fingerprint_seed, _torch_device, n_tag, to_uint8)
+    MetricsError,
+    _fingerprint_seed,
+    _torch_device,
+    n_tag,
+    to_uint8,
+)
 from harness.core.metrics.extractor import (
-    FEATURE_LAYER, INCEPTION_URL, _file_hash, _fidelity, _U8Images, has_shipped,
-    load_inception_weights, load_or_train_extractor, load_shipped_extractor, register_extractor,
-    register_inception)
+    FEATURE_LAYER,
+    INCEPTION_URL,
+    _fidelity,
+    _file_hash,
+    _U8Images,
+    has_shipped,
+    load_inception_weights,
+    load_or_train_extractor,
+    load_shipped_extractor,
+    register_extractor,
+    register_inception,
+)
 from harness.core.metrics.toy import (
-    TOY_BANDWIDTH_FACTORS, TOY_DIRECTIONS, TOY_MODE_MIN_FRACTION, TOY_MODE_RADIUS, _modes_covered,
-    _pair_kernel_sum, _sliced_w1)
+    TOY_BANDWIDTH_FACTORS,
+    TOY_DIRECTIONS,
+    TOY_MODE_MIN_FRACTION,
+    TOY_MODE_RADIUS,
+    _modes_covered,
+    _pair_kernel_sum,
+    _sliced_w1,
+)
 
 FEATURES_VERSION = 1  # bump when the extractor's outputs change for the same weights (cache names)
 KID_SUBSETS = 100
@@ -146,7 +167,10 @@ class Evaluator:
         folder with ``weights_only=False``, so a planted file there would run code in every
         evaluating process. The reference features (``cache_name_b``) are kept in this process's
         memory instead, computed once per extractor and reference."""
-        from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+        from torch_fidelity.metric_fid import (
+            fid_featuresdict_to_statistics,
+            fid_statistics_to_metric,
+        )
         from torch_fidelity.metric_kid import kid_featuresdict_to_metric
         from torch_fidelity.utils import get_featuresdict_from_dataset
 
@@ -193,7 +217,6 @@ class Evaluator:
     # ---- toy2d -------------------------------------------------------------------------------
 
     def _setup_toy(self, tag):
-        from harness.core.data import TOY_CENTERS
 
         ds, x = self.dataset, self._x.astype(np.float64)
         rng = np.random.default_rng(_fingerprint_seed(ds.fingerprint))
