@@ -1,4 +1,4 @@
-"""The Evaluator (SPEC §6): built once per cell, it scores generated samples against the dataset
+"""The Evaluator: built once per cell, it scores generated samples against the dataset
 with protocol-carrying metric names (images through torch-fidelity, toy2d in closed form)."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from harness.core.metrics.common import (
     MetricsError, _fingerprint_seed, _torch_device, n_tag, to_uint8)
 from harness.core.metrics.extractor import (
-    FEATURE_LAYER, INCEPTION_URL, _file_hash, _fidelity, _U8Images, has_shipped,
-    load_inception_weights, load_or_train_extractor, load_shipped_extractor, register_extractor,
-    register_inception)
+    FEATURE_LAYER, INCEPTION_URL, has_shipped, load_or_train_extractor, load_shipped_extractor)
+from harness.core.metrics.fidelity import (
+    _file_hash, _fidelity, _U8Images, load_inception_weights, register_extractor, register_inception)
 from harness.core.metrics.toy import (
     TOY_BANDWIDTH_FACTORS, TOY_DIRECTIONS, TOY_MODE_MIN_FRACTION, TOY_MODE_RADIUS, _modes_covered,
     _pair_kernel_sum, _sliced_w1)
