@@ -1,4 +1,4 @@
-"""Datasets: embedded (toy2d, digits, mnist5k) and full-scale local files (SPEC §5).
+"""Datasets: embedded (toy2d, digits, mnist5k) and full-scale local files the user provides.
 
 Everything here is numpy: images come back as float32 NCHW in [-1, 1], toy data as (N, 2)
 float32. Each dataset carries a fingerprint (sha256 of its arrays) that cell ids include, so a

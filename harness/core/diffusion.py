@@ -1,4 +1,5 @@
-"""EDM diffusion (Karras et al. 2022, "Elucidating the Design Space..."), SPEC §1-§2.
+"""EDM diffusion (Karras et al. 2022, "Elucidating the Design Space...") and the one-step
+generator ``G(z) = D(sigma_init z; sigma_init)``.
 
 Preconditioning ``D(x; s) = c_skip x + c_out F(c_in x, c_noise)``, the denoising loss with its
 log-normal noise distribution and weighting, the Heun sampler, and the SiD-convention noise
@@ -69,7 +70,8 @@ def sample_sigma_train(n: int, device=None, generator=None) -> torch.Tensor:
 
 
 def sample_sigma_band(n: int, lo: float, hi: float, device=None) -> torch.Tensor:
-    """ln s ~ U(ln lo, ln hi): a band-limited teacher's training distribution (SPEC §4)."""
+    """ln s ~ U(ln lo, ln hi): a band-limited teacher's training distribution, so
+    it learns features for that band of noise levels only."""
     return torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * torch.rand(n, device=device))
 
 
@@ -113,7 +115,8 @@ def generator_sigma(u: torch.Tensor) -> torch.Tensor:
 
 
 def sample_sigma_generator(n: int, t_max: float, device=None) -> torch.Tensor:
-    """u ~ U(0, t_max) -> s (SPEC §2); t_max = 0.8 reaches about 24.4."""
+    """The generator losses' noise levels: u ~ U(0, t_max) -> s = ``generator_sigma(u)``;
+    t_max = 0.8 reaches about 24.4."""
     return generator_sigma(t_max * torch.rand(n, device=device))
 
 

@@ -1,4 +1,4 @@
-"""Initialization schemes for the generator's weights at step 0 (SPEC §4), and the aux init.
+"""Initialization schemes for the generator's weights at step 0, and the aux init.
 
 Each scheme is a function ``(InitContext, params) -> GeneratorInit`` registered by the name
 study files use. ``ctx.build()`` constructs a fresh network of the teacher's architecture; a

@@ -1,4 +1,5 @@
-"""The ONE training loop for one-step generators (SPEC §2-§3), whatever the loss family.
+"""The ONE training loop for one-step generators ``G(z) = D(sigma_init z; sigma_init)``,
+whatever the loss family.
 
 Per iteration: ``aux_steps`` updates of the auxiliary network on fresh, detached generator
 samples, then one generator update; EMA of the generator; progress counted in images (kimg).
@@ -99,8 +100,9 @@ def frozen(module: torch.nn.Module):
 
 def build_student(cfg: dict, teacher_state: dict, shape: tuple, sigma_data: float,
                   init_extra: dict | None = None):
-    """Generator and auxiliary network at step 0 (SPEC §3-§4). ``init_extra``: more
-    ``inits.InitContext`` fields (cache, teacher_id, source_state, device)."""
+    """Generator and auxiliary network at step 0: G from the init scheme, the auxiliary network
+    from ``aux_init``. ``init_extra``: more ``inits.InitContext`` fields (cache, teacher_id,
+    source_state, device)."""
     arch, st, seed = cfg["teacher"]["arch"], cfg["student"], cfg["seed"]
     width = cfg["teacher"].get("channels")
     ctx = InitContext(teacher_state, lambda: nets.build(arch, shape, width), seed, st["sigma_init"],

@@ -1,7 +1,7 @@
-"""The density-ratio network as a verifier for inference-time scaling (issue 16).
+"""The density-ratio network as a verifier for inference-time scaling.
 
 A one-step generator G has drawn its samples from p = p_gen; the data follow q = q_data. The
-``ratio`` family (SPEC §3) trains c_phi(x, s) by binary cross-entropy (label 1: noised generator
+``ratio`` loss family trains c_phi(x, s) by binary cross-entropy (label 1: noised generator
 samples, label 0: noised data) so that at its optimum ``l = c_phi(x, s) = log p_s(x) / q_s(x)``,
 with p_s, q_s the distributions noised by N(0, s^2 I). That logit is a *verifier*: spend n
 generator evaluations per kept sample and let the ratio decide which one to keep.
@@ -28,16 +28,16 @@ Bias at finite n
 
 What the noise level sigma does
     The ratio net is trained on *noised* distributions: l_s = log p_s / q_s, s from the
-    generator-loss schedule (u ~ U(0, t_max); SPEC §2). A candidate x is scored as
-    ``l = c_phi(x + sigma * eps, sigma)`` with seeded eps ~ N(0, I). As sigma -> 0, p_s -> p and
-    q_s -> q, so at small sigma l approximates the clean log ratio the derivation needs; as sigma
-    grows both noised distributions approach the same Gaussian, l_s -> 0 and the weights become
-    uniform: the verifier then does nothing (no gain, no harm). Small sigma is faithful but the
-    clean ratio of two distributions near a data manifold is ill-conditioned and the net's
-    estimate there is noisy; moderate sigma is smoother and better trained but a blurrier
-    criterion. The noise eps adds variance to the weights (one draw per candidate). ``sigma`` is
-    therefore a setting of the verifier (a grid axis if wanted); the family ``ratio[fixed]`` was
-    trained at sigma_min only and is scored there.
+    generator-loss schedule (u ~ U(0, t_max) mapped by ``diffusion.generator_sigma``). A
+    candidate x is scored as ``l = c_phi(x + sigma * eps, sigma)`` with seeded eps ~ N(0, I). As
+    sigma -> 0, p_s -> p and q_s -> q, so at small sigma l approximates the clean log ratio the
+    derivation needs; as sigma grows both noised distributions approach the same Gaussian, l_s
+    -> 0 and the weights become uniform: the verifier then does nothing (no gain, no harm).
+    Small sigma is faithful but the clean ratio of two distributions near a data manifold is
+    ill-conditioned and the net's estimate there is noisy; moderate sigma is smoother and better
+    trained but a blurrier criterion. The noise eps adds variance to the weights (one draw per
+    candidate). ``sigma`` is therefore a setting of the verifier (a grid axis if wanted); the
+    family ``ratio[fixed]`` was trained at sigma_min only and is scored there.
 
 Cost
     Per kept sample: n generator evaluations + n ratio-net evaluations (n = 1: one generator

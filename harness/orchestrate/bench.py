@@ -16,7 +16,8 @@ Rows (each measured here, on this machine, in this process):
    time with the whole device (a fraction of one GPU on CUDA).
 6. ``init``: the gradient reaching each parameter group at step 0 under every init scheme of
    ``studies/c3-digits.yaml`` (its 600-kimg digits teacher), relative to teacher init
-   (``inits.probe_gradients``; SPEC §4 asks for a factor of 10 on the groups a scheme keeps).
+   (``inits.probe_gradients``): a scheme should keep the gradient reaching the groups it keeps
+   within a factor of 10 of teacher init's, or its cells measure the optimiser, not the features.
 """
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ def run_cell(cfg: dict, root: str, cache: str, ckpt_path: str, *, study: str = "
                                                 evaluate=shard.lead)
     init_extra = {"cache": cache, "teacher_id": meta["id"]}
     source = source_teacher(cfg)
-    if source is not None:  # the generator starts from another teacher's weights (SPEC §4)
+    if source is not None:  # the generator starts from another teacher's weights
         other, other_meta = teachers.load_or_train({**cfg, "teacher": source}, dataset, cache,
                                                    device, log)
         init_extra["source_state"] = {k: v.detach().cpu() for k, v in other.net.state_dict().items()}

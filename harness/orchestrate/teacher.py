@@ -1,4 +1,4 @@
-"""The teacher: an EDM diffusion model trained once per teacher id and cached (SPEC §1).
+"""The teacher: an EDM diffusion model trained once per teacher id and cached.
 
 ``<cache>/teachers/<teacher id>/`` holds ``ckpt.pt`` while training (complete, atomic,
 resumable) and ``teacher.pt`` (the EMA weights and the config) when done. A teacher id hashes
@@ -81,7 +81,7 @@ def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=pri
     opt = torch.optim.Adam(denoiser.parameters(), lr=tc["lr"], betas=(0.9, 0.999), eps=1e-8)
     beta = ema_beta(batch, tc["ema_halflife_kimg"])
     ckpt = os.path.join(folder, "ckpt.pt")
-    band = (tc.get("noise") or {}).get("band")  # a band-limited teacher (SPEC §4)
+    band = (tc.get("noise") or {}).get("band")  # a band-limited teacher: ln s ~ U(ln lo, ln hi)
     step, wall, resumed = 0, 0.0, None
     if os.path.exists(ckpt):
         state = load_checkpoint(ckpt)

@@ -1,4 +1,6 @@
-"""Loss families, registered by the names study files use (SPEC §3).
+"""Loss families, registered by the names study files use: ``di``
+(Diff-Instruct/DMD distribution matching) and ``sid`` (Score identity Distillation) call the
+teacher's score; ``ratio`` (a density-ratio network, divergence ``kl``/``js``/``rkl``) never does.
 
 ``build(loss_cfg, teacher, aux, t_max)`` takes a canonical loss config (``config.resolve_loss``)
 and returns the family object; its parameters are exactly those of ``config.LOSS_FAMILIES``,

@@ -1,4 +1,4 @@
-"""The one interface every loss family implements (SPEC §3).
+"""The one interface every loss family implements.
 
 A family owns an auxiliary network (a fake score ``D_psi(x, s)`` or a ratio logit
 ``c_phi(x, s)``) and returns **per-sample** losses; the training loop reduces, steps the
@@ -23,7 +23,8 @@ class LossFamily(ABC):
         teacher: frozen teacher denoiser ``D_T(x, s)``; score-free families never call it.
         aux: auxiliary network: fake-score denoiser (``aux_kind = 'score'``) or ratio logit
             (``aux_kind = 'ratio'``), returning (N, ...) denoised data or (N,) logits.
-        t_max: generator-loss noise levels come from u ~ U(0, t_max) (SPEC §2).
+        t_max: generator-loss noise levels come from u ~ U(0, t_max) mapped by
+            ``diffusion.generator_sigma`` (u = 0: sigma_min; t_max = 0.8: about 24.4).
     """
 
     aux_kind: str = "score"

@@ -1,4 +1,4 @@
-"""Sample-quality metrics (SPEC §6).
+"""Sample-quality metrics, named with their protocol so proxies never mix with the real thing.
 
 Images
     FID-style scores go through torch-fidelity (``calculate_metrics``):
@@ -34,7 +34,8 @@ from harness.core.metrics.common import MetricsError, n_tag, to_uint8
 from harness.core.metrics.evaluator import FEATURES_VERSION, KID_MAX_SUBSET, KID_SUBSETS, Evaluator
 from harness.core.metrics.extractor import (
     FEATURE_LAYER, INCEPTION_URL, DomainNet, default_epochs, load_or_train_extractor,
-    register_extractor, state_dict_hash, train_domain_classifier)
+    state_dict_hash, train_domain_classifier)
+from harness.core.metrics.fidelity import register_extractor
 from harness.core.metrics.toy import (
     TOY_BANDWIDTH_FACTORS, TOY_DIRECTIONS, TOY_MODE_MIN_FRACTION, TOY_MODE_RADIUS)
 

@@ -1,4 +1,4 @@
-"""The Evaluator (SPEC §6): built once per cell, it scores generated samples against the dataset
+"""The Evaluator: built once per cell, it scores generated samples against the dataset
 with protocol-carrying metric names (images through torch-fidelity, toy2d in closed form)."""
 from __future__ import annotations
 
@@ -19,13 +19,15 @@ from harness.core.metrics.common import (
 from harness.core.metrics.extractor import (
     FEATURE_LAYER,
     INCEPTION_URL,
+    has_shipped,
+    load_or_train_extractor,
+    load_shipped_extractor,
+)
+from harness.core.metrics.fidelity import (
     _fidelity,
     _file_hash,
     _U8Images,
-    has_shipped,
     load_inception_weights,
-    load_or_train_extractor,
-    load_shipped_extractor,
     register_extractor,
     register_inception,
 )

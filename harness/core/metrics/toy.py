@@ -1,4 +1,4 @@
-"""toy2d metrics (SPEC §6): RBF-kernel MMD^2 sums, sliced Wasserstein-1, ring-mode coverage."""
+"""toy2d metrics: RBF-kernel MMD^2 sums, sliced Wasserstein-1, ring-mode coverage."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Networks by architecture name, with the named parameter groups of SPEC §4.
+"""Networks by architecture name, with the named parameter groups the init schemes act on.
 
 ``build(arch, shape)`` gives the raw network ``F(x_in, c_noise)`` that the EDM preconditioning
 wraps; ``build_ratio(arch, shape)`` the ratio network's backbone (the encoder half + a head).

@@ -19,7 +19,8 @@ loads with ``load_state_dict(strict=True)``:
   the middle; ``dec.{r}x{r}_up``, ``dec.{r}x{r}_block{i}``: the decoder;
 - ``dec.{R}x{R}_aux_norm``, ``dec.{R}x{R}_aux_conv``: the output (final norm and conv).
 
-``harness.core.nets.group_of`` maps these names to the named groups of SPEC §4.
+``harness.core.nets.group_of`` maps these names to the named groups (``input``,
+``encoder``, ``middle``, ``decoder``, ``output``, ``embedding``) the init schemes act on.
 ``DDPMppEncoder`` is the ratio network: the same embedding, encoder and middle blocks under the
 same names (so teacher weights copy into it by name), then norm, global average pool and a
 linear head giving one logit.

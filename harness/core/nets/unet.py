@@ -1,8 +1,9 @@
 """A compact DDPM++-style UNet (Song et al. 2021 as used by EDM) with named parameter groups.
 
-Top-level children are exactly the groups of SPEC §4, so a parameter's group is the first
-component of its name: ``input`` (stem conv), ``encoder`` (down blocks), ``middle``,
-``decoder`` (up blocks), ``output`` (final norm and conv), ``embedding`` (noise-level MLP).
+Top-level children are exactly the parameter groups the init schemes act on, so a parameter's
+group is the first component of its name: ``input`` (stem conv), ``encoder`` (down blocks),
+``middle``, ``decoder`` (up blocks), ``output`` (final norm and conv), ``embedding``
+(noise-level MLP).
 The ratio network reuses the encoder half (``EncoderClassifier``).
 """
 from __future__ import annotations
