@@ -93,7 +93,7 @@ def _check_override(section: str, name: str, value):
     """Type and range of a ``--set`` value, by the schema study files use (unknown keys are
     left to ``resolve_cell``)."""
     from harness.declare.config import DEFAULTS
-    from harness.declare.settings import check_value
+    from harness.declare.schema import check_value
 
     if not isinstance(DEFAULTS.get(section), dict) or name not in DEFAULTS[section]:
         return value

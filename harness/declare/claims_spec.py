@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from harness.declare import config as C
-from harness.declare.schema import SEED_MAX, num, whole
-from harness.declare.settings import _Bad, _check, _type_name
+from harness.declare.schema import SEED_MAX, Problem, check, num, type_name, whole
 
 HOLDS_IF = {"C1": "below", "C1-best": "below", "C2": "above", "C3a": "below", "C3b": "above",
             "C3c": "above", "C3d": "below", "C3e": "above", "C4": "below"}
@@ -90,19 +89,19 @@ class ClaimsSpec:
 
 
 def check_claims(raw, seeds_raw, axes: list[str]) -> ClaimsSpec:
-    """The ``claims:`` and ``seeds:`` sections of a study file -> ClaimsSpec (raises ``_Bad``
+    """The ``claims:`` and ``seeds:`` sections of a study file -> ClaimsSpec (raises ``Problem``
     with the yaml path). ``axes``: the study's grid axis names."""
     spec = {}
     if raw is not None:
         if not isinstance(raw, dict):
-            raise _Bad("claims", f"expected a mapping, got {_type_name(raw)}",
+            raise Problem("claims", f"expected a mapping, got {type_name(raw)}",
                        "write e.g. claims: {thresholds: {C1: 0.1}, pair: [ratio_js, sid]}")
         for key, value in raw.items():
             if key not in CLAIMS:
-                raise _Bad(f"claims.{key}", f"unknown key {C._short(key)} in claims",
+                raise Problem(f"claims.{key}", f"unknown key {C._short(key)} in claims",
                            f"known: {', '.join(CLAIMS)}")
         if raw.get("alpha") is not None:
-            spec["alpha"] = float(_check(CLAIMS["alpha"], raw["alpha"], "claims.alpha"))
+            spec["alpha"] = float(check(CLAIMS["alpha"], raw["alpha"], "claims.alpha"))
         if raw.get("pair") is not None:
             spec["pair"] = _pair(raw["pair"])
         if raw.get("thresholds") is not None:
@@ -117,54 +116,54 @@ def check_claims(raw, seeds_raw, axes: list[str]) -> ClaimsSpec:
 def _pair(value) -> tuple:
     if (not isinstance(value, list) or len(value) != 2
             or not all(isinstance(x, str) and x for x in value) or value[0] == value[1]):
-        raise _Bad("claims.pair", f"expected two different loss labels, got {C._short(value)}",
+        raise Problem("claims.pair", f"expected two different loss labels, got {C._short(value)}",
                    "write the (score-free, teacher-score) pair, e.g. pair: [ratio_js, sid]")
     return tuple(value)
 
 
 def _thresholds(value) -> dict:
     if not isinstance(value, dict):
-        raise _Bad("claims.thresholds", f"expected a mapping, got {_type_name(value)}",
+        raise Problem("claims.thresholds", f"expected a mapping, got {type_name(value)}",
                    "write e.g. thresholds: {C1: 0.1, C3a: 0.25}")
     out = {k: s.default for k, s in THRESHOLDS.items()}
     for name, t in value.items():
         if name not in THRESHOLDS:
-            raise _Bad(f"claims.thresholds.{name}", f"unknown claim {C._short(name)}",
+            raise Problem(f"claims.thresholds.{name}", f"unknown claim {C._short(name)}",
                        f"known: {', '.join(THRESHOLDS)}")
-        out[name] = float(_check(THRESHOLDS[name], t, f"claims.thresholds.{name}"))
+        out[name] = float(check(THRESHOLDS[name], t, f"claims.thresholds.{name}"))
     return out
 
 
 def _pool(value, axes: list[str]) -> tuple:
     others = [a for a in axes if a not in ("loss", "init", "seed")]
     if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-        raise _Bad("claims.pool", f"expected a list of grid axes, got {C._short(value)}",
+        raise Problem("claims.pool", f"expected a list of grid axes, got {C._short(value)}",
                    f"write e.g. pool: [{others[0] if others else 'student.lr'}]")
     for i, axis in enumerate(value):
         if axis not in others:
             known = ", ".join(others) or "none (no grid axis besides loss, init and seed)"
-            raise _Bad(f"claims.pool[{i}]", f"{C._short(axis)} is not a grid axis the claims "
+            raise Problem(f"claims.pool[{i}]", f"{C._short(axis)} is not a grid axis the claims "
                        f"could average over", f"use one of: {known}")
     return tuple(value)
 
 
 def check_seeds(raw, axes: list[str]) -> SeedPlan:
     if not isinstance(raw, dict):
-        raise _Bad("seeds", f"expected a mapping, got {_type_name(raw)}",
+        raise Problem("seeds", f"expected a mapping, got {type_name(raw)}",
                    "write e.g. seeds: {start: 3, step: 2, max: 40}")
     if "seed" in axes:
-        raise _Bad("seeds", "both seeds: (seeds on demand) and grid.seed are given",
+        raise Problem("seeds", "both seeds: (seeds on demand) and grid.seed are given",
                    "remove grid.seed: seeds: draws the seeds first, first + 1, ...")
     out = {}
     for key, value in raw.items():
         if key not in SEEDS:
-            raise _Bad(f"seeds.{key}", f"unknown key {C._short(key)} in seeds",
+            raise Problem(f"seeds.{key}", f"unknown key {C._short(key)} in seeds",
                        f"known: {', '.join(SEEDS)}")
-        out[key] = _check(SEEDS[key], value, f"seeds.{key}")
+        out[key] = check(SEEDS[key], value, f"seeds.{key}")
     plan = SeedPlan(**out)
     if plan.max < plan.start:
-        raise _Bad("seeds.max", f"the cap {plan.max} is below start {plan.start}",
+        raise Problem("seeds.max", f"the cap {plan.max} is below start {plan.start}",
                    f"use max >= {plan.start}")
     if plan.first + plan.max - 1 > SEED_MAX:
-        raise _Bad("seeds.first", f"seeds would run past {SEED_MAX}", "use a smaller first")
+        raise Problem("seeds.first", f"seeds would run past {SEED_MAX}", "use a smaller first")
     return plan

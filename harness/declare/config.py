@@ -11,7 +11,16 @@ import math
 from dataclasses import dataclass
 
 from harness.declare import schema
-from harness.declare.schema import ARCHS, DATASETS, GROUPS, PRECISIONS  # noqa: F401 (re-exported)
+from harness.declare.schema import (  # noqa: F401 (re-exported)
+    ARCHS,
+    DATASETS,
+    GROUPS,
+    PRECISIONS,
+    ConfigError,
+    check_value,
+    cut,
+)
+from harness.declare.schema import short as _short
 
 
 @dataclass(frozen=True)
@@ -133,14 +142,6 @@ STUDY_ONLY = ("resources", "max_failures", "teacher_resources")
 """Study settings that change scheduling, not numbers: never part of a cell or teacher id."""
 
 
-class ConfigError(ValueError):
-    """A config problem, with the dotted path of the offending value."""
-
-    def __init__(self, path: str, message: str):
-        super().__init__(f"{path}: {message}" if path else message)
-        self.path = path
-
-
 def defaults() -> dict:
     return copy.deepcopy(DEFAULTS)
 
@@ -187,17 +188,6 @@ def _check_param(path: str, name: str, spec: Param, value):
             raise ConfigError(where, f"repeated entries in {list(value)}")
         value = sorted(value, key=spec.of.index)
     return value
-
-
-def cut(text, limit: int = 80) -> str:
-    """At most ``limit`` characters of ``str(text)``."""
-    text = str(text)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _short(value, limit: int = 80) -> str:
-    """``repr`` cut to ``limit`` characters: error messages never echo a huge value in full."""
-    return cut(repr(value), limit)
 
 
 def _resolve_params(path: str, what: str, schema: dict, given: dict) -> dict:
@@ -250,14 +240,10 @@ def resolve_teacher_source(value, path: str) -> dict:
         if key == "noise":
             out[key] = resolve_noise(v, f"{path}.noise")
             continue
-        from harness.declare.settings import (
-            check_value,  # the one scalar schema of the teacher section
-        )
-
         try:
             out[key] = check_value("teacher", key, v)
         except ConfigError as e:
-            raise ConfigError(f"{path}.{key}", str(e).split(": ", 1)[-1]) from None
+            raise ConfigError(f"{path}.{key}", e.problem, e.fix) from None
     return out
 
 

@@ -12,6 +12,8 @@ default, which reproduces what those ids computed, so stored results keep their 
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 GROUPS = ("input", "encoder", "middle", "decoder", "output", "embedding")
@@ -162,3 +164,95 @@ ADDED_LATER = {sec: {k: s.default for k, s in keys.items() if s.identity == "unl
 def defaults() -> dict:
     """{section: {key: default}} for the scalar sections."""
     return {sec: {k: s.default for k, s in keys.items()} for sec, keys in SETTINGS.items()}
+
+
+SCHEMA = {**SETTINGS, "seed": SEED}  # every scalar setting by section, and the seed
+FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\Z")  # YAML 1.1 reads 1e-4 as a str
+
+
+# ---------------------------------------------------------------------------------------------
+# The one validator: a value against its Setting
+
+def cut(text, limit: int = 80) -> str:
+    """At most ``limit`` characters of ``str(text)``."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def short(value, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: error messages never echo a huge value in full."""
+    return cut(repr(value), limit)
+
+
+def type_name(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", str: "a string", list: "a list", dict: "a mapping",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+class ConfigError(ValueError):
+    """A bad value at a dotted path: ``problem`` and, where one helps, ``fix``; ``str(e)`` is
+    ``"<path>: <problem>; <fix>"``. Code that needs the parts reads the fields, never the text."""
+
+    def __init__(self, path: str, problem: str, fix: str | None = None):
+        text = problem + (f"; {fix}" if fix else "")
+        super().__init__(f"{path}: {text}" if path else text)
+        self.path, self.problem, self.fix = path, problem, fix
+
+
+class Problem(Exception):
+    """A problem at a study file's yaml path (``harness.declare.study`` turns it into a
+    ``StudyError`` with file and line)."""
+
+    def __init__(self, path: str, problem: str, fix: str | None = None):
+        super().__init__(problem)
+        self.path, self.problem, self.fix = path, problem, fix
+
+
+def check(spec: Setting, value, path: str):
+    """Validate and coerce one scalar value against its Setting."""
+    if value is None:
+        if spec.nullable:
+            return None
+        raise Problem(path, "a value is required, got null", "give a value or remove the key")
+    if spec.kind in ("num", "int"):
+        if isinstance(value, str) and spec.kind == "num" and FLOAT_RE.match(value.strip()):
+            value = float(value)  # 1e-4: YAML 1.1 reads it as a string
+        if spec.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise Problem(path, f"expected a whole number, got {short(value)} ({type_name(value)})",
+                           "write an integer such as 1")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Problem(path, f"expected a number, got {short(value)} ({type_name(value)})",
+                       "write a number such as 0.5 or 1.0e-4")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise Problem(path, f"must be a finite number, got {short(value)}", "write a finite number")
+        lo_bad = spec.lo is not None and (value <= spec.lo if spec.lo_open else value < spec.lo)
+        hi_bad = spec.hi is not None and (value >= spec.hi if spec.hi_open else value > spec.hi)
+        if lo_bad or hi_bad:
+            raise Problem(path, f"must be {spec.range_text()}, got {short(value)}",
+                       f"use a value {spec.range_text()}")
+        return value
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise Problem(path, f"expected true or false, got {short(value)} ({type_name(value)})",
+                       "write true or false")
+        return value
+    if spec.kind == "str":
+        if not isinstance(value, str) or not value:
+            raise Problem(path, f"expected a string, got {short(value)} ({type_name(value)})",
+                       "write a name" + (f": one of {', '.join(spec.choices)}" if spec.choices else ""))
+        if spec.choices and value not in spec.choices:
+            raise Problem(path, f"unknown value {short(value)}", f"known: {', '.join(spec.choices)}")
+        return value
+    return value
+
+
+def check_value(section: str, key: str, value, where: str = ""):
+    """Validate and coerce one ``section.key`` value as study files are checked (``--set`` uses
+    it); raises ``config.ConfigError`` at ``where + section.key``."""
+    try:
+        return check(SCHEMA[section][key], value, f"{section}.{key}")
+    except Problem as bad:
+        raise ConfigError(where + bad.path, bad.problem, bad.fix) from None

@@ -8,7 +8,7 @@ values: a name (``ratio_js``), a one-key mapping (``{sid: {alpha: [1.0, 1.2]}}``
 (cartesian product over parameters), except ``groups``, which is itself a list and expands only
 when written as a list of lists.
 
-Problems are raised as ``_Bad`` (a yaml path, a problem and a fix); ``study`` adds file and line.
+Problems are raised as ``Problem`` (a yaml path, a problem and a fix); ``study`` adds file and line.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from harness.declare import config as C
 from harness.declare import schema
-from harness.declare.schema import Setting
+from harness.declare.schema import FLOAT_RE, Problem, Setting
 
 # ---------------------------------------------------------------------------------------------
 # The schema of the scalar settings (sections of config.DEFAULTS, the seed, resources).
@@ -32,7 +32,6 @@ PATH_DATASETS = {  # datasets read from files the user provides: what data.path 
 }
 IMAGE_ARCHS = tuple(a for a in C.ARCHS if a != "mlp")
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
-_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\Z")  # YAML 1.1 reads 1e-4 as a str
 
 
 def _num(lo=None, lo_open=True, hi=None, hi_open=False):
@@ -43,7 +42,7 @@ def _int(lo=None, hi=None):
     return Setting("int", lo, False, hi)
 
 
-SCHEMA = {**schema.SETTINGS, "seed": schema.SEED}  # every scalar setting: harness.declare.schema
+SCHEMA = schema.SCHEMA  # every scalar setting, declared in harness.declare.schema
 RESOURCES = {"cpu": _num(0, hi=1024), "gpu": _num(0, False, 64),
              "workers": _int(1, 1024)}  # per worker: cpu, gpu; workers: Ray Train data parallel
 DEFAULT_RESOURCES = {"cpu": 1.0, "gpu": 0.0}
@@ -57,76 +56,7 @@ TOP_KEYS = ("study", "description", "results", *SECTIONS, "loss", "init", "seed"
 # settings); claims, seeds: harness.declare.claims_spec (seeds on demand add ordinary seed cells)
 
 
-def _setting(section: str, key: str | None) -> Setting:
-    """The declaration (``harness.declare.schema``) of ``section.key``, or of the top-level ``seed``."""
-    return SCHEMA[section] if key is None else SCHEMA[section][key]
-
-
 MAX_EXPANSION = 100_000  # values one grid entry with parameter lists may expand to
-
-
-class _Bad(Exception):
-    """A problem found at a yaml path (converted to StudyError with file and line)."""
-
-    def __init__(self, path: str, problem: str, fix: str | None = None):
-        super().__init__(problem)
-        self.path, self.problem, self.fix = path, problem, fix
-
-
-def _type_name(value) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", str: "a string", list: "a list", dict: "a mapping",
-            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
-
-
-def _check(spec: Setting, value, path: str):
-    """Validate and coerce one scalar value against its Setting."""
-    if value is None:
-        if spec.nullable:
-            return None
-        raise _Bad(path, "a value is required, got null", "give a value or remove the key")
-    if spec.kind in ("num", "int"):
-        if isinstance(value, str) and spec.kind == "num" and _FLOAT_RE.match(value.strip()):
-            value = float(value)  # 1e-4: YAML 1.1 reads it as a string
-        if spec.kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise _Bad(path, f"expected a whole number, got {C._short(value)} ({_type_name(value)})",
-                           "write an integer such as 1")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Bad(path, f"expected a number, got {C._short(value)} ({_type_name(value)})",
-                       "write a number such as 0.5 or 1.0e-4")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise _Bad(path, f"must be a finite number, got {C._short(value)}", "write a finite number")
-        lo_bad = spec.lo is not None and (value <= spec.lo if spec.lo_open else value < spec.lo)
-        hi_bad = spec.hi is not None and (value >= spec.hi if spec.hi_open else value > spec.hi)
-        if lo_bad or hi_bad:
-            raise _Bad(path, f"must be {spec.range_text()}, got {C._short(value)}",
-                       f"use a value {spec.range_text()}")
-        return value
-    if spec.kind == "bool":
-        if not isinstance(value, bool):
-            raise _Bad(path, f"expected true or false, got {C._short(value)} ({_type_name(value)})",
-                       "write true or false")
-        return value
-    if spec.kind == "str":
-        if not isinstance(value, str) or not value:
-            raise _Bad(path, f"expected a string, got {C._short(value)} ({_type_name(value)})",
-                       "write a name" + (f": one of {', '.join(spec.choices)}" if spec.choices else ""))
-        if spec.choices and value not in spec.choices:
-            raise _Bad(path, f"unknown value {C._short(value)}", f"known: {', '.join(spec.choices)}")
-        return value
-    return value
-
-
-def check_value(section: str, key: str, value, where: str = ""):
-    """Validate and coerce one ``section.key`` value as study files are checked (``--set`` uses
-    it); raises ``config.ConfigError`` at ``where + section.key``."""
-    try:
-        return _check(_setting(section, key), value, f"{section}.{key}")
-    except _Bad as bad:
-        fix = f"; {bad.fix}" if bad.fix else ""
-        raise C.ConfigError(where + bad.path, bad.problem + fix) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,16 +71,14 @@ class _Value:
     origin: str  # yaml path of the item that produced it
 
 
-def _rewrap(e: C.ConfigError, expanded: dict) -> _Bad:
-    """A ConfigError from config.resolve_* as a _Bad, with [j] inserted for expanded params."""
+def _rewrap(e: C.ConfigError, expanded: dict) -> Problem:
+    """A ConfigError from config.resolve_* as a Problem, with [j] inserted for expanded params."""
     path = e.path
-    text = str(e)[len(path) + 2:] if path else str(e)
     for param_path, j in expanded.items():
         if path == param_path or path.startswith(param_path + "[") or path.startswith(param_path + "."):
             path = f"{param_path}[{j}]{path[len(param_path):]}"
             break
-    problem, _, fix = text.partition("; ")
-    return _Bad(path, problem, fix or None)
+    return Problem(path, e.problem, e.fix)
 
 
 def _param_text(spec: C.Param) -> str:
@@ -175,7 +103,7 @@ def _expand_spec(kind: str, item, path: str, fixed: bool) -> list[_Value]:
         name, prefix = item["name"], path
         params = {k: v for k, v in item.items() if k != "name"}
         if not isinstance(name, str):
-            raise _Bad(f"{path}.name", f"expected a {kind} name, got {C._short(name)}",
+            raise Problem(f"{path}.name", f"expected a {kind} name, got {C._short(name)}",
                        f"known: {', '.join(names)}")
     elif isinstance(item, dict) and len(item) == 1:
         (name, params), = item.items()
@@ -183,13 +111,13 @@ def _expand_spec(kind: str, item, path: str, fixed: bool) -> list[_Value]:
         if params is None:
             params = {}
         if not isinstance(params, dict):
-            raise _Bad(prefix, f"expected a mapping of parameters, got {C._short(params)}",
+            raise Problem(prefix, f"expected a mapping of parameters, got {C._short(params)}",
                        f"write e.g. {example}")
     else:
-        raise _Bad(path, f"expected a {kind} name or a one-key mapping, got {C._short(item)}",
+        raise Problem(path, f"expected a {kind} name or a one-key mapping, got {C._short(item)}",
                    f"write e.g. {example}")
     if name not in names:
-        raise _Bad(prefix if prefix != path or isinstance(item, str) else f"{path}.name",
+        raise Problem(prefix if prefix != path or isinstance(item, str) else f"{path}.name",
                    f"unknown {kind} {C._short(name)}",
                    f"known: {', '.join(names)}")
     family = C.LOSS_NAMES[name][0] if kind == "loss" else name
@@ -208,7 +136,7 @@ def _expand_spec(kind: str, item, path: str, fixed: bool) -> list[_Value]:
             if all(inner):
                 many = True
             elif any(inner):
-                raise _Bad(ppath, "mixes group names and lists of groups",
+                raise Problem(ppath, "mixes group names and lists of groups",
                            "write [output] for one value or [[output], [encoder, middle]] for "
                            "one value per inner list")
             else:
@@ -216,19 +144,19 @@ def _expand_spec(kind: str, item, path: str, fixed: bool) -> list[_Value]:
         else:
             many = isinstance(pvalue, list)
         if many and fixed:
-            raise _Bad(ppath, f"a fixed {kind} takes one value, got a list {C._short(pvalue)}",
+            raise Problem(ppath, f"a fixed {kind} takes one value, got a list {C._short(pvalue)}",
                        f"to compare several values, move it into grid.{kind}")
         if many and not pvalue:
-            raise _Bad(ppath, "empty list of values", "give at least one value")
+            raise Problem(ppath, "empty list of values", "give at least one value")
         values = list(pvalue) if many else [pvalue]
         if spec is not None and spec.kind is float:
-            values = [float(v) if isinstance(v, str) and _FLOAT_RE.match(v.strip()) else v
+            values = [float(v) if isinstance(v, str) and FLOAT_RE.match(v.strip()) else v
                       for v in values]
         choices.append([(v, j if many else None) for j, v in enumerate(values)])
 
     count = math.prod(len(c) for c in choices)
     if count > MAX_EXPANSION:
-        raise _Bad(prefix, f"expands to {count:,} values, more than a study may have "
+        raise Problem(prefix, f"expands to {count:,} values, more than a study may have "
                            f"({MAX_EXPANSION:,})", "give each parameter a few values")
     out = []
     resolve = C.resolve_loss if kind == "loss" else C.resolve_init

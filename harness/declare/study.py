@@ -27,6 +27,7 @@ from harness.declare import config as C
 from harness.declare.claims_spec import ClaimsSpec, check_claims
 from harness.declare.hashing import canonical_json
 from harness.declare.overrides import apply as apply_overrides
+from harness.declare.schema import SCHEMA, Problem, check, type_name
 from harness.declare.settings import (
     DEFAULT_MAX_FAILURES,
     DEFAULT_RESOURCES,
@@ -38,11 +39,7 @@ from harness.declare.settings import (
     SECTIONS,
     TEACHER_RESOURCES,
     TOP_KEYS,
-    _Bad,
-    _check,
     _expand_spec,
-    _setting,
-    _type_name,
     _Value,
 )
 from harness.declare.study_yaml import MAX_BYTES, StudyError, read_yaml
@@ -109,7 +106,7 @@ class _Parser:
             p = stripped
         return None
 
-    def error(self, bad: _Bad) -> StudyError:
+    def error(self, bad: Problem) -> StudyError:
         if any(bad.path == p or bad.path.startswith((p + ".", p + "["))
                for p in self.overridden):
             return StudyError(bad.problem, source="--set", line=None, path=bad.path, fix=bad.fix)
@@ -127,41 +124,41 @@ class _Parser:
                                 for section, values in (overrides or {}).items() for key in values)
         try:
             return self._study(raw)
-        except _Bad as bad:
+        except Problem as bad:
             raise self.error(bad) from None
 
     def _study(self, raw) -> Study:
         if raw is None:
-            raise _Bad("", "the study file is empty",
+            raise Problem("", "the study file is empty",
                        "write at least `study: NAME` (see studies/quick.yaml)")
         if not isinstance(raw, dict):
-            raise _Bad("top level", f"expected a mapping of settings, got {_type_name(raw)}",
+            raise Problem("top level", f"expected a mapping of settings, got {type_name(raw)}",
                        "write `key: value` lines starting with `study: NAME`")
         for key in raw:
             if key not in TOP_KEYS:
-                raise _Bad(str(key), f"unknown top-level key {C._short(key)}", f"known: {', '.join(TOP_KEYS)}")
+                raise Problem(str(key), f"unknown top-level key {C._short(key)}", f"known: {', '.join(TOP_KEYS)}")
 
         if "study" not in raw:
-            raise _Bad("study", "missing study name", "add a line `study: NAME` at the top")
+            raise Problem("study", "missing study name", "add a line `study: NAME` at the top")
         name = raw["study"]
         if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > 100:
-            raise _Bad("study", f"invalid study name {C._short(name)}",
+            raise Problem("study", f"invalid study name {C._short(name)}",
                        "use at most 100 lowercase letters, digits and _ . - (starting with a "
                        "letter or digit), e.g. c3-digits")
         description = raw.get("description") or ""
         if not isinstance(description, str):
-            raise _Bad("description", f"expected a string, got {_type_name(description)}",
+            raise Problem("description", f"expected a string, got {type_name(description)}",
                        "write one line of text")
 
         results = raw.get("results", None)
         if results is None:
             results = os.path.abspath(os.path.join("results", name))
         elif not isinstance(results, str) or not results.strip():
-            raise _Bad("results", f"expected a path or URI, got {C._short(results)}",
+            raise Problem("results", f"expected a path or URI, got {C._short(results)}",
                        "write e.g. results/NAME, /shared/results/NAME or s3://bucket/NAME")
         elif "://" in results:
             if not re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", results):
-                raise _Bad("results", f"malformed URI {C._short(results)}",
+                raise Problem("results", f"malformed URI {C._short(results)}",
                            "write SCHEME://PATH, e.g. s3://bucket/NAME or file:///abs/path")
         else:
             results = os.path.abspath(os.path.expanduser(results))
@@ -174,21 +171,21 @@ class _Parser:
             if body is None:
                 body = {}
             if not isinstance(body, dict):
-                raise _Bad(section, f"expected a mapping, got {_type_name(body)}",
+                raise Problem(section, f"expected a mapping, got {type_name(body)}",
                            f"write e.g. {section}: {{{next(iter(C.DEFAULTS[section]))}: ...}}")
             out = {}
             for key, value in body.items():
                 if key not in C.DEFAULTS[section]:
-                    raise _Bad(f"{section}.{key}", f"unknown key {C._short(key)} in {section}",
+                    raise Problem(f"{section}.{key}", f"unknown key {C._short(key)} in {section}",
                                f"known: {', '.join(C.DEFAULTS[section])}")
-                out[key] = _check(_setting(section, key), value, f"{section}.{key}")
+                out[key] = check(SCHEMA[section][key], value, f"{section}.{key}")
             fixed[section] = out
         for kind in ("loss", "init"):
             if kind in raw:
                 values = _expand_spec(kind, raw[kind], kind, fixed=True)
                 fixed[kind] = values[0].value
         if "seed" in raw:
-            fixed["seed"] = _check(_setting("seed", None), raw["seed"], "seed")
+            fixed["seed"] = check(SCHEMA["seed"], raw["seed"], "seed")
 
         resources = self._resources(raw, "resources", RESOURCES, dict(DEFAULT_RESOURCES))
         workers = int(resources.pop("workers", 1))
@@ -197,7 +194,7 @@ class _Parser:
                                             dict(resources))
         max_failures = DEFAULT_MAX_FAILURES
         if raw.get("max_failures") is not None:
-            max_failures = _check(MAX_FAILURES, raw["max_failures"], "max_failures")
+            max_failures = check(MAX_FAILURES, raw["max_failures"], "max_failures")
         tracking = _check_tracking(raw.get("tracking"))
 
         axes = self._grid(raw.get("grid"), raw, fixed)
@@ -205,7 +202,7 @@ class _Parser:
         pool = []
         if claims.seeds is not None:  # seeds on demand: the first round's cells; the rest wait
             if "seed" in raw:
-                raise _Bad("seeds", "both seeds: (seeds on demand) and a fixed seed are given",
+                raise Problem("seeds", "both seeds: (seeds on demand) and a fixed seed are given",
                            "remove the top-level seed")
             plan = claims.seeds
             pool = self._cells(fixed, axes + [("seed", [_Value(s, s, "seeds")
@@ -217,7 +214,7 @@ class _Parser:
         for cell in cells if workers > 1 else ():
             batch = cell.config["student"]["batch"]
             if batch % workers:
-                raise _Bad("resources.workers", f"{workers} workers cannot split student.batch "
+                raise Problem("resources.workers", f"{workers} workers cannot split student.batch "
                            f"{batch} (cell {cell.index}: {cell.label}): each worker trains on "
                            f"batch / workers samples", f"use a number of workers that divides "
                            f"every cell's student.batch, or a batch that is a multiple of "
@@ -237,15 +234,15 @@ class _Parser:
             return out
         body = raw[key]
         if not isinstance(body, dict):
-            raise _Bad(key, f"expected a mapping, got {_type_name(body)}",
+            raise Problem(key, f"expected a mapping, got {type_name(body)}",
                        f"write e.g. {key}: {{cpu: 1, gpu: 0.5}}")
         for name, value in body.items():
             if name not in schema:
-                raise _Bad(f"{key}.{name}", f"unknown key {C._short(name)}",
+                raise Problem(f"{key}.{name}", f"unknown key {C._short(name)}",
                            f"known: {', '.join(schema)}")
-            out[name] = float(_check(schema[name], value, f"{key}.{name}"))
+            out[name] = float(check(schema[name], value, f"{key}.{name}"))
         if out["gpu"] > 1 and not float(out["gpu"]).is_integer():
-            raise _Bad(f"{key}.gpu", f"a fraction of a GPU must be below 1, got {out['gpu']:g}",
+            raise Problem(f"{key}.gpu", f"a fraction of a GPU must be below 1, got {out['gpu']:g}",
                        "use a fraction (< 1) or a whole number of GPUs")
         return out
 
@@ -253,7 +250,7 @@ class _Parser:
         if grid is None:
             return []
         if not isinstance(grid, dict):
-            raise _Bad("grid", f"expected a mapping of axes, got {_type_name(grid)}",
+            raise Problem("grid", f"expected a mapping of axes, got {type_name(grid)}",
                        "write e.g. grid: {loss: [di, sid], seed: [0, 1, 2]}")
         axes = []
         for axis, items in grid.items():
@@ -261,45 +258,45 @@ class _Parser:
             axis = str(axis)
             if axis in ("loss", "init", "seed"):
                 if axis in raw:
-                    raise _Bad(path, f"{axis} is both an axis and fixed (top-level {axis}, line "
+                    raise Problem(path, f"{axis} is both an axis and fixed (top-level {axis}, line "
                                      f"{self.line(axis)})",
                                f"remove the top-level {axis} or the grid axis")
             else:
                 section, _, key = axis.partition(".")
                 if section not in SECTIONS:
-                    raise _Bad(path, f"unknown axis {C._short(axis)}",
+                    raise Problem(path, f"unknown axis {C._short(axis)}",
                                f"an axis is loss, init, seed or SECTION.KEY with SECTION one of "
                                f"{', '.join(SECTIONS)} (e.g. student.lr)")
                 if key not in C.DEFAULTS[section]:
-                    raise _Bad(path, f"unknown axis {C._short(axis)}: {section} has no key {C._short(key)}",
+                    raise Problem(path, f"unknown axis {C._short(axis)}: {section} has no key {C._short(key)}",
                                f"known {section} keys: {', '.join(C.DEFAULTS[section])}")
                 if key in fixed.get(section, {}):
-                    raise _Bad(path, f"{axis} is both an axis and fixed ({axis}, line "
+                    raise Problem(path, f"{axis} is both an axis and fixed ({axis}, line "
                                      f"{self.line(axis)})",
                                f"remove {key} from {section} or remove the grid axis")
             if not isinstance(items, list):
-                raise _Bad(path, f"an axis must be a list of values, got {C._short(items)}",
+                raise Problem(path, f"an axis must be a list of values, got {C._short(items)}",
                            f"write e.g. {axis}: [{C._short(items)}, ...] (a list, even of one value)")
             if not items:
-                raise _Bad(path, "empty axis (no values)", "give at least one value or remove the axis")
+                raise Problem(path, "empty axis (no values)", "give at least one value or remove the axis")
             values: list[_Value] = []
             for i, item in enumerate(items):
                 ipath = f"{path}[{i}]"
                 if axis in ("loss", "init"):
                     values += _expand_spec(axis, item, ipath, fixed=False)
                 elif axis == "seed":
-                    v = _check(_setting("seed", None), item, ipath)
+                    v = check(SCHEMA["seed"], item, ipath)
                     values.append(_Value(v, v, ipath))
                 else:
                     section, _, key = axis.partition(".")
-                    v = _check(_setting(section, key), item, ipath)
+                    v = check(SCHEMA[section][key], item, ipath)
                     values.append(_Value(v, v, ipath))
             seen = {}
             for v in values:
                 text = canonical_json(v.value)
                 if text in seen:
                     other = seen[text]
-                    raise _Bad(v.origin, f"duplicate cell: {_fmt(v.label)} here is the same "
+                    raise Problem(v.origin, f"duplicate cell: {_fmt(v.label)} here is the same "
                                          f"{axis} value as {_fmt(other.label)} at {other.origin} "
                                          f"(line {self.line(other.origin)})",
                                "remove one of them")
@@ -311,7 +308,7 @@ class _Parser:
         count = math.prod(len(vals) for _, vals in axes)
         if count > MAX_CELLS:
             sizes = " x ".join(f"{axis} {len(vals)}" for axis, vals in axes)
-            raise _Bad("grid", f"the grid has {count:,} cells ({sizes}), more than the "
+            raise Problem("grid", f"the grid has {count:,} cells ({sizes}), more than the "
                                f"{MAX_CELLS:,} a study may have",
                        "split it into several studies or drop axis values; even a toy cell "
                        "takes seconds, so this many would not finish")
@@ -329,13 +326,11 @@ class _Parser:
             try:
                 cfg = C.resolve_cell(partial)
             except C.ConfigError as e:
-                text = str(e)[len(e.path) + 2:] if e.path else str(e)
-                problem, _, fix = text.partition("; ")
-                raise _Bad(origin.get(e.path, e.path), problem, fix or None) from None
+                raise Problem(origin.get(e.path, e.path), e.problem, e.fix) from None
             self._cross_check(cfg, fixed, origin)
             text = canonical_json(cfg)
             if text in seen:
-                raise _Bad("grid", f"duplicate cells {seen[text]} and {index} resolve to the same "
+                raise Problem("grid", f"duplicate cells {seen[text]} and {index} resolve to the same "
                                    f"config", "remove the repeated axis value")
             seen[text] = index
             axes_out = {axis: v.label for (axis, _), v in zip(axes, combo)}
@@ -347,31 +342,31 @@ class _Parser:
         given = lambda s: s in origin or s.partition(".")[2] in fixed.get(s.partition(".")[0], {})  # noqa: E731
         where = lambda s: origin.get(s, s)  # noqa: E731
         if name in PATH_DATASETS and not data["path"]:
-            raise _Bad(where("data.path") if given("data.path") else
+            raise Problem(where("data.path") if given("data.path") else
                        (origin["data.name"] if "data.name" in origin else "data.path"),
                        f"dataset {C._short(name)} needs data.path: {PATH_DATASETS[name]}",
                        "set data.path in the study file (its existence is checked when the "
                        "data is loaded)")
         if name not in PATH_DATASETS and data["path"]:
-            raise _Bad(where("data.path"), f"dataset {C._short(name)} is built in and reads no path",
+            raise Problem(where("data.path"), f"dataset {C._short(name)} is built in and reads no path",
                        "remove data.path")
         if data["kind"] is not None and name != "toy2d":
-            raise _Bad(where("data.kind"), f"only toy2d takes a kind, not dataset {C._short(name)}",
+            raise Problem(where("data.kind"), f"only toy2d takes a kind, not dataset {C._short(name)}",
                        "remove data.kind")
         arch = cfg["teacher"]["arch"]
         if name == "toy2d" and arch != "mlp":
-            raise _Bad(where("teacher.arch") if given("teacher.arch") else where("data.name"),
+            raise Problem(where("teacher.arch") if given("teacher.arch") else where("data.name"),
                        f"toy2d data needs architecture 'mlp', got {C._short(arch)}",
                        "set teacher.arch: mlp")
         if name != "toy2d" and arch == "mlp":
-            raise _Bad(where("teacher.arch"), f"architecture 'mlp' is for toy2d, not images "
+            raise Problem(where("teacher.arch"), f"architecture 'mlp' is for toy2d, not images "
                                               f"({name})", f"use one of {', '.join(IMAGE_ARCHS)}")
         metric = cfg["eval"]["metric"]
         if name == "toy2d" and metric in ("fd", "fid"):
-            raise _Bad(where("eval.metric"), f"metric {C._short(metric)} needs images, not toy2d",
+            raise Problem(where("eval.metric"), f"metric {C._short(metric)} needs images, not toy2d",
                        "use metric: mmd or auto")
         if name != "toy2d" and metric == "mmd":
-            raise _Bad(where("eval.metric"), f"metric 'mmd' is for toy2d, not images ({name})",
+            raise Problem(where("eval.metric"), f"metric 'mmd' is for toy2d, not images ({name})",
                        "use metric: fd, fid or auto")
 
 
@@ -387,7 +382,7 @@ def study_from_mapping(raw: dict, source: str = "the command line") -> Study:
     parser = _Parser("", source)
     try:
         return parser._study(raw)
-    except _Bad as bad:
+    except Problem as bad:
         raise parser.error(bad) from None
 
 

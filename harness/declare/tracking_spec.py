@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 
-from harness.declare.settings import Setting, _Bad, _check, _type_name
+from harness.declare.schema import Problem, Setting, type_name
+from harness.declare.schema import check as check_setting
 
 DEFAULT = {"tensorboard": True, "mlflow": None}
 MLFLOW_KEYS = ("uri", "experiment")
@@ -19,20 +20,20 @@ _MLFLOW_EXAMPLE = "write e.g. tracking: {mlflow: {uri: http://127.0.0.1:5000, ex
 def check(body) -> dict:
     """Validate a study's ``tracking:`` value; the complete settings (defaults filled in).
 
-    Raises ``settings._Bad`` (``harness.declare.study`` adds the file and line)."""
+    Raises ``settings.Problem`` (``harness.declare.study`` adds the file and line)."""
     out = dict(DEFAULT)
     if body is None:
         return out
     if not isinstance(body, dict):
-        raise _Bad("tracking", f"expected a mapping, got {_type_name(body)}",
+        raise Problem("tracking", f"expected a mapping, got {type_name(body)}",
                    "write e.g. tracking: {tensorboard: true, mlflow: null}")
     for key, value in body.items():
         if key == "tensorboard":
-            out["tensorboard"] = _check(Setting("bool"), value, "tracking.tensorboard")
+            out["tensorboard"] = check_setting(Setting("bool"), value, "tracking.tensorboard")
         elif key == "mlflow":
             out["mlflow"] = _check_mlflow(value)
         else:
-            raise _Bad(f"tracking.{key}", f"unknown key {key!r}", "known: tensorboard, mlflow")
+            raise Problem(f"tracking.{key}", f"unknown key {key!r}", "known: tensorboard, mlflow")
     return out
 
 
@@ -40,21 +41,21 @@ def _check_mlflow(value) -> dict | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise _Bad("tracking.mlflow", f"expected a mapping or null, got {_type_name(value)}",
+        raise Problem("tracking.mlflow", f"expected a mapping or null, got {type_name(value)}",
                    _MLFLOW_EXAMPLE)
     for key in value:
         if key not in MLFLOW_KEYS:
-            raise _Bad(f"tracking.mlflow.{key}", f"unknown key {key!r}",
+            raise Problem(f"tracking.mlflow.{key}", f"unknown key {key!r}",
                        f"known: {', '.join(MLFLOW_KEYS)}")
     if value.get("uri") is None:
-        raise _Bad("tracking.mlflow.uri", "the MLflow tracking URI is missing", _MLFLOW_EXAMPLE)
-    uri = _check(Setting("str"), value["uri"], "tracking.mlflow.uri")
+        raise Problem("tracking.mlflow.uri", "the MLflow tracking URI is missing", _MLFLOW_EXAMPLE)
+    uri = check_setting(Setting("str"), value["uri"], "tracking.mlflow.uri")
     if not (_URI_RE.match(uri) or uri == "databricks"):
-        raise _Bad("tracking.mlflow.uri", f"expected a URI, got {uri!r} (a relative path would "
+        raise Problem("tracking.mlflow.uri", f"expected a URI, got {uri!r} (a relative path would "
                                           f"mean a different folder on every Ray worker)",
                    "write the tracking server's address (http://HOST:5000), databricks, or an "
                    "absolute file:///path")
     experiment = value.get("experiment")
     if experiment is not None:
-        experiment = _check(Setting("str"), experiment, "tracking.mlflow.experiment")
+        experiment = check_setting(Setting("str"), experiment, "tracking.mlflow.experiment")
     return {"uri": uri, "experiment": experiment}

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from harness.declare import config as C
 from harness.declare.hashing import canonical_json
-from harness.declare.schema import KIMG_MAX, SEED_MAX
-from harness.declare.settings import _FLOAT_RE, _Bad, _check, _setting, _type_name
+from harness.declare.schema import FLOAT_RE, KIMG_MAX, SCHEMA, SEED_MAX, Problem, type_name
+from harness.declare.schema import check as check_setting
 
 TUNE_KEYS = ("space", "trials", "kimg", "seeds", "metric", "scheduler")
 REQUIRED = ("space", "trials", "kimg", "seeds")
@@ -135,42 +135,42 @@ def _matches(scope: str, loss: dict) -> bool:
 def _parse_dist(value, path: str) -> Dist:
     if isinstance(value, list):
         if not value:
-            raise _Bad(path, "empty choice", "give at least two values, e.g. [1.0, 1.2]")
+            raise Problem(path, "empty choice", "give at least two values, e.g. [1.0, 1.2]")
         return Dist("choice", tuple(value))
     known = ", ".join([*DISTRIBUTIONS, "a YAML list (a choice)"])
     if not isinstance(value, str):
-        raise _Bad(path, f"expected a distribution, got {C._short(value)} ({_type_name(value)})",
+        raise Problem(path, f"expected a distribution, got {C._short(value)} ({type_name(value)})",
                    f"write e.g. loguniform(1.0e-5, 1.0e-3) or [1.0, 1.2]; known: {known}. A "
                    f"fixed value is not a search: set it in the study's own section")
     m = _DIST_RE.match(value)
     if not m or m.group(1) not in DISTRIBUTIONS:
         name = m.group(1) if m else value
-        raise _Bad(path, f"unknown distribution {C._short(name)}", f"known: {known}")
+        raise Problem(path, f"unknown distribution {C._short(name)}", f"known: {known}")
     kind, text = m.group(1), m.group(2)
     n, kinds, _ = DISTRIBUTIONS[kind]
     parts = [p.strip() for p in text.split(",")] if text.strip() else []
-    if len(parts) != n or not all(_FLOAT_RE.match(p) for p in parts):
+    if len(parts) != n or not all(FLOAT_RE.match(p) for p in parts):
         what = "lower, upper, q" if n == 3 else "lower, upper"
-        raise _Bad(path, f"{kind} takes {n} numbers ({what}), got {C._short(value)}",
+        raise Problem(path, f"{kind} takes {n} numbers ({what}), got {C._short(value)}",
                    f"write e.g. {kind}({'1, 10' if 'int' in kind else '1.0e-5, 1.0e-3'}"
                    f"{', 1.0e-5' if n == 3 else ''})")
     args = [float(p) for p in parts]
     if "int" in kind:
         if not all(a.is_integer() for a in args):
-            raise _Bad(path, f"{kind} takes whole numbers, got {C._short(value)}",
+            raise Problem(path, f"{kind} takes whole numbers, got {C._short(value)}",
                        f"write e.g. {kind}(1, 5)")
         args = [int(a) for a in args]
     lo, hi = args[0], args[1]
     if not lo < hi:
-        raise _Bad(path, f"the lower end must be below the upper end, got {C._short(value)}",
+        raise Problem(path, f"the lower end must be below the upper end, got {C._short(value)}",
                    "swap or fix the ends")
     if kind in ("loguniform", "qloguniform", "lograndint") and lo <= 0:
-        raise _Bad(path, f"{kind} needs a lower end > 0, got {lo:g}",
+        raise Problem(path, f"{kind} needs a lower end > 0, got {lo:g}",
                    "use a positive lower end, or uniform for ranges that include 0")
     if n == 3 and not 0 < args[2] <= hi - lo:
-        raise _Bad(path, f"q must be in (0, upper - lower], got {args[2]:g}", "fix q")
+        raise Problem(path, f"q must be in (0, upper - lower], got {args[2]:g}", "fix q")
     if "int" in kind and hi - lo < 2:
-        raise _Bad(path, f"{kind}({lo}, {hi}) has one value (the upper end is excluded, as in "
+        raise Problem(path, f"{kind}({lo}, {hi}) has one value (the upper end is excluded, as in "
                          f"Ray Tune)", "widen the range or set the value in the study")
     return Dist(kind, tuple(args))
 
@@ -187,26 +187,24 @@ def _check_setting_dist(setting: str, dist: Dist, path: str, losses: list[dict])
             try:
                 out = C.resolve_loss({**losses[0], key: value}, "loss")
             except C.ConfigError as e:
-                text = str(e)[len(e.path) + 2:] if e.path else str(e)
-                problem, _, fix = text.partition("; ")
-                raise _Bad(where, problem, fix or None) from None
+                raise Problem(where, e.problem, e.fix) from None
             return out[key]
     else:
-        spec = _setting(section, key)
+        spec = SCHEMA[section][key]
         kind = spec.kind
 
         def check(value, where):
-            return _check(spec, value, where)
+            return check_setting(spec, value, where)
     if dist.kind == "choice":
         values = [check(v, f"{path}[{i}]") for i, v in enumerate(dist.args)]
         if len({canonical_json(v) for v in values}) != len(values):
-            raise _Bad(path, f"repeated values in the choice {C._short(list(dist.args))}",
+            raise Problem(path, f"repeated values in the choice {C._short(list(dist.args))}",
                        "list each value once")
         return Dist("choice", tuple(values))
     if kind not in DISTRIBUTIONS[dist.kind][1]:
         fits = [k for k, v in DISTRIBUTIONS.items() if kind in v[1]]
         what = "whole number" if dist.kind.endswith("randint") else "real"
-        raise _Bad(path, f"{setting} is not a {what} setting, so {dist.kind} does not fit it",
+        raise Problem(path, f"{setting} is not a {what} setting, so {dist.kind} does not fit it",
                    f"use {', '.join(fits) + ' or ' if fits else ''}a list of values (a choice)")
     lo, hi = dist.args[0], dist.args[1]
     check(lo, path)
@@ -234,62 +232,62 @@ def _rejoin(mapping: dict) -> dict:
 
 
 def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
-    """Validate a study's ``tune:`` section (``None`` if it has none); raises ``_Bad`` with the
+    """Validate a study's ``tune:`` section (``None`` if it has none); raises ``Problem`` with the
     YAML path of the problem (``harness.declare.study`` adds file and line)."""
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise _Bad("tune", f"expected a mapping, got {_type_name(raw)}",
+        raise Problem("tune", f"expected a mapping, got {type_name(raw)}",
                    "write e.g. tune: {space: {student.lr: loguniform(1.0e-5, 1.0e-3)}, trials: 8, "
                    "kimg: 8, seeds: [100]}")
     for key in raw:
         if key not in TUNE_KEYS:
-            raise _Bad(f"tune.{key}", f"unknown key {C._short(key)} in tune",
+            raise Problem(f"tune.{key}", f"unknown key {C._short(key)} in tune",
                        f"known: {', '.join(TUNE_KEYS)}")
     for key in REQUIRED:
         if key not in raw:
-            raise _Bad("tune", f"missing tune.{key}",
+            raise Problem("tune", f"missing tune.{key}",
                        "tune needs space, trials, kimg and seeds (metric and scheduler are "
                        "optional); see README, Tuning")
     trials = raw["trials"]
     if isinstance(trials, bool) or not isinstance(trials, int) or not 1 <= trials <= TRIALS_MAX:
-        raise _Bad("tune.trials", f"expected a whole number of trials in [1, {TRIALS_MAX}], got "
+        raise Problem("tune.trials", f"expected a whole number of trials in [1, {TRIALS_MAX}], got "
                                   f"{C._short(trials)}", "write e.g. trials: 8")
     kimg = raw["kimg"]
-    if isinstance(kimg, str) and _FLOAT_RE.match(kimg.strip()):
+    if isinstance(kimg, str) and FLOAT_RE.match(kimg.strip()):
         kimg = float(kimg)
     if isinstance(kimg, bool) or not isinstance(kimg, (int, float)) or not 0 < kimg <= KIMG_MAX:
-        raise _Bad("tune.kimg", f"expected a training budget per trial in (0, {KIMG_MAX:g}] kimg, "
+        raise Problem("tune.kimg", f"expected a training budget per trial in (0, {KIMG_MAX:g}] kimg, "
                                 f"got {C._short(kimg)}", "write e.g. kimg: 8")
     seeds = raw["seeds"]
     if not isinstance(seeds, list) or not seeds:
-        raise _Bad("tune.seeds", f"expected a non-empty list of seeds, got {C._short(seeds)}",
+        raise Problem("tune.seeds", f"expected a non-empty list of seeds, got {C._short(seeds)}",
                    "write e.g. seeds: [100]")
     if len(seeds) > SEEDS_MAX:
-        raise _Bad("tune.seeds", f"{len(seeds)} selection seeds; at most {SEEDS_MAX}",
+        raise Problem("tune.seeds", f"{len(seeds)} selection seeds; at most {SEEDS_MAX}",
                    "use a few selection seeds")
     study_seeds = sorted({c.config["seed"] for c in cells})
     seen = {}
     for i, s in enumerate(seeds):
         where = f"tune.seeds[{i}]"
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= SEED_MAX:
-            raise _Bad(where, f"expected a whole number in [0, {SEED_MAX:,}], got {C._short(s)}",
+            raise Problem(where, f"expected a whole number in [0, {SEED_MAX:,}], got {C._short(s)}",
                        "write e.g. seeds: [100]")
         if s in seen:
-            raise _Bad(where, f"seed {s} is listed twice", "list each selection seed once")
+            raise Problem(where, f"seed {s} is listed twice", "list each selection seed once")
         seen[s] = i
         if s in study_seeds:
             shown = ", ".join(map(str, study_seeds[:12])) + (", ..." * (len(study_seeds) > 12))
-            raise _Bad(where, f"selection seed {s} is also a seed of the study's cells ({shown})",
+            raise Problem(where, f"selection seed {s} is also a seed of the study's cells ({shown})",
                        "selection seeds must be disjoint from the study's seeds, so that no "
                        "cell's result chose its own hyperparameters; use e.g. 100")
     metric = raw.get("metric", "auto")
     if not isinstance(metric, str) or not (metric == "auto" or METRIC_RE.match(metric)):
-        raise _Bad("tune.metric", f"expected auto or a metric name, got {C._short(metric)}",
+        raise Problem("tune.metric", f"expected auto or a metric name, got {C._short(metric)}",
                    "write auto (the study's primary metric) or a name such as fd_digits_1k")
     scheduler = raw.get("scheduler", "asha")
     if scheduler not in SCHEDULERS:
-        raise _Bad("tune.scheduler", f"unknown scheduler {C._short(scheduler)}",
+        raise Problem("tune.scheduler", f"unknown scheduler {C._short(scheduler)}",
                    f"known: {', '.join(SCHEDULERS)}")
 
     # the families: each distinct loss of the cells, in order
@@ -301,7 +299,7 @@ def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
         first.setdefault(label, cell)
     space_raw = raw["space"]
     if not isinstance(space_raw, dict) or not space_raw:
-        raise _Bad("tune.space", f"expected a non-empty mapping, got {C._short(space_raw)}",
+        raise Problem("tune.space", f"expected a non-empty mapping, got {C._short(space_raw)}",
                    "write e.g. space: {student.lr: loguniform(1.0e-5, 1.0e-3)}")
     space_raw = _rejoin(space_raw)
     grid_axes = {a for a, _ in axes}
@@ -313,16 +311,16 @@ def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
             scope, entries, prefix = "", {key: value}, "tune.space"
         else:
             if key not in C.LOSS_NAMES:
-                raise _Bad(f"tune.space.{key}", f"unknown setting or loss {C._short(key)}",
+                raise Problem(f"tune.space.{key}", f"unknown setting or loss {C._short(key)}",
                            f"a key of tune.space is a setting (SECTION.KEY, e.g. student.lr) for "
                            f"every family, or a loss family or name ({', '.join(C.LOSS_NAMES)}) "
                            f"with its own settings")
             mine = [lab for lab, loss in losses.items() if _matches(key, loss)]
             if not mine:
-                raise _Bad(f"tune.space.{key}", f"no loss of this study is {C._short(key)}",
+                raise Problem(f"tune.space.{key}", f"no loss of this study is {C._short(key)}",
                            f"the study's losses: {', '.join(losses)}")
             if not isinstance(value, dict) or not value:
-                raise _Bad(f"tune.space.{key}", f"expected a mapping of settings to "
+                raise Problem(f"tune.space.{key}", f"expected a mapping of settings to "
                                                 f"distributions, got {C._short(value)}",
                            f"write e.g. {key}: {{student.aux_lr: loguniform(1.0e-5, 1.0e-3)}}")
             scope, entries, prefix = key, _rejoin(value), f"tune.space.{key}"
@@ -334,43 +332,43 @@ def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
             targets = [lab for lab, loss in losses.items() if scope == "" or _matches(scope, loss)]
             if section == "loss":
                 if scope == "":
-                    raise _Bad(path, "a loss parameter is searched per family",
+                    raise Problem(path, "a loss parameter is searched per family",
                                f"write it under a family, e.g. sid: {{{setting}: [1.0, 1.2]}}")
                 fam = losses[targets[0]]["name"]
                 if name not in C.LOSS_FAMILIES[fam]:
-                    raise _Bad(path, f"loss family {fam!r} has no parameter {C._short(name)}",
+                    raise Problem(path, f"loss family {fam!r} has no parameter {C._short(name)}",
                                f"known: {', '.join(C.LOSS_FAMILIES[fam]) or 'none'}")
                 fixed_by = C.LOSS_NAMES.get(scope, (None, {}))[1]
                 if name in fixed_by:
-                    raise _Bad(path, f"{scope} fixes {name}={fixed_by[name]!r}",
+                    raise Problem(path, f"{scope} fixes {name}={fixed_by[name]!r}",
                                "search it under the family name, or not at all")
                 if len({canonical_json(losses[t].get(name)) for t in targets}) > 1:
-                    raise _Bad(path, f"the study compares {scope} losses that differ in {name} "
+                    raise Problem(path, f"the study compares {scope} losses that differ in {name} "
                                      f"({', '.join(targets)}): searching it would merge them",
                                f"remove {setting} from the search, or compare a single {scope} "
                                f"loss")
             elif section == "student":
                 if name not in C.DEFAULTS["student"]:
-                    raise _Bad(path, f"unknown setting {C._short(setting)}",
+                    raise Problem(path, f"unknown setting {C._short(setting)}",
                                f"known student keys: {', '.join(C.DEFAULTS['student'])}")
                 if name in NOT_SEARCHED["student"]:
-                    raise _Bad(path, f"{setting} is the training budget, not a hyperparameter",
+                    raise Problem(path, f"{setting} is the training budget, not a hyperparameter",
                                "the budget of a trial is tune.kimg; the cells' is student.kimg")
                 if setting in grid_axes:
-                    raise _Bad(path, f"{setting} is both searched and a grid axis (grid.{setting})",
+                    raise Problem(path, f"{setting} is both searched and a grid axis (grid.{setting})",
                                "remove the grid axis or the search")
                 if name in fixed.get("student", {}):
-                    raise _Bad(path, f"{setting} is both searched and fixed (student.{name})",
+                    raise Problem(path, f"{setting} is both searched and fixed (student.{name})",
                                f"remove {name} from student: (the tuned value replaces it)")
             else:
-                raise _Bad(path, f"{C._short(setting)} cannot be searched",
+                raise Problem(path, f"{C._short(setting)} cannot be searched",
                            "searchable: student.KEY (every family or per family) and, under a "
                            "family, loss.PARAM; the teacher, the data and the evaluation are "
                            "the same for every family")
             if setting in out or any(setting in space.get(other, {})
                                      and any(_in_scope(other, losses[t]) for t in targets)
                                      for other in space if other != scope):
-                raise _Bad(path, f"{setting} is searched twice for the same loss",
+                raise Problem(path, f"{setting} is searched twice for the same loss",
                            "give each setting one distribution per loss")
             dist = _check_setting_dist(setting, _parse_dist(dist_raw, path), path,
                                        [losses[t] for t in targets])
@@ -388,7 +386,7 @@ def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
                     mine[setting] = dist
                     where[setting] = origin[(scope, setting)]
         if not mine:
-            raise _Bad("tune.space", f"nothing is searched for loss {label}",
+            raise Problem("tune.space", f"nothing is searched for loss {label}",
                        "every loss of the study gets the same search budget: add a setting for "
                        f"every family (e.g. student.lr: ...) or one under {loss['name']}")
         base = copy.deepcopy(first[label].config)

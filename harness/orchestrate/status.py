@@ -128,7 +128,7 @@ def dry_run_report(study, root: str, cache: str | None = None) -> int:
     study.results_root = root
     try:
         fp, _ = fingerprints(study)
-    except DataError as e:
+    except DataError:
         print(describe(study))
         print(f"{len(study.cells)} cells would run once the data is there (dry run: nothing "
               f"written). Cell ids hash the data's fingerprint, so they are listed then.")

@@ -64,7 +64,7 @@ import re
 from harness import __version__
 from harness.declare import config as C
 from harness.declare.hashing import canonical_json, identity
-from harness.declare.settings import check_value
+from harness.declare.schema import check_value
 from harness.declare.study import Cell
 from harness.declare.tune_spec import (
     ASHA_GRACE,
