@@ -95,11 +95,11 @@ def check_claims(raw, seeds_raw, axes: list[str]) -> ClaimsSpec:
     if raw is not None:
         if not isinstance(raw, dict):
             raise Problem("claims", f"expected a mapping, got {type_name(raw)}",
-                       "write e.g. claims: {thresholds: {C1: 0.1}, pair: [ratio_js, sid]}")
+                          "write e.g. claims: {thresholds: {C1: 0.1}, pair: [ratio_js, sid]}")
         for key, value in raw.items():
             if key not in CLAIMS:
                 raise Problem(f"claims.{key}", f"unknown key {C._short(key)} in claims",
-                           f"known: {', '.join(CLAIMS)}")
+                              f"known: {', '.join(CLAIMS)}")
         if raw.get("alpha") is not None:
             spec["alpha"] = float(check(CLAIMS["alpha"], raw["alpha"], "claims.alpha"))
         if raw.get("pair") is not None:
@@ -117,19 +117,19 @@ def _pair(value) -> tuple:
     if (not isinstance(value, list) or len(value) != 2
             or not all(isinstance(x, str) and x for x in value) or value[0] == value[1]):
         raise Problem("claims.pair", f"expected two different loss labels, got {C._short(value)}",
-                   "write the (score-free, teacher-score) pair, e.g. pair: [ratio_js, sid]")
+                      "write the (score-free, teacher-score) pair, e.g. pair: [ratio_js, sid]")
     return tuple(value)
 
 
 def _thresholds(value) -> dict:
     if not isinstance(value, dict):
         raise Problem("claims.thresholds", f"expected a mapping, got {type_name(value)}",
-                   "write e.g. thresholds: {C1: 0.1, C3a: 0.25}")
+                      "write e.g. thresholds: {C1: 0.1, C3a: 0.25}")
     out = {k: s.default for k, s in THRESHOLDS.items()}
     for name, t in value.items():
         if name not in THRESHOLDS:
             raise Problem(f"claims.thresholds.{name}", f"unknown claim {C._short(name)}",
-                       f"known: {', '.join(THRESHOLDS)}")
+                          f"known: {', '.join(THRESHOLDS)}")
         out[name] = float(check(THRESHOLDS[name], t, f"claims.thresholds.{name}"))
     return out
 
@@ -138,32 +138,32 @@ def _pool(value, axes: list[str]) -> tuple:
     others = [a for a in axes if a not in ("loss", "init", "seed")]
     if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
         raise Problem("claims.pool", f"expected a list of grid axes, got {C._short(value)}",
-                   f"write e.g. pool: [{others[0] if others else 'student.lr'}]")
+                      f"write e.g. pool: [{others[0] if others else 'student.lr'}]")
     for i, axis in enumerate(value):
         if axis not in others:
             known = ", ".join(others) or "none (no grid axis besides loss, init and seed)"
             raise Problem(f"claims.pool[{i}]", f"{C._short(axis)} is not a grid axis the claims "
-                       f"could average over", f"use one of: {known}")
+                          f"could average over", f"use one of: {known}")
     return tuple(value)
 
 
 def check_seeds(raw, axes: list[str]) -> SeedPlan:
     if not isinstance(raw, dict):
         raise Problem("seeds", f"expected a mapping, got {type_name(raw)}",
-                   "write e.g. seeds: {start: 3, step: 2, max: 40}")
+                      "write e.g. seeds: {start: 3, step: 2, max: 40}")
     if "seed" in axes:
         raise Problem("seeds", "both seeds: (seeds on demand) and grid.seed are given",
-                   "remove grid.seed: seeds: draws the seeds first, first + 1, ...")
+                      "remove grid.seed: seeds: draws the seeds first, first + 1, ...")
     out = {}
     for key, value in raw.items():
         if key not in SEEDS:
             raise Problem(f"seeds.{key}", f"unknown key {C._short(key)} in seeds",
-                       f"known: {', '.join(SEEDS)}")
+                          f"known: {', '.join(SEEDS)}")
         out[key] = check(SEEDS[key], value, f"seeds.{key}")
     plan = SeedPlan(**out)
     if plan.max < plan.start:
         raise Problem("seeds.max", f"the cap {plan.max} is below start {plan.start}",
-                   f"use max >= {plan.start}")
+                      f"use max >= {plan.start}")
     if plan.first + plan.max - 1 > SEED_MAX:
         raise Problem("seeds.first", f"seeds would run past {SEED_MAX}", "use a smaller first")
     return plan

@@ -60,7 +60,7 @@ LOSS_NAMES = {
 TEACHER_SCORE_FAMILIES = ("di", "sid")
 
 REINITS = ("matched", "fresh")
-INIT_SCHEMES = {  # SPEC §4; the functions are registered in harness.core.inits
+INIT_SCHEMES = {  # how a generator starts; the functions are registered in harness.core.inits
     # source: a partial teacher section naming another teacher whose weights start the generator
     "teacher": {"source": Param(None, dict, omit_default=True, column="init_source"),
                 # groups that keep the teacher's values and get no updates: which weights the

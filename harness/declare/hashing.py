@@ -69,7 +69,8 @@ def canonical_json(obj) -> str:
                       allow_nan=False)
 
 
-def _sha(obj) -> str:
+def sha(obj) -> str:
+    """sha256 hex digest of ``obj``'s canonical JSON (every id and hash of the harness)."""
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
@@ -116,7 +117,7 @@ def _teacher_id(ident: dict, data_fingerprint: str) -> str:
     if imported:
         return "t-" + imported[len("sha256:"):][:12]
     doc = {"data": ident["data"], "teacher": ident["teacher"], "data_fingerprint": data_fingerprint}
-    return "t-" + _sha(doc)[:12]
+    return "t-" + sha(doc)[:12]
 
 
 def teacher_id(config: dict, data_fingerprint: str) -> str:
@@ -129,7 +130,7 @@ def cell_id(config: dict, data_fingerprint: str) -> str:
     ident = identity(config)
     doc = {"config": ident, "data_fingerprint": data_fingerprint,
            "teacher": _teacher_id(ident, data_fingerprint)}
-    return _sha(doc)[:12]
+    return sha(doc)[:12]
 
 
 def _fingerprinter(data_fingerprint) -> Callable[[dict], str]:
@@ -157,7 +158,7 @@ def compute_ids(study, data_fingerprint) -> list[tuple[str, object, str, str]]:
         fp = fp_of(cell.config["data"])
         ident = identity(cell.config)
         tid = _teacher_id(ident, fp)
-        cid = _sha({"config": ident, "data_fingerprint": fp, "teacher": tid})[:12]
+        cid = sha({"config": ident, "data_fingerprint": fp, "teacher": tid})[:12]
         if cid in seen:
             raise ValueError(f"cells {seen[cid]} and {cell.index} of study {study.name!r} have the "
                              f"same id {cid}: they differ only in settings that do not change "

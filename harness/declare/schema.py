@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass
 
 GROUPS = ("input", "encoder", "middle", "decoder", "output", "embedding")
-"""Named parameter groups every network exposes (SPEC §4)."""
+"""Named parameter groups every network exposes: input (first conv), encoder, middle, decoder,
+output (last conv) and embedding (noise and class embeddings); init schemes and freezing name them."""
 DATASETS = ("toy2d", "digits", "mnist5k", "cifar10", "mnist", "npz", "folder")
 ARCHS = ("mlp", "unet-xs", "unet-s", "unet-m", "unet-edm", "ddpmpp")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -222,27 +223,27 @@ def check(spec: Setting, value, path: str):
         if spec.kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
                 raise Problem(path, f"expected a whole number, got {short(value)} ({type_name(value)})",
-                           "write an integer such as 1")
+                              "write an integer such as 1")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise Problem(path, f"expected a number, got {short(value)} ({type_name(value)})",
-                       "write a number such as 0.5 or 1.0e-4")
+                          "write a number such as 0.5 or 1.0e-4")
         if isinstance(value, float) and not math.isfinite(value):
             raise Problem(path, f"must be a finite number, got {short(value)}", "write a finite number")
         lo_bad = spec.lo is not None and (value <= spec.lo if spec.lo_open else value < spec.lo)
         hi_bad = spec.hi is not None and (value >= spec.hi if spec.hi_open else value > spec.hi)
         if lo_bad or hi_bad:
             raise Problem(path, f"must be {spec.range_text()}, got {short(value)}",
-                       f"use a value {spec.range_text()}")
+                          f"use a value {spec.range_text()}")
         return value
     if spec.kind == "bool":
         if not isinstance(value, bool):
             raise Problem(path, f"expected true or false, got {short(value)} ({type_name(value)})",
-                       "write true or false")
+                          "write true or false")
         return value
     if spec.kind == "str":
         if not isinstance(value, str) or not value:
             raise Problem(path, f"expected a string, got {short(value)} ({type_name(value)})",
-                       "write a name" + (f": one of {', '.join(spec.choices)}" if spec.choices else ""))
+                          "write a name" + (f": one of {', '.join(spec.choices)}" if spec.choices else ""))
         if spec.choices and value not in spec.choices:
             raise Problem(path, f"unknown value {short(value)}", f"known: {', '.join(spec.choices)}")
         return value

@@ -1,4 +1,4 @@
-"""Study files: YAML -> validated ``Study`` -> cells (DESIGN "Study file").
+"""Study files: YAML -> validated ``Study`` -> cells.
 
 Pure Python (pyyaml only; no torch, no Ray), so ``harness run --dry-run`` and every validation
 error are instant. Every problem raises ``StudyError`` whose message reads::
@@ -10,8 +10,8 @@ A study is a set of fixed settings (sections ``data``, ``teacher``, ``student``,
 cartesian product of the axes in the YAML order of ``grid``; each cell's config is resolved through
 ``config.resolve_cell``, so ``loss`` and ``init`` are canonical and every setting is explicit.
 
-Axis values for ``loss`` / ``init`` are expanded as ``settings._expand_spec`` describes; the schema
-of every scalar setting is in ``settings``.
+Axis values for ``loss`` / ``init`` expand as ``settings.expand_spec`` describes; every setting
+is declared, with its check, in ``schema``.
 """
 from __future__ import annotations
 
@@ -29,24 +29,13 @@ from harness.declare.hashing import canonical_json
 from harness.declare.overrides import apply as apply_overrides
 from harness.declare.schema import SCHEMA, Problem, check, type_name
 from harness.declare.settings import (
-    DEFAULT_MAX_FAILURES,
-    DEFAULT_RESOURCES,
-    IMAGE_ARCHS,
-    MAX_FAILURES,
-    NAME_RE,
-    PATH_DATASETS,
-    RESOURCES,
-    SECTIONS,
-    TEACHER_RESOURCES,
-    TOP_KEYS,
-    _expand_spec,
-    _Value,
-)
+    DEFAULT_MAX_FAILURES, DEFAULT_RESOURCES, MAX_FAILURES, NAME_RE, RESOURCES, SECTIONS,
+    TEACHER_RESOURCES, TOP_KEYS, AxisValue, check_resources, cross_check, expand_spec)
 from harness.declare.study_yaml import MAX_BYTES, StudyError, read_yaml
 from harness.declare.tracking_spec import check as _check_tracking
+from harness.declare.tune_spec import check_tune
 
 MAX_CELLS = 100_000  # cells one study may expand to (the cifar10 protocol has 150)
-from harness.declare.tune_spec import check_tune
 
 # ---------------------------------------------------------------------------------------------
 # The study and its cells.
@@ -130,36 +119,37 @@ class _Parser:
     def _study(self, raw) -> Study:
         if raw is None:
             raise Problem("", "the study file is empty",
-                       "write at least `study: NAME` (see studies/quick.yaml)")
+                          "write at least `study: NAME` (see studies/quick.yaml)")
         if not isinstance(raw, dict):
             raise Problem("top level", f"expected a mapping of settings, got {type_name(raw)}",
-                       "write `key: value` lines starting with `study: NAME`")
+                          "write `key: value` lines starting with `study: NAME`")
         for key in raw:
             if key not in TOP_KEYS:
-                raise Problem(str(key), f"unknown top-level key {C._short(key)}", f"known: {', '.join(TOP_KEYS)}")
+                raise Problem(str(key), f"unknown top-level key {C._short(key)}",
+                              f"known: {', '.join(TOP_KEYS)}")
 
         if "study" not in raw:
             raise Problem("study", "missing study name", "add a line `study: NAME` at the top")
         name = raw["study"]
         if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > 100:
             raise Problem("study", f"invalid study name {C._short(name)}",
-                       "use at most 100 lowercase letters, digits and _ . - (starting with a "
-                       "letter or digit), e.g. c3-digits")
+                          "use at most 100 lowercase letters, digits and _ . - (starting with a "
+                          "letter or digit), e.g. c3-digits")
         description = raw.get("description") or ""
         if not isinstance(description, str):
             raise Problem("description", f"expected a string, got {type_name(description)}",
-                       "write one line of text")
+                          "write one line of text")
 
         results = raw.get("results", None)
         if results is None:
             results = os.path.abspath(os.path.join("results", name))
         elif not isinstance(results, str) or not results.strip():
             raise Problem("results", f"expected a path or URI, got {C._short(results)}",
-                       "write e.g. results/NAME, /shared/results/NAME or s3://bucket/NAME")
+                          "write e.g. results/NAME, /shared/results/NAME or s3://bucket/NAME")
         elif "://" in results:
             if not re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", results):
                 raise Problem("results", f"malformed URI {C._short(results)}",
-                           "write SCHEME://PATH, e.g. s3://bucket/NAME or file:///abs/path")
+                              "write SCHEME://PATH, e.g. s3://bucket/NAME or file:///abs/path")
         else:
             results = os.path.abspath(os.path.expanduser(results))
 
@@ -172,25 +162,25 @@ class _Parser:
                 body = {}
             if not isinstance(body, dict):
                 raise Problem(section, f"expected a mapping, got {type_name(body)}",
-                           f"write e.g. {section}: {{{next(iter(C.DEFAULTS[section]))}: ...}}")
+                              f"write e.g. {section}: {{{next(iter(C.DEFAULTS[section]))}: ...}}")
             out = {}
             for key, value in body.items():
                 if key not in C.DEFAULTS[section]:
                     raise Problem(f"{section}.{key}", f"unknown key {C._short(key)} in {section}",
-                               f"known: {', '.join(C.DEFAULTS[section])}")
+                                  f"known: {', '.join(C.DEFAULTS[section])}")
                 out[key] = check(SCHEMA[section][key], value, f"{section}.{key}")
             fixed[section] = out
         for kind in ("loss", "init"):
             if kind in raw:
-                values = _expand_spec(kind, raw[kind], kind, fixed=True)
+                values = expand_spec(kind, raw[kind], kind, fixed=True)
                 fixed[kind] = values[0].value
         if "seed" in raw:
             fixed["seed"] = check(SCHEMA["seed"], raw["seed"], "seed")
 
-        resources = self._resources(raw, "resources", RESOURCES, dict(DEFAULT_RESOURCES))
+        resources = check_resources(raw, "resources", RESOURCES, dict(DEFAULT_RESOURCES))
         workers = int(resources.pop("workers", 1))
         # a teacher is one Ray task; by default it gets what one cell (worker) gets
-        teacher_resources = self._resources(raw, "teacher_resources", TEACHER_RESOURCES,
+        teacher_resources = check_resources(raw, "teacher_resources", TEACHER_RESOURCES,
                                             dict(resources))
         max_failures = DEFAULT_MAX_FAILURES
         if raw.get("max_failures") is not None:
@@ -203,11 +193,11 @@ class _Parser:
         if claims.seeds is not None:  # seeds on demand: the first round's cells; the rest wait
             if "seed" in raw:
                 raise Problem("seeds", "both seeds: (seeds on demand) and a fixed seed are given",
-                           "remove the top-level seed")
+                              "remove the top-level seed")
             plan = claims.seeds
-            pool = self._cells(fixed, axes + [("seed", [_Value(s, s, "seeds")
+            pool = self._cells(fixed, axes + [("seed", [AxisValue(s, s, "seeds")
                                                         for s in plan.seeds(plan.max)])])
-            axes = axes + [("seed", [_Value(s, s, "seeds") for s in plan.seeds(plan.start)])]
+            axes = axes + [("seed", [AxisValue(s, s, "seeds") for s in plan.seeds(plan.start)])]
             cells = [c for c in pool if c.config["seed"] < plan.first + plan.start]
         else:
             cells = self._cells(fixed, axes)
@@ -215,10 +205,10 @@ class _Parser:
             batch = cell.config["student"]["batch"]
             if batch % workers:
                 raise Problem("resources.workers", f"{workers} workers cannot split student.batch "
-                           f"{batch} (cell {cell.index}: {cell.label}): each worker trains on "
-                           f"batch / workers samples", f"use a number of workers that divides "
-                           f"every cell's student.batch, or a batch that is a multiple of "
-                           f"{workers}")
+                              f"{batch} (cell {cell.index}: {cell.label}): each worker trains on "
+                              f"batch / workers samples", f"use a number of workers that divides "
+                              f"every cell's student.batch, or a batch that is a multiple of "
+                              f"{workers}")
         tune = check_tune(raw.get("tune"), fixed, axes, cells)
         return Study(name=name, path=None, results_root=results, fixed=fixed,
                      axes=[(a, [v.value for v in vals]) for a, vals in axes], cells=cells,
@@ -227,31 +217,12 @@ class _Parser:
                      workers=workers, teacher_resources=teacher_resources, tune=tune,
                      claims=claims, seed_pool=pool)
 
-    @staticmethod
-    def _resources(raw: dict, key: str, schema: dict, out: dict) -> dict:
-        """``resources`` / ``teacher_resources``: a mapping of ``schema``'s keys over ``out``."""
-        if raw.get(key) is None:
-            return out
-        body = raw[key]
-        if not isinstance(body, dict):
-            raise Problem(key, f"expected a mapping, got {type_name(body)}",
-                       f"write e.g. {key}: {{cpu: 1, gpu: 0.5}}")
-        for name, value in body.items():
-            if name not in schema:
-                raise Problem(f"{key}.{name}", f"unknown key {C._short(name)}",
-                           f"known: {', '.join(schema)}")
-            out[name] = float(check(schema[name], value, f"{key}.{name}"))
-        if out["gpu"] > 1 and not float(out["gpu"]).is_integer():
-            raise Problem(f"{key}.gpu", f"a fraction of a GPU must be below 1, got {out['gpu']:g}",
-                       "use a fraction (< 1) or a whole number of GPUs")
-        return out
-
     def _grid(self, grid, raw, fixed) -> list:
         if grid is None:
             return []
         if not isinstance(grid, dict):
             raise Problem("grid", f"expected a mapping of axes, got {type_name(grid)}",
-                       "write e.g. grid: {loss: [di, sid], seed: [0, 1, 2]}")
+                          "write e.g. grid: {loss: [di, sid], seed: [0, 1, 2]}")
         axes = []
         for axis, items in grid.items():
             path = f"grid.{axis}"
@@ -260,37 +231,38 @@ class _Parser:
                 if axis in raw:
                     raise Problem(path, f"{axis} is both an axis and fixed (top-level {axis}, line "
                                      f"{self.line(axis)})",
-                               f"remove the top-level {axis} or the grid axis")
+                                  f"remove the top-level {axis} or the grid axis")
             else:
                 section, _, key = axis.partition(".")
                 if section not in SECTIONS:
                     raise Problem(path, f"unknown axis {C._short(axis)}",
-                               f"an axis is loss, init, seed or SECTION.KEY with SECTION one of "
-                               f"{', '.join(SECTIONS)} (e.g. student.lr)")
+                                  f"an axis is loss, init, seed or SECTION.KEY with SECTION one of "
+                                  f"{', '.join(SECTIONS)} (e.g. student.lr)")
                 if key not in C.DEFAULTS[section]:
-                    raise Problem(path, f"unknown axis {C._short(axis)}: {section} has no key {C._short(key)}",
-                               f"known {section} keys: {', '.join(C.DEFAULTS[section])}")
+                    raise Problem(path, f"unknown axis {C._short(axis)}: {section} has no key "
+                                        f"{C._short(key)}",
+                                  f"known {section} keys: {', '.join(C.DEFAULTS[section])}")
                 if key in fixed.get(section, {}):
                     raise Problem(path, f"{axis} is both an axis and fixed ({axis}, line "
                                      f"{self.line(axis)})",
-                               f"remove {key} from {section} or remove the grid axis")
+                                  f"remove {key} from {section} or remove the grid axis")
             if not isinstance(items, list):
                 raise Problem(path, f"an axis must be a list of values, got {C._short(items)}",
-                           f"write e.g. {axis}: [{C._short(items)}, ...] (a list, even of one value)")
+                              f"write e.g. {axis}: [{C._short(items)}, ...] (a list, even of one value)")
             if not items:
                 raise Problem(path, "empty axis (no values)", "give at least one value or remove the axis")
-            values: list[_Value] = []
+            values: list[AxisValue] = []
             for i, item in enumerate(items):
                 ipath = f"{path}[{i}]"
                 if axis in ("loss", "init"):
-                    values += _expand_spec(axis, item, ipath, fixed=False)
+                    values += expand_spec(axis, item, ipath, fixed=False)
                 elif axis == "seed":
                     v = check(SCHEMA["seed"], item, ipath)
-                    values.append(_Value(v, v, ipath))
+                    values.append(AxisValue(v, v, ipath))
                 else:
                     section, _, key = axis.partition(".")
                     v = check(SCHEMA[section][key], item, ipath)
-                    values.append(_Value(v, v, ipath))
+                    values.append(AxisValue(v, v, ipath))
             seen = {}
             for v in values:
                 text = canonical_json(v.value)
@@ -299,7 +271,7 @@ class _Parser:
                     raise Problem(v.origin, f"duplicate cell: {_fmt(v.label)} here is the same "
                                          f"{axis} value as {_fmt(other.label)} at {other.origin} "
                                          f"(line {self.line(other.origin)})",
-                               "remove one of them")
+                                  "remove one of them")
                 seen[text] = v
             axes.append((axis, values))
         return axes
@@ -310,8 +282,8 @@ class _Parser:
             sizes = " x ".join(f"{axis} {len(vals)}" for axis, vals in axes)
             raise Problem("grid", f"the grid has {count:,} cells ({sizes}), more than the "
                                f"{MAX_CELLS:,} a study may have",
-                       "split it into several studies or drop axis values; even a toy cell "
-                       "takes seconds, so this many would not finish")
+                          "split it into several studies or drop axis values; even a toy cell "
+                          "takes seconds, so this many would not finish")
         cells, seen = [], {}
         for index, combo in enumerate(itertools.product(*(vals for _, vals in axes))):
             partial = copy.deepcopy(fixed)
@@ -327,7 +299,7 @@ class _Parser:
                 cfg = C.resolve_cell(partial)
             except C.ConfigError as e:
                 raise Problem(origin.get(e.path, e.path), e.problem, e.fix) from None
-            self._cross_check(cfg, fixed, origin)
+            cross_check(cfg, fixed, origin)
             text = canonical_json(cfg)
             if text in seen:
                 raise Problem("grid", f"duplicate cells {seen[text]} and {index} resolve to the same "
@@ -336,38 +308,6 @@ class _Parser:
             axes_out = {axis: v.label for (axis, _), v in zip(axes, combo)}
             cells.append(Cell(config=cfg, axes=axes_out, index=index))
         return cells
-
-    def _cross_check(self, cfg: dict, fixed: dict, origin: dict):
-        data, name = cfg["data"], cfg["data"]["name"]
-        given = lambda s: s in origin or s.partition(".")[2] in fixed.get(s.partition(".")[0], {})  # noqa: E731
-        where = lambda s: origin.get(s, s)  # noqa: E731
-        if name in PATH_DATASETS and not data["path"]:
-            raise Problem(where("data.path") if given("data.path") else
-                       (origin["data.name"] if "data.name" in origin else "data.path"),
-                       f"dataset {C._short(name)} needs data.path: {PATH_DATASETS[name]}",
-                       "set data.path in the study file (its existence is checked when the "
-                       "data is loaded)")
-        if name not in PATH_DATASETS and data["path"]:
-            raise Problem(where("data.path"), f"dataset {C._short(name)} is built in and reads no path",
-                       "remove data.path")
-        if data["kind"] is not None and name != "toy2d":
-            raise Problem(where("data.kind"), f"only toy2d takes a kind, not dataset {C._short(name)}",
-                       "remove data.kind")
-        arch = cfg["teacher"]["arch"]
-        if name == "toy2d" and arch != "mlp":
-            raise Problem(where("teacher.arch") if given("teacher.arch") else where("data.name"),
-                       f"toy2d data needs architecture 'mlp', got {C._short(arch)}",
-                       "set teacher.arch: mlp")
-        if name != "toy2d" and arch == "mlp":
-            raise Problem(where("teacher.arch"), f"architecture 'mlp' is for toy2d, not images "
-                                              f"({name})", f"use one of {', '.join(IMAGE_ARCHS)}")
-        metric = cfg["eval"]["metric"]
-        if name == "toy2d" and metric in ("fd", "fid"):
-            raise Problem(where("eval.metric"), f"metric {C._short(metric)} needs images, not toy2d",
-                       "use metric: mmd or auto")
-        if name != "toy2d" and metric == "mmd":
-            raise Problem(where("eval.metric"), f"metric 'mmd' is for toy2d, not images ({name})",
-                       "use metric: fd, fid or auto")
 
 
 def _fmt(value) -> str:

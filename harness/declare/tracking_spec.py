@@ -26,7 +26,7 @@ def check(body) -> dict:
         return out
     if not isinstance(body, dict):
         raise Problem("tracking", f"expected a mapping, got {type_name(body)}",
-                   "write e.g. tracking: {tensorboard: true, mlflow: null}")
+                      "write e.g. tracking: {tensorboard: true, mlflow: null}")
     for key, value in body.items():
         if key == "tensorboard":
             out["tensorboard"] = check_setting(Setting("bool"), value, "tracking.tensorboard")
@@ -42,19 +42,19 @@ def _check_mlflow(value) -> dict | None:
         return None
     if not isinstance(value, dict):
         raise Problem("tracking.mlflow", f"expected a mapping or null, got {type_name(value)}",
-                   _MLFLOW_EXAMPLE)
+                      _MLFLOW_EXAMPLE)
     for key in value:
         if key not in MLFLOW_KEYS:
             raise Problem(f"tracking.mlflow.{key}", f"unknown key {key!r}",
-                       f"known: {', '.join(MLFLOW_KEYS)}")
+                          f"known: {', '.join(MLFLOW_KEYS)}")
     if value.get("uri") is None:
         raise Problem("tracking.mlflow.uri", "the MLflow tracking URI is missing", _MLFLOW_EXAMPLE)
     uri = check_setting(Setting("str"), value["uri"], "tracking.mlflow.uri")
     if not (_URI_RE.match(uri) or uri == "databricks"):
         raise Problem("tracking.mlflow.uri", f"expected a URI, got {uri!r} (a relative path would "
                                           f"mean a different folder on every Ray worker)",
-                   "write the tracking server's address (http://HOST:5000), databricks, or an "
-                   "absolute file:///path")
+                      "write the tracking server's address (http://HOST:5000), databricks, or an "
+                      "absolute file:///path")
     experiment = value.get("experiment")
     if experiment is not None:
         experiment = check_setting(Setting("str"), experiment, "tracking.mlflow.experiment")

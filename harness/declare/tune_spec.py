@@ -6,13 +6,12 @@ choice, ``apply``) is ``harness.store.tuning``; the Ray part is ``harness.orches
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 
 from harness.declare import config as C
-from harness.declare.hashing import canonical_json
+from harness.declare.hashing import canonical_json, sha
 from harness.declare.schema import FLOAT_RE, KIMG_MAX, SCHEMA, SEED_MAX, Problem, type_name
 from harness.declare.schema import check as check_setting
 
@@ -107,17 +106,13 @@ class Tune:
 
     @property
     def hash(self) -> str:
-        return _sha(self.section())[:16]
+        return sha(self.section())[:16]
 
     def protocol(self) -> dict:
         return {"trials": self.trials, "kimg": self.kimg, "seeds": list(self.seeds),
                 "metric": self.metric, "scheduler": self.scheduler, "search": "random "
                 f"(BasicVariantGenerator, random_state {SEARCH_SEED}, the same for every family)",
                 "selection": SELECTION_RULE}
-
-
-def _sha(obj) -> str:
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
 def loss_label(cfg: dict) -> str:
@@ -140,8 +135,8 @@ def _parse_dist(value, path: str) -> Dist:
     known = ", ".join([*DISTRIBUTIONS, "a YAML list (a choice)"])
     if not isinstance(value, str):
         raise Problem(path, f"expected a distribution, got {C._short(value)} ({type_name(value)})",
-                   f"write e.g. loguniform(1.0e-5, 1.0e-3) or [1.0, 1.2]; known: {known}. A "
-                   f"fixed value is not a search: set it in the study's own section")
+                      f"write e.g. loguniform(1.0e-5, 1.0e-3) or [1.0, 1.2]; known: {known}. A "
+                      f"fixed value is not a search: set it in the study's own section")
     m = _DIST_RE.match(value)
     if not m or m.group(1) not in DISTRIBUTIONS:
         name = m.group(1) if m else value
@@ -152,21 +147,21 @@ def _parse_dist(value, path: str) -> Dist:
     if len(parts) != n or not all(FLOAT_RE.match(p) for p in parts):
         what = "lower, upper, q" if n == 3 else "lower, upper"
         raise Problem(path, f"{kind} takes {n} numbers ({what}), got {C._short(value)}",
-                   f"write e.g. {kind}({'1, 10' if 'int' in kind else '1.0e-5, 1.0e-3'}"
-                   f"{', 1.0e-5' if n == 3 else ''})")
+                      f"write e.g. {kind}({'1, 10' if 'int' in kind else '1.0e-5, 1.0e-3'}"
+                      f"{', 1.0e-5' if n == 3 else ''})")
     args = [float(p) for p in parts]
     if "int" in kind:
         if not all(a.is_integer() for a in args):
             raise Problem(path, f"{kind} takes whole numbers, got {C._short(value)}",
-                       f"write e.g. {kind}(1, 5)")
+                          f"write e.g. {kind}(1, 5)")
         args = [int(a) for a in args]
     lo, hi = args[0], args[1]
     if not lo < hi:
         raise Problem(path, f"the lower end must be below the upper end, got {C._short(value)}",
-                   "swap or fix the ends")
+                      "swap or fix the ends")
     if kind in ("loguniform", "qloguniform", "lograndint") and lo <= 0:
         raise Problem(path, f"{kind} needs a lower end > 0, got {lo:g}",
-                   "use a positive lower end, or uniform for ranges that include 0")
+                      "use a positive lower end, or uniform for ranges that include 0")
     if n == 3 and not 0 < args[2] <= hi - lo:
         raise Problem(path, f"q must be in (0, upper - lower], got {args[2]:g}", "fix q")
     if "int" in kind and hi - lo < 2:
@@ -199,13 +194,13 @@ def _check_setting_dist(setting: str, dist: Dist, path: str, losses: list[dict])
         values = [check(v, f"{path}[{i}]") for i, v in enumerate(dist.args)]
         if len({canonical_json(v) for v in values}) != len(values):
             raise Problem(path, f"repeated values in the choice {C._short(list(dist.args))}",
-                       "list each value once")
+                          "list each value once")
         return Dist("choice", tuple(values))
     if kind not in DISTRIBUTIONS[dist.kind][1]:
         fits = [k for k, v in DISTRIBUTIONS.items() if kind in v[1]]
         what = "whole number" if dist.kind.endswith("randint") else "real"
         raise Problem(path, f"{setting} is not a {what} setting, so {dist.kind} does not fit it",
-                   f"use {', '.join(fits) + ' or ' if fits else ''}a list of values (a choice)")
+                      f"use {', '.join(fits) + ' or ' if fits else ''}a list of values (a choice)")
     lo, hi = dist.args[0], dist.args[1]
     check(lo, path)
     check(hi - 1 if dist.kind.endswith("randint") else hi, path)
@@ -238,17 +233,17 @@ def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
         return None
     if not isinstance(raw, dict):
         raise Problem("tune", f"expected a mapping, got {type_name(raw)}",
-                   "write e.g. tune: {space: {student.lr: loguniform(1.0e-5, 1.0e-3)}, trials: 8, "
-                   "kimg: 8, seeds: [100]}")
+                      "write e.g. tune: {space: {student.lr: loguniform(1.0e-5, 1.0e-3)}, trials: 8, "
+                      "kimg: 8, seeds: [100]}")
     for key in raw:
         if key not in TUNE_KEYS:
             raise Problem(f"tune.{key}", f"unknown key {C._short(key)} in tune",
-                       f"known: {', '.join(TUNE_KEYS)}")
+                          f"known: {', '.join(TUNE_KEYS)}")
     for key in REQUIRED:
         if key not in raw:
             raise Problem("tune", f"missing tune.{key}",
-                       "tune needs space, trials, kimg and seeds (metric and scheduler are "
-                       "optional); see README, Tuning")
+                          "tune needs space, trials, kimg and seeds (metric and scheduler are "
+                          "optional); see README, Tuning")
     trials = raw["trials"]
     if isinstance(trials, bool) or not isinstance(trials, int) or not 1 <= trials <= TRIALS_MAX:
         raise Problem("tune.trials", f"expected a whole number of trials in [1, {TRIALS_MAX}], got "
@@ -262,33 +257,33 @@ def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
     seeds = raw["seeds"]
     if not isinstance(seeds, list) or not seeds:
         raise Problem("tune.seeds", f"expected a non-empty list of seeds, got {C._short(seeds)}",
-                   "write e.g. seeds: [100]")
+                      "write e.g. seeds: [100]")
     if len(seeds) > SEEDS_MAX:
         raise Problem("tune.seeds", f"{len(seeds)} selection seeds; at most {SEEDS_MAX}",
-                   "use a few selection seeds")
+                      "use a few selection seeds")
     study_seeds = sorted({c.config["seed"] for c in cells})
     seen = {}
     for i, s in enumerate(seeds):
         where = f"tune.seeds[{i}]"
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= SEED_MAX:
             raise Problem(where, f"expected a whole number in [0, {SEED_MAX:,}], got {C._short(s)}",
-                       "write e.g. seeds: [100]")
+                          "write e.g. seeds: [100]")
         if s in seen:
             raise Problem(where, f"seed {s} is listed twice", "list each selection seed once")
         seen[s] = i
         if s in study_seeds:
             shown = ", ".join(map(str, study_seeds[:12])) + (", ..." * (len(study_seeds) > 12))
             raise Problem(where, f"selection seed {s} is also a seed of the study's cells ({shown})",
-                       "selection seeds must be disjoint from the study's seeds, so that no "
-                       "cell's result chose its own hyperparameters; use e.g. 100")
+                          "selection seeds must be disjoint from the study's seeds, so that no "
+                          "cell's result chose its own hyperparameters; use e.g. 100")
     metric = raw.get("metric", "auto")
     if not isinstance(metric, str) or not (metric == "auto" or METRIC_RE.match(metric)):
         raise Problem("tune.metric", f"expected auto or a metric name, got {C._short(metric)}",
-                   "write auto (the study's primary metric) or a name such as fd_digits_1k")
+                      "write auto (the study's primary metric) or a name such as fd_digits_1k")
     scheduler = raw.get("scheduler", "asha")
     if scheduler not in SCHEDULERS:
         raise Problem("tune.scheduler", f"unknown scheduler {C._short(scheduler)}",
-                   f"known: {', '.join(SCHEDULERS)}")
+                      f"known: {', '.join(SCHEDULERS)}")
 
     # the families: each distinct loss of the cells, in order
     losses: dict[str, dict] = {}
@@ -300,7 +295,7 @@ def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
     space_raw = raw["space"]
     if not isinstance(space_raw, dict) or not space_raw:
         raise Problem("tune.space", f"expected a non-empty mapping, got {C._short(space_raw)}",
-                   "write e.g. space: {student.lr: loguniform(1.0e-5, 1.0e-3)}")
+                      "write e.g. space: {student.lr: loguniform(1.0e-5, 1.0e-3)}")
     space_raw = _rejoin(space_raw)
     grid_axes = {a for a, _ in axes}
     space: dict[str, dict] = {}
@@ -312,17 +307,17 @@ def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
         else:
             if key not in C.LOSS_NAMES:
                 raise Problem(f"tune.space.{key}", f"unknown setting or loss {C._short(key)}",
-                           f"a key of tune.space is a setting (SECTION.KEY, e.g. student.lr) for "
-                           f"every family, or a loss family or name ({', '.join(C.LOSS_NAMES)}) "
-                           f"with its own settings")
+                              f"a key of tune.space is a setting (SECTION.KEY, e.g. student.lr) for "
+                              f"every family, or a loss family or name ({', '.join(C.LOSS_NAMES)}) "
+                              f"with its own settings")
             mine = [lab for lab, loss in losses.items() if _matches(key, loss)]
             if not mine:
                 raise Problem(f"tune.space.{key}", f"no loss of this study is {C._short(key)}",
-                           f"the study's losses: {', '.join(losses)}")
+                              f"the study's losses: {', '.join(losses)}")
             if not isinstance(value, dict) or not value:
                 raise Problem(f"tune.space.{key}", f"expected a mapping of settings to "
                                                 f"distributions, got {C._short(value)}",
-                           f"write e.g. {key}: {{student.aux_lr: loguniform(1.0e-5, 1.0e-3)}}")
+                              f"write e.g. {key}: {{student.aux_lr: loguniform(1.0e-5, 1.0e-3)}}")
             scope, entries, prefix = key, _rejoin(value), f"tune.space.{key}"
         out = space.setdefault(scope, {})
         for setting, dist_raw in entries.items():
@@ -333,43 +328,43 @@ def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
             if section == "loss":
                 if scope == "":
                     raise Problem(path, "a loss parameter is searched per family",
-                               f"write it under a family, e.g. sid: {{{setting}: [1.0, 1.2]}}")
+                                  f"write it under a family, e.g. sid: {{{setting}: [1.0, 1.2]}}")
                 fam = losses[targets[0]]["name"]
                 if name not in C.LOSS_FAMILIES[fam]:
                     raise Problem(path, f"loss family {fam!r} has no parameter {C._short(name)}",
-                               f"known: {', '.join(C.LOSS_FAMILIES[fam]) or 'none'}")
+                                  f"known: {', '.join(C.LOSS_FAMILIES[fam]) or 'none'}")
                 fixed_by = C.LOSS_NAMES.get(scope, (None, {}))[1]
                 if name in fixed_by:
                     raise Problem(path, f"{scope} fixes {name}={fixed_by[name]!r}",
-                               "search it under the family name, or not at all")
+                                  "search it under the family name, or not at all")
                 if len({canonical_json(losses[t].get(name)) for t in targets}) > 1:
                     raise Problem(path, f"the study compares {scope} losses that differ in {name} "
                                      f"({', '.join(targets)}): searching it would merge them",
-                               f"remove {setting} from the search, or compare a single {scope} "
-                               f"loss")
+                                  f"remove {setting} from the search, or compare a single {scope} "
+                                  f"loss")
             elif section == "student":
                 if name not in C.DEFAULTS["student"]:
                     raise Problem(path, f"unknown setting {C._short(setting)}",
-                               f"known student keys: {', '.join(C.DEFAULTS['student'])}")
+                                  f"known student keys: {', '.join(C.DEFAULTS['student'])}")
                 if name in NOT_SEARCHED["student"]:
                     raise Problem(path, f"{setting} is the training budget, not a hyperparameter",
-                               "the budget of a trial is tune.kimg; the cells' is student.kimg")
+                                  "the budget of a trial is tune.kimg; the cells' is student.kimg")
                 if setting in grid_axes:
                     raise Problem(path, f"{setting} is both searched and a grid axis (grid.{setting})",
-                               "remove the grid axis or the search")
+                                  "remove the grid axis or the search")
                 if name in fixed.get("student", {}):
                     raise Problem(path, f"{setting} is both searched and fixed (student.{name})",
-                               f"remove {name} from student: (the tuned value replaces it)")
+                                  f"remove {name} from student: (the tuned value replaces it)")
             else:
                 raise Problem(path, f"{C._short(setting)} cannot be searched",
-                           "searchable: student.KEY (every family or per family) and, under a "
-                           "family, loss.PARAM; the teacher, the data and the evaluation are "
-                           "the same for every family")
+                              "searchable: student.KEY (every family or per family) and, under a "
+                              "family, loss.PARAM; the teacher, the data and the evaluation are "
+                              "the same for every family")
             if setting in out or any(setting in space.get(other, {})
                                      and any(_in_scope(other, losses[t]) for t in targets)
                                      for other in space if other != scope):
                 raise Problem(path, f"{setting} is searched twice for the same loss",
-                           "give each setting one distribution per loss")
+                              "give each setting one distribution per loss")
             dist = _check_setting_dist(setting, _parse_dist(dist_raw, path), path,
                                        [losses[t] for t in targets])
             out[setting] = dist
@@ -387,8 +382,8 @@ def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
                     where[setting] = origin[(scope, setting)]
         if not mine:
             raise Problem("tune.space", f"nothing is searched for loss {label}",
-                       "every loss of the study gets the same search budget: add a setting for "
-                       f"every family (e.g. student.lr: ...) or one under {loss['name']}")
+                          "every loss of the study gets the same search budget: add a setting for "
+                          f"every family (e.g. student.lr: ...) or one under {loss['name']}")
         base = copy.deepcopy(first[label].config)
         if "init" not in fixed:
             base["init"] = C.resolve_init("teacher")

@@ -169,7 +169,7 @@ def _measure(study, cells, teachers, img_per_s, teacher_img_per_s, budget_s) -> 
 def _warm_up(study, kind: str, cfg: dict, res: dict, budget_s: float) -> dict:
     import torch  # measuring needs torch; a plan with given throughputs does not
 
-    from harness.orchestrate import warmup  # torch
+    from harness.orchestrate import warmup  # torch: only when the throughput is measured here
 
     device = "cuda" if res.get("gpu", 0) > 0 else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""Ray Tune sweep of a study's unfinished cells (DESIGN "Ray Tune"): ``harness run`` / ``status``.
+"""Ray Tune sweep of a study's unfinished cells: ``harness run`` / ``status``.
 
 ``run_study`` pins the study (``pin.json``), takes the study lock, has each teacher trained once
 as a Ray task, then has Ray Tune run every cell that has no final row yet, one function trainable

@@ -63,7 +63,7 @@ import re
 
 from harness import __version__
 from harness.declare import config as C
-from harness.declare.hashing import canonical_json, identity
+from harness.declare.hashing import canonical_json, identity, sha
 from harness.declare.schema import check_value
 from harness.declare.study import Cell
 from harness.declare.tune_spec import (
@@ -76,7 +76,6 @@ from harness.declare.tune_spec import (
     Family,
     Tune,
     TuneError,
-    _sha,
     loss_label,
 )
 from harness.store import results
@@ -121,7 +120,7 @@ def family_hash(tune: Tune, family: Family) -> str:
     ident.pop("seed", None)
     doc = {"protocol": {k: v for k, v in tune.section().items() if k != "space"},
            "space": {k: d.text for k, d in family.space.items()}, "trial": ident}
-    return _sha(doc)[:16]
+    return sha(doc)[:16]
 
 
 def higher_is_better(metric: str) -> bool:
