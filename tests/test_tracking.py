@@ -246,8 +246,8 @@ def test_mlflow_one_run_per_cell_across_resumes(tmp_path, monkeypatch):
     experiment = client.get_experiment_by_name("st")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["harness.orchestrate.cell"] == "c0ffee" and run.data.tags["harness.declare.study"] == "st"
-    assert run.data.tags["harness.orchestrate.status"] == "done"
+    assert run.data.tags["harness.cell"] == "c0ffee" and run.data.tags["harness.study"] == "st"
+    assert run.data.tags["harness.status"] == "done"
     assert run.data.params["student.lr"] == "0.0001" and run.data.params["grid"] == "[1, 2]"
     history = client.get_metric_history(run.info.run_id, "mmd_toy2d_1k")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (500, 0.25)]

@@ -32,10 +32,10 @@ close (a killed cell loses at most its last evaluation there, never in Parquet).
 copy them down (``aws s3 sync s3://BUCKET/NAME/tb tb``) and run ``tensorboard --logdir tb``.
 
 MLflow: the optional extra ``pip install 'harness[mlflow]'`` (``mlflow-skinny``: the client
-only). One MLflow run per cell, found again by its ``harness.declare.study`` and ``harness.orchestrate.cell`` tags
+only). One MLflow run per cell, found again by its ``harness.study`` and ``harness.cell`` tags
 when the cell resumes or is retried (in another Ray experiment, on another node). Params: the
 flattened resolved config (``student.lr``, ``loss.name`` ...); metrics: the rows (step = training
-images, as above); tags ``harness.declare.study``, ``harness.orchestrate.cell``, ``harness.axes``, ``harness.orchestrate.status``.
+images, as above); tags ``harness.study``, ``harness.cell``, ``harness.axes``, ``harness.status``.
 The run ends FINISHED (done, diverged), FAILED (failed) or KILLED (stopped while running). The
 experiment is ``tracking.mlflow.experiment``, default the study's name. The URI is meant to be a
 tracking server every Ray node reaches; MLflow 3 refuses a ``file://`` store unless
@@ -357,15 +357,15 @@ class _MLflow:
 
         client = self.client = self._client(spec)
         experiment = self.experiment_id(spec, study, client)
-        runs = client.search_runs([experiment], f"tags.`harness.orchestrate.cell` = '{cell_id}' and "
-                                                f"tags.`harness.declare.study` = '{study}'", max_results=1)
+        runs = client.search_runs([experiment], f"tags.`harness.cell` = '{cell_id}' and "
+                                                f"tags.`harness.study` = '{study}'", max_results=1)
         if runs:
             self.run_id = runs[0].info.run_id
             client.update_run(self.run_id, status="RUNNING")
         else:
             label = " ".join(f"{k}={v}" for k, v in axes.items())
             run = client.create_run(experiment, run_name=f"{label} {cell_id}".strip(), tags={
-                "harness.declare.study": study, "harness.orchestrate.cell": cell_id, "harness.orchestrate.status": "running",
+                "harness.study": study, "harness.cell": cell_id, "harness.status": "running",
                 "harness.axes": json.dumps(axes, sort_keys=True, default=str)})
             self.run_id = run.info.run_id
             params = [Param(k, v) for k, v in sorted(flatten(config).items())]
@@ -378,7 +378,7 @@ class _MLflow:
         stamp = int(time.time() * 1000)
         metrics = [Metric(r["metric"], float(r["value"]), stamp, images(r["kimg"]))
                    for r in rows if _finite(r) and r["metric"] not in ("diverged", "failed")]
-        tags = [RunTag("harness.orchestrate.status", rows[-1]["status"])] if rows else []
+        tags = [RunTag("harness.status", rows[-1]["status"])] if rows else []
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000], tags=tags)
         if not metrics and tags:
@@ -388,7 +388,7 @@ class _MLflow:
         pass  # samples stay in the Parquet store and TensorBoard (no artifact store assumed)
 
     def close(self, status: str):
-        self.client.set_tag(self.run_id, "harness.orchestrate.status", status)
+        self.client.set_tag(self.run_id, "harness.status", status)
         self.client.set_terminated(self.run_id, status=self.STATUS.get(status, "KILLED"))
 
     def abandon(self):
