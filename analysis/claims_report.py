@@ -197,10 +197,17 @@ def write_claims_kimg(study: Study, out_dir: str, spec: ClaimsSpec | None = None
             ax.vlines(x[ok], lo[ok], hi[ok], colors=np.array(colors, dtype=object)[ok],
                       lw=1.6, zorder=2)
             fin = np.isfinite(e)
-            ax.scatter(x[fin], e[fin], c=np.array(colors, dtype=object)[fin], s=18, zorder=3,
-                       lw=0)
+            col = np.array(colors, dtype=object)
+            ax.scatter(x[fin & ok], e[fin & ok], c=col[fin & ok], s=18, zorder=3, lw=0)
             thr = float(d["threshold"].iloc[0]) * scale
             ax.axhline(thr, color="black", ls=(0, (4, 2)), lw=0.9)
+            unbounded = fin & ~ok  # an interval with no finite end: dotted to the axis edges
+            if unbounded.any():
+                ylim = ax.get_ylim()
+                ax.vlines(x[unbounded], *ylim, colors=col[unbounded], lw=1.0, ls=":", zorder=2)
+                ax.scatter(x[unbounded], e[unbounded], facecolors="white",
+                           edgecolors=list(col[unbounded]), s=18, lw=1.0, zorder=3)
+                ax.set_ylim(ylim)
             rule = "holds if" + (" below " if d["holds_if"].iloc[0] == "below" else " above ")
             title = f"{claim}: {rule}{thr:g}{'%' if scale == 100 else ''}"
             ax.set_title(title if len(title) <= 30 else title.replace(": ", ":\n", 1),
@@ -209,8 +216,10 @@ def write_claims_kimg(study: Study, out_dir: str, spec: ClaimsSpec | None = None
             ax.set_ylabel("effect" + (" (%)" if scale == 100 else " (share of gap)"), fontsize=7)
             ax.tick_params(labelsize=7)
         handles = [Line2D([], [], color=c, marker="o", lw=1.6) for c in VERDICT_COLORS.values()]
+        handles.append(Line2D([], [], color="#888888", marker="o", markerfacecolor="white",
+                              ls=":", lw=1.0))
         handles.append(Line2D([], [], color="black", ls=(0, (4, 2)), lw=0.9))
-        labels = list(VERDICT_COLORS) + ["threshold"]
+        labels = list(VERDICT_COLORS) + ["interval unbounded", "threshold"]
         legend_below(fig, handles, labels, ncol=len(labels), title="verdict at that kimg")
         _, hi_n, words = study.seeds_phrase()
         fig.suptitle(f"Claims at every evaluated kimg > 0 on {study.metric}:\nestimate and "

@@ -78,16 +78,23 @@ def write_inside(root: str, path: str, data: bytes | None = None, write=None) ->
         raise UnsafePathError(f"cannot create the folder {folder!r}: a file of that name is in "
                               f"the way; move it aside and run again") from None
     check_inside(root, path)  # makedirs may have met a link created meanwhile
+    return replace_atomic(path, write if write is not None else (lambda fh: fh.write(data)))
+
+
+def replace_atomic(path: str, write, before_rename=None) -> str:
+    """Call ``write(binary file)`` on a new temp file in ``path``'s (existing) folder, fsync it,
+    call ``before_rename(temp path)`` if given, then rename it over ``path``: a crash never leaves
+    a half file under the final name, and a link planted at ``path`` is replaced, not followed."""
+    folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
                                suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            if write is not None:
-                write(fh)
-            else:
-                fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

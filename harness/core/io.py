@@ -6,33 +6,22 @@ filesystems; this module is for local caches and checkpoints.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 
 import torch
+
+from harness.base.safefs import replace_atomic
 
 
 class CheckpointError(ValueError):
     """A checkpoint or cache file that cannot be used: the message names it and the fix."""
 
 
-def _atomic(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def _atomic(path: str, write, before_rename=None) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    replace_atomic(path, write, before_rename)
 
 
 def save_atomic(obj, path: str) -> None:
@@ -65,24 +54,10 @@ def _digests(path: str) -> list[str]:
 def save_checkpoint(obj, path: str) -> None:
     """``torch.save`` to ``path`` atomically, with its sha256 recorded in ``path.sha256``
     (see :func:`checkpoint_ok`): a bit flip in storage is caught before a resume uses it."""
-    def write(fh):
-        torch.save(obj, fh)
+    def record_digest(tmp: str) -> None:  # before the rename: see _digests
+        write_json_atomic({"sha256": [file_sha256(tmp)] + _digests(path)[:1]}, path + DIGEST_SUFFIX)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        new = file_sha256(tmp)
-        write_json_atomic({"sha256": [new] + _digests(path)[:1]}, path + DIGEST_SUFFIX)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    _atomic(path, lambda fh: torch.save(obj, fh), record_digest)
 
 
 def checkpoint_ok(path: str, digest: str | None = None) -> bool:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.core.io import save_atomic
+from harness.core.io import file_sha256, save_atomic
 from harness.core.metrics.common import MetricsError, _torch_device, _u8_to_float, to_uint8
 
 try:  # POSIX advisory lock: concurrent workers train an extractor once, not once each
@@ -195,14 +195,6 @@ dataset's training split: every machine scores with the same features, so scores
 different machines compare."""
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _extractor_blob(state, acc, recipe, secs, dataset) -> dict:
     return {"format": 1, "state_dict": state, "heldout_acc": float(acc),
             "recipe": json.dumps(recipe, sort_keys=True), "train_seconds": float(secs),
@@ -241,7 +233,7 @@ def load_shipped_extractor(dataset) -> dict:
     rerun = "Reinstall the package, or rerun `python -m harness.core.metrics.ship` and update SHIPPED."
     if not os.path.isfile(path):
         raise MetricsError(f"the shipped extractor {path!r} is missing. {rerun}")
-    got = _sha256(path)
+    got = file_sha256(path)
     if got != want:
         raise MetricsError(f"the shipped extractor {path!r} has sha256 {got[:16]}..., expected "
                            f"{want[:16]}...: the file was changed. {rerun}")
@@ -259,7 +251,7 @@ def ship_extractor(dataset, folder: str = SHIPPED_DIR, device="cpu") -> tuple[st
     state, acc, recipe, _ = train_domain_classifier(dataset, None, device)
     path = os.path.join(folder, f"{dataset.name}.pt")  # no timing inside: the bytes repeat
     save_atomic(_extractor_blob(state, acc, recipe, float("nan"), dataset), path)
-    return path, _sha256(path), acc
+    return path, file_sha256(path), acc
 
 
 def load_or_train_extractor(dataset, cache_dir: str, epochs: int | None = None, device="cpu"):
