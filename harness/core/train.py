@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from harness.core.inits import InitContext, derive_seed, init_aux, init_generato
 from harness.core.io import CheckpointError, checkpoint_ok, ema_update, save_checkpoint
 from harness.core.io import load_torch as load_checkpoint
 from harness.core.parallel import SINGLE, Shard
+from harness.declare.config import steps
 from harness.declare.hashing import canonical_json, identity
 
 
@@ -153,7 +153,7 @@ def train_student(cfg: dict, teacher: Denoiser, data: torch.Tensor, sigma_data: 
     st, ev = cfg["student"], cfg["eval"]
     batch = st["batch"]
     local = shard.local_batch(batch)  # this worker's share of the global batch
-    total_steps = max(1, math.ceil(st["kimg"] * 1000 / batch))
+    total_steps = steps(st["kimg"], batch)
     eval_every = max(1, round(ev["every_kimg"] * 1000 / batch))
     n_eval = ev["n"]
     teacher.to(device).eval().requires_grad_(False)

@@ -142,6 +142,12 @@ STUDY_ONLY = ("resources", "max_failures", "teacher_resources")
 """Study settings that change scheduling, not numbers: never part of a cell or teacher id."""
 
 
+def steps(kimg: float, batch: int) -> int:
+    """Optimiser steps of a budget of ``kimg`` thousand training images at ``batch`` images a step:
+    whole steps, rounded up, at least one (the one formula for students, teachers and tuning)."""
+    return max(1, math.ceil(kimg * 1000 / batch))
+
+
 def defaults() -> dict:
     return copy.deepcopy(DEFAULTS)
 

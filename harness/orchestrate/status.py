@@ -15,7 +15,7 @@ import time
 
 from harness.core import data
 from harness.core.data import DataError
-from harness.declare.config import source_teacher
+from harness.declare.config import source_teacher, steps
 from harness.declare.hashing import canonical_json, teacher_id
 from harness.declare.study import describe, load_study
 from harness.orchestrate import rounds, throughput
@@ -100,7 +100,6 @@ def teacher_plan(study, pin, cache: str, live: bool | None = None) -> list[str]:
     """One line per teacher the study needs (its own and generator-init sources): cached,
     partly trained, or to be trained (steps), so a dry run says what the first minutes do;
     ``harness status`` (``live``: whether a run holds the lock) adds training progress."""
-    import math
 
     needed = {}
     for cid, cell in pin.current:
@@ -112,8 +111,8 @@ def teacher_plan(study, pin, cache: str, live: bool | None = None) -> list[str]:
     lines = []
     for tid, (role, t) in needed.items():
         folder = os.path.join(cache, "teachers", tid)
-        steps = max(1, math.ceil(t["kimg"] * 1000 / t["batch"]))
-        what = f"{t['arch']}, {t['kimg']:g} kimg = {steps:,} steps of {t['batch']}" + (
+        n = steps(t["kimg"], t["batch"])
+        what = f"{t['arch']}, {t['kimg']:g} kimg = {n:,} steps of {t['batch']}" + (
             f", noise band {t['noise']['band']}" if "band" in t["noise"] else "")
         state = teacher_state(folder, live)
         lines.append(f"{role} {tid} ({what}): {state} [{folder}]")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import socket
 import time
@@ -37,6 +36,7 @@ from harness.core.edm_import import EDMImportError, load_edm_pickle
 from harness.core.inits import derive_seed
 from harness.core.io import ema_update, save_atomic, write_json_atomic
 from harness.core.io import load_torch as load_checkpoint
+from harness.declare.config import steps
 from harness.declare.hashing import teacher_id
 from harness.orchestrate.status import TEACHER_STATUS
 
@@ -70,7 +70,7 @@ def load_or_train(cfg: dict, dataset: Dataset, cache: str, device="cpu", log=pri
     tc = cfg["teacher"]
     device = torch.device(device)
     batch = tc["batch"]
-    total = max(1, math.ceil(tc["kimg"] * 1000 / batch))
+    total = steps(tc["kimg"], batch)
     save_every = max(1, total // 20)
 
     # Construct, then resume from the last checkpoint if one exists.

@@ -110,7 +110,7 @@ def trial_config(family: Family, values: dict, seed: int) -> dict:
 def final_kimg(cfg: dict) -> float:
     """The kimg of a config's last evaluation (``train.train_student``: whole steps)."""
     st = cfg["student"]
-    return max(1, math.ceil(st["kimg"] * 1000 / st["batch"])) * st["batch"] / 1000
+    return C.steps(st["kimg"], st["batch"]) * st["batch"] / 1000
 
 
 def family_hash(tune: Tune, family: Family) -> str:
