@@ -91,6 +91,27 @@ def flaky_cell(cfg, root, cache, ckpt, *, attempts, fail_seed, fail_lr=None, aft
     return run_cell(cfg, root, cache, ckpt, on_eval=on_eval, **kw)
 
 
+def diverging_cell(cfg, *args, diverge_lr, **kw):
+    """flaky_cell, except that the cells at lr ``diverge_lr`` get a NaN generator loss: a real
+    divergence of the training loop, with no lr that the study schema refuses."""
+    from unittest import mock
+
+    from harness.core import losses
+
+    if cfg["student"]["lr"] != diverge_lr:
+        return flaky_cell(cfg, *args, **kw)
+    build = losses.build
+
+    def nan_build(*a, **k):
+        family = build(*a, **k)
+        loss = family.generator_loss
+        family.generator_loss = lambda x: loss(x) * float("nan")
+        return family
+
+    with mock.patch.object(losses, "build", nan_build):
+        return flaky_cell(cfg, *args, **kw)
+
+
 def slow_cell(cfg, root, cache, ckpt, *, delay, **kw):
     """run_cell with a pause after each evaluation, so a node can be removed mid-cell."""
     from harness.orchestrate.cell import run_cell
@@ -198,14 +219,15 @@ def test_failures_are_retried_then_recorded_and_divergence_is_final(tmp_path, lo
     study = write_study(tmp_path, "faults", """\
         max_failures: 2
         grid:
-          student.lr: [1.0e-4, 1.0e+6]
+          student.lr: [1.0e-4, 2.0e-4]
           seed: [0, 1]
         """)
     root, attempts = str(tmp_path / "r"), str(tmp_path / "attempts.jsonl")
-    fn = functools.partial(flaky_cell, attempts=attempts, fail_seed=1, fail_lr=1e-4)
+    fn = functools.partial(diverging_cell, diverge_lr=2e-4, attempts=attempts, fail_seed=1,
+                           fail_lr=1e-4)
     assert run_study(study, results=root, cell_fn=fn) == 1
     out = capsys.readouterr().out
-    ids, _ = ids_of(study)  # order: (1e-4, 0), (1e-4, 1), (1e6, 0), (1e6, 1)
+    ids, _ = ids_of(study)  # order: (1e-4, 0), (1e-4, 1), (2e-4, 0), (2e-4, 1)
     df = results.load_rows(root)
     states = cell_states(df, ids)
     assert [states[c]["state"] for c in ids] == ["done", "failed", "diverged", "diverged"]
