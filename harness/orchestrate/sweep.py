@@ -227,10 +227,13 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
     if dry_run:
         return dry_run_report(study, root, cache)
     fp, datasets = fingerprints(study)
-    # Read-only first: what is pinned and done. Nothing is written before resources are checked.
-    study = rounds.with_cells(study, rounds.plan(study, root, fp).cells)
+    # Read-only first: what is pinned and done (the rows read once). Nothing is written before
+    # resources are checked; under the lock, _rounds reads both again (another run may have
+    # written since).
+    rows = store.load_rows(root)
+    study = rounds.with_cells(study, rounds.plan(study, root, fp, rows).cells)
     plan = pins.pin_study(study, root, fp, write=False)
-    states = cell_states(store.load_rows(root), plan.ids)
+    states = cell_states(rows, plan.ids)
     pending = [c for c in plan.ids if states[c]["state"] not in FINAL]
     if not pending:
         diverged = sum(s["state"] == "diverged" for s in states.values())
@@ -264,7 +267,7 @@ def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn) -> in
     """Run the study's pending cells; with a seeds plan, round after round until no claim is
     open (each round re-planned from the stored rows: ``harness.orchestrate.rounds``)."""
 
-    n = 0
+    n, rows = 0, store.load_rows(root)  # the rows are read once per round
     while True:
         n += 1
         pin = pins.pin_study(study, root, fp)
@@ -273,7 +276,7 @@ def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn) -> in
         if pin.orphaned and n == 1:
             print(f"{len(pin.orphaned)} orphaned cells (no longer in the study; their "
                   f"results are kept and left out of figures): {', '.join(pin.orphaned)}")
-        states = cell_states(store.load_rows(root), pin.ids)
+        states = cell_states(rows, pin.ids)
         pending = [c for c in pin.ids if states[c]["state"] not in FINAL]
         if n == 1:
             for line in tracking.describe(study.tracking, root):
@@ -285,7 +288,8 @@ def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn) -> in
                 code = _sweep(study, pin, pending, root, cache, device, cell_fn)
         if study.claims.seeds is None or code != 0:
             return code
-        nxt = rounds.plan(study, root, fp)
+        rows = store.load_rows(root)
+        nxt = rounds.plan(study, root, fp, rows)
         for line in rounds.describe_round(nxt):
             print(line)
         if not nxt.adds:
