@@ -112,6 +112,8 @@ def heatmap(study: Study, out_dir: str, rng, timer) -> list[str]:
         sns.heatmap(med, annot=False, cmap=cmap, norm=norm, ax=ax, linewidths=0.5,
                     linecolor="white", cbar_ax=cax,
                     cbar_kws={"label": _ylabel(study, wrap=True)})
+        if norm is not None:  # plain numbers (2, 5, 10, ...) on the colour bar, not 10^1
+            log_ticks(cax.yaxis, float(np.nanmin(vals)), float(np.nanmax(vals)))
         mapper = ax.collections[0]
         for i in range(nr):
             for j in range(nc):

@@ -183,6 +183,15 @@ def _versions_section(s: StudyResults) -> list[str]:
     return ['<h2 id="versions">Versions</h2>', table(["package", "version"], items), note]
 
 
+def _shown(root: str) -> str:
+    """The results root as the page names it: relative to the working directory when it lies
+    under it (the page is the same whichever checkout wrote it), else as given."""
+    if "://" in root:
+        return root
+    here, where = os.getcwd(), os.path.abspath(root)
+    return os.path.relpath(where, here) if where.startswith(here + os.sep) else root
+
+
 def write_report(root: str, study_text: str | None = None, study_path: str | None = None,
                  seed: int = 0, metric: str | None = None, regenerate: bool = True,
                  claims: ClaimsSpec | None = None) -> str:
@@ -193,7 +202,7 @@ def write_report(root: str, study_text: str | None = None, study_path: str | Non
     name = (s.pin or {}).get("study") or os.path.basename(root.rstrip("/"))
     n_st = s.cells["status"].value_counts().to_dict()
     body = [f"<h1>Study {esc(name)}</h1>",
-            f"<p class=muted>Results <code>{esc(root)}</code> · {len(s.cells)} cells "
+            f"<p class=muted>Results <code>{esc(_shown(root))}</code> · {len(s.cells)} cells "
             f"({esc(', '.join(f'{v} {k}' for k, v in sorted(n_st.items())))}) · metric "
             f"<code>{esc(s.metric)}</code>; every number below is computed from the stored "
             "results.</p>",

@@ -148,7 +148,11 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
                 ax.scatter(x[pick], d["score"][pick], s=80, marker="*", color="#d55e00",
                            zorder=4, label="chosen")
                 bounds = _bounds(e["space"][setting])
-                if numeric and setting in e.get("log", []):
+                if numeric and bounds is None and x.nunique() == 1:  # a one-point choice: one tick
+                    v = float(x.iloc[0])
+                    ax.set_xticks([v], [fmt_num(v)])
+                    ax.set_xlim(v - 0.5 * abs(v) - 1e-12, v + 0.5 * abs(v) + 1e-12)
+                elif numeric and setting in e.get("log", []):
                     ax.set_xscale("log")
                     ax.xaxis.set_minor_formatter(NullFormatter())
                     if bounds:
@@ -178,7 +182,9 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
         if handles:
             legend_below(fig, handles, labels, ncol=1)
         p = tuned.get("protocol", {})
-        fig.suptitle(f"Tuning: {p.get('trials')} trials per family, up to {p.get('kimg')} kimg "
+        trials = p.get("trials")
+        fig.suptitle(f"Tuning: {trials} trial{'' if trials == 1 else 's'} per family, up to "
+                     f"{p.get('kimg')} kimg "
                      f"each,\nselection seeds {p.get('seeds')}, scheduler {p.get('scheduler')}",
                      fontsize=8, y=1 - 0.08 / fig.get_size_inches()[1], va="top")
         note = f"Selection: {tuned.get('protocol', {}).get('selection', SELECTION_RULE)}."
