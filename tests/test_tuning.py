@@ -140,9 +140,9 @@ BAD = [  # (tune section lines, the message's start after the file name)
     ("tune:\n  space:\n    student.aux_steps: uniform(1, 3)\n  trials: 2\n  kimg: 1\n"
      "  seeds: [100]\n", ":11: tune.space.student.aux_steps: student.aux_steps is not a real"),
     ("tune:\n  space: {student.lr: [1.0e-4]}\n  trials: 0\n  kimg: 1\n  seeds: [100]\n",
-     ":11: tune.trials: expected a whole number of trials in [1, 1000]"),
+     ":11: tune.trials: must be in [1, 1,000], got 0; use a value in [1, 1,000]"),
     ("tune:\n  space: {student.lr: [1.0e-4]}\n  trials: 2\n  kimg: 1\n  seeds: [100]\n"
-     "  scheduler: hyperband\n", ":14: tune.scheduler: unknown scheduler 'hyperband'"),
+     "  scheduler: hyperband\n", ":14: tune.scheduler: unknown value 'hyperband'; known: asha, none"),
     ("tune:\n  space: {student.lr: [1.0e-4]}\n  trials: 2\n  kimg: 1\n",
      ":9: tune: missing tune.seeds"),
     ("tune:\n  space: {student.lr: [1.0e-4]}\n  trials: 2\n  kimg: 1\n  seeds: [100]\n"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 from harness.declare import schema
 from harness.declare.schema import (  # noqa: F401 (re-exported)
@@ -17,36 +16,37 @@ from harness.declare.schema import (  # noqa: F401 (re-exported)
     GROUPS,
     PRECISIONS,
     ConfigError,
+    Problem,
+    Setting,
+    check,
     check_value,
     cut,
 )
 from harness.declare.schema import short as _short
 
 
-@dataclass(frozen=True)
-class Param:
-    """One parameter of a loss family or init scheme: default, type and allowed values."""
-
-    default: object = None  # None with required=True: the user must give it
-    kind: type = float  # float | int | str | bool | list (of ``of``) | dict (a teacher section)
-    choices: tuple | None = None
-    positive: bool = False
-    required: bool = False
-    of: tuple | None = None  # for kind=list: allowed items
-    hi: float | None = None  # upper bound (inclusive) for float and int
-    omit_default: bool = False  # added after ids were stored: left out of the canonical form
-    # (and so of ids and labels) at its default, which reproduces what those ids computed
-    column: str | None = None  # its typed column in result rows (default: the name)
+def param(default=None, kind: str = "num", *, choices: tuple | None = None,
+          positive: bool = False, hi: float | None = None, required: bool = False,
+          omit_default: bool = False, column: str | None = None) -> Setting:
+    """One parameter of a loss family, init scheme or the verifier, as a ``Setting`` (the one
+    declaration type, checked by the one validator ``schema.check``). ``kind``: num | int | str |
+    bool | groups (a list of ``choices``) | counts (whole numbers in [1, hi]) | source (a partial
+    teacher section). ``omit_default``: added after ids were stored, so left out of the
+    canonical form (and of ids and labels) at its default. ``column``: its typed result column."""
+    return Setting(kind, lo=0.0 if positive else None, hi=hi, choices=choices,
+                   nullable=default is None and not required, default=default,
+                   identity="unless_default" if omit_default else "yes",
+                   required=required, column=column, coerce=True)
 
 
 # Registered loss names -> (family, fixed parameters). A short name such as ``ratio_kl`` is the
 # ``ratio`` family with ``divergence`` fixed; it resolves to the same canonical config.
 LOSS_FAMILIES = {
-    "di": {"weighting": Param("dmd", str, choices=("dmd", "sigma2"))},
-    "sid": {"alpha": Param(1.2, float, hi=100.0)},
+    "di": {"weighting": param("dmd", "str", choices=("dmd", "sigma2"))},
+    "sid": {"alpha": param(1.2, hi=100.0)},
     "ratio": {
-        "divergence": Param("kl", str, choices=("kl", "js", "rkl")),
-        "sigma": Param("schedule", str, choices=("schedule", "fixed"), column="ratio_sigma"),
+        "divergence": param("kl", "str", choices=("kl", "js", "rkl")),
+        "sigma": param("schedule", "str", choices=("schedule", "fixed"), column="ratio_sigma"),
     },
 }
 LOSS_NAMES = {
@@ -62,31 +62,33 @@ TEACHER_SCORE_FAMILIES = ("di", "sid")
 REINITS = ("matched", "fresh")
 INIT_SCHEMES = {  # how a generator starts; the functions are registered in harness.core.inits
     # source: a partial teacher section naming another teacher whose weights start the generator
-    "teacher": {"source": Param(None, dict, omit_default=True, column="init_source"),
+    "teacher": {"source": param(None, "source", omit_default=True, column="init_source"),
                 # groups that keep the teacher's values and get no updates: which weights the
                 # generator needs to change (freezing the features and training the ends asks
                 # whether the teacher's features carry the benefit)
-                "freeze": Param(None, list, of=GROUPS, omit_default=True, column="freeze_groups")},
+                "freeze": param(None, "groups", choices=GROUPS, omit_default=True,
+                                 column="freeze_groups")},
     "random": {},
-    "reset_layers": {"groups": Param(None, list, required=True, of=GROUPS, column="reset_groups"),
-                     "reinit": Param("matched", str, choices=REINITS)},
-    "feature_transplant": {"sigma_feat": Param(None, float, required=True, positive=True, hi=1e3),
-                           "reset_output": Param(False, bool),
-                           "reinit": Param("matched", str, choices=REINITS)},
-    "mapping_match": {"steps": Param(2000, int, positive=True, hi=1e6, column="mapping_steps"),
-                      "lr": Param(1e-3, float, positive=True, hi=1.0, column="mapping_lr"),
-                      "batch": Param(64, int, positive=True, hi=4096, column="mapping_batch")},
+    "reset_layers": {"groups": param(None, "groups", required=True, choices=GROUPS,
+                                      column="reset_groups"),
+                     "reinit": param("matched", "str", choices=REINITS)},
+    "feature_transplant": {"sigma_feat": param(None, required=True, positive=True, hi=1e3),
+                           "reset_output": param(False, "bool"),
+                           "reinit": param("matched", "str", choices=REINITS)},
+    "mapping_match": {"steps": param(2000, "int", positive=True, hi=1e6, column="mapping_steps"),
+                      "lr": param(1e-3, positive=True, hi=1.0, column="mapping_lr"),
+                      "batch": param(64, "int", positive=True, hi=4096, column="mapping_batch")},
 }
 
 
 VERIFIER = {  # eval.verifier (harness.core.verifier): best-of-n / resampled one-step samples
-    "n": Param([1, 2, 4, 8, 16], list, hi=1024),  # candidates per kept sample (whole numbers)
-    "mode": Param("resample", str, choices=("resample", "best")),
-    "sigma": Param(0.05, float, positive=True, hi=80.0),  # noise level the ratio net scores at
-    "net": Param("auto", str, choices=("auto", "post_hoc")),  # auto: a ratio cell's own net
-    "fit_steps": Param(500, int, positive=True, hi=1e6),  # post-hoc ratio net (di, sid)
-    "fit_batch": Param(None, int, positive=True, hi=65536),  # null: student.batch
-    "fit_lr": Param(None, float, positive=True, hi=1.0),  # null: student.aux_lr
+    "n": param([1, 2, 4, 8, 16], "counts", hi=1024),  # candidates per kept sample (whole numbers)
+    "mode": param("resample", "str", choices=("resample", "best")),
+    "sigma": param(0.05, positive=True, hi=80.0),  # noise level the ratio net scores at
+    "net": param("auto", "str", choices=("auto", "post_hoc")),  # auto: a ratio cell's own net
+    "fit_steps": param(500, "int", positive=True, hi=1e6),  # post-hoc ratio net (di, sid)
+    "fit_batch": param(None, "int", positive=True, hi=65536),  # null: student.batch
+    "fit_lr": param(None, positive=True, hi=1.0),  # null: student.aux_lr
 }
 
 
@@ -106,11 +108,11 @@ def resolve_verifier(spec, path: str = "eval.verifier") -> dict | None:
 
 def param_columns() -> dict[str, type]:
     """Result-row column -> Python kind for every loss and init parameter (one typed column each,
-    declared by its ``Param``), plus ``loss_family`` and ``init_scheme``."""
+    declared by its ``param``), plus ``loss_family`` and ``init_scheme``."""
     out = {"loss_family": str, "init_scheme": str}
-    for schema in (*LOSS_FAMILIES.values(), *INIT_SCHEMES.values()):
-        for name, p in schema.items():
-            kind = str if p.kind in (list, dict) else p.kind
+    for params in (*LOSS_FAMILIES.values(), *INIT_SCHEMES.values()):
+        for name, p in params.items():
+            kind = {"num": float, "int": int, "bool": bool}.get(p.kind, str)
             col = p.column or name
             if out.setdefault(col, kind) is not kind:
                 raise TypeError(f"result column {col!r} declared with two types")
@@ -121,15 +123,15 @@ def cell_params(cfg: dict) -> dict:
     """A canonical cell config's loss and init parameters as typed column values (lists
     '+'-joined, a teacher source as its label); parameters of other schemes are absent."""
     out = {"loss_family": cfg["loss"]["name"], "init_scheme": cfg["init"]["name"]}
-    for part, schemas in (("loss", LOSS_FAMILIES), ("init", INIT_SCHEMES)):
-        schema = schemas[cfg[part]["name"]]
+    for part, families in (("loss", LOSS_FAMILIES), ("init", INIT_SCHEMES)):
+        declared = families[cfg[part]["name"]]
         for name, value in cfg[part].items():
             if name == "name":
                 continue
-            p = schema[name]
-            if p.kind is list:
+            p = declared[name]
+            if p.kind == "groups":
                 value = "+".join(value)
-            elif p.kind is dict:
+            elif p.kind == "source":
                 value = _source_label(value)
             out[p.column or name] = value
     return out
@@ -152,65 +154,26 @@ def defaults() -> dict:
     return copy.deepcopy(DEFAULTS)
 
 
-def _check_param(path: str, name: str, spec: Param, value):
-    where = f"{path}.{name}"
-    if spec.kind in (float, int):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(where, f"expected a number, got {_short(value)}")
-        if spec.kind is int and not (isinstance(value, int) or float(value).is_integer()):
-            raise ConfigError(where, f"expected a whole number, got {_short(value)}")
-        if not math.isfinite(value):
-            raise ConfigError(where, f"must be a finite number, got {value!r}")
-        value = spec.kind(value)
-        if spec.positive and not value > 0:
-            raise ConfigError(where, f"must be > 0, got {_short(value)}")
-        if spec.hi is not None and value > spec.hi:
-            raise ConfigError(where, f"must be <= {spec.hi:g}, got {_short(value)}")
-    elif spec.kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(where, f"expected true or false, got {_short(value)}")
-    elif spec.kind is dict:
-        value = resolve_teacher_source(value, where)
-    elif spec.kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(where, f"expected a string, got {_short(value)}")
-        if spec.choices and value not in spec.choices:
-            raise ConfigError(where, f"unknown value {_short(value)}; known: {', '.join(spec.choices)}")
-    elif spec.kind is list and spec.of is None:  # whole numbers >= 1, sorted, unique
-        value = value if isinstance(value, (list, tuple)) else [value]
-        if not value or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= spec.hi
-                            for v in value):
-            raise ConfigError(where, f"expected whole numbers in [1, {spec.hi:g}], got "
-                                     f"{_short(value)}")
-        value = sorted(set(value))
-    elif spec.kind is list:
-        if not isinstance(value, (list, tuple)) or not value:
-            raise ConfigError(where, f"expected a non-empty list, got {_short(value)}")
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or item not in spec.of:
-                raise ConfigError(f"{where}[{i}]",
-                                  f"unknown group {_short(item)}; known: {', '.join(spec.of)}")
-        if len(set(value)) != len(value):
-            raise ConfigError(where, f"repeated entries in {list(value)}")
-        value = sorted(value, key=spec.of.index)
-    return value
-
-
-def _resolve_params(path: str, what: str, schema: dict, given: dict) -> dict:
-    unknown = sorted(set(given) - set(schema), key=str)
+def _resolve_params(path: str, what: str, declared: dict, given: dict) -> dict:
+    unknown = sorted(set(given) - set(declared), key=str)
     if unknown:
-        known = ", ".join(schema) or "none"
+        known = ", ".join(declared) or "none"
         raise ConfigError(f"{path}.{cut(unknown[0], 40)}",
                           f"unknown parameter for {what}; known: {known}")
     out = {}
-    for name, spec in schema.items():
+    for name, spec in declared.items():
         if name in given:
-            value = _check_param(path, name, spec, given[name])
+            try:
+                value = check(spec, given[name], f"{path}.{name}")
+            except Problem as bad:
+                raise ConfigError(bad.path, bad.problem, bad.fix) from None
+            if spec.kind == "source" and value is not None:
+                value = resolve_teacher_source(value, f"{path}.{name}")
         elif spec.required:
             raise ConfigError(f"{path}.{name}", f"{what} needs {name!r}")
         else:
             value = spec.default
-        if not (spec.omit_default and value == spec.default):
+        if not (spec.identity == "unless_default" and value == spec.default):
             out[name] = value
     return out
 

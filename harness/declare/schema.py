@@ -3,7 +3,8 @@
 Pure Python (no torch, no Ray). ``config.DEFAULTS`` (the defaults), ``settings.SCHEMA`` (what a
 study file may say) and ``pin.NOT_IDENTITY`` / ``pin.ADDED_LATER`` (what cell ids hash) are all
 derived from ``SETTINGS`` below, so a new setting is one line here. Loss, init and verifier
-parameters are declared the same way next to their families (``config.Param``).
+parameters are ``Setting`` objects too, declared next to their families (``config.param``), and
+every value of either kind is checked by the one validator, :func:`check`.
 
 ``identity``: ``"yes"`` (in every cell id), ``"no"`` (execution or location only: memory layout,
 torch.compile, file paths whose content is fingerprinted, evaluation choices recorded in each
@@ -38,7 +39,7 @@ EVAL_N_MAX = 1_000_000  # the FID protocol is 50k
 class Setting:
     """Type, range, default, help and id membership of one scalar setting."""
 
-    kind: str  # num | int | str | bool | any
+    kind: str  # num | int | str | bool | groups | counts | source | any (see check)
     lo: float | None = None
     lo_open: bool = True  # True: value > lo; False: value >= lo
     hi: float | None = None
@@ -48,6 +49,11 @@ class Setting:
     default: object = None
     help: str = ""
     identity: str = "yes"  # yes | no | unless_default (see the module docstring)
+    # loss, init and verifier parameters (config.param):
+    required: bool = False  # no default: a study that selects the family must give it
+    column: str | None = None  # its typed column in result rows (default: its name)
+    coerce: bool = False  # numbers take their kind's type (1 -> 1.0, 2000.0 -> 2000): the
+    # canonical form that parameters' cell ids were computed from
 
     def range_text(self) -> str:
         fmt = (lambda v: f"{int(v):,}") if self.kind == "int" else (lambda v: f"{v:g}")
@@ -220,6 +226,11 @@ def check(spec: Setting, value, path: str):
     if spec.kind in ("num", "int"):
         if isinstance(value, str) and spec.kind == "num" and FLOAT_RE.match(value.strip()):
             value = float(value)  # 1e-4: YAML 1.1 reads it as a string
+        if spec.coerce and spec.kind == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if spec.coerce and spec.kind == "num" and isinstance(value, int) \
+                and not isinstance(value, bool):
+            value = float(value)
         if spec.kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
                 raise Problem(path, f"expected a whole number, got {short(value)} ({type_name(value)})",
@@ -247,7 +258,25 @@ def check(spec: Setting, value, path: str):
         if spec.choices and value not in spec.choices:
             raise Problem(path, f"unknown value {short(value)}", f"known: {', '.join(spec.choices)}")
         return value
-    return value
+    if spec.kind == "groups":  # a non-empty list of distinct names from choices, in their order
+        if not isinstance(value, (list, tuple)) or not value:
+            raise Problem(path, f"expected a non-empty list, got {short(value)}",
+                          f"write e.g. [{spec.choices[0]}]; known: {', '.join(spec.choices)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or item not in spec.choices:
+                raise Problem(f"{path}[{i}]", f"unknown group {short(item)}",
+                              f"known: {', '.join(spec.choices)}")
+        if len(set(value)) != len(value):
+            raise Problem(path, f"repeated entries in {list(value)}", "list each group once")
+        return sorted(value, key=spec.choices.index)
+    if spec.kind == "counts":  # whole numbers in [1, hi], sorted, each once; one number is a list
+        value = value if isinstance(value, (list, tuple)) else [value]
+        if not value or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= spec.hi
+                            for v in value):
+            raise Problem(path, f"expected whole numbers in [1, {spec.hi:g}], got {short(value)}",
+                          "write e.g. [1, 4, 16]")
+        return sorted(set(value))
+    return value  # source and any: checked by their own resolver (harness.declare.config)
 
 
 def check_value(section: str, key: str, value, where: str = ""):

@@ -80,14 +80,16 @@ def _rewrap(e: C.ConfigError, expanded: dict) -> Problem:
     return Problem(path, e.problem, e.fix)
 
 
-def _param_text(spec: C.Param) -> str:
-    kind = {float: "a number", str: "a string", list: "a list"}.get(spec.kind, spec.kind.__name__)
-    if spec.choices:
+def _param_text(spec: Setting) -> str:
+    kind = {"num": "a number", "int": "a whole number", "str": "a string", "bool": "true or false",
+            "counts": "a list of whole numbers", "source": "a partial teacher section"
+            }.get(spec.kind, spec.kind)
+    if spec.kind == "str" and spec.choices:
         kind = "one of " + "|".join(spec.choices)
-    if spec.of:
-        kind = "a list of " + "|".join(spec.of)
-    if spec.positive:
-        kind += " > 0"
+    if spec.kind == "groups":
+        kind = "a list of " + "|".join(spec.choices)
+    if spec.kind in ("num", "int") and (spec.lo is not None or spec.hi is not None):
+        kind += " " + spec.range_text()
     return kind + (", required" if spec.required else f", default {C._short(spec.default)}")
 
 
@@ -127,7 +129,7 @@ def expand_spec(kind: str, item, path: str, fixed: bool) -> list[AxisValue]:
     for pname, pvalue in params.items():
         ppath = f"{prefix}.{pname}"
         spec = schema.get(pname)
-        if spec is not None and spec.kind is list:  # groups: only a list of lists expands
+        if spec is not None and spec.kind == "groups":  # only a list of lists expands
             if not isinstance(pvalue, list) or not pvalue:
                 choices.append([(pvalue, None)])  # config reports the error
                 continue
@@ -148,7 +150,7 @@ def expand_spec(kind: str, item, path: str, fixed: bool) -> list[AxisValue]:
         if many and not pvalue:
             raise Problem(ppath, "empty list of values", "give at least one value")
         values = list(pvalue) if many else [pvalue]
-        if spec is not None and spec.kind is float:
+        if spec is not None and spec.kind == "num":
             values = [float(v) if isinstance(v, str) and FLOAT_RE.match(v.strip()) else v
                       for v in values]
         choices.append([(v, j if many else None) for j, v in enumerate(values)])

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from harness.declare import config as C
 from harness.declare.hashing import canonical_json, sha
-from harness.declare.schema import FLOAT_RE, KIMG_MAX, SCHEMA, SEED_MAX, Problem, type_name
+from harness.declare.schema import FLOAT_RE, KIMG_MAX, SCHEMA, SEED, Problem, type_name
+from harness.declare.schema import choice, num, text, whole
 from harness.declare.schema import check as check_setting
 
 TUNE_KEYS = ("space", "trials", "kimg", "seeds", "metric", "scheduler")
@@ -20,6 +21,12 @@ REQUIRED = ("space", "trials", "kimg", "seeds")
 SCHEDULERS = ("asha", "none")
 TRIALS_MAX = 1000
 SEEDS_MAX = 64
+TUNE = {  # the section's scalar keys, declared and checked as every setting is
+    "trials": whole(None, 1, TRIALS_MAX, help="trials per family (random search)"),
+    "kimg": num(None, 0, hi=KIMG_MAX, help="each trial's training budget (thousands of images)"),
+    "metric": text("auto", help="auto (the study's primary metric) or a metric name"),
+    "scheduler": choice("asha", *SCHEDULERS, help="asha (stops weak trials early) or none"),
+}
 SEARCH_SEED = 0
 """Random search seed of every family (``BasicVariantGenerator(random_state=SEARCH_SEED)``)."""
 ASHA_REDUCTION = 2
@@ -172,11 +179,11 @@ def _parse_dist(value, path: str) -> Dist:
 
 def _check_setting_dist(setting: str, dist: Dist, path: str, losses: list[dict]) -> Dist:
     """Both ends of a range, and every choice, must be values the setting takes (its schema:
-    ``harness.declare.settings`` for sections, the loss family's ``Param`` for ``loss.PARAM``)."""
+    ``harness.declare.settings`` for sections, the loss family's ``param`` for ``loss.PARAM``)."""
     section, _, key = setting.partition(".")
     if section == "loss":
         param = C.LOSS_FAMILIES[losses[0]["name"]][key]
-        kind = {float: "num", int: "int"}.get(param.kind, "other")
+        kind = param.kind
 
         def check(value, where):
             try:
@@ -244,16 +251,8 @@ def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
             raise Problem("tune", f"missing tune.{key}",
                           "tune needs space, trials, kimg and seeds (metric and scheduler are "
                           "optional); see README, Tuning")
-    trials = raw["trials"]
-    if isinstance(trials, bool) or not isinstance(trials, int) or not 1 <= trials <= TRIALS_MAX:
-        raise Problem("tune.trials", f"expected a whole number of trials in [1, {TRIALS_MAX}], got "
-                                  f"{C._short(trials)}", "write e.g. trials: 8")
-    kimg = raw["kimg"]
-    if isinstance(kimg, str) and FLOAT_RE.match(kimg.strip()):
-        kimg = float(kimg)
-    if isinstance(kimg, bool) or not isinstance(kimg, (int, float)) or not 0 < kimg <= KIMG_MAX:
-        raise Problem("tune.kimg", f"expected a training budget per trial in (0, {KIMG_MAX:g}] kimg, "
-                                f"got {C._short(kimg)}", "write e.g. kimg: 8")
+    trials = check_setting(TUNE["trials"], raw["trials"], "tune.trials")
+    kimg = check_setting(TUNE["kimg"], raw["kimg"], "tune.kimg")
     seeds = raw["seeds"]
     if not isinstance(seeds, list) or not seeds:
         raise Problem("tune.seeds", f"expected a non-empty list of seeds, got {C._short(seeds)}",
@@ -265,9 +264,7 @@ def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
     seen = {}
     for i, s in enumerate(seeds):
         where = f"tune.seeds[{i}]"
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= SEED_MAX:
-            raise Problem(where, f"expected a whole number in [0, {SEED_MAX:,}], got {C._short(s)}",
-                          "write e.g. seeds: [100]")
+        check_setting(SEED, s, where)
         if s in seen:
             raise Problem(where, f"seed {s} is listed twice", "list each selection seed once")
         seen[s] = i
@@ -276,14 +273,11 @@ def check_tune(raw, fixed: dict, axes: list, cells: list) -> Tune | None:
             raise Problem(where, f"selection seed {s} is also a seed of the study's cells ({shown})",
                           "selection seeds must be disjoint from the study's seeds, so that no "
                           "cell's result chose its own hyperparameters; use e.g. 100")
-    metric = raw.get("metric", "auto")
-    if not isinstance(metric, str) or not (metric == "auto" or METRIC_RE.match(metric)):
+    metric = check_setting(TUNE["metric"], raw.get("metric", "auto"), "tune.metric")
+    if metric is None or not (metric == "auto" or METRIC_RE.match(metric)):
         raise Problem("tune.metric", f"expected auto or a metric name, got {C._short(metric)}",
                       "write auto (the study's primary metric) or a name such as fd_digits_1k")
-    scheduler = raw.get("scheduler", "asha")
-    if scheduler not in SCHEDULERS:
-        raise Problem("tune.scheduler", f"unknown scheduler {C._short(scheduler)}",
-                      f"known: {', '.join(SCHEDULERS)}")
+    scheduler = check_setting(TUNE["scheduler"], raw.get("scheduler", "asha"), "tune.scheduler")
 
     # the families: each distinct loss of the cells, in order
     losses: dict[str, dict] = {}

@@ -86,7 +86,7 @@ from harness.store.pins import PIN, dumps, read_pin, utc_now
 
 def with_values(cfg: dict, values: dict, where: str = "tuned ") -> dict:
     """``cfg`` with ``{setting path: value}`` set, each value checked by the same schema as study
-    files (``settings.check_value`` for ``student.*``, the family's ``Param`` for ``loss.*``) and
+    files (``settings.check_value`` for ``student.*``, the family's ``param`` for ``loss.*``) and
     the result resolved (``config.resolve_cell``). Raises ``config.ConfigError``."""
 
     out = copy.deepcopy(cfg)
