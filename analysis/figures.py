@@ -3,10 +3,11 @@
     make_all(root, out_dir=None, only=None, metric=None, seed=0) -> list of written paths
 
 Outputs (``only`` picks one; an unknown name raises ``ConfigError``, a ValueError that lists the
-valid names): the keys of ``BUILDERS``: heatmap and curves here, reset, mapping and transplant in
+valid names): the names registered in ``FIGURES``, in order: heatmap and curves here, reset, mapping and transplant in
 ``analysis.init_figures``, forest (every claim against its threshold) and kimg0 in
 ``analysis.overview_figures``, samples, table, claims, claims_kimg, verifier and tuning in their own
-modules; the pieces every figure shares are ``analysis.panels``.
+modules; the pieces every figure shares are ``analysis.panels``. A new figure (a plug-in too)
+is one function ``(study, out_dir, rng, timer) -> paths`` decorated with ``register_figure``.
 Each figure is written as ``<name>.png`` (dpi 150) and ``<name>.pdf`` plus its aggregated data as
 ``<name>.data.csv`` (floats to 6 significant digits). Figures use one primary quality metric
 (``metric``, default: first of fid_inception_*, fd_*, mmd_*) read under ONE protocol
@@ -52,11 +53,11 @@ from analysis.tables import write_table
 from analysis.tuning import build as _tuning  # noqa: E402  (harness tune: metric vs hyperparameters)
 from analysis.verifier import verifier_figure
 from harness.base.safefs import prepare_output
+from harness.base.registry import Registry
 from harness.declare.claims_spec import ClaimsSpec
 from harness.declare.config import ConfigError
 from harness.store.results import load_rows
 
-# OUTPUTS: the keys of BUILDERS (below), in order: a new figure is one function + one entry
 
 
 class Timer:
@@ -269,11 +270,25 @@ def _claims_kimg(study, out_dir, rng, timer, claims=None):
         return write_claims_kimg(study, out_dir, claims)
 
 
-BUILDERS = {"heatmap": heatmap, "curves": curves, "kimg0": kimg0, "reset": reset,
-            "transplant": transplant, "mapping": mapping, "samples": _samples, "table": _table,
-            "claims": _claims, "forest": forest, "claims_kimg": _claims_kimg,
-            "verifier": _verifier, "tuning": _tuning}
-OUTPUTS = tuple(BUILDERS)
+FIGURES = Registry("figure")
+"""Every output by name, in the order ``make_all`` draws them."""
+for _name, _fn in (("heatmap", heatmap), ("curves", curves), ("kimg0", kimg0), ("reset", reset),
+                   ("transplant", transplant), ("mapping", mapping), ("samples", _samples),
+                   ("table", _table), ("claims", _claims), ("forest", forest),
+                   ("claims_kimg", _claims_kimg), ("verifier", _verifier), ("tuning", _tuning)):
+    FIGURES.register(_name)(_fn)
+
+
+def register_figure(name: str):
+    """Decorator for a new output: a function ``(study, out_dir, rng, timer) -> list of written
+    paths`` (``study``: ``analysis.data.StudyResults``; ``rng``: its own numpy Generator;
+    ``timer("step")``: a context manager that times a step); drawn after the built-in ones."""
+    return FIGURES.register(name)
+
+
+def outputs() -> tuple[str, ...]:
+    """The names ``make_all(only=...)`` accepts, in drawing order (plug-ins included)."""
+    return tuple(FIGURES)
 
 
 def rng_for(seed: int, name: str) -> np.random.Generator:
@@ -287,7 +302,7 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
              claims: ClaimsSpec | None = None) -> list[str]:
     """Write every figure and table for the results under ``root``; return the paths.
 
-    ``only``: one of OUTPUTS (anything else raises ``harness.declare.config.ConfigError``, a ValueError
+    ``only``: one of ``outputs()`` (anything else raises ``harness.declare.config.ConfigError``, a ValueError
     naming the valid outputs, which the CLI reports with exit code 2). ``metric``: the primary
     metric (default: first fid_inception_*, fd_*, mmd_*). ``seed``: bootstrap seed.
     ``timings``: list to receive (step, seconds). ``rows``: an already loaded
@@ -296,9 +311,9 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
     alpha, pooled axes, seeds plan; default: the declared defaults); a pair missing from the
     results leaves C1 not tested, saying why.
     """
-    if only is not None and only not in OUTPUTS:
+    if only is not None and only not in FIGURES:
         raise ConfigError("only", f"unknown output {only!r}; valid outputs: "
-                                  f"{', '.join(OUTPUTS)}")
+                                  f"{', '.join(outputs())}")
     default_out = out_dir is None and "://" not in root
     if out_dir is None:
         if "://" in root:
@@ -321,7 +336,7 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
         print(f"figures: no done cells with {study.metric}; nothing to plot")
         return []
     paths = []
-    for name in ([only] if only else OUTPUTS):
+    for name in ([only] if only else outputs()):
         kw = ({"root": root} if name == "samples" else
               {"claims": claims, "rows": rows} if name in ("claims", "forest") else
               {"claims": claims} if name == "claims_kimg" else
@@ -329,5 +344,5 @@ def make_all(root: str, out_dir: str | None = None, only: str | None = None,
               {"root": root, "rows": rows} if name == "tuning" else {})
         # forest and claims_kimg draw from the claims stream: the numbers of claims.md
         stream = "claims" if name in ("claims_kimg", "forest") else name
-        paths += BUILDERS[name](study, out_dir, rng_for(seed, stream), timer, **kw)
+        paths += FIGURES.get(name)(study, out_dir, rng_for(seed, stream), timer, **kw)
     return paths

@@ -19,7 +19,7 @@ import os
 import tempfile
 
 from analysis.claim_view import Claim
-from analysis.figures import OUTPUTS, make_all
+from analysis.figures import make_all, outputs
 from analysis.notebook import StudyResults, open_study
 from analysis.report_html import esc, num, page, table, verdict_span
 from analysis.tables import fmt_pct
@@ -63,7 +63,7 @@ def _figures(root: str, seed: int, regenerate: bool, metric, claims) -> list[tup
             if os.path.isdir(out) else []
     pngs = {os.path.splitext(os.path.basename(p))[0]: p for p in paths if p.endswith(".png")}
     first = ("forest",)  # the claims at a glance, right under the claims table
-    order = [n for n in first + tuple(o for o in OUTPUTS if o not in first) if n in pngs]
+    order = [n for n in first + tuple(o for o in outputs() if o not in first) if n in pngs]
     order += sorted(set(pngs) - set(order))
     return [(n, pngs[n]) for n in order]
 

@@ -192,7 +192,7 @@ def tuning_figure(root: str, out_dir: str, rows: pd.DataFrame | None = None) -> 
 
 
 def build(study, out_dir, rng, timer, root=None, rows=None) -> list[str]:
-    """The ``tuning`` entry of ``analysis.figures.BUILDERS``."""
+    """The ``tuning`` output of ``analysis.figures.FIGURES``."""
     if root is None:
         return []
     with timer("tuning"):

@@ -23,11 +23,14 @@ import re
 import sys
 import textwrap
 
+from harness.base import plugins
+
 EXIT_USAGE = 2
 
 
 def _user_errors() -> tuple[type, ...]:
     """Exceptions that mean "bad input": reported in one paragraph with exit code 2."""
+    from harness.base.plugins import PluginError
     from harness.base.safefs import UnsafePathError
     from harness.core.data import DataError
     from harness.declare.config import ConfigError
@@ -39,7 +42,7 @@ def _user_errors() -> tuple[type, ...]:
     from harness.store.results import RootError
 
     return (ConfigError, DataError, EnvError, FileNotFoundError, PinError, PlanError, LockedError,
-            RootError, AcceptError, UnsafePathError)
+            RootError, AcceptError, UnsafePathError, PluginError)
 
 
 def _torch_errors() -> tuple[type, ...]:
@@ -363,6 +366,7 @@ def main(argv=None) -> int:
     if args.command in ("teacher", "cell", "rescore"):
         errors += _torch_errors()
     try:
+        plugins.load()  # HARNESS_PLUGINS: losses, inits and figures registered before a study is read
         _check_cache(args)
         return args.func(args)
     except errors as e:

@@ -29,5 +29,9 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def __iter__(self):
+        """The names in the order they were registered."""
+        return iter(list(self._items))
+
     def __contains__(self, name: str) -> bool:
         return name in self._items

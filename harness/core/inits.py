@@ -23,8 +23,19 @@ from harness.base.registry import Registry
 from harness.core.diffusion import Denoiser, OneStepGenerator
 from harness.core.io import load_torch, save_atomic
 from harness.core.nets import group_of
+from harness.declare.config import declare_init
 
 INITS = Registry("init scheme")
+
+
+def register_init(name: str, params: dict | None = None):
+    """Decorator for a new init scheme, a function ``(InitContext, params) -> GeneratorInit``:
+    declares ``name`` and its parameters (``{name: harness.declare.config.param(...)}``) for
+    study files and registers the function."""
+    def deco(fn):
+        declare_init(name, params or {})
+        return INITS.register(name)(fn)
+    return deco
 
 
 class InitError(ValueError):

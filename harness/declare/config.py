@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 from harness.declare import schema
 from harness.declare.schema import (  # noqa: F401 (re-exported)
@@ -57,7 +58,7 @@ LOSS_NAMES = {
     "ratio_js": ("ratio", {"divergence": "js"}),
     "ratio_rkl": ("ratio", {"divergence": "rkl"}),
 }
-TEACHER_SCORE_FAMILIES = ("di", "sid")
+TEACHER_SCORE_FAMILIES = ["di", "sid"]  # families that call the teacher's score (declare_loss adds)
 
 REINITS = ("matched", "fresh")
 INIT_SCHEMES = {  # how a generator starts; the functions are registered in harness.core.inits
@@ -79,6 +80,41 @@ INIT_SCHEMES = {  # how a generator starts; the functions are registered in harn
                       "lr": param(1e-3, positive=True, hi=1.0, column="mapping_lr"),
                       "batch": param(64, "int", positive=True, hi=4096, column="mapping_batch")},
 }
+
+
+BUILT_IN = frozenset((*LOSS_FAMILIES, *INIT_SCHEMES))
+"""Families and schemes of the harness itself: their parameters have typed result columns (a
+plug-in's parameters live in the cell's label and stored config, so the Parquet schema of every
+store stays one)."""
+
+
+def _declare(table: dict, kind: str, name: str, params: dict) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"{kind} name {name!r}: use lower-case letters, digits and _")
+    if name in table or (kind == "loss" and name in LOSS_NAMES):
+        raise ValueError(f"{kind} {name!r} is already declared")
+    for pname, spec in params.items():
+        if not isinstance(spec, Setting) or pname == "name":
+            raise ValueError(f"{kind} {name!r}: parameter {pname!r} must be declared with "
+                             f"harness.declare.config.param(...) and must not be called 'name'")
+    table[name] = dict(params)
+
+
+def declare_loss(name: str, params: dict, *, teacher_score: bool) -> None:
+    """Make a loss family selectable by ``name`` in study files (its implementation is registered
+    in ``harness.core.losses``; ``register_loss`` does both): ``params`` maps each parameter to
+    its ``param(...)`` declaration; ``teacher_score``: whether it calls the teacher's score (the
+    claims compare score-free with teacher-score families)."""
+    _declare(LOSS_FAMILIES, "loss", name, params)
+    LOSS_NAMES[name] = (name, {})
+    if teacher_score:
+        TEACHER_SCORE_FAMILIES.append(name)
+
+
+def declare_init(name: str, params: dict) -> None:
+    """Make an init scheme selectable by ``name`` (``harness.core.inits.register_init`` also
+    registers its function)."""
+    _declare(INIT_SCHEMES, "init", name, params)
 
 
 VERIFIER = {  # eval.verifier (harness.core.verifier): best-of-n / resampled one-step samples
@@ -110,7 +146,8 @@ def param_columns() -> dict[str, type]:
     """Result-row column -> Python kind for every loss and init parameter (one typed column each,
     declared by its ``param``), plus ``loss_family`` and ``init_scheme``."""
     out = {"loss_family": str, "init_scheme": str}
-    for params in (*LOSS_FAMILIES.values(), *INIT_SCHEMES.values()):
+    families = [f for f in (*LOSS_FAMILIES.items(), *INIT_SCHEMES.items()) if f[0] in BUILT_IN]
+    for _, params in families:
         for name, p in params.items():
             kind = {"num": float, "int": int, "bool": bool}.get(p.kind, str)
             col = p.column or name
@@ -124,6 +161,8 @@ def cell_params(cfg: dict) -> dict:
     '+'-joined, a teacher source as its label); parameters of other schemes are absent."""
     out = {"loss_family": cfg["loss"]["name"], "init_scheme": cfg["init"]["name"]}
     for part, families in (("loss", LOSS_FAMILIES), ("init", INIT_SCHEMES)):
+        if cfg[part]["name"] not in BUILT_IN:  # a plug-in's parameters: in the label only
+            continue
         declared = families[cfg[part]["name"]]
         for name, value in cfg[part].items():
             if name == "name":
@@ -260,7 +299,7 @@ def loss_label(loss: dict) -> str:
     if name == "ratio":
         label = f"ratio_{loss['divergence']}"
         return label + ("[fixed]" if loss["sigma"] == "fixed" else "")
-    extras = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+    extras = [f"{k}={v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k}={v}"
               for k, v in loss.items() if k != "name" and v != LOSS_FAMILIES[name][k].default]
     return name + (f"[{','.join(extras)}]" if extras else "")
 
@@ -284,11 +323,11 @@ def init_label(init: dict) -> str:
         parts = [_source_label(init["source"])] if init.get("source") else []
         parts += [f"freeze {'+'.join(init['freeze'])}"] if init.get("freeze") else []
         return f"teacher[{', '.join(parts)}]"
-    if name == "mapping_match":
-        defaults = {k: p.default for k, p in INIT_SCHEMES[name].items()}
-        extras = [f"{k}={v:g}" for k, v in init.items() if k != "name" and v != defaults[k]]
-        return name + (f"[{','.join(extras)}]" if extras else "")
-    return name
+    # mapping_match and plug-in schemes: the parameters that differ from their defaults
+    extras = [f"{k}={v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else
+              f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}"
+              for k, v in init.items() if k != "name" and v != INIT_SCHEMES[name][k].default]
+    return name + (f"[{','.join(extras)}]" if extras else "")
 
 
 def resolve_cell(cfg: dict) -> dict:

@@ -120,7 +120,8 @@ def expand_spec(kind: str, item, path: str, fixed: bool) -> list[AxisValue]:
     if name not in names:
         raise Problem(prefix if prefix != path or isinstance(item, str) else f"{path}.name",
                       f"unknown {kind} {C._short(name)}",
-                      f"known: {', '.join(names)}")
+                      f"known: {', '.join(names)} (a plug-in's {kind} is known once its module "
+                      f"is named in HARNESS_PLUGINS)")
     family = C.LOSS_NAMES[name][0] if kind == "loss" else name
     schema = C.LOSS_FAMILIES[family] if kind == "loss" else C.INIT_SCHEMES[name]
 

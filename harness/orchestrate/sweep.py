@@ -65,6 +65,7 @@ import os
 import sys
 
 from harness import __version__
+from harness.base import plugins
 from harness.declare.study import load_study
 from harness.orchestrate import rounds
 from harness.orchestrate.progress import (
@@ -149,8 +150,10 @@ def connect(address: str | None) -> bool:
     # the user's first line: dropped from its own logger only, nothing else is silenced
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
         lambda record: "Token authentication is enabled" not in record.getMessage())
+    # plug-ins reach the workers of every node by name (each node must be able to import them)
+    env = {plugins.ENV: os.environ[plugins.ENV]} if os.environ.get(plugins.ENV) else None
     ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING,
-             include_dashboard=False)
+             include_dashboard=False, runtime_env={"env_vars": env} if env else None)
     return True
 
 

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from types import SimpleNamespace
 
+from harness.base import plugins
 from harness.core import data
 from harness.declare.config import source_teacher
 from harness.declare.hashing import canonical_json, teacher_id
@@ -30,6 +31,7 @@ def torch_side() -> SimpleNamespace:
     from harness.core.parallel import Shard  # torch: imported in Ray workers only
     from harness.orchestrate import cell, teacher  # torch: imported in Ray workers only
 
+    plugins.load()  # the losses and inits of HARNESS_PLUGINS, as the driver has them
     return SimpleNamespace(Shard=Shard, run_cell=cell.run_cell, prepare=cell.prepare,
                            pick_device=cell.pick_device, load_or_train=teacher.load_or_train)
 
