@@ -398,7 +398,6 @@ def test_tune_same_trials_per_family_then_run_uses_the_choice(tmp_path, own_ray,
     root = str(tmp_path / "r")
     assert tune_study(path, results=root) == 0
     out = capsys.readouterr().out
-    study = load_study(path)
     rows = tuning.read_trial_rows(root, [100])
     trials = {fam: sorted({json.loads(a)["tune.trial"] for a in g["axes"]})
               for fam, g in rows.groupby("loss")}

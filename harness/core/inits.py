@@ -11,7 +11,6 @@ network for every loss family (a paired comparison).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -19,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from harness.base.digest import json_sha256
 from harness.base.registry import Registry
 from harness.core.diffusion import Denoiser, OneStepGenerator
 from harness.core.io import load_torch, save_atomic
@@ -158,7 +158,7 @@ def mapping_id(ctx: InitContext, params) -> str:
     doc = {"teacher": ctx.teacher_id, "seed": ctx.seed, "sigma_init": ctx.sigma_init,
            "sigma_data": ctx.sigma_data, "shape": list(ctx.shape),
            **{k: params[k] for k in ("steps", "lr", "batch")}}
-    return "m-" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+    return "m-" + json_sha256(doc)[:12]
 
 
 @INITS.register("mapping_match")

@@ -6,12 +6,12 @@ filesystems; this module is for local caches and checkpoints.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 import torch
 
+from harness.base.digest import file_sha256  # noqa: F401 (also used by core.metrics)
 from harness.base.safefs import replace_atomic
 
 
@@ -30,14 +30,6 @@ def save_atomic(obj, path: str) -> None:
 
 
 DIGEST_SUFFIX = ".sha256"
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _digests(path: str) -> list[str]:

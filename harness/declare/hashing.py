@@ -17,6 +17,7 @@ import math
 import os
 from typing import Callable, Mapping
 
+from harness.base import digest
 from harness.declare import config as C
 from harness.declare import schema
 
@@ -88,26 +89,15 @@ def identity(config: dict) -> dict:
     return resolved
 
 
-_FILE_SHA: dict = {}
-
-
 def file_sha256(path: str) -> str:
     """sha256 of a local file (memoised by path, size and mtime: teacher pickles are ~200 MB)."""
     path = os.path.abspath(os.path.expanduser(path))
     try:
-        st = os.stat(path)
+        return digest.file_sha256(path, memo=True)
     except OSError:
         raise C.ConfigError("teacher.import", f"{path} does not exist or cannot be read: put the "
                                               f"EDM .pkl there (see README, Running on a "
                                               f"cluster) or fix teacher.import") from None
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _FILE_SHA:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _FILE_SHA[key] = h.hexdigest()
-    return _FILE_SHA[key]
 
 
 def _teacher_id(ident: dict, data_fingerprint: str) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ast
 import datetime as _dt
 import functools
-import hashlib
 import importlib.metadata as md
 import importlib.util
 import json
@@ -36,6 +35,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from harness import __version__
+from harness.base.digest import json_sha256
 
 PACKAGES = ("torch", "torchvision", "numpy", "torch-fidelity", "ray", "pandas", "pyarrow",
             "scikit-learn", "pyyaml")
@@ -111,7 +111,7 @@ def _current() -> dict:  # a scan of the installed distributions: once per proce
 def record() -> tuple[str, bytes]:
     """(file name under ``versions/``, its bytes) for this process: versions and device."""
     versions = {**current(), "device": _device()}
-    digest = hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:12]
+    digest = json_sha256(versions)[:12]
     doc = {"versions": versions, "recorded_at": _dt.datetime.now(_dt.timezone.utc).isoformat(
         timespec="seconds"), "host": socket.gethostname()}
     return f"{digest}.json", (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode()

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.core.io import file_sha256, save_atomic
+from harness.base.digest import file_sha256, json_sha256
+from harness.core.io import save_atomic
 from harness.core.metrics.common import MetricsError, _torch_device, _u8_to_float, to_uint8
 
 try:  # POSIX advisory lock: concurrent workers train an extractor once, not once each
@@ -36,7 +37,7 @@ TRAIN_COUNT = 0  # how many domain classifiers this process trained (tests check
 
 
 def _short_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
+    return json_sha256(obj)[:8]
 
 
 def state_dict_hash(state_dict: dict) -> str:

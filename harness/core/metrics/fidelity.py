@@ -4,7 +4,6 @@ uint8 image dataset torch-fidelity reads, and a cached sha256 of files.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import threading
@@ -12,6 +11,7 @@ import warnings
 
 import torch
 
+from harness.base.digest import file_sha256
 from harness.core.metrics.common import MetricsError, _u8_to_float
 from harness.core.metrics.extractor import FEATURE_LAYER, INCEPTION_URL, DomainNet
 
@@ -161,16 +161,5 @@ class _U8Images(torch.utils.data.Dataset):
         return x.expand(3, -1, -1) if self.rgb else x
 
 
-_FILE_HASHES: dict[tuple, str] = {}
-
-
 def _file_hash(path: str) -> str:
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        _FILE_HASHES[key] = h.hexdigest()[:8]
-    return _FILE_HASHES[key]
+    return file_sha256(path, memo=True)[:8]
