@@ -115,6 +115,25 @@ def teacher_id(config: dict, data_fingerprint: str) -> str:
     return _teacher_id(identity(config), data_fingerprint)
 
 
+def teacher_plan(cells) -> dict[str, dict]:
+    """Every teacher that cells given as (config, data fingerprint) need, by id: ``{"cfg": a cell
+    config with that teacher section, "role": "teacher" | "init source", "refs": {evaluation
+    protocol: cell config}}``: each cell's own teacher (with one config per evaluation protocol
+    whose reference rows it writes) and each teacher whose weights start a generator (``init:
+    {name: teacher, source: {...}}``). ``harness run``, ``harness tune`` and ``harness status``
+    all plan from it."""
+    plan: dict[str, dict] = {}
+    for cfg, fp in cells:
+        own = plan.setdefault(teacher_id(cfg, fp), {"cfg": cfg, "role": "teacher", "refs": {}})
+        own["refs"].setdefault(canonical_json([cfg["eval"]["n"], cfg["eval"]["metric"]]), cfg)
+        source = C.source_teacher(cfg)
+        if source is not None:
+            other = {**cfg, "teacher": source}
+            plan.setdefault(teacher_id(other, fp), {"cfg": other, "role": "init source",
+                                                    "refs": {}})
+    return plan
+
+
 def cell_id(config: dict, data_fingerprint: str) -> str:
     """Hash of the resolved cell config, the dataset fingerprint and the teacher id."""
     ident = identity(config)

@@ -15,8 +15,8 @@ import time
 
 from harness.core import data
 from harness.core.data import DataError
-from harness.declare.config import source_teacher, steps
-from harness.declare.hashing import canonical_json, teacher_id
+from harness.declare.config import steps
+from harness.declare.hashing import canonical_json, teacher_plan
 from harness.declare.study import describe, load_study
 from harness.orchestrate import rounds, throughput
 from harness.store import environment, lock, pins, results
@@ -96,20 +96,16 @@ def teacher_state(folder: str, live: bool | None = None) -> str:
     return "not cached: trained before the first cell" if live is None else "not trained yet"
 
 
-def teacher_plan(study, pin, cache: str, live: bool | None = None) -> list[str]:
+def teacher_lines(study, pin, cache: str, live: bool | None = None) -> list[str]:
     """One line per teacher the study needs (its own and generator-init sources): cached,
     partly trained, or to be trained (steps), so a dry run says what the first minutes do;
     ``harness status`` (``live``: whether a run holds the lock) adds training progress."""
 
-    needed = {}
-    for cid, cell in pin.current:
-        cfg = cell.config
-        fp = pin.document["cells"][cid]["data_fingerprint"]
-        for role, section in (("teacher", cfg["teacher"]), ("init source", source_teacher(cfg))):
-            if section is not None:
-                needed.setdefault(teacher_id({**cfg, "teacher": section}, fp), (role, section))
+    plan = teacher_plan((cell.config, pin.document["cells"][cid]["data_fingerprint"])
+                                for cid, cell in pin.current)
     lines = []
-    for tid, (role, t) in needed.items():
+    for tid, entry in plan.items():
+        role, t = entry["role"], entry["cfg"]["teacher"]
         folder = os.path.join(cache, "teachers", tid)
         n = steps(t["kimg"], t["batch"])
         what = f"{t['arch']}, {t['kimg']:g} kimg = {n:,} steps of {t['batch']}" + (
@@ -136,7 +132,7 @@ def dry_run_report(study, root: str, cache: str | None = None) -> int:
     now = rounds.plan(study, root, fp, rows)
     study = rounds.with_cells(study, now.cells)
     pin = pins.pin_study(study, root, fp, write=False)
-    teachers = teacher_plan(study, pin, cache) if cache else []
+    teachers = teacher_lines(study, pin, cache) if cache else []
     states = cell_states(rows, pin.ids)
     words = {"done": "done", "diverged": "diverged (final, not re-run)", "pending": "would run",
              "failed": "failed: would retry", "unfinished": "unfinished: would resume"}
@@ -244,7 +240,7 @@ def study_status(path: str, results_root: str | None = None, overrides: dict | N
                f"ETA {eta}")
     if pin is not None and current:
         cache = (holder or {}).get("cache") or results.cache_for(root, log=lambda *a: None)
-        out += teacher_plan(study, pin, cache, live=holder is not None)
+        out += teacher_lines(study, pin, cache, live=holder is not None)
         out += planned_throughput(root, df, current, pin, cache)
     if pin is not None and study.claims.seeds is not None:
         out += rounds.cap_lines(study) + rounds.describe_round(now)

@@ -16,8 +16,7 @@ from types import SimpleNamespace
 
 from harness.base import plugins
 from harness.core import data
-from harness.declare.config import source_teacher
-from harness.declare.hashing import canonical_json, teacher_id
+from harness.declare.hashing import canonical_json, teacher_plan
 from harness.orchestrate.progress import CKPT, TeacherProgress, checkpoint_files, error_summary
 from harness.store import results as store
 
@@ -214,33 +213,16 @@ def _trainable(study, cells: dict, todo, root, cache, device, cell_fn):
 
 
 
-def teacher_plan(pin, pending, datasets) -> dict[str, dict]:
-    """{teacher id: {"cfg": a cell config with that teacher section, "refs": {eval protocol:
-    cell config}}} for every teacher the pending cells need: their own (with the reference rows
-    to write, one per evaluation protocol) and those whose weights start a generator (``init:
-    {name: teacher, source: ...}``)."""
-
-    cells, plan = dict(pin.current), {}
-    for cid in pending:
-        cfg = cells[cid].config
-        entry = plan.setdefault(pin.teacher_of(cid), {"cfg": cfg, "refs": {}})
-        entry["refs"].setdefault(canonical_json([cfg["eval"]["n"], cfg["eval"]["metric"]]), cfg)
-        source = source_teacher(cfg)
-        if source is not None:
-            other = {**cfg, "teacher": source}
-            fp = datasets[canonical_json(cfg["data"])].fingerprint
-            plan.setdefault(teacher_id(other, fp), {"cfg": other, "refs": {}})
-    return plan
-
-
-def harness_teacher(entry: dict, root: str, cache: str, study: str, device: str, threads: int,
-                    teacher_fn=None) -> dict:
-    """Ray task: train, resume or load one teacher (``teacher_fn``, default
-    ``teacher.load_or_train``) and write its reference rows; returns a little metadata."""
+def harness_teacher(entry: dict, root: str, cache: str, study: str, device: str,
+                    threads: int | None, teacher_fn=None) -> dict:
+    """Train, resume or load one teacher of a ``teacher_plan`` (``teacher_fn``, default
+    ``teacher.load_or_train``) and write its reference rows; returns a little metadata. A Ray
+    task of ``harness run``; ``harness tune`` calls it in the driver (``threads`` None)."""
     import torch
 
     side = torch_side()
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     teacher_fn = teacher_fn or side.load_or_train
     dev = side.pick_device(device)
     dataset = data.from_config(entry["cfg"]["data"])
@@ -255,7 +237,10 @@ def _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn=Non
     (``harness_teacher``), all at once; the driver prints their progress and waits."""
     import ray
 
-    plan = teacher_plan(pin, pending, datasets)
+    cells = dict(pin.current)
+    plan = teacher_plan((cells[cid].config,
+                         datasets[canonical_json(cells[cid].config["data"])].fingerprint)
+                        for cid in pending)
     if not plan:
         return
     res = study.teacher_resources

@@ -24,7 +24,7 @@ from ray import tune
 
 from harness import __version__
 from harness.declare import config as C
-from harness.declare.hashing import canonical_json
+from harness.declare.hashing import canonical_json, teacher_plan
 from harness.declare.study import load_study
 from harness.declare.tune_spec import (
     ASHA_GRACE,
@@ -33,11 +33,11 @@ from harness.declare.tune_spec import (
     TRIAL_PROTOCOL,
     TuneError,
 )
-from harness.orchestrate.cell import pick_device, prepare, run_cell
+from harness.orchestrate.cell import run_cell
 from harness.orchestrate.progress import drop_older, error_summary, quiet_tune, read_text
 from harness.orchestrate.status import fingerprints
 from harness.orchestrate.sweep import cache_root, connect, resource_problem, results_root
-from harness.orchestrate.teacher import load_or_train
+from harness.orchestrate.trainables import harness_teacher
 from harness.store import results as store
 from harness.store import signed
 from harness.store.lock import acquire_lock
@@ -263,20 +263,12 @@ def tune_study(path: str, results: str | None = None, address: str | None = None
 
 
 def _teachers(study, todo, datasets, root, cache, device):
-    """Train (or load) each trial teacher once in the driver, as ``harness run`` does."""
-
-    dev, seen = pick_device(device), set()
-    for label in todo:
-        cfg = study.tune.families[label].base
-        dataset = datasets[canonical_json(cfg["data"])]
-        key = canonical_json([cfg["data"], cfg["teacher"], cfg["eval"]["n"], cfg["eval"]["metric"]])
-        if key not in seen:
-            seen.add(key)
-            prepare(cfg, scratch_root(root), cache, dev, study=study.name, dataset=dataset)
-        source = C.source_teacher(cfg)
-        if source is not None and canonical_json(source) not in seen:
-            seen.add(canonical_json(source))
-            load_or_train({**cfg, "teacher": source}, dataset, cache, dev)
+    """Train (or load) each teacher the trials need once, in the driver, from the plan
+    ``harness run`` makes (reference rows go to the scratch store)."""
+    bases = [study.tune.families[label].base for label in todo]
+    plan = teacher_plan((cfg, datasets[canonical_json(cfg["data"])].fingerprint) for cfg in bases)
+    for entry in plan.values():
+        harness_teacher(entry, scratch_root(root), cache, study.name, device, None)
 
 
 def _tune_family(study, label: str, root: str, cache: str, device: str, cell_fn) -> dict | None:

@@ -175,13 +175,17 @@ def write_samples(root: str, meta: dict, array, kind: str = "samples") -> str:
     return _write(root, kind, pa.Table.from_pylist([row], schema=SAMPLES))
 
 
+def part_files(fs, folder: str) -> list[str]:
+    """The ``part-*.parquet`` files of a store folder (``rows``, ``samples``, ...), sorted."""
+    info = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return sorted(i.path for i in info if i.type == pafs.FileType.File
+                  and posixpath.basename(i.path).startswith("part-")
+                  and i.path.endswith(".parquet"))
+
+
 def _read(root: str, kind: str, schema: pa.Schema) -> pa.Table:
     fs, base = filesystem(root)
-    folder = posixpath.join(base, kind)
-    info = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    files = sorted(i.path for i in info if i.type == pafs.FileType.File
-                   and posixpath.basename(i.path).startswith("part-")
-                   and i.path.endswith(".parquet"))
+    files = part_files(fs, posixpath.join(base, kind))
     if not files:
         return schema.empty_table()
     return read_parts(fs, files, schema)
@@ -266,9 +270,7 @@ def compact(root: str) -> tuple[int, int]:
     for kind, schema, load in stores:
         folder = posixpath.join(base, kind)
         loaded = load(root)  # first: an unreadable part is quarantined, never merged or deleted
-        info = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-        old = [i.path for i in info if i.type == pafs.FileType.File
-               and posixpath.basename(i.path).startswith("part-")]
+        old = part_files(fs, folder)
         before += len(old)
         if len(old) <= 1:
             after += len(old)

@@ -58,7 +58,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 
 from harness import __version__
@@ -245,13 +244,8 @@ def read_trial_rows(root: str, seeds, cell: str | None = None):
     """Rows with status ``tuning`` of the given seeds only (and of one ``cell``, if given):
     filtered while reading the Parquet files, so rows of other seeds are never read. Repeated
     keys resolve to the newest."""
-    import pyarrow.fs as pafs
-
     fs, base = results.filesystem(root)
-    folder = base.rstrip("/") + "/rows"
-    info = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    files = sorted(i.path for i in info if i.type == pafs.FileType.File
-                   and os.path.basename(i.path).startswith("part-") and i.path.endswith(".parquet"))
+    files = results.part_files(fs, base.rstrip("/") + "/rows")
     where = [("status", "=", "tuning"), ("seed", "in", [int(s) for s in seeds])]
     if cell is not None:
         where.append(("cell", "=", cell))
