@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.grid_axes import axis_levels, extra_axis_labels
-from analysis.protocol import FLOOR_NAMES, ProtocolChoice, select_protocol
+from analysis.protocol import FLOOR, ProtocolChoice, select_protocol
 from analysis.style import (
     REFERENCE_NAMES,
     _nn,
@@ -42,9 +42,9 @@ INIT_COLUMNS = ["init_scheme"] + sorted({p.column or n for sch in INIT_SCHEMES.v
 CELL_COLUMNS = ["cell", "loss", "init", *PARAM_COLUMNS, "seed"]
 SCORE_COLUMNS = ["cell", "loss", "loss_base", "init", "loss_family", "init_scheme", "sigma_feat",
                  "reset_output", "seed", "levels"]
-"""Reference rows of the data floor: ``data_floor`` (n real training images scored against the
-held-out reference as generated samples are) and its legacy name ``data_halves``."""
-REFERENCE_ORDER = ("teacher_heun35", "data_floor", "data_halves")
+REFERENCE_ORDER = ("teacher_heun35", FLOOR)
+"""Reference rows: the teacher's Heun-35 sampler, and the data floor (n real training images
+scored against the held-out reference as generated samples are)."""
 
 
 def is_quality(metric: str) -> bool:
@@ -100,8 +100,8 @@ class Study:
         return None if r.empty else float(r["mean"].iloc[0])
 
     def floor_name(self) -> str | None:
-        """``data_floor`` (or the legacy ``data_halves``) if the study has one."""
-        return next((n for n in FLOOR_NAMES if self.ref(n) is not None), None)
+        """``data_floor`` if the study has one."""
+        return FLOOR if self.ref(FLOOR) is not None else None
 
     def note(self) -> str | None:
         """Short text for figures: what was excluded and why, and protocol rows left out."""

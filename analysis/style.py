@@ -45,8 +45,6 @@ REFERENCE_STYLE = {
     # distinguishable where their values coincide (dots over dashes)
     "data_floor": {"color": "#666666", "linestyle": (0, (1, 1.2)), "lw": 1.8,
                    "label": "data floor (real images scored as samples)"},
-    "data_halves": {"color": "#666666", "linestyle": (0, (1, 1.2)), "lw": 1.8,
-                    "label": "data floor, legacy (two real halves)"},
     "initial": {"color": "#777777", "linestyle": "-.", "lw": 1.0,
                 "label": "initial one-step generator"},
 }

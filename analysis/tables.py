@@ -153,7 +153,7 @@ def write_table(study: Study, out_dir: str) -> list[str]:
         md += [f"| {md_escape(label)} | {val} |" for label, val in refs]
     md += ["", "References: teacher Heun-35 = the teacher's own 35-evaluation sampler; data floor "
            "= real training images scored against the held-out reference exactly as generated "
-           "samples are (legacy stores: two disjoint halves of the real data, labelled as such); "
+           "samples are; "
            "initial one-step generator = kimg 0 of teacher-init cells. Random init is the "
            "`random` row.", "", footer_md(study)]
     md_path = os.path.join(out_dir, "table.md")
