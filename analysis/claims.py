@@ -75,8 +75,7 @@ RULES = {
            "the only one) and reinit matched. Over the losses with teacher, random and reset "
            "cells, effect = (reset − teacher) / (random − teacher) on loss-averaged means per "
            "seed: the share of the teacher→random gap the reset costs. Holds if the interval "
-           "lies below the threshold. Reset cells without a recorded reinit (legacy rows: the "
-           "near-zero output re-init that stalls the optimisation) are never judged.",
+           "lies below the threshold.",
     "C3b": "As C3a for reset_groups {encoder, middle, decoder} (matched): teacher weights kept "
            "only in the input/output layers. Holds if the interval lies above the threshold.",
     "C3c": "feature_transplant cells with reset_output false, at two or more sigma_feat, over "
@@ -95,8 +94,7 @@ RULES = {
            "with the minimum of the bands' simultaneous intervals: holds if it lies above the "
            "threshold (every band costs more); does not hold if below.",
     "C3": "Holds if every sub-claim C3a-C3e holds; does not hold if any sub-claim does not hold; "
-          "not tested if none is tested; else inconclusive. Untested and unjudged sub-claims are "
-          "named.",
+          "not tested if none is tested; else inconclusive. Untested sub-claims are named.",
 }
 SEEDS_RULE = (
     "Seeds to decide (inconclusive claims): the smallest m seeds per group at which the "

@@ -18,7 +18,6 @@ from analysis.style import fmt_pm, loss_sort_key
 from analysis.tables import fmt_pct
 
 NOT_TESTED = "not tested by this study"
-NOT_JUDGED = "not judged (legacy re-init)"
 METHOD = ("Fieller interval of a ratio of seed-paired means (paired t on the per-seed contrast "
           "u − r·v, n − 1 degrees of freedom)")
 METHOD_SIMULTANEOUS = (METHOD + "; the best/worst over k comparisons from their simultaneous "
@@ -84,7 +83,7 @@ class ClaimResult:
 
     @property
     def tested(self) -> bool:
-        return self.verdict not in (NOT_TESTED, NOT_JUDGED)
+        return self.verdict != NOT_TESTED
 
     @property
     def decided(self) -> bool:

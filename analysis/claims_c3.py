@@ -11,7 +11,6 @@ import numpy as np
 
 from analysis.claims_base import (
     METHOD_SIMULTANEOUS,
-    NOT_JUDGED,
     NOT_TESTED,
     ClaimResult,
     Groups,
@@ -19,7 +18,6 @@ from analysis.claims_base import (
     extreme,
     finish,
 )
-from analysis.data import legacy_reinit
 from analysis.style import fmt_num
 from harness.declare.config import GROUPS
 
@@ -61,21 +59,13 @@ def reset_claim(g: Groups, name: str, groups: set) -> list[ClaimResult]:
               "fraction of the random-init gap: (reset − teacher) / (random − teacher)", pct=False)
     cands = g.where(init_scheme="reset_layers")
 
-    def match(gs, reinit):
+    def match(gs):
         return [i for i in cands if set(str(g.study.info(i).get("reset_groups")).split("+")) == gs
-                and (legacy_reinit(g.study.info(i)) if reinit is None
-                     else g.study.info(i).get("reinit") == reinit)]
+                and g.study.info(i).get("reinit") == "matched"]
 
-    found = match(groups, "matched") or match(groups | {"embedding"}, "matched")
+    found = match(groups) or match(groups | {"embedding"})
     if not found:
-        legacy = match(groups, None) or match(groups | {"embedding"}, None)
-        if legacy:
-            v.verdict = NOT_JUDGED
-            v.details.append(f"{', '.join(legacy)}: stored without `reinit` (the near-zero output "
-                             f"re-init that stalls the optimisation): not judged; rerun with "
-                             f"reinit matched")
-        else:
-            v.details.append(f"needs reset_layers cells with groups [{want}] and reinit matched")
+        v.details.append(f"needs reset_layers cells with groups [{want}] and reinit matched")
         return [v]
     return _gap_claim(g, v, found[0])
 
@@ -87,19 +77,13 @@ def c3c(g: Groups) -> list[ClaimResult]:
               pct=False)
     inits = [i for i in g.where(init_scheme="feature_transplant", reset_output=False)
              if st.info(i).get("sigma_feat") is not None]
-    legacy = [i for i in g.where(init_scheme="feature_transplant") if legacy_reinit(st.info(i))]
     sigma = {i: float(st.info(i)["sigma_feat"]) for i in inits}
     inits = sorted(inits, key=lambda i: sigma[i])
     t, r = g.teacher(), g.random()
     losses = g.losses_with([t, r] + inits) if len(inits) >= 2 and t and r else []
     if not losses:
-        if legacy and len(inits) < 2:
-            v.verdict = NOT_JUDGED
-            v.details.append(f"{len(legacy)} feature_transplant inits stored without "
-                             f"`reset_output` (legacy re-init): not judged")
-        else:
-            v.details.append("needs teacher-init, random-init and feature_transplant cells "
-                             "(reset_output false) at two or more σ_feat for the same loss")
+        v.details.append("needs teacher-init, random-init and feature_transplant cells "
+                         "(reset_output false) at two or more σ_feat for the same loss")
         return [v]
     pairs = list(itertools.combinations(inits, 2))
     effects, los, his = [], [], []
@@ -120,8 +104,6 @@ def c3c(g: Groups) -> list[ClaimResult]:
                     f"{len(pairs)} pairs (covers the selection)")
     v.details = [f"σ_feat={sigma[i]:g}: loss-averaged mean "
                  f"{fmt_num(float(np.mean([g.mean(lo, i) for lo in losses])))}" for i in inits]
-    if legacy:
-        v.details.append(f"left out: {len(legacy)} legacy re-init transplant inits")
     return [finish(v)]
 
 
@@ -195,17 +177,12 @@ def c3e(g: Groups) -> list[ClaimResult]:
 def c3(subs: list[ClaimResult]) -> ClaimResult:
     tested = [s for s in subs if s.tested]
     untested = [s.claim for s in subs if s.verdict == NOT_TESTED]
-    unjudged = [s.claim for s in subs if s.verdict == NOT_JUDGED]
     v = ClaimResult("C3", "sub-claims " + ", ".join(s.claim for s in subs), "see sub-claims",
                     level=dict(subs[0].level) if subs else {}, method="from the sub-claims")
     v.details = [f"{s.claim}: {s.verdict}" for s in subs]
     if untested:
         v.details.append(f"not tested: {', '.join(untested)}")
-    if unjudged:
-        v.details.append(f"not judged (legacy re-init): {', '.join(unjudged)}")
     if not tested:
-        if unjudged:
-            v.verdict = NOT_JUDGED
         return v
     verdicts = [s.verdict for s in tested]
     v.n_seeds = min(s.n_seeds for s in tested)
@@ -213,7 +190,7 @@ def c3(subs: list[ClaimResult]) -> ClaimResult:
     if any(x == "does not hold" for x in verdicts):
         v.verdict = "does not hold"
         v.round = min(s.round for s in tested if s.verdict == "does not hold")
-    elif all(x == "holds" for x in verdicts) and not untested and not unjudged:
+    elif all(x == "holds" for x in verdicts) and not untested:
         v.verdict = "holds"
         v.round = max(s.round for s in tested)
     else:

@@ -5,8 +5,7 @@ final status, orphaned cells (not in ``pin.json``'s ``current``), extra grid axe
 loss label, per-cell final scores, and the reference values (teacher Heun-35, data floor, initial
 one-step generator). Only cells that are ``done`` and current enter ``scores``/``final``; the rest
 are ``excluded``. Loss and init parameters are read from their typed result columns
-(``harness.declare.config.param_columns``), never parsed from labels; rows stored before those columns
-existed get ``loss_family``/``init_scheme`` from ``derive_legacy_families`` and nothing else.
+(``harness.declare.config.param_columns``), never parsed from labels.
 """
 from __future__ import annotations
 
@@ -17,11 +16,10 @@ import numpy as np
 import pandas as pd
 
 from analysis.grid_axes import axis_levels, extra_axis_labels
-from analysis.protocol import FLOOR_NAMES, ProtocolChoice, select_protocol
+from analysis.protocol import FLOOR, ProtocolChoice, select_protocol
 from analysis.style import (
     REFERENCE_NAMES,
     _nn,
-    base_loss,
     display_init,
     init_sort_key,
     loss_palette,
@@ -30,7 +28,7 @@ from analysis.style import (
 from analysis.tuning import load_tuned
 from harness.declare.config import INIT_SCHEMES, ConfigError, param_columns
 from harness.declare.hashing import PinError
-from harness.store.results import ROWS, cell_status, load_rows, read_bytes
+from harness.store.results import cell_status, load_rows, read_bytes
 
 QUALITY_PREFIXES = ("fid_", "fd_", "kid_", "mmd_", "swd_", "modes_", "precision_", "recall_")
 HIGHER_BETTER_PREFIXES = ("modes_", "precision_", "recall_")
@@ -44,10 +42,9 @@ INIT_COLUMNS = ["init_scheme"] + sorted({p.column or n for sch in INIT_SCHEMES.v
 CELL_COLUMNS = ["cell", "loss", "init", *PARAM_COLUMNS, "seed"]
 SCORE_COLUMNS = ["cell", "loss", "loss_base", "init", "loss_family", "init_scheme", "sigma_feat",
                  "reset_output", "seed", "levels"]
-"""Reference rows of the data floor: ``data_floor`` (n real training images scored against the
-held-out reference as generated samples are) and its legacy name ``data_halves``."""
-REFERENCE_ORDER = ("teacher_heun35", "data_floor", "data_halves")
-LEGACY_SUFFIX = " (legacy re-init)"
+REFERENCE_ORDER = ("teacher_heun35", FLOOR)
+"""Reference rows: the teacher's Heun-35 sampler, and the data floor (n real training images
+scored against the held-out reference as generated samples are)."""
 
 
 def is_quality(metric: str) -> bool:
@@ -78,53 +75,6 @@ def choose_metric(counts: pd.Series, metric: str | None = None) -> str | None:
     return quality[0] if quality else None
 
 
-def with_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` with every ROWS column present (missing ones all null): rows given as a frame by
-    a caller may predate the typed loss/init columns."""
-    missing = [c for c in ROWS.names if c not in df.columns]
-    if not missing:
-        return df
-    return df.assign(**{c: None for c in missing})
-
-
-def derive_legacy_families(cells: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """LEGACY ROWS ONLY: fill a null ``loss_family`` / ``init_scheme`` from the labels, for rows
-    stored before those typed columns existed (``ratio_js`` -> ratio, ``sid[alpha=1]`` -> sid,
-    ``reset_layers[output]`` -> reset_layers; a reference row's scheme is its name). Rows that
-    have the columns are left untouched; nothing else is ever read from a label.
-    Returns (frame, number of rows that needed it)."""
-    out = cells.copy()
-    ref = (out["loss"].astype(str) == "reference").to_numpy()
-    n = 0
-    lf = out["loss_family"].isna().to_numpy() & ~ref
-    if lf.any():
-        def family(label: str) -> str:
-            base = base_loss(str(label)).partition("[")[0]
-            return "ratio" if base.startswith("ratio_") else base
-
-        out.loc[lf, "loss_family"] = out.loc[lf, "loss"].map(family).to_numpy()
-        n = int(lf.sum())
-    sc = out["init_scheme"].isna().to_numpy()
-    if sc.any():
-        out.loc[sc, "init_scheme"] = [str(i).partition("[")[0] for i in out.loc[sc, "init"]]
-        n = max(n, int((sc & ~ref).sum()))
-    return out, n
-
-
-def legacy_reinit(info: dict | None) -> bool:
-    """A reset or transplant cell stored before ``reinit``/``reset_output`` existed: it used the
-    near-zero output re-init, whose tiny output weights stall the optimisation: such a cell
-    measures that stall, not what the kept features are worth."""
-    if not info:
-        return False
-    scheme = info.get("init_scheme")
-    if scheme == "reset_layers":
-        return _nn(info.get("reinit")) is None
-    if scheme == "feature_transplant":
-        return _nn(info.get("reset_output")) is None
-    return False
-
-
 # --------------------------------------------------------------------------------- study
 @dataclass
 class Study:
@@ -139,7 +89,6 @@ class Study:
     palette: dict = field(default_factory=dict)
     protocol: ProtocolChoice | None = None
     init_info: dict = field(default_factory=dict)  # init label -> {INIT_COLUMNS: value}
-    legacy_rows: int = 0  # cells whose loss_family / init_scheme came from their labels
     tuned: dict | None = None  # pin.json's `tuned` entry (harness tune; analysis.tuning)
 
     @property
@@ -151,8 +100,8 @@ class Study:
         return None if r.empty else float(r["mean"].iloc[0])
 
     def floor_name(self) -> str | None:
-        """``data_floor`` (or the legacy ``data_halves``) if the study has one."""
-        return next((n for n in FLOOR_NAMES if self.ref(n) is not None), None)
+        """``data_floor`` if the study has one."""
+        return FLOOR if self.ref(FLOOR) is not None else None
 
     def note(self) -> str | None:
         """Short text for figures: what was excluded and why, and protocol rows left out."""
@@ -225,23 +174,6 @@ def load_pin(root: str) -> set | None:
     return None if current is None else {str(c) for c in current}
 
 
-def _split_legacy_labels(cells: pd.DataFrame) -> pd.DataFrame:
-    """Where one init label covers both legacy re-init cells and cells with ``reinit`` /
-    ``reset_output`` recorded, the legacy ones get ``LEGACY_SUFFIX`` so the two never pool."""
-    info = cells[INIT_COLUMNS].to_dict("records")
-    legacy = np.array([legacy_reinit(i) for i in info], dtype=bool)
-    if not legacy.any():
-        return cells
-    labels = cells["init"].astype(str).to_numpy()
-    both = set(labels[legacy]) & set(labels[~legacy])
-    if not both:
-        return cells
-    sel = legacy & np.isin(labels, list(both))
-    cells = cells.copy()
-    cells.loc[sel, "init"] = cells.loc[sel, "init"].astype(str) + LEGACY_SUFFIX
-    return cells
-
-
 def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None = None,
                timer=None) -> Study | None:
     """Everything the figures need, or None (with a printed note) when there is nothing to plot."""
@@ -256,7 +188,6 @@ def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None =
         print(f"figures: no result rows under {root}; nothing to plot")
         return None
     with step("prepare: metric, status, orphans"):
-        df = with_columns(df)
         counts = df["metric"].value_counts()
         metric = choose_metric(counts, metric)
         if metric is None:
@@ -264,8 +195,6 @@ def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None =
             return None
         first = df.drop_duplicates("cell")
         cells = first.loc[(first["status"] != "reference").to_numpy(), CELL_COLUMNS + ["axes"]]
-        cells, legacy_rows = derive_legacy_families(cells)
-        cells = _split_legacy_labels(cells)
         # cell_status over the rows that are not 'running' (a cell with none is running): the
         # same answer as cell_status(df), without walking a million rows in Python
         st_rows = df.loc[(df["status"] != "running").to_numpy(), ["cell", "status"]]
@@ -311,7 +240,7 @@ def load_study(root: str, metric: str | None = None, rows: pd.DataFrame | None =
     return Study(metric=metric, higher_better=higher_is_better(metric), cells=cells,
                  scores=scores, final=final, refs=refs, loss_order=loss_order,
                  init_order=init_order, palette=palette, protocol=choice, init_info=init_info,
-                 legacy_rows=legacy_rows, tuned=load_tuned(root))
+                 tuned=load_tuned(root))
 
 
 def _references(ref: pd.DataFrame, scores: pd.DataFrame, init_info: dict) -> pd.DataFrame:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D  # noqa: E402
 
-from analysis.data import Study, legacy_reinit, ordered  # noqa: E402
+from analysis.data import Study, ordered  # noqa: E402
 from analysis.panels import _draw_refs, _order_key, _ref_handles, _seeds_shown, _ylabel  # noqa: E402
 from analysis.seeds import offsets, seed_summary, strip  # noqa: E402
 from analysis.style import (
@@ -27,30 +27,23 @@ from analysis.style import (
 
 
 # ------------------------------------------------------------------------------ points w/ CI
-def _marker(study: Study, init: str) -> tuple[str, bool]:
-    """(marker, filled): matched re-init filled circles, fresh hollow circles, legacy re-init
-    crosses; everything else filled circles."""
-    info = study.info(init)
-    if legacy_reinit(info):
-        return "X", True
-    if info.get("reinit") == "fresh" and (info.get("init_scheme") == "reset_layers"
-                                          or info.get("reset_output")):
-        return "o", False
-    return "o", True
+def _fresh(info: dict) -> bool:
+    """A reset, or a transplant that resets its output, re-initialized fresh: drawn hollow."""
+    return info.get("reinit") == "fresh" and (info.get("init_scheme") == "reset_layers"
+                                              or bool(info.get("reset_output")))
 
 
 def _points(ax, study: Study, final: pd.DataFrame, cats: list):
     """Per init category, one strip per loss (dodged): a dot per seed in the loss colour and the
-    median as a dark bar; the marker tells the re-init (see ``_marker``)."""
+    median as a dark bar; a hollow dot tells a fresh re-init (see ``_fresh``)."""
     losses = [lo for lo in study.loss_order if lo in set(final["loss"])]
     width = 0.7 / max(1, len(losses))
     for j, loss in enumerate(losses):
         g = final[final["loss"] == loss].sort_values("seed", kind="stable")
         for i, cat in enumerate(cats):
-            mk, filled = _marker(study, cat)
             strip(ax, i + (j - (len(losses) - 1) / 2) * width,
                   g.loc[g["init"] == cat, "value"].to_numpy(float), study.palette[loss],
-                  width=width * 0.55, marker=mk, filled=filled)
+                  width=width * 0.55, filled=not _fresh(study.info(cat)))
     return losses
 
 
@@ -64,17 +57,13 @@ def _marker_legend(study: Study, cats) -> tuple[list, list]:
     kinds = {}
     for c in cats:
         info = study.info(c)
-        if legacy_reinit(info):
-            kinds["legacy"] = (Line2D([], [], color="#444444", marker="X", ls="none"),
-                               "legacy re-init (stored before reinit existed)")
-        elif info.get("reinit") == "fresh" and (info.get("init_scheme") == "reset_layers"
-                                                or info.get("reset_output")):
+        if _fresh(info):
             kinds["fresh"] = (Line2D([], [], color="#444444", marker="o", mfc="white",
                                      ls="none"), "reinit: fresh (architecture's own init)")
         elif info.get("reinit") == "matched":
             kinds["matched"] = (Line2D([], [], color="#444444", marker="o", ls="none"),
                                 "reinit: matched (RMS of the teacher's tensor)")
-    order = [k for k in ("matched", "fresh", "legacy") if k in kinds]
+    order = [k for k in ("matched", "fresh") if k in kinds]
     return [kinds[k][0] for k in order], [kinds[k][1] for k in order]
 
 
@@ -184,8 +173,7 @@ def mapping(study: Study, out_dir: str, rng, timer) -> list[str]:
         return []
     teacher = study.inits_where(init_scheme="teacher", init_source=None)
     random_ = study.inits_where(init_scheme="random")
-    out = [i for i in study.inits_where(init_scheme="reset_layers", reset_groups="output")
-           if not legacy_reinit(study.info(i))]
+    out = study.inits_where(init_scheme="reset_layers", reset_groups="output")
     have = set(study.final["init"])
     cats = [i for i in teacher + out + bands + mm + random_ if i in have]
     roles = {i: "reference" for i in teacher + random_}
@@ -274,19 +262,15 @@ def transplant(study: Study, out_dir: str, rng, timer) -> list[str]:
         return [csv] + save(fig, out_dir, "transplant", study.note())
 
 
-TRANSPLANT_VARIANTS = ("features", "reset_output matched", "reset_output fresh", "legacy")
+TRANSPLANT_VARIANTS = ("features", "reset_output matched", "reset_output fresh")
 TRANSPLANT_STYLE = {"features": ("-", "o", True), "reset_output matched": ("-.", "s", False),
-                    "reset_output fresh": ((0, (3, 1, 1, 1, 1, 1)), "^", False),
-                    "legacy": ("-", "X", True)}
+                    "reset_output fresh": ((0, (3, 1, 1, 1, 1, 1)), "^", False)}
 TRANSPLANT_WORDS = {"features": "transplant: all teacher weights kept",
                     "reset_output matched": "transplant + output reset (matched)",
-                    "reset_output fresh": "transplant + output reset (fresh)",
-                    "legacy": "transplant, legacy re-init"}
+                    "reset_output fresh": "transplant + output reset (fresh)"}
 
 
 def _transplant_variant(info: dict) -> str:
-    if legacy_reinit(info):
-        return "legacy"
     if not info.get("reset_output"):
         return "features"
     return "reset_output fresh" if info.get("reinit") == "fresh" else "reset_output matched"

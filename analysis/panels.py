@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.lines import Line2D  # noqa: E402  (style selected the Agg backend)
 
-from analysis.data import Study  # noqa: E402
+from analysis.data import REFERENCE_ORDER, Study  # noqa: E402
+from analysis.protocol import FLOOR
 from analysis.style import REFERENCE_STYLE, fmt_num, metric_label
 
 
@@ -21,7 +22,7 @@ def _seeds_shown(study: Study, df: pd.DataFrame | None = None) -> str:
     return f"every seed shown, median on top; {words}"
 
 
-def _ref_handles(study: Study, names=("teacher_heun35", "data_floor", "data_halves")):
+def _ref_handles(study: Study, names=REFERENCE_ORDER):
     out = []
     for name in names:
         val = study.ref(name)
@@ -35,8 +36,7 @@ def _ref_handles(study: Study, names=("teacher_heun35", "data_floor", "data_halv
     return out
 
 
-REF_SHORT = {"teacher_heun35": "teacher Heun-35", "data_floor": "data floor",
-             "data_halves": "data floor (legacy)"}
+REF_SHORT = {"teacher_heun35": "teacher Heun-35", FLOOR: "data floor"}
 
 
 def _draw_refs(ax, refs, labels: bool = True):
@@ -47,7 +47,7 @@ def _draw_refs(ax, refs, labels: bool = True):
     for name, val, _, _ in refs:
         st = REFERENCE_STYLE[name]
         ax.axhline(val, color=st["color"], ls=st["linestyle"], lw=st.get("lw", 1.0),
-                   zorder=3 if name in ("data_floor", "data_halves") else 2)
+                   zorder=3 if name == FLOOR else 2)
     if not labels:
         return
     for k, (name, val, _, _) in enumerate(order):

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-FLOOR_NAMES = ("data_floor", "data_halves")
-"""Reference rows of the data floor: the current protocol's, and legacy stores' two halves."""
+FLOOR = "data_floor"
+"""The reference rows of the data floor: real training images scored as generated samples are."""
 
 
 @dataclass
@@ -111,7 +111,7 @@ def select_protocol(m: pd.DataFrame, done: set) -> tuple[ProtocolChoice, pd.Seri
              .groupby("protocol").agg(cells=("cell", "nunique"), rows=("cell", "size"),
                                       newest=("t", "max")).reset_index())
     chosen, source = None, ""
-    floor = m.loc[is_ref & m["init"].isin(FLOOR_NAMES).to_numpy()]
+    floor = m.loc[is_ref & (m["init"] == FLOOR).to_numpy()]
     if len(floor):
         floor = floor.assign(eff=eff[floor.index]).sort_values("written_at", ascending=False,
                                                                 kind="stable")

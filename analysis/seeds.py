@@ -58,14 +58,14 @@ def offsets(n: int, width: float) -> np.ndarray:
     return np.linspace(-width / 2, width / 2, n)
 
 
-def strip(ax, x: float, values, color: str, width: float = 0.16, marker: str = "o",
-          filled: bool = True, zorder: int = 3) -> None:
+def strip(ax, x: float, values, color: str, width: float = 0.16, filled: bool = True,
+          zorder: int = 3) -> None:
     """One dot per seed around ``x`` and the median as a short dark bar on top."""
     v = np.asarray([y for y in values if np.isfinite(y)], dtype=float)
     if not len(v):
         return
     xs = x + offsets(len(v), width)
-    ax.scatter(xs, v, s=14, marker=marker, facecolors=color if filled else "white",
+    ax.scatter(xs, v, s=14, marker="o", facecolors=color if filled else "white",
                edgecolors=color, linewidths=1.0, zorder=zorder, alpha=0.9)
     half = max(width / 2 + 0.05, 0.09)
     ax.plot([x - half, x + half], [np.median(v)] * 2, color="#222222", lw=1.6,

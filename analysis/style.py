@@ -45,8 +45,6 @@ REFERENCE_STYLE = {
     # distinguishable where their values coincide (dots over dashes)
     "data_floor": {"color": "#666666", "linestyle": (0, (1, 1.2)), "lw": 1.8,
                    "label": "data floor (real images scored as samples)"},
-    "data_halves": {"color": "#666666", "linestyle": (0, (1, 1.2)), "lw": 1.8,
-                    "label": "data floor, legacy (two real halves)"},
     "initial": {"color": "#777777", "linestyle": "-.", "lw": 1.0,
                 "label": "initial one-step generator"},
 }
@@ -95,7 +93,7 @@ def loss_sort_key(label: str):
 
 
 _RESET_ORDER = ("input", "encoder", "middle", "decoder", "output", "embedding")
-_REINIT_ORDER = {"matched": 0, "fresh": 1}  # null (legacy rows, broken re-init) sorts last
+_REINIT_ORDER = {"matched": 0, "fresh": 1}  # any other value sorts last
 
 
 def _nn(value):
@@ -124,7 +122,7 @@ def _natural_tokens(text: str) -> tuple:
 def init_sort_key(info: dict, label: str = ""):
     """Order of init labels from their typed columns (``info``: init_scheme, reset_groups,
     reinit, sigma_feat, reset_output, init_source, mapping_steps): teacher, band-limited teachers,
-    reset_layers (fewest groups first; matched, fresh, legacy), feature_transplant by σ_feat
+    reset_layers (fewest groups first; matched, then fresh), feature_transplant by σ_feat
     (reset_output last), mapping_match, random, others by name."""
     get = (lambda k: _nn(info.get(k))) if info else (lambda k: None)
     scheme = get("init_scheme")
@@ -162,8 +160,7 @@ def _wrap_groups(groups: str, width: int = 15) -> list[str]:
 def display_init(label: str, info: dict | None = None) -> str:
     """Compact multi-line form of an init for tick labels and panel titles, built from its typed
     columns (``info``; without them the label itself): ``reset_layers\n[output]\nmatched``,
-    ``feature transplant\nσ_feat=2.5``, ``teacher\n[band 1.5-4]``. Reset and transplant cells
-    stored before ``reinit``/``reset_output`` existed (broken re-init) say ``legacy re-init``."""
+    ``feature transplant\nσ_feat=2.5``, ``teacher\n[band 1.5-4]``."""
     if not info:
         return label
     get = lambda k: _nn(info.get(k))  # noqa: E731
@@ -171,15 +168,10 @@ def display_init(label: str, info: dict | None = None) -> str:
     if scheme == "teacher" and get("init_source") is not None:
         return f"teacher\n[{get('init_source')}]"
     if scheme == "reset_layers" and get("reset_groups") is not None:
-        reinit = get("reinit")
-        return "\n".join(["reset_layers", *_wrap_groups(get("reset_groups")),
-                          reinit if reinit else "legacy re-init"])
+        return "\n".join(["reset_layers", *_wrap_groups(get("reset_groups")), str(get("reinit"))])
     if scheme == "feature_transplant" and get("sigma_feat") is not None:
         out = f"feature transplant\nσ_feat={float(get('sigma_feat')):g}"
-        ro = get("reset_output")
-        if ro is None:
-            return out + "\nlegacy re-init"
-        if ro:
+        if get("reset_output"):
             out += f"\n+reset output ({get('reinit') or 'matched'})"
         return out
     if scheme == "mapping_match":

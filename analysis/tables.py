@@ -6,7 +6,7 @@ import os
 
 import pandas as pd
 
-from analysis.data import Study, legacy_reinit, ordered
+from analysis.data import Study, ordered
 from analysis.seeds import WIDE_RATIO, seed_summary, seeds_text
 from analysis.style import fmt_num, fmt_pm
 from analysis.tuning import protocol_lines
@@ -38,9 +38,8 @@ def _excluded_rows(study: Study) -> tuple[list[tuple], int]:
 
 
 def provenance_lines(study: Study) -> list[str]:
-    """Protocol, legacy rows and legacy re-init cells, in words (shared by table.md and
+    """The protocol and the tuning behind the study, in words (shared by table.md and
     claims.md)."""
-
     out = []
     if study.protocol is not None and study.protocol.protocol is not None:
         left = study.protocol.left_words(full=True)
@@ -49,17 +48,6 @@ def provenance_lines(study: Study) -> list[str]:
                    f"(chosen as {study.protocol.source}; one protocol per metric). "
                    + (f"{left[0].upper()}{left[1:]}." if left
                       else "No rows under other protocols."))
-    if study.legacy_rows:
-        out.append(f"**Legacy rows:** {study.legacy_rows} cells were stored before the typed "
-                   f"loss/init columns existed; their loss family and init scheme were derived "
-                   f"from their labels.")
-    legacy = [i for i in study.init_order if legacy_reinit(study.info(i))]
-    if legacy:
-        out.append(f"**Legacy re-init:** {', '.join(f'`{i}`' for i in legacy)} were stored "
-                   f"before `reinit` / `reset_output` existed: they used the near-zero output "
-                   f"re-init that stalls the optimisation, so they measure the "
-                   f"optimiser, not the features, and claims C3a-C3c are not judged on them.")
-
     return out + protocol_lines(getattr(study, "tuned", None))
 
 
@@ -165,7 +153,7 @@ def write_table(study: Study, out_dir: str) -> list[str]:
         md += [f"| {md_escape(label)} | {val} |" for label, val in refs]
     md += ["", "References: teacher Heun-35 = the teacher's own 35-evaluation sampler; data floor "
            "= real training images scored against the held-out reference exactly as generated "
-           "samples are (legacy stores: two disjoint halves of the real data, labelled as such); "
+           "samples are; "
            "initial one-step generator = kimg 0 of teacher-init cells. Random init is the "
            "`random` row.", "", footer_md(study)]
     md_path = os.path.join(out_dir, "table.md")

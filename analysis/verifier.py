@@ -27,7 +27,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from analysis.bootstrap import mean_ci
 from analysis.claims_base import METHOD_SIMULTANEOUS, NOT_TESTED, ClaimResult, extreme, finish
-from analysis.data import FLOOR_NAMES, choose_metric, extra_axis_labels, higher_is_better, ordered
+from analysis.data import FLOOR, choose_metric, extra_axis_labels, higher_is_better, ordered
 from analysis.stats import fieller
 from analysis.style import (
     RC,
@@ -162,7 +162,7 @@ def _refs(df: pd.DataFrame, metric: str) -> list[tuple[str, float]]:
     if "status" not in df.columns:
         return out
     ref = df[(df["status"] == "reference") & (df["metric"] == metric)]
-    for name in ("teacher_heun35", *FLOOR_NAMES):
+    for name in ("teacher_heun35", FLOOR):
         v = ref.loc[ref["init"] == name, "value"].to_numpy(dtype=float)
         if len(v):
             out.append((name, float(v.mean())))

@@ -13,9 +13,6 @@ How the inputs are made:
       UPDATE_GOLDEN=1 python -m pytest tests/test_analysis.py -q
 
   and review the diff before committing.
-- Legacy store: ``tests/fixtures/legacy_quick/`` is the quick study's store as committed before the
-  typed loss/init columns existed (rows without loss_family, reinit, ...; a ``data_halves`` floor),
-  with ``expected/`` = the figure data the analysis of that time wrote from it.
 """
 from __future__ import annotations
 
@@ -34,7 +31,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "results_small")
 GOLDEN = os.path.join(HERE, "fixtures", "golden")
 ROOT = os.path.dirname(HERE)
-LEGACY = os.path.join(HERE, "fixtures", "legacy_quick")
 FIGURES = ("heatmap", "curves", "reset", "transplant", "mapping", "samples", "claims_kimg")
 EXCLUDED = {"c-sid-teacher-s2": "failed", "c-ratio_js-random-s2": "diverged",
             "c-di-random-s3": "unfinished", "c-di-teacher-s7": "orphaned"}
@@ -421,42 +417,6 @@ def test_groups_come_from_columns_not_labels():
     for c in ("C2", "C3a", "C3b", "C3c", "C3d", "C3e"):
         assert va[c].verdict == vb[c].verdict != "not tested by this study", c
         assert va[c].effect == pytest.approx(vb[c].effect), c
-
-
-def test_legacy_store_same_numbers_as_before(tmp_path):
-    """The quick study's store from before the typed columns (no loss_family, reinit, ...;
-    a `data_halves` floor) still loads, and its figures carry the numbers the analysis wrote
-    then (tests/fixtures/legacy_quick/expected/)."""
-    import numpy as np
-
-    from analysis.data import load_study
-    from analysis.figures import make_all
-
-    rows = load_rows(LEGACY)
-    assert rows["loss_family"].isna().all() and rows["reinit"].isna().all()
-    study = load_study(LEGACY)
-    assert study.legacy_rows == 10
-    assert set(study.cells["loss_family"]) == {"di", "sid", "ratio"}
-    assert study.floor_name() == "data_halves"
-    out = str(tmp_path / "out")
-    make_all(LEGACY, out)
-    key = {"heatmap": ["loss", "init"], "table": ["loss", "init"],
-           "curves": ["loss", "init", "kimg"]}
-    for name, cols in key.items():
-        old = pd.read_csv(os.path.join(LEGACY, "expected", f"{name}.data.csv"))
-        new = pd.read_csv(os.path.join(out, f"{name}.data.csv"))
-        merged = old.merge(new, on=cols, how="outer", suffixes=("_old", "_new"),
-                           indicator=True)
-        assert (merged["_merge"] == "both").all(), name
-        for c in ("n", "mean"):
-            np.testing.assert_allclose(merged[f"{c}_new"], merged[f"{c}_old"], rtol=1e-5,
-                                       err_msg=f"{name}.{c}")
-    old = pd.read_csv(os.path.join(LEGACY, "expected", "claims.data.csv")).set_index("claim")
-    new = pd.read_csv(os.path.join(out, "claims.data.csv")).set_index("claim")
-    assert new.loc["C2", "effect"] == pytest.approx(old.loc["C2", "effect"], rel=1e-5)
-    # the old C1 was best vs best: now C1-best
-    assert new.loc["C1-best", "effect"] == pytest.approx(old.loc["C1", "effect"], rel=1e-5)
-    assert "data floor, legacy" in _read(out, "table.md")
 
 
 def test_floor_caveat_reaches_the_legend_when_the_dataset_is_too_small():

@@ -357,8 +357,7 @@ def test_figure_and_table_state_the_protocol(tmp_path):
 
     csv = pd.read_csv(paths[0])
     assert len(csv) == 6 and set(csv.state) == {"complete", "stopped"}
-    lines = provenance_lines(types.SimpleNamespace(protocol=None, legacy_rows=0, init_order=[],
-                                                   tuned=tuned))
+    lines = provenance_lines(types.SimpleNamespace(protocol=None, tuned=tuned))
     text = "\n".join(lines)
     assert "3 trials per family" in text and "1 kimg per trial" in text
     assert "every loss family's student.lr ~ loguniform(1e-05, 0.001), chosen" in text
