@@ -28,10 +28,10 @@ from analysis.style import (
 from analysis.tuning import load_tuned
 from harness.declare.config import INIT_SCHEMES, ConfigError, param_columns
 from harness.declare.hashing import PinError
+from harness.declare.schema import higher_is_better  # noqa: F401 (analysis modules read it here)
 from harness.store.results import cell_status, load_rows, read_bytes
 
 QUALITY_PREFIXES = ("fid_", "fd_", "kid_", "mmd_", "swd_", "modes_", "precision_", "recall_")
-HIGHER_BETTER_PREFIXES = ("modes_", "precision_", "recall_")
 DEFAULT_PREFERENCE = ("fid_inception_", "fd_", "mmd_", "kid_", "swd_", "fid_")
 VERIFIER_MARK = "@"
 """``fd_digits_1k@resample4``: a verifier score (analysis.verifier), never the plain score."""
@@ -50,10 +50,6 @@ scored against the held-out reference as generated samples are)."""
 def is_quality(metric: str) -> bool:
     """A plain quality score (verifier-suffixed names, ``fd_digits_1k@resample4``, are not)."""
     return metric.startswith(QUALITY_PREFIXES) and VERIFIER_MARK not in metric
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric.startswith(HIGHER_BETTER_PREFIXES)
 
 
 def choose_metric(counts: pd.Series, metric: str | None = None) -> str | None:

@@ -25,6 +25,13 @@ ARCHS = ("mlp", "unet-xs", "unet-s", "unet-m", "unet-edm", "ddpmpp")
 PRECISIONS = ("fp32", "tf32", "bf16")
 TOY_KINDS = ("ring8", "checkerboard")
 EVAL_METRICS = ("auto", "fd", "fid", "mmd")
+HIGHER_BETTER_PREFIXES = ("modes_", "precision_", "recall_")
+"""Stored metric names whose larger values are better; every other quality metric (fd_*, fid_*,
+mmd_*, kid_*, swd_*) is a distance, lower is better."""
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric.startswith(HIGHER_BETTER_PREFIXES)
 
 # Upper bounds: far above any real study, low enough that a typo (1e14, 1e300) is refused at
 # validation instead of crashing a worker or running forever.

@@ -32,7 +32,6 @@ SEARCH_SEED = 0
 ASHA_REDUCTION = 2
 ASHA_GRACE = 0.25  # of a trial's whole budget (kimg x seeds)
 NOT_SEARCHED = {"student": ("kimg",)}
-HIGHER_BETTER_PREFIXES = ("modes_", "precision_", "recall_")  # as analysis.data
 METRIC_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
 TRIAL_PROTOCOL = "harness tune trial (the study's eval settings, verifier off)"
 SELECTION_RULE = ("among the family's trials that reached the full budget on every selection "

@@ -25,6 +25,7 @@ from ray import tune
 from harness import __version__
 from harness.declare import config as C
 from harness.declare.hashing import canonical_json, teacher_plan
+from harness.declare.schema import higher_is_better
 from harness.declare.study import load_study
 from harness.declare.tune_spec import (
     ASHA_GRACE,
@@ -49,7 +50,6 @@ from harness.store.tuning import (
     family_states,
     final_kimg,
     fmt_value,
-    higher_is_better,
     read_trial_rows,
     record_choice,
     scratch_root,

@@ -63,12 +63,11 @@ import re
 from harness import __version__
 from harness.declare import config as C
 from harness.declare.hashing import canonical_json, identity, sha
-from harness.declare.schema import check_value
+from harness.declare.schema import check_value, higher_is_better
 from harness.declare.study import Cell
 from harness.declare.tune_spec import (
     ASHA_GRACE,
     ASHA_REDUCTION,
-    HIGHER_BETTER_PREFIXES,
     NOT_SEARCHED,
     SEARCH_SEED,
     SELECTION_RULE,
@@ -120,10 +119,6 @@ def family_hash(tune: Tune, family: Family) -> str:
     doc = {"protocol": {k: v for k, v in tune.section().items() if k != "space"},
            "space": {k: d.text for k, d in family.space.items()}, "trial": ident}
     return sha(doc)[:16]
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric.startswith(HIGHER_BETTER_PREFIXES)
 
 
 # ---------------------------------------------------------------------------------------------
