@@ -16,6 +16,7 @@ is declared, with its check, in ``schema``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import os
@@ -348,9 +349,8 @@ def load_study(path: str, overrides: dict | None = None) -> Study:
     except (OSError, UnicodeDecodeError) as e:
         raise StudyError(f"cannot read the study file ({e})", source=str(path),
                          fix="check that it is a readable UTF-8 text file") from None
-    study = parse_study(text, source=str(path), overrides=overrides)
-    study.path = str(path)
-    return study
+    return dataclasses.replace(parse_study(text, source=str(path), overrides=overrides),
+                               path=str(path))
 
 
 def describe(study: Study, ids: list[str] | None = None, notes: list[str] | None = None) -> str:

@@ -14,7 +14,7 @@ No torch, no Ray: ``harness run``, ``harness status`` and the dry run share it.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import io
 from contextlib import redirect_stdout
 from dataclasses import dataclass, field
@@ -60,10 +60,10 @@ def plan(study, root: str, data_fingerprint, rows=None) -> Round:
     if study.claims.seeds is None:
         return Round(cells=list(study.cells))
     rows = store.load_rows(root) if rows is None else rows
-    pool = copy.copy(study)
-    pool.cells = study.seed_pool
-    ids = {cid: cell for cid, cell, *_ in hashing.compute_ids(pool, data_fingerprint)}
-    first = {cid for cid, *_ in hashing.compute_ids(study, data_fingerprint)}
+    ids = {cid: cell for cid, cell, *_ in
+           hashing.compute_ids(dataclasses.replace(study, cells=study.seed_pool), data_fingerprint)}
+    first_round = {c.index for c in study.cells}  # the same cells: seed_pool holds them too
+    first = {cid for cid, cell in ids.items() if cell.index in first_round}
     stored = set(rows["cell"]) if not rows.empty else set()
     judged = judge(study, root, rows)
     waiting = [v for v in judged if v.next_seeds]  # analysis.claims.open_claims
@@ -83,9 +83,7 @@ def plan(study, root: str, data_fingerprint, rows=None) -> Round:
 
 def with_cells(study, cells: list):
     """A copy of the study whose cells are ``cells`` (the study itself is never changed)."""
-    out = copy.copy(study)
-    out.cells = list(cells)
-    return out
+    return dataclasses.replace(study, cells=list(cells))
 
 
 def cap_lines(study) -> list[str]:

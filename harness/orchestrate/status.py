@@ -7,6 +7,7 @@ when its ``status=done`` row exists, whatever Ray says.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -120,7 +121,7 @@ def dry_run_report(study, root: str, cache: str | None = None) -> int:
     Writes nothing. Data that is not on this machine (a cluster study checked on a laptop) is
     an error (exit 2) after the cells are listed without ids (ids hash the data)."""
 
-    study.results_root = root
+    study = dataclasses.replace(study, results_root=root)
     try:
         fp, _ = fingerprints(study)
     except DataError:

@@ -58,6 +58,7 @@ checkpoints are read with ``torch.load(weights_only=True)`` (``io.load_torch``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -256,7 +257,8 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
         note = cache_note(cache, sum(1 for n in ray.nodes() if n.get("Alive")))
         if note:
             print(note)
-        study.tracking = tracking.preflight(study.tracking, study.name)
+        study = dataclasses.replace(study, tracking=tracking.preflight(study.tracking,
+                                                                        study.name))
         with acquire_lock(root, cache):
             return _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn)
     finally:

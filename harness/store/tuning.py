@@ -56,6 +56,7 @@ Validation and ``apply`` are pure Python (no torch, no Ray): ``harness.declare.s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -130,10 +131,8 @@ def apply(study, choice: dict):
 
     if study.tune is None:
         return study
-    out = copy.copy(study)
-    out.cells = _tuned(study, study.cells, choice, Cell)
-    out.seed_pool = _tuned(study, getattr(study, "seed_pool", []), choice, Cell)
-    return out
+    return dataclasses.replace(study, cells=_tuned(study, study.cells, choice, Cell),
+                               seed_pool=_tuned(study, study.seed_pool, choice, Cell))
 
 
 def _tuned(study, cells_in: list, choice: dict, Cell) -> list:
