@@ -35,6 +35,7 @@ class Round:
     # with no rows yet: what the open claims wait for
     open: list = field(default_factory=list)  # analysis.claims_base.ClaimResult, still open
     results: list = field(default_factory=list)  # every claim as judged now
+    computed: list | None = None  # hashing.compute_ids rows of ``cells`` (None: not computed)
 
 
 def signature(config: dict) -> str:
@@ -60,8 +61,9 @@ def plan(study, root: str, data_fingerprint, rows=None) -> Round:
     if study.claims.seeds is None:
         return Round(cells=list(study.cells))
     rows = store.load_rows(root) if rows is None else rows
-    ids = {cid: cell for cid, cell, *_ in
-           hashing.compute_ids(dataclasses.replace(study, cells=study.seed_pool), data_fingerprint)}
+    computed = hashing.compute_ids(dataclasses.replace(study, cells=study.seed_pool),
+                                   data_fingerprint)
+    ids = {cid: cell for cid, cell, *_ in computed}
     first_round = {c.index for c in study.cells}  # the same cells: seed_pool holds them too
     first = {cid for cid, cell in ids.items() if cell.index in first_round}
     stored = set(rows["cell"]) if not rows.empty else set()
@@ -71,14 +73,16 @@ def plan(study, root: str, data_fingerprint, rows=None) -> Round:
     for v in waiting:
         sigs = {signature(ids[c].config) for c in v.cells if c in ids}
         want |= {(s, int(seed)) for s in sigs for seed in v.next_seeds}
-    cells, adds = [], []
-    for cid, cell in ids.items():
+    chosen, adds = [], []
+    for row in computed:
+        cid, cell = row[0], row[1]
         needed = (signature(cell.config), int(cell.config["seed"])) in want
         if cid in first or cid in stored or needed:
-            cells.append(cell)
+            chosen.append(row)
         if needed and cid not in first and cid not in stored:
             adds.append(cell)
-    return Round(cells=cells, adds=adds, open=waiting, results=judged)
+    return Round(cells=[row[1] for row in chosen], adds=adds, open=waiting, results=judged,
+                 computed=chosen)
 
 
 def with_cells(study, cells: list):

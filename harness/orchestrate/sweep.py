@@ -235,8 +235,9 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
     # resources are checked; under the lock, _rounds reads both again (another run may have
     # written since).
     rows = store.load_rows(root)
-    study = rounds.with_cells(study, rounds.plan(study, root, fp, rows).cells)
-    plan = pins.pin_study(study, root, fp, write=False)
+    first = rounds.plan(study, root, fp, rows)
+    study = rounds.with_cells(study, first.cells)
+    plan = pins.pin_study(study, root, fp, write=False, computed=first.computed)
     states = cell_states(rows, plan.ids)
     pending = [c for c in plan.ids if states[c]["state"] not in FINAL]
     if not pending:
@@ -260,7 +261,8 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
         study = dataclasses.replace(study, tracking=tracking.preflight(study.tracking,
                                                                         study.name))
         with acquire_lock(root, cache):
-            return _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn)
+            return _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn,
+                           plan.computed)
     finally:
         if started:
             import ray
@@ -268,14 +270,16 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
             ray.shutdown()
 
 
-def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn) -> int:
+def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn, computed) -> int:
     """Run the study's pending cells; with a seeds plan, round after round until no claim is
-    open (each round re-planned from the stored rows: ``harness.orchestrate.rounds``)."""
+    open (each round re-planned from the stored rows: ``harness.orchestrate.rounds``).
+    ``computed``: the cells' ids as computed before the lock; each round's ids are computed
+    once (by ``rounds.plan``) and pinned from there."""
 
     n, rows = 0, store.load_rows(root)  # the rows are read once per round
     while True:
         n += 1
-        pin = pins.pin_study(study, root, fp)
+        pin = pins.pin_study(study, root, fp, computed=computed)
         for note in pin.notes:
             print(f"note: {note}")
         if pin.orphaned and n == 1:
@@ -302,7 +306,7 @@ def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn) -> in
         seeds = max(len(v.next_seeds) for v in nxt.open)
         print(f"round {study.claims.seeds.looks().index(seeds) + 1}: {len(nxt.adds)} cells added "
               f"for the open claims")
-        study = rounds.with_cells(study, nxt.cells)
+        study, computed = rounds.with_cells(study, nxt.cells), nxt.computed
 
 
 def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:

@@ -40,6 +40,7 @@ class Pin:
     teachers: dict  # teacher id -> {data, teacher, data_fingerprint}
     notes: list = field(default_factory=list)  # drift: harness version, dataset fingerprints
     document: dict = field(default_factory=dict, repr=False)  # pin.json as written
+    computed: list = field(default_factory=list, repr=False)  # hashing.compute_ids of the cells
 
     @property
     def ids(self) -> list[str]:
@@ -82,13 +83,16 @@ def read_pin(root: str) -> dict | None:
     return doc
 
 
-def pin_study(study, root: str | None = None, data_fingerprint=None, *, write: bool = True) -> Pin:
+def pin_study(study, root: str | None = None, data_fingerprint=None, *, write: bool = True,
+              computed: list | None = None) -> Pin:
     """Pin the study's cells in ``root/pin.json`` (root defaults to ``study.results_root``).
 
     ``data_fingerprint``: the dataset's fingerprint (str), a ``{dataset name: fingerprint}``
     mapping, or a callable ``(data config) -> fingerprint`` (for studies with a data axis).
     Existing cell entries are never modified; new cells are added; ``current`` is set to the study's
     cells now. ``write=False`` computes the same answer without writing (dry runs, status).
+    ``computed``: the study's ``compute_ids`` rows when the caller has them (each id is computed
+    once per round of ``harness run``); pin.json itself is always read again.
     """
     root = study.results_root if root is None else root
     if data_fingerprint is None:
@@ -112,7 +116,7 @@ def pin_study(study, root: str | None = None, data_fingerprint=None, *, write: b
         if doc.get("version") != __version__:
             notes.append(f"pin.json was written by harness {doc.get('version')}, this is "
                          f"{__version__}; cell ids are unchanged unless configs resolve differently")
-    rows = compute_ids(study, data_fingerprint)
+    rows = compute_ids(study, data_fingerprint) if computed is None else computed
     stamp = utc_now()
     new, teachers, fingerprints = [], {}, {}
     for cid, cell, tid, fp in rows:
@@ -145,7 +149,8 @@ def pin_study(study, root: str | None = None, data_fingerprint=None, *, write: b
         if write:
             results.write_bytes_atomic(root, PIN, dumps(doc))
     return Pin(study=study.name, root=root, current=[(cid, cell) for cid, cell, *_ in rows],
-               new=new, orphaned=orphaned, teachers=teachers, notes=notes, document=doc)
+               new=new, orphaned=orphaned, teachers=teachers, notes=notes, document=doc,
+               computed=rows)
 
 
 def dumps(doc: dict) -> bytes:
