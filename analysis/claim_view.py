@@ -43,6 +43,7 @@ class Claim:
     seeds_to_decide: int | None
     kimg: float | None
     details: tuple = ()
+    level: float = float("nan")  # the interval's confidence level (1 - alpha over comparisons)
 
     @property
     def tested(self) -> bool:
@@ -61,11 +62,11 @@ def judged_claims(study: Study, spec: ClaimsSpec | None = None, rows: pd.DataFra
             effect=float(v.effect), lo=float(v.ci_low), hi=float(v.ci_high),
             threshold=float(v.threshold), holds_if=v.holds_if, verdict=v.verdict,
             n_seeds=int(v.n_seeds or 0), seeds_to_decide=v.seeds_needed, kimg=kimg,
-            details=tuple(v.details)))
+            details=tuple(v.details), level=1 - float(v.alpha) / v.comparisons))
     return out
 
 
 def claims_frame(claims: list[Claim]) -> pd.DataFrame:
-    """One row per claim (the fields of ``Claim``, details left out)."""
-    cols = [f for f in Claim.__dataclass_fields__ if f != "details"]
+    """One row per claim (the fields of ``Claim``, details and level left out)."""
+    cols = [f for f in Claim.__dataclass_fields__ if f not in ("details", "level")]
     return pd.DataFrame([{c: getattr(k, c) for c in cols} for k in claims], columns=cols)

@@ -21,7 +21,7 @@ from harness.declare.claims_spec import ClaimsSpec
 # ------------------------------------------------------------------------------------- forest
 def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = None,
            claims: ClaimsSpec | None = None) -> list[str]:
-    """One row per tested claim: the estimate (dot), its 95% interval (bar), and the claim's
+    """One row per tested claim: the estimate (dot), its interval (bar, at the claim's level), the claim's
     threshold (a red tick on that row; the side on which the claim holds under its name); the
     verdict is written at the right in its colour. x is the effect in %, symmetric-log beyond ±100%."""
     with timer("forest: judge+render"):
@@ -69,9 +69,15 @@ def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = N
             ax.set_ylim(-0.6, len(shown) - 0.4)
             ax.grid(axis="y", visible=False)
             ax.tick_params(axis="x", labelsize=7)
-            ax.set_xlabel("effect (%), 95% interval\n(symmetric log beyond ±100%)", fontsize=7)
+            # each interval's level: 1 - alpha, split over a best-of comparison and over the
+            # looks of a seeds-on-demand study (so not always 95%)
+            levels = {f"{100 * c.level:.4g}%" for c in shown if math.isfinite(c.level)}
+            level = (f"{levels.pop()} interval" if len(levels) == 1 else
+                     "interval at each claim's level" if levels else "95% interval")
+            ax.set_xlabel(f"effect (%), {level.replace(' at each', ',')}\n(symmetric log "
+                          f"beyond ±100%)", fontsize=7)
             _, hi, words = study.seeds_phrase()
-            fig.suptitle(f"Claims on final {study.metric}: estimate,\n95% interval ({words}), "
+            fig.suptitle(f"Claims on final {study.metric}: estimate,\n{level} ({words}), "
                          f"threshold (red)", fontsize=7.5, x=(left + width / 2) / fw,
                          y=1 - 0.04 / fh, va="top")
             return [csv] + save(fig, out_dir, "forest", study.note())
