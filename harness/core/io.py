@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from harness.base.digest import file_sha256  # noqa: F401 (also used by core.metrics)
+from harness.base.digest import file_sha256
 from harness.base.safefs import replace_atomic
 
 
