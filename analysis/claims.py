@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.claims_base import METHOD_SIMULTANEOUS, NOT_TESTED, ClaimResult, Groups, finish
-from analysis.claims_c3 import c3, c3c, c3d, c3e, reset_claim
+from analysis.claims_c3 import c3, c3c, c3d, c3e, c3f, reset_claim
 from analysis.stats import look_alphas
 from analysis.style import base_loss, fmt_num
 from analysis.tables import fmt_pct
@@ -54,6 +54,8 @@ STATEMENTS = {
            "benefit of teacher init.",
     "C3e": "Features of one noise band are not enough: init from a band-limited teacher costs a "
            "large part of the benefit.",
+    "C3f": "The teacher's features carry the benefit: training only the layers around them "
+           "(encoder, middle and decoder frozen at the teacher's values) keeps most of it.",
 }
 RULES = {
     "C1": "The declared pair (claims.pair, fixed before the data are seen): the score-free loss "
@@ -93,6 +95,13 @@ RULES = {
            "with its own interval and verdict. The claim over all bands is the minimum cost, "
            "with the minimum of the bands' simultaneous intervals: holds if it lies above the "
            "threshold (every band costs more); does not hold if below.",
+    "C3f": "Teacher init with freeze [encoder, middle, decoder] (those groups keep the "
+           "teacher's values and get no updates; input, output and noise embedding train). "
+           "Effect = (frozen − teacher) / (random − teacher) on loss-averaged means per seed: "
+           "the share of the gap that freezing the features costs. Holds if the interval lies "
+           "below the threshold. Every other frozen variant is reported as C3f[<groups>], judged "
+           "alone on the same terms. Not one of C3's sub-claims (the paper's C3 is C3a-C3e): a "
+           "second probe of the same question, reported beside it.",
     "C3": "Holds if every sub-claim C3a-C3e holds; does not hold if any sub-claim does not hold; "
           "not tested if none is tested; else inconclusive. Untested sub-claims are named.",
 }
@@ -208,8 +217,10 @@ def c2(g: Groups) -> list[ClaimResult]:
 CLAIMS = (("C1", c1_fixed), ("C1-best", c1_best), ("C2", c2),
           ("C3a", lambda g: reset_claim(g, "C3a", {"output"})),
           ("C3b", lambda g: reset_claim(g, "C3b", {"encoder", "middle", "decoder"})),
-          ("C3c", c3c), ("C3d", c3d), ("C3e", c3e))
+          ("C3c", c3c), ("C3d", c3d), ("C3e", c3e), ("C3f", c3f))
 """(name, claim function): a function maps one look's Groups to [main result, extra rows]."""
+C3_PARTS = ("C3a", "C3b", "C3c", "C3d", "C3e")
+"""The sub-claims C3 is judged from; C3f is reported beside them."""
 
 
 # -------------------------------------------------------------------------------- judging
@@ -233,8 +244,8 @@ def claim_results(study, spec: ClaimsSpec | None = None, rows: pd.DataFrame | No
                   final: pd.DataFrame | None = None, kimg: float | None = None
                   ) -> list[ClaimResult]:
     """Every claim at every level of the other grid axes (see the module docstring): per level
-    C1, C1-best, C2, C3, C3a-C3e (C3e's per-band rows after it), then C4 when ``rows`` hold
-    verifier scores. At kimg 0 every claim is 'not judged'."""
+    C1, C1-best, C2, C3, C3a-C3e, C3f (C3e's per-band and C3f's per-variant rows after them),
+    then C4 when ``rows`` hold verifier scores. At kimg 0 every claim is 'not judged'."""
     spec = spec or ClaimsSpec()
     final = study.final if final is None else final
     frame = keyed(final, spec.pool)
@@ -244,12 +255,13 @@ def claim_results(study, spec: ClaimsSpec | None = None, rows: pd.DataFrame | No
     for lvl in levels:
         level = json.loads(lvl)
         part, cpart = frame[frame["lvl"] == lvl], cells[cells["lvl"] == lvl]
-        subs, extra = [], []
+        first, subs, beside, extra = [], [], [], []
         for name, fn in CLAIMS:
             res = _replay(study, part, cpart, spec, level, fn)
-            (subs if name.startswith("C3") else out).append(res[0])
+            (subs if name in C3_PARTS else beside if name.startswith("C3") else first).append(
+                res[0])
             extra += res[1:]
-        out += [c3(subs)] + subs + extra
+        out += first + [c3(subs)] + subs + beside + extra
     if rows is not None and rows["metric"].str.contains("@", regex=False).any():
         out.append(_replay_c4(study, rows, spec, claim_c4))
     for v in out:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from analysis.data import PLAIN_TEACHER
 from analysis.stats import abs_interval, decide, fieller, seeds_to_decide
 from analysis.style import fmt_pm, loss_sort_key
 from analysis.tables import fmt_pct
@@ -160,7 +161,7 @@ class Groups:
                 f"(n={len(v)})")
 
     def teacher(self) -> str | None:
-        t = self.where(init_scheme="teacher", init_source=None)
+        t = self.where(**PLAIN_TEACHER)
         return t[0] if t else None
 
     def random(self) -> str | None:

@@ -1,7 +1,9 @@
 """C3 and its sub-claims: where the benefit of teacher init comes from. C3a/C3b (matched resets
 of the output, of the body), C3c (spread over sigma_feat of feature transplant), C3d
 (mapping_match), C3e (band-limited teachers), each as a share of the teacher-random gap on
-loss-averaged, seed-paired means (``claims_base.Groups``); C3 from the sub-claims. Judged by
+loss-averaged, seed-paired means (``claims_base.Groups``); C3 from the sub-claims. Beside them
+C3f, a second probe of "features, not mapping": teacher init with the encoder, middle and
+decoder frozen (only the input, output and noise embedding train). Judged by
 ``analysis.claims.claim_results``."""
 from __future__ import annotations
 
@@ -172,6 +174,29 @@ def c3e(g: Groups) -> list[ClaimResult]:
     v.details = [f"{p.claim}: {p.fmt(p.effect)}, interval [{p.fmt(p.ci_low)}, "
                  f"{p.fmt(p.ci_high)}] — {p.verdict}" for p in per]
     return [finish(v)] + per
+
+
+def c3f(g: Groups) -> list[ClaimResult]:
+    """C3f: teacher init with [encoder, middle, decoder] frozen, as a share of the gap it costs;
+    one ``C3f[<groups>]`` row for every other frozen variant, each judged alone."""
+    body = {"encoder", "middle", "decoder"}
+    mine = set(g.inits)
+    frozen = {i: gs for i, gs in g.study.frozen_teachers().items() if i in mine}
+    v = g.new("C3f", "teacher init, encoder+middle+decoder frozen, vs teacher and random init",
+              "fraction of the random-init gap: (frozen − teacher) / (random − teacher)",
+              pct=False)
+    head = [i for i, gs in frozen.items() if gs == body]
+    out = _gap_claim(g, v, head[0]) if head else [v]
+    if not head:
+        v.details.append("needs teacher-init cells with freeze [encoder, middle, decoder]")
+    for i, gs in frozen.items():
+        if gs == body:
+            continue
+        name = "+".join(sorted(gs, key=GROUPS.index))
+        out += _gap_claim(g, g.new(f"C3f[{name}]", f"teacher init, {name} frozen, vs teacher "
+                                   "and random init", "fraction of the random-init gap: "
+                                   "(frozen − teacher) / (random − teacher)", pct=False), i)
+    return out
 
 
 def c3(subs: list[ClaimResult]) -> ClaimResult:

@@ -42,6 +42,9 @@ INIT_COLUMNS = ["init_scheme"] + sorted({p.column or n for sch in INIT_SCHEMES.v
 CELL_COLUMNS = ["cell", "loss", "init", *PARAM_COLUMNS, "seed"]
 SCORE_COLUMNS = ["cell", "loss", "loss_base", "init", "loss_family", "init_scheme", "sigma_feat",
                  "reset_output", "seed", "levels"]
+PLAIN_TEACHER = {"init_scheme": "teacher", "init_source": None, "freeze_groups": None}
+"""The teacher init itself (``Study.inits_where(**PLAIN_TEACHER)``): the teacher's own weights,
+all of them trained; a band-limited teacher's weights or a frozen variant is an init of its own."""
 REFERENCE_ORDER = ("teacher_heun35", FLOOR)
 """Reference rows: the teacher's Heun-35 sampler, and the data floor (n real training images
 scored against the held-out reference as generated samples are)."""
@@ -118,6 +121,13 @@ class Study:
     def display(self, init: str) -> str:
 
         return display_init(init, self.info(init))
+
+    def frozen_teachers(self) -> dict[str, set]:
+        """Teacher inits (of the teacher itself, not a band-limited one) with frozen groups, in
+        display order: {init label: the set of frozen groups}."""
+        return {i: set(str(_nn(self.info(i).get("freeze_groups"))).split("+"))
+                for i in self.inits_where(init_scheme="teacher", init_source=None)
+                if _nn(self.info(i).get("freeze_groups")) is not None}
 
     def inits_where(self, **cols) -> list[str]:
         """Init labels (in display order) whose typed columns equal ``cols`` (None: null)."""
@@ -246,7 +256,7 @@ def _references(ref: pd.DataFrame, scores: pd.DataFrame, init_info: dict) -> pd.
         if len(v):
             out.append((name, len(v), v.mean(), v.std(ddof=1) if len(v) > 1 else np.nan))
     teacher = [i for i, info in init_info.items()
-               if info.get("init_scheme") == "teacher" and info.get("init_source") is None]
+               if all(_nn(info.get(k)) == v for k, v in PLAIN_TEACHER.items())]
     v = scores.loc[scores["init"].isin(teacher).to_numpy() & (scores["kimg"] == 0).to_numpy(),
                    "value"].to_numpy(dtype=float)
     if len(v):

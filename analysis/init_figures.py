@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D  # noqa: E402
 
-from analysis.data import Study, ordered  # noqa: E402
+from analysis.data import PLAIN_TEACHER, Study, ordered  # noqa: E402
 from analysis.panels import _draw_refs, _order_key, _ref_handles, _seeds_shown, _ylabel  # noqa: E402
 from analysis.seeds import offsets, seed_summary, strip  # noqa: E402
 from analysis.style import (
@@ -151,7 +151,7 @@ def reset(study: Study, out_dir: str, rng, timer) -> list[str]:
         print("figures: reset skipped (no reset_layers cells)")
         return []
     have = set(study.final["init"])
-    teacher = study.inits_where(init_scheme="teacher", init_source=None)
+    teacher = study.inits_where(**PLAIN_TEACHER)
     random_ = study.inits_where(init_scheme="random")
     cats = [i for i in teacher + resets + random_ if i in have]
     roles = {i: "reference" for i in teacher + random_}
@@ -164,18 +164,20 @@ def reset(study: Study, out_dir: str, rng, timer) -> list[str]:
 def mapping(study: Study, out_dir: str, rng, timer) -> list[str]:
     """'Mapping vs features': teacher, random, reset[output] matched and fresh (features without
     the mapping), mapping_match (the mapping without the features), band-limited teachers
-    (features of one noise band), per loss, with the teacher Heun and data-floor lines."""
+    (features of one noise band), teacher init with frozen groups (the features kept and never
+    updated), per loss, with the teacher Heun and data-floor lines."""
     mm = study.inits_where(init_scheme="mapping_match")
     bands = [i for i in study.inits_where(init_scheme="teacher")
              if study.info(i).get("init_source") is not None]
-    if not mm and not bands:
-        print("figures: mapping skipped (no mapping_match or band-limited teacher cells)")
+    frozen = list(study.frozen_teachers())
+    if not mm and not bands and not frozen:
+        print("figures: mapping skipped (no mapping_match, band-limited or frozen teacher cells)")
         return []
-    teacher = study.inits_where(init_scheme="teacher", init_source=None)
+    teacher = study.inits_where(**PLAIN_TEACHER)
     random_ = study.inits_where(init_scheme="random")
     out = study.inits_where(init_scheme="reset_layers", reset_groups="output")
     have = set(study.final["init"])
-    cats = [i for i in teacher + out + bands + mm + random_ if i in have]
+    cats = [i for i in teacher + out + bands + frozen + mm + random_ if i in have]
     roles = {i: "reference" for i in teacher + random_}
     return _category_figure(
         study, out_dir, rng, timer, "mapping", cats, roles, "generator initialization",
@@ -196,7 +198,7 @@ def transplant(study: Study, out_dir: str, rng, timer) -> list[str]:
         first = ft.drop_duplicates(["variant", "sigma_feat"]).set_index(["variant", "sigma_feat"])
         a["init"] = first["init"].reindex(pd.MultiIndex.from_frame(
             a[["variant", "sigma_feat"]])).to_numpy()
-        teacher = study.inits_where(init_scheme="teacher", init_source=None)
+        teacher = study.inits_where(**PLAIN_TEACHER)
         random_ = study.inits_where(init_scheme="random")
         r = seed_summary(f[f["init"].isin(teacher + random_) & f["loss"].isin(ft["loss"])],
                          ["loss", "init"])

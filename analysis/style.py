@@ -121,14 +121,19 @@ def _natural_tokens(text: str) -> tuple:
 
 def init_sort_key(info: dict, label: str = ""):
     """Order of init labels from their typed columns (``info``: init_scheme, reset_groups,
-    reinit, sigma_feat, reset_output, init_source, mapping_steps): teacher, band-limited teachers,
-    reset_layers (fewest groups first; matched, then fresh), feature_transplant by σ_feat
-    (reset_output last), mapping_match, random, others by name."""
+    reinit, sigma_feat, reset_output, init_source, freeze_groups, mapping_steps): teacher,
+    band-limited teachers, teacher with frozen groups (most frozen first), reset_layers (fewest
+    groups first; matched, then fresh), feature_transplant by σ_feat (reset_output last),
+    mapping_match, random, others by name."""
     get = (lambda k: _nn(info.get(k))) if info else (lambda k: None)
     scheme = get("init_scheme")
     if scheme == "teacher":
-        src = get("init_source")
-        return (0, 0, ()) if src is None else (1, 0, _natural_tokens(src), label)
+        src, frozen = get("init_source"), get("freeze_groups")
+        if src is None and frozen is None:
+            return (0, 0, ())
+        if frozen is None:
+            return (1, 0, _natural_tokens(src), label)
+        return (1, 1, (-len(frozen.split("+")), *_natural_tokens(src or "")), label)
     if scheme == "reset_layers":
         groups = (get("reset_groups") or "").split("+")
         first = min((_RESET_ORDER.index(g) if g in _RESET_ORDER else 9) for g in groups)
@@ -160,11 +165,14 @@ def _wrap_groups(groups: str, width: int = 15) -> list[str]:
 def display_init(label: str, info: dict | None = None) -> str:
     """Compact multi-line form of an init for tick labels and panel titles, built from its typed
     columns (``info``; without them the label itself): ``reset_layers\n[output]\nmatched``,
-    ``feature transplant\nσ_feat=2.5``, ``teacher\n[band 1.5-4]``."""
+    ``feature transplant\nσ_feat=2.5``, ``teacher\n[band 1.5-4]``, ``teacher\nfrozen\n[encoder]``."""
     if not info:
         return label
     get = lambda k: _nn(info.get(k))  # noqa: E731
     scheme = get("init_scheme")
+    if scheme == "teacher" and get("freeze_groups") is not None:
+        src = f"[{get('init_source')}]" if get("init_source") is not None else ""
+        return "\n".join(["teacher" + src, "frozen", *_wrap_groups(get("freeze_groups"))])
     if scheme == "teacher" and get("init_source") is not None:
         return f"teacher\n[{get('init_source')}]"
     if scheme == "reset_layers" and get("reset_groups") is not None:

@@ -129,3 +129,58 @@ def test_dry_run_and_status_show_the_cap_and_the_claims(tmp_path, capsys):
     status = study_status(str(path), root)
     assert "this round: 12 cells" in status and "claims: not judged yet" in status
     assert not os.path.exists(root) or not os.listdir(root)
+
+
+def _frozen_store(root: str):
+    """Two losses x {frozen variants, teacher, random} x 4 seeds; a per-seed offset shared by
+    every group (the paired design) and known gap shares: freezing the body costs 10% of the
+    teacher-random gap, freezing the encoder alone 60%."""
+    from harness.store.results import write_rows
+
+    offset = [0.0, 0.9, -0.5, 0.3]
+    share = {"encoder+middle+decoder": 0.1, "encoder": 0.6}
+    rows = []
+    for loss, fam in (("sid", "sid"), ("ratio_js", "ratio")):
+        for init, frozen in (("teacher[freeze encoder+middle+decoder]", "encoder+middle+decoder"),
+                             ("teacher[freeze encoder]", "encoder"), ("teacher", None),
+                             ("random", None)):
+            for seed in range(4):
+                t = 2.0 + offset[seed]
+                value = {"teacher": t, "random": t + 8.0}.get(init)
+                if value is None:
+                    value = t + 8.0 * share[frozen] + 0.01 * (seed % 2)
+                cell = f"{loss}-{init}-{seed}"
+                for kimg in (0.0, 4.0):
+                    rows.append({"cell": cell, "loss": loss, "init": init, "loss_family": fam,
+                                 "init_scheme": "random" if init == "random" else "teacher",
+                                 "freeze_groups": frozen, "seed": seed, "kimg": kimg,
+                                 "metric": "fd_digits_1k", "value": 70.0 if kimg == 0 else value,
+                                 "status": "done" if kimg else "running",
+                                 "axes": json.dumps({"loss": loss, "init": init, "seed": seed})})
+    write_rows(root, rows)
+
+
+def test_frozen_features_claim(tmp_path):
+    """C3f judges teacher init with the encoder, middle and decoder frozen as a share of the
+    teacher-random gap; every other frozen variant gets its own C3f[...] row; neither enters C3
+    or stands in for the teacher init (which C2 and the gap shares are measured from)."""
+    root = str(tmp_path / "store")
+    _frozen_store(root)
+    study = load_study(root)
+    assert study.inits_where(init_scheme="teacher", init_source=None, freeze_groups=None) == [
+        "teacher"]
+    v = _by_name(claim_results(study))
+    assert v["C3f"].effect == pytest.approx(0.1 + 0.005 / 8, abs=1e-9)
+    assert v["C3f"].verdict == "holds" and v["C3f"].ci_high < 0.25 and v["C3f"].n_seeds == 4
+    assert v["C3f[encoder]"].effect == pytest.approx(0.6 + 0.005 / 8, abs=1e-9)
+    assert v["C3f[encoder]"].verdict == "does not hold"
+    assert v["C2"].effect == pytest.approx(8.0 / 2.175)  # from the plain teacher's mean
+    assert v["C3"].verdict == "not tested by this study" and "C3f" not in v["C3"].comparison
+    order = [r.name for r in claim_results(study)]
+    assert order.index("C3e") < order.index("C3f") < order.index("C3f[encoder]")
+    # without the body-frozen variant C3f is not tested and says what it needs
+    rows = study.final[study.final["init"] != "teacher[freeze encoder+middle+decoder]"]
+    w = _by_name(claim_results(study, final=rows))
+    assert w["C3f"].verdict == "not tested by this study"
+    assert any("freeze [encoder, middle, decoder]" in d for d in w["C3f"].details)
+    assert w["C3f[encoder]"].verdict == "does not hold"

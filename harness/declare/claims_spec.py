@@ -22,7 +22,8 @@ from harness.declare import config as C
 from harness.declare.schema import SEED_MAX, Problem, check, num, type_name, whole
 
 HOLDS_IF = {"C1": "below", "C1-best": "below", "C2": "above", "C3a": "below", "C3b": "above",
-            "C3c": "above", "C3d": "below", "C3e": "above", "C4": "below"}
+            "C3c": "above", "C3d": "below", "C3e": "above", "C3f": "below",
+            "C4": "below"}
 """claim -> 'below' (holds when its interval lies below the threshold) or 'above': part of what
 the claim says, so a study cannot turn it around."""
 THRESHOLDS = {
@@ -34,6 +35,7 @@ THRESHOLDS = {
     "C3c": num(0.10, 0, False, 10, help="C3c: spread over sigma_feat above this share of the gap"),
     "C3d": num(0.25, -10, False, 10, help="C3d: mapping_match closes less than this share"),
     "C3e": num(0.25, -10, False, 10, help="C3e: every band costs more than this share of the gap"),
+    "C3f": num(0.25, -10, False, 10, help="C3f: frozen features cost less than this share"),
     "C4": num(0.0, -10, False, 10, help="C4: the verifier's worst relative change is below this"),
 }
 CLAIMS = {
