@@ -217,7 +217,7 @@ def harness_teacher(entry: dict, root: str, cache: str, study: str, device: str,
                     threads: int | None, teacher_fn=None) -> dict:
     """Train, resume or load one teacher of a ``teacher_plan`` (``teacher_fn``, default
     ``teacher.load_or_train``) and write its reference rows; returns a little metadata. A Ray
-    task of ``harness run``; ``harness tune`` calls it in the driver (``threads`` None)."""
+    task of ``train_teachers``; ``threads``: torch's thread count (None: leave it)."""
     import torch
 
     side = torch_side()
@@ -233,14 +233,21 @@ def harness_teacher(entry: dict, root: str, cache: str, study: str, device: str,
 
 
 def _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn=None):
-    """Each teacher the pending cells need, trained (or resumed, or loaded) by one Ray task
-    (``harness_teacher``), all at once; the driver prints their progress and waits."""
-    import ray
-
+    """Each teacher the pending cells need (``train_teachers``)."""
     cells = dict(pin.current)
     plan = teacher_plan((cells[cid].config,
                          datasets[canonical_json(cells[cid].config["data"])].fingerprint)
                         for cid in pending)
+    train_teachers(study, plan, root, cache, device, teacher_fn)
+
+
+def train_teachers(study, plan: dict, root: str, cache: str, device: str, teacher_fn=None):
+    """Each teacher of a ``teacher_plan``, trained (or resumed, or loaded) by one Ray task
+    (``harness_teacher``) with the study's ``teacher_resources`` (its CPU count is the torch
+    thread count, so a teacher's weights do not depend on which command trained it), all at
+    once; the driver prints their progress and waits. ``harness run`` and ``harness tune``."""
+    import ray
+
     if not plan:
         return
     res = study.teacher_resources

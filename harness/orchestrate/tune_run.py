@@ -38,7 +38,7 @@ from harness.orchestrate.cell import run_cell
 from harness.orchestrate.progress import drop_older, error_summary, quiet_tune, read_text
 from harness.orchestrate.status import fingerprints
 from harness.orchestrate.sweep import cache_root, connect, resource_problem, results_root
-from harness.orchestrate.trainables import harness_teacher
+from harness.orchestrate.trainables import train_teachers
 from harness.store import results as store
 from harness.store import signed
 from harness.store.lock import acquire_lock
@@ -263,12 +263,12 @@ def tune_study(path: str, results: str | None = None, address: str | None = None
 
 
 def _teachers(study, todo, datasets, root, cache, device):
-    """Train (or load) each teacher the trials need once, in the driver, from the plan
-    ``harness run`` makes (reference rows go to the scratch store)."""
+    """Train (or load) each teacher the trials need once, as ``harness run`` does (Ray tasks
+    with the study's teacher_resources), from the plan ``harness run`` makes (reference rows go
+    to the scratch store)."""
     bases = [study.tune.families[label].base for label in todo]
     plan = teacher_plan((cfg, datasets[canonical_json(cfg["data"])].fingerprint) for cfg in bases)
-    for entry in plan.values():
-        harness_teacher(entry, scratch_root(root), cache, study.name, device, None)
+    train_teachers(study, plan, scratch_root(root), cache, device)
 
 
 def _tune_family(study, label: str, root: str, cache: str, device: str, cell_fn) -> dict | None:
