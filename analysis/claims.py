@@ -244,8 +244,8 @@ def claim_results(study, spec: ClaimsSpec | None = None, rows: pd.DataFrame | No
                   final: pd.DataFrame | None = None, kimg: float | None = None
                   ) -> list[ClaimResult]:
     """Every claim at every level of the other grid axes (see the module docstring): per level
-    C1, C1-best, C2, C3, C3a-C3e, C3f (C3e's per-band and C3f's per-variant rows after them),
-    then C4 when ``rows`` hold verifier scores. At kimg 0 every claim is 'not judged'."""
+    C1, C1-best, C2, C3, C3a-C3e (C3e's per-band rows after it), C3f (its per-variant rows
+    after it), then C4 when ``rows`` hold verifier scores. At kimg 0 every claim is 'not judged'."""
     spec = spec or ClaimsSpec()
     final = study.final if final is None else final
     frame = keyed(final, spec.pool)
@@ -255,13 +255,10 @@ def claim_results(study, spec: ClaimsSpec | None = None, rows: pd.DataFrame | No
     for lvl in levels:
         level = json.loads(lvl)
         part, cpart = frame[frame["lvl"] == lvl], cells[cells["lvl"] == lvl]
-        first, subs, beside, extra = [], [], [], []
-        for name, fn in CLAIMS:
-            res = _replay(study, part, cpart, spec, level, fn)
-            (subs if name in C3_PARTS else beside if name.startswith("C3") else first).append(
-                res[0])
-            extra += res[1:]
-        out += first + [c3(subs)] + subs + beside + extra
+        res = {name: _replay(study, part, cpart, spec, level, fn) for name, fn in CLAIMS}
+        out += [r for name, rs in res.items() if not name.startswith("C3") for r in rs]
+        out.append(c3([res[name][0] for name in C3_PARTS]))
+        out += [r for name, rs in res.items() if name.startswith("C3") for r in rs]
     if rows is not None and rows["metric"].str.contains("@", regex=False).any():
         out.append(_replay_c4(study, rows, spec, claim_c4))
     for v in out:
