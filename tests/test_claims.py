@@ -127,7 +127,7 @@ def test_dry_run_and_status_show_the_cap_and_the_claims(tmp_path, capsys):
     assert "12 to run" in out and "up to 9 (4 rounds at most)" in out
     assert "at most 36 cells (72 kimg of student training)" in out
     status = study_status(str(path), root)
-    assert "this round: 12 cells" in status and "claims: not judged yet" in status
+    assert "so far, this round included: 12 cells" in status and "claims: not judged yet" in status
     assert not os.path.exists(root) or not os.listdir(root)
 
 

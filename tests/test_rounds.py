@@ -75,7 +75,10 @@ def test_rounds_add_seeds_to_open_claims_only(tmp_path, study_cache, monkeypatch
     mid = rounds.plan(study, root, fp, rows[rows["cell"].isin(first | {one}) | is_ref])
     assert _ids(study, mid.cells, fp) == stored and _ids(study, mid.adds, fp) == added - {one}
     words = rounds.describe_round(mid)  # what `harness status` shows mid-round
-    assert "C1 (open after round 1 of 2)" in words[0] and "adds 1 cells" in words[1]
+    assert "C1 (open after round 1 of 2): round 2 runs 3 seeds per group (0-2)" in words[0]
+    assert "round 2 is under way: 1 of its 2 new cells have no result yet" in words[1]
+    words = rounds.describe_round(after1)  # after round 1, before round 2 starts
+    assert "round 2 adds 2 cells" in words[1]
     assert "claims: none open" in study_status(str(path), root)
     # a rerun trains nothing
     assert run_study(str(path), results=root) == 0

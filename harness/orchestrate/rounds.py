@@ -33,6 +33,9 @@ class Round:
     cells: list  # start cells, cells with stored rows, and the cells the open claims need next
     adds: list = field(default_factory=list)  # of those, the ones beyond the first round
     # with no rows yet: what the open claims wait for
+    begun: list = field(default_factory=list)  # cells of the open claims' round (its new seeds)
+    # that have rows already: the round is under way
+    looks: list = field(default_factory=list)  # seeds per group at each round (SeedPlan.looks)
     open: list = field(default_factory=list)  # analysis.claims_base.ClaimResult, still open
     results: list = field(default_factory=list)  # every claim as judged now
     computed: list | None = None  # hashing.compute_ids rows of ``cells`` (None: not computed)
@@ -73,7 +76,10 @@ def plan(study, root: str, data_fingerprint, rows=None) -> Round:
     for v in waiting:
         sigs = {signature(ids[c].config) for c in v.cells if c in ids}
         want |= {(s, int(seed)) for s in sigs for seed in v.next_seeds}
-    chosen, adds = [], []
+    looks = study.claims.seeds.looks()
+    n = max((len(v.next_seeds) for v in waiting), default=0)
+    new_from = looks[looks.index(n) - 1] if n in looks[1:] else 0  # this round's first new seed
+    chosen, adds, begun = [], [], []
     for row in computed:
         cid, cell = row[0], row[1]
         needed = (signature(cell.config), int(cell.config["seed"])) in want
@@ -81,8 +87,10 @@ def plan(study, root: str, data_fingerprint, rows=None) -> Round:
             chosen.append(row)
         if needed and cid not in first and cid not in stored:
             adds.append(cell)
-    return Round(cells=[row[1] for row in chosen], adds=adds, open=waiting, results=judged,
-                 computed=chosen)
+        elif needed and cid not in first and int(cell.config["seed"]) >= new_from:
+            begun.append(cell)
+    return Round(cells=[row[1] for row in chosen], adds=adds, begun=begun, open=waiting,
+                 results=judged, computed=chosen, looks=looks)
 
 
 def with_cells(study, cells: list):
@@ -102,19 +110,32 @@ def cap_lines(study) -> list[str]:
             f"to the groups of the claims still open, up to {plan_.max} ({len(looks)} rounds at "
             f"most); claims alpha {study.claims.alpha:g}",
             f"at most {len(pool)} cells ({kimg:g} kimg of student training) if every claim "
-            f"stays open to the cap; this round: {len(study.cells)} cells"]
+            f"stays open to the cap; so far, this round included: {len(study.cells)} cells"]
+
+
+def round_of(r: Round, seeds_per_group: int) -> int:
+    """The round (1-based) that runs ``seeds_per_group`` seeds per group."""
+    return r.looks.index(seeds_per_group) + 1
 
 
 def describe_round(r: Round) -> list[str]:
-    """Open claims and the cells the next round adds (``harness status``, dry run, run)."""
+    """Open claims and the cells their round adds, or still has to run when it is under way
+    (``harness status``, dry run, run)."""
     if not r.results:
         return ["claims: not judged yet (no scores stored)"]
     if not r.open:
         return [f"claims: none open ({len(r.results)} judged)"]
     out = [f"claims open ({len(r.open)}): " + "; ".join(
-        f"{v.name} ({v.verdict}): the next round runs {len(v.next_seeds)} seeds per group "
-        f"({v.next_seeds[0]}-{v.next_seeds[-1]})" for v in r.open)]
-    if r.adds:
-        out.append(f"the next round adds {len(r.adds)} cells: " + ", ".join(
-            c.label for c in r.adds[:12]) + (" ..." if len(r.adds) > 12 else ""))
+        f"{v.name} ({v.verdict}): round {round_of(r, len(v.next_seeds))} runs "
+        f"{len(v.next_seeds)} seeds per group ({v.next_seeds[0]}-{v.next_seeds[-1]})"
+        for v in r.open)]
+    k = round_of(r, max(len(v.next_seeds) for v in r.open))
+    shown = ", ".join(c.label for c in r.adds[:12]) + (" ..." if len(r.adds) > 12 else "")
+    if r.begun and r.adds:
+        out.append(f"round {k} is under way: {len(r.adds)} of its {len(r.adds) + len(r.begun)} "
+                   f"new cells have no result yet: {shown}")
+    elif r.begun:
+        out.append(f"round {k} is under way: all {len(r.begun)} of its new cells have results")
+    elif r.adds:
+        out.append(f"round {k} adds {len(r.adds)} cells: {shown}")
     return out

@@ -303,9 +303,8 @@ def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn, compu
             print(line)
         if not nxt.adds:
             return 0
-        seeds = max(len(v.next_seeds) for v in nxt.open)
-        print(f"round {study.claims.seeds.looks().index(seeds) + 1}: {len(nxt.adds)} cells added "
-              f"for the open claims")
+        k = rounds.round_of(nxt, max(len(v.next_seeds) for v in nxt.open))
+        print(f"round {k}: {len(nxt.adds)} cells added for the open claims")
         study, computed = rounds.with_cells(study, nxt.cells), nxt.computed
 
 
