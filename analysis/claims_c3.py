@@ -182,9 +182,9 @@ def c3f(g: Groups) -> list[ClaimResult]:
     body = {"encoder", "middle", "decoder"}
     mine = set(g.inits)
     frozen = {i: gs for i, gs in g.study.frozen_teachers().items() if i in mine}
+    effect = "fraction of the random-init gap: (frozen − teacher) / (random − teacher)"
     v = g.new("C3f", "teacher init, encoder+middle+decoder frozen, vs teacher and random init",
-              "fraction of the random-init gap: (frozen − teacher) / (random − teacher)",
-              pct=False)
+              effect, pct=False)
     head = [i for i, gs in frozen.items() if gs == body]
     out = _gap_claim(g, v, head[0]) if head else [v]
     if not head:
@@ -194,8 +194,7 @@ def c3f(g: Groups) -> list[ClaimResult]:
             continue
         name = "+".join(sorted(gs, key=GROUPS.index))
         out += _gap_claim(g, g.new(f"C3f[{name}]", f"teacher init, {name} frozen, vs teacher "
-                                   "and random init", "fraction of the random-init gap: "
-                                   "(frozen − teacher) / (random − teacher)", pct=False), i)
+                                   "and random init", effect, pct=False), i)
     return out
 
 

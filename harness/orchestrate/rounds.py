@@ -36,6 +36,7 @@ class Round:
     begun: list = field(default_factory=list)  # cells of the open claims' round (its new seeds)
     # that have rows already: the round is under way
     looks: list = field(default_factory=list)  # seeds per group at each round (SeedPlan.looks)
+    round: int = 1  # the round the open claims wait for (1-based)
     open: list = field(default_factory=list)  # analysis.claims_base.ClaimResult, still open
     results: list = field(default_factory=list)  # every claim as judged now
     computed: list | None = None  # hashing.compute_ids rows of ``cells`` (None: not computed)
@@ -78,7 +79,8 @@ def plan(study, root: str, data_fingerprint, rows=None) -> Round:
         want |= {(s, int(seed)) for s in sigs for seed in v.next_seeds}
     looks = study.claims.seeds.looks()
     n = max((len(v.next_seeds) for v in waiting), default=0)
-    new_from = looks[looks.index(n) - 1] if n in looks[1:] else 0  # this round's first new seed
+    k = looks.index(n) + 1 if n in looks else 1
+    new_from = looks[k - 2] if k > 1 else 0  # this round's first new seed
     chosen, adds, begun = [], [], []
     for row in computed:
         cid, cell = row[0], row[1]
@@ -90,7 +92,7 @@ def plan(study, root: str, data_fingerprint, rows=None) -> Round:
         elif needed and cid not in first and int(cell.config["seed"]) >= new_from:
             begun.append(cell)
     return Round(cells=[row[1] for row in chosen], adds=adds, begun=begun, open=waiting,
-                 results=judged, computed=chosen, looks=looks)
+                 results=judged, computed=chosen, looks=looks, round=k)
 
 
 def with_cells(study, cells: list):
@@ -129,7 +131,7 @@ def describe_round(r: Round) -> list[str]:
         f"{v.name} ({v.verdict}): round {round_of(r, len(v.next_seeds))} runs "
         f"{len(v.next_seeds)} seeds per group ({v.next_seeds[0]}-{v.next_seeds[-1]})"
         for v in r.open)]
-    k = round_of(r, max(len(v.next_seeds) for v in r.open))
+    k = r.round
     shown = ", ".join(c.label for c in r.adds[:12]) + (" ..." if len(r.adds) > 12 else "")
     if r.begun and r.adds:
         out.append(f"round {k} is under way: {len(r.adds)} of its {len(r.adds) + len(r.begun)} "

@@ -303,8 +303,7 @@ def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn, compu
             print(line)
         if not nxt.adds:
             return 0
-        k = rounds.round_of(nxt, max(len(v.next_seeds) for v in nxt.open))
-        print(f"round {k}: {len(nxt.adds)} cells added for the open claims")
+        print(f"round {nxt.round}: {len(nxt.adds)} cells added for the open claims")
         study, computed = rounds.with_cells(study, nxt.cells), nxt.computed
 
 
