@@ -230,7 +230,16 @@ def test_status(tmp_path):
     assert (root / "pin.json").read_bytes() == pin_before  # read-only
     assert "done 1, interrupted 1, failed 1, diverged 1, pending 0, orphaned 2" in out, out
     assert "compute spent: 1m20s" in out  # 4 cells x 20 s of latest wall_s
-    assert "ETA ~10s" in out  # mean 20 s per done cell x (half of 2 cells left) / 2 CPUs
+    # mean 20 s per done cell x (half of 2 cells left) over the cells that run at once: the
+    # CPUs a run started here gets (RAY_OVERRIDE_RESOURCES, Ray's own setting, narrows them) ...
+    for cpus, eta in ((2, "~10s at 2 cells at a time on this machine"),
+                      (1, "~20s at 1 cell at a time on this machine")):
+        env = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": cpus})}
+        assert eta in cli("status", small, "--results", root, cwd=tmp_path, env=env)[1]
+    # ... or, while a run is live, the CPUs of its Ray cluster (recorded in the lock)
+    with acquire_lock(str(root), cluster={"CPU": 4, "GPU": 0}):
+        out = cli("status", small, "--results", root, cwd=tmp_path)[1]
+    assert "~5s at 4 cells at a time on the running cluster" in out, out
 
 
 def test_run_study_with_missing_data_files(tmp_path):

@@ -29,8 +29,10 @@ from harness.orchestrate import throughput
 from harness.orchestrate.status import (
     FINAL,
     cell_states,
+    concurrent_cells,
     duration,
     fingerprints,
+    machine_cpus,
     read_teacher_status,
 )
 from harness.store import pins, results
@@ -92,12 +94,12 @@ def _units(res: dict, workers: int = 1) -> tuple[float, str]:
 
 
 def _default_workers(study) -> int:
-    gpu, cpu = study.resources["gpu"] * study.workers, study.resources["cpu"] * study.workers
-    if gpu > 0:
+    gpus = 0
+    if study.resources["gpu"] > 0:
         import torch  # only to count this machine's GPUs
 
-        return max(1, math.floor(torch.cuda.device_count() / gpu))
-    return max(1, math.floor((os.cpu_count() or 1) / max(cpu, 1e-9)))
+        gpus = torch.cuda.device_count()
+    return concurrent_cells(study, machine_cpus(), gpus)
 
 
 def schedule(seconds: list[float], slots: int) -> float:

@@ -28,6 +28,26 @@ from harness.store.tuning import apply_pinned
 FINAL = ("done", "diverged")
 
 
+def machine_cpus() -> int:
+    """CPUs a Ray instance started on this machine offers: every core, or the ``CPU`` that
+    ``RAY_OVERRIDE_RESOURCES`` (Ray's own setting; README: two studies side by side) gives."""
+    try:
+        cpus = json.loads(os.environ.get("RAY_OVERRIDE_RESOURCES") or "{}").get("CPU")
+    except (ValueError, AttributeError):
+        cpus = None
+    ok = isinstance(cpus, (int, float)) and not isinstance(cpus, bool) and cpus > 0
+    return int(cpus) if ok else (os.cpu_count() or 1)
+
+
+def concurrent_cells(study, cpus: float, gpus: float = 0) -> int:
+    """How many of the study's cells run at once on ``cpus`` CPUs and ``gpus`` GPUs (a cell holds
+    its ``resources`` once per data-parallel worker)."""
+    gpu, cpu = study.resources["gpu"] * study.workers, study.resources["cpu"] * study.workers
+    if gpu > 0:
+        return max(1, math.floor(gpus / gpu))
+    return max(1, math.floor(cpus / max(cpu, 1e-9)))
+
+
 def fingerprints(study):
     """``(data config) -> fingerprint`` for every distinct data config of the study, and the
     datasets by the same key (``canonical_json(data config)``). DataError propagates."""
@@ -216,8 +236,14 @@ def study_status(path: str, results_root: str | None = None, overrides: dict | N
 
     done_walls = [s["wall_s"] for s in states.values() if s["state"] == "done"]
     spent = sum(s["wall_s"] for s in states.values())
-    per_cpu = max(study.resources["cpu"] * getattr(study, "workers", 1), 1e-9)
-    concurrency = max(1, math.floor((os.cpu_count() or 1) / per_cpu))
+    # the running process's Ray cluster when a run is live (recorded in the lock), else what a
+    # run started here would get
+    cluster = (holder or {}).get("cluster")
+    if cluster:
+        concurrency = concurrent_cells(study, cluster.get("CPU", 0), cluster.get("GPU", 0))
+        where = "on the running cluster"
+    else:
+        concurrency, where = concurrent_cells(study, machine_cpus()), "on this machine"
     out = [f"study {study.name} ({path}): {len(current)} cells; results {root}"]
     if holder:
         out.append(f"a run is in progress: process {holder.get('pid')} on "
@@ -234,9 +260,10 @@ def study_status(path: str, results_root: str | None = None, overrides: dict | N
             total = cell.config["student"]["kimg"] if cell is not None else 0
             frac = min(1.0, s["kimg"] / total) if total else 0.0
             left += mean * (1 - frac)
-        eta = (f"~{duration(left / concurrency)} at {concurrency} cells at a time on this "
-               f"machine (mean {duration(mean)} of training per done cell; evaluations, the "
-               f"verifier and Ray's start come on top)") if left else "none: nothing left"
+        cells = f"{concurrency} cell{'s' * (concurrency != 1)}"
+        eta = (f"~{duration(left / concurrency)} at {cells} at a time {where} (mean "
+               f"{duration(mean)} of training per done cell; evaluations, the verifier and "
+               f"Ray's start come on top)") if left else "none: nothing left"
     out.append(f"training compute spent: {duration(spent)} (sum of each cell's latest wall_s); "
                f"ETA {eta}")
     if pin is not None and current:

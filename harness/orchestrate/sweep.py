@@ -158,6 +158,14 @@ def connect(address: str | None) -> bool:
     return True
 
 
+def cluster_totals() -> dict:
+    """The CPUs and GPUs of the Ray cluster this process is connected to (for the lock file)."""
+    import ray
+
+    totals = ray.cluster_resources()
+    return {kind: totals.get(kind, 0) for kind in ("CPU", "GPU")}
+
+
 def resource_problem(study) -> str | None:
     """Why no trial (or teacher task) could ever be scheduled, or None (Ray would leave them
     pending forever)."""
@@ -260,7 +268,7 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
             print(note)
         study = dataclasses.replace(study, tracking=tracking.preflight(study.tracking,
                                                                         study.name))
-        with acquire_lock(root, cache):
+        with acquire_lock(root, cache, cluster_totals()):
             return _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn,
                            plan.computed)
     finally:

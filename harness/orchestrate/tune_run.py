@@ -37,7 +37,13 @@ from harness.declare.tune_spec import (
 from harness.orchestrate.cell import run_cell
 from harness.orchestrate.progress import drop_older, error_summary, quiet_tune, read_text
 from harness.orchestrate.status import fingerprints
-from harness.orchestrate.sweep import cache_root, connect, resource_problem, results_root
+from harness.orchestrate.sweep import (
+    cache_root,
+    cluster_totals,
+    connect,
+    resource_problem,
+    results_root,
+)
 from harness.orchestrate.trainables import train_teachers
 from harness.store import results as store
 from harness.store import signed
@@ -237,7 +243,7 @@ def tune_study(path: str, results: str | None = None, address: str | None = None
         if problem:
             print("error: " + problem, file=sys.stderr)
             return 2
-        with acquire_lock(root, cache):
+        with acquire_lock(root, cache, cluster_totals()):
             _teachers(study, todo, datasets, root, cache, device)
             with quiet_tune():
                 for label in todo:
