@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -365,6 +366,28 @@ def test_figure_and_table_state_the_protocol(tmp_path):
     assert "sid: student.lr = 0.000100" in text
 
 
+def test_trial_lines_count_on_after_a_resume(capsys):
+    """A resumed `harness tune` numbers its trial lines from the trials Tune had already ended
+    (their callbacks fired in an earlier driver), not from 1."""
+    from harness.orchestrate.tune_run import TrialLines
+
+    def trial(tid, status, lr=1e-4):
+        return types.SimpleNamespace(trial_id=tid, status=status, config={"student.lr": lr},
+                                     last_result={"kimg": 8.0, "score": 1.5, "metric": "fd",
+                                                  "seed": 100})
+
+    lines = TrialLines("sid", 8, 8.0, [100])  # what a restored driver builds: a fresh callback
+    ended = [trial(f"t{k}", "TERMINATED") for k in range(3)] + [trial("t3", "ERROR")]
+    now, waiting = trial("t4", "RUNNING"), trial("t5", "PENDING")
+    lines.on_trial_complete(0, ended + [now, waiting], now)
+    now.status = "TERMINATED"  # the next one sees it ended, whichever order Tune sets it in
+    nxt = trial("t5", "TERMINATED")
+    lines.on_trial_complete(0, ended + [now, nxt], nxt)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("tune sid: trial t4 (5/8) student.lr=0.0001: fd 1.5 (seed 100)"), out
+    assert out[1].startswith("tune sid: trial t5 (6/8)"), out
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray (slow): the search itself, then run; a killed tune resumes
 
@@ -495,6 +518,10 @@ def test_killed_tune_resumes_without_rerunning_finished_trials(tmp_path, cache):
     print(second.stdout, second.stderr)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming Ray experiment kt-sid-" in second.stdout
+    # the resumed driver counts on from the trials Tune had already ended: "(k/4)" with k
+    # running up to 4, never restarting at 1 for trials the first driver finished
+    ks = sorted(int(k) for k in re.findall(r"trial \S+ \((\d)/4\)", second.stdout))
+    assert ks and ks == list(range(5 - len(ks), 5)), second.stdout
     reap_ray(ray_tmp)
     import glob
 

@@ -153,6 +153,9 @@ def harness_trial(config, family, tune_hash, fam_hash, seeds, metric, root, scra
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+ENDED = ("TERMINATED", "ERROR")  # Tune's Trial.status of a trial that will not run again
+
+
 class TrialLines(tune.Callback):
     """One line per finished, stopped or failed trial; at each checkpoint the weights of the
     trial's older checkpoints are dropped (their folders stay: see ``harness.orchestrate.progress``)."""
@@ -161,7 +164,9 @@ class TrialLines(tune.Callback):
         self.label, self.n, self.max_t, self.seeds, self.count = label, n, max_t, seeds, 0
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.count += 1
+        # counted from Tune's own list, so that a resumed experiment goes on from the trials
+        # its earlier drivers finished (this callback's state is not restored)
+        self.count = 1 + sum(1 for t in trials if t is not trial and t.status in ENDED)
         r = trial.last_result or {}
         values = " ".join(f"{k}={fmt_value(v)}" for k, v in sorted(trial.config.items()))
         what = ("done" if r.get("kimg", 0) >= self.max_t - 1e-9 else
@@ -179,10 +184,6 @@ class TrialLines(tune.Callback):
         path = checkpoint.path.rstrip("/")
         for seed in self.seeds:
             drop_older(checkpoint.filesystem, os.path.dirname(path), path, f"seed-{seed}.pt")
-
-    def __getstate__(self):
-        return {**self.__dict__, "count": 0}
-
 
 class SignState(tune.Callback):
     """Records Ray's experiment state in the harness's ledger (``harness.store.signed``) every few
