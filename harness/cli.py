@@ -211,7 +211,7 @@ def cmd_compact(args) -> int:
     from harness.store.results import compact
 
     root = args.results or load_study(args.study).results_root
-    with acquire_lock(root):
+    with acquire_lock(root, command="harness compact"):
         before, after = compact(root)
     print(f"{root}: {before} result files merged into {after}")
     return 0

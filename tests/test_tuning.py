@@ -269,6 +269,35 @@ def test_selection_reads_only_selection_seeds_and_averages_them(tmp_path, monkey
     assert tuning.select(table[table.state != "complete"]) is None
 
 
+def test_status_shows_the_tuning_under_way(tmp_path, capsys):
+    """While `harness tune` holds the lock, status names it and gives each untuned family's
+    trials as the rows show them, with the best complete one; a pinned family drops out."""
+    from harness.store.lock import acquire_lock
+
+    path = toy(tmp_path, trials=3)
+    root = str(tmp_path / "r")
+    study = load_study(path)
+    fam = study.tune.families["sid"]
+    h, final = tuning.family_hash(study.tune, fam), tuning.final_kimg(fam.base)
+    rows = (_rows("t", h, "sid", "a_0", 100, {"student.lr": 1e-4}, 0.3, kimg_final=final)
+            + _rows("t", h, "sid", "b_1", 100, {"student.lr": 2e-4}, 0.2, kimg_final=final)
+            + _rows("t", h, "sid", "c_2", 100, {"student.lr": 9e-4}, 0.1, kimg_final=final,
+                    stopped_at=0.5))
+    results.write_rows(root, rows)
+    with acquire_lock(root, command="harness tune"):
+        assert cli.main(["status", path, "--results", root]) == 0
+    out = capsys.readouterr().out
+    assert "`harness tune` is in progress: process" in out, out
+    assert ("tuning sid: 3 of 3 trials have reported, 2 reached the whole budget, 0 diverged, "
+            "1 stopped early or still running; best so far student.lr=0.0002: "
+            "mmd_toy2d_200 0.2") in out, out
+    assert "tuning ratio_kl: no trial has reported yet (3 to run)" in out
+    _pin_choice(study, root, {"sid": 2e-4})
+    assert cli.main(["status", path, "--results", root]) == 0
+    out = capsys.readouterr().out
+    assert "tuning sid:" not in out and "tuning ratio_kl: no trial" in out, out
+
+
 # ---------------------------------------------------------------------------------------------
 # the choice reaches the cells (configs and ids); run refuses without it
 

@@ -40,7 +40,7 @@ def rescore_study(path: str, results: str | None = None, eval_overrides: dict | 
     study = apply_pinned(study, root)  # harness.store.tuning: the cells as run
     fp, datasets = fingerprints(study)
     dev = pick_device(device)
-    with acquire_lock(root):
+    with acquire_lock(root, command="harness rescore"):
         pin = pins.pin_study(study, root, fp, write=False)
         rows = store.load_rows(root)
         states = cell_states(rows, pin.ids)

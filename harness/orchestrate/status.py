@@ -21,7 +21,7 @@ from harness.declare.hashing import canonical_json, teacher_plan
 from harness.declare.study import describe, load_study
 from harness.orchestrate import rounds, throughput
 from harness.store import environment, lock, pins, results
-from harness.store.tuning import apply_pinned
+from harness.store.tuning import apply_pinned, tune_progress
 
 # the state of one cell, from its rows: done / diverged are final; failed and unfinished (rows
 # but no final one) and pending (no rows) are run by the next `harness run`
@@ -246,8 +246,11 @@ def study_status(path: str, results_root: str | None = None, overrides: dict | N
         concurrency, where = concurrent_cells(study, machine_cpus()), "on this machine"
     out = [f"study {study.name} ({path}): {len(current)} cells; results {root}"]
     if holder:
-        out.append(f"a run is in progress: process {holder.get('pid')} on "
+        what = f"`{holder['command']}`" if holder.get("command") else "a run"
+        out.append(f"{what} is in progress: process {holder.get('pid')} on "
                    f"{holder.get('host', socket.gethostname())} since {holder.get('started_at')}")
+    if getattr(study, "tune", None) is not None:
+        out += tune_progress(study, root)
     out.append(", ".join(f"{k} {v}" for k, v in counts.items()) + f", orphaned {len(orphaned)}")
     eta = "unknown (no cell done yet)"
     if done_walls:

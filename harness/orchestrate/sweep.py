@@ -268,7 +268,7 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
             print(note)
         study = dataclasses.replace(study, tracking=tracking.preflight(study.tracking,
                                                                         study.name))
-        with acquire_lock(root, cache, cluster_totals()):
+        with acquire_lock(root, cache, cluster_totals(), "harness run"):
             return _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn,
                            plan.computed)
     finally:

@@ -244,7 +244,7 @@ def tune_study(path: str, results: str | None = None, address: str | None = None
         if problem:
             print("error: " + problem, file=sys.stderr)
             return 2
-        with acquire_lock(root, cache, cluster_totals()):
+        with acquire_lock(root, cache, cluster_totals(), "harness tune"):
             _teachers(study, todo, datasets, root, cache, device)
             with quiet_tune():
                 for label in todo:

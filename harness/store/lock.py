@@ -170,12 +170,14 @@ def _is_stale(info: dict | None) -> bool:
     return isinstance(recorded, str) and process_start(pid) not in (None, recorded)
 
 
-def acquire_lock(root: str, cache: str | None = None, cluster: dict | None = None) -> Lock:
+def acquire_lock(root: str, cache: str | None = None, cluster: dict | None = None,
+                 command: str | None = None) -> Lock:
     """Lock a study's results root (``root/.lock``) or raise LockedError naming the holder.
     ``cache``: the teacher cache this run uses, recorded so that ``harness status`` reports the
     teachers the running process sees (its ``HARNESS_CACHE`` may not be the reader's);
     ``cluster``: the CPUs and GPUs its Ray cluster has, so that status's ETA counts the cells
-    that run at once there, not on the reader's machine.
+    that run at once there, not on the reader's machine; ``command``: what holds it (``harness
+    tune``, ...), named by status.
 
     Local roots use exclusive create (O_CREAT|O_EXCL), ``s3://`` roots conditional writes, other
     pyarrow filesystems a best-effort check, write and re-read (see the module docstring). A lock
@@ -186,7 +188,8 @@ def acquire_lock(root: str, cache: str | None = None, cluster: dict | None = Non
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": utc_now(),
             "process_start": process_start(os.getpid()),
             "token": uuid.uuid4().hex, **({"cache": cache} if cache else {}),
-            **({"cluster": cluster} if cluster else {})}
+            **({"cluster": cluster} if cluster else {}),
+            **({"command": command} if command else {})}
     payload = json.dumps(info).encode()
     import pyarrow.fs as pafs
 

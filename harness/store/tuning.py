@@ -350,6 +350,33 @@ def describe(study, root: str) -> str:
     return "\n".join(lines)
 
 
+def tune_progress(study, root: str) -> list[str]:
+    """``harness status`` of a study not fully tuned: per family without a current choice, its
+    trials as the ``tuning`` rows show them (reached the whole budget, diverged, the rest stopped
+    by ASHA or still running: the rows cannot tell those apart) and the best complete one."""
+    t = study.tune
+    todo = [label for label, (state, _) in family_states(study, root).items() if state != "tuned"]
+    if not todo:
+        return []
+    rows = read_trial_rows(root, t.seeds)
+    out = []
+    for label in todo:
+        fam = t.families[label]
+        table = trial_table(rows, family_hash(t, fam), t.seeds, final_kimg(fam.base))
+        if table.empty:
+            out.append(f"tuning {label}: no trial has reported yet ({t.trials} to run)")
+            continue
+        n = table["state"].value_counts()
+        best = select(table)
+        shown = "" if best is None else "; best so far " + " ".join(
+            f"{k}={fmt_value(v)}" for k, v in best["values"].items()) + \
+            f": {best['metric']} {best['score']:.4g}"
+        out.append(f"tuning {label}: {len(table)} of {t.trials} trials have reported, "
+                   f"{n.get('complete', 0)} reached the whole budget, {n.get('diverged', 0)} "
+                   f"diverged, {n.get('stopped', 0)} stopped early or still running{shown}")
+    return out
+
+
 def scratch_root(root: str) -> str:
     """Where trials' own cell rows, samples and references go (``<root>/tune/trials``); the
     study's store gets their ``tuning`` rows."""
