@@ -181,12 +181,23 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _results_of(study, given: str | None) -> str:
+    """The results root ``figures`` and ``report`` read: a folder (or s3:// prefix) that exists
+    and that no other study pinned, checked before anything is drawn or written."""
+    from harness.store import pins, results
+
+    root = given or study.results_root
+    results.check_root(root, must_exist=True)
+    pins.check_owner(root, study)
+    return root
+
+
 def cmd_figures(args) -> int:
     from analysis.figures import make_all
     from harness.declare.study import load_study
 
     study = load_study(args.study)
-    root = args.results or study.results_root
+    root = _results_of(study, args.results)
     for path in make_all(root, only=args.only, metric=args.metric, claims=study.claims):
         print(path)
     return 0
@@ -197,7 +208,7 @@ def cmd_report(args) -> int:
     from harness.declare.study import load_study
 
     study = load_study(args.study)
-    root = args.results or study.results_root
+    root = _results_of(study, args.results)
     with open(args.study, encoding="utf-8") as f:
         text = f.read()
     print(write_report(root, study_text=text, study_path=args.study, metric=args.metric,

@@ -151,11 +151,46 @@ def test_unknown_only_and_metric(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_no_torch_or_ray_import():
+def test_no_torch_or_ray_import(tmp_path):
     code = ("import analysis.figures, analysis.claims, analysis.tables, sys; "
             "assert 'torch' not in sys.modules and 'ray' not in sys.modules, "
             "[m for m in sys.modules if m.split('.')[0] in ('torch', 'ray')]")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    # nor does the CLI on its way to `harness figures` (its parser names every command)
+    root = shutil.copytree(FIXTURE, tmp_path / "r")
+    code = ("import sys; from harness import cli; "
+            f"assert cli.main(['figures', 'studies/quick.yaml', '--results', {str(root)!r}, "
+            "'--only', 'table']) == 0; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ray')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    assert (root / "figures" / "table.md").exists()
+
+
+def test_figures_and_report_read_only_this_studys_results(tmp_path, capsys):
+    """figures and report refuse (exit 2, nothing written) a results root that another study
+    pinned, one that does not exist, one that is a file, and an address they cannot open."""
+    from harness.cli import main
+
+    other = shutil.copytree(os.path.join(ROOT, "results", "c1-digits"), tmp_path / "c1",
+                            ignore=shutil.ignore_patterns("figures", "report.html"))
+    quick = os.path.join(ROOT, "studies", "quick.yaml")
+    before = sorted(p.relative_to(other) for p in other.rglob("*"))
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    for command in (["figures"], ["report", "--no-figures"]):
+        for root, why in ((other, "belongs to study 'c1-digits', not 'quick'"),
+                          (tmp_path / "typo", "there are no results at"),
+                          (afile, "exists and is a file"),
+                          ("gs://bucket/x", "has the scheme gs://")):
+            args = [command[0], quick, "--results", str(root), *command[1:]]
+            assert main(args) == 2, args
+            err = " ".join(capsys.readouterr().err.split())
+            assert why in err, (args, err)
+    assert main(["status", quick, "--results", str(afile)]) == 2  # status as well
+    assert "exists and is a file" in " ".join(capsys.readouterr().err.split())
+    assert sorted(p.relative_to(other) for p in other.rglob("*")) == before
+    assert not (tmp_path / "typo").exists() and not os.path.exists(os.path.join(ROOT, "figures"))
 
 
 def test_missing_inputs_are_skipped(tmp_path):

@@ -212,6 +212,7 @@ def study_status(path: str, results_root: str | None = None, overrides: dict | N
 
     study = load_study(path, overrides)
     root = results_root or study.results_root
+    results.check_root(root)
     study = apply_pinned(study, root, strict=False)  # harness.store.tuning: tuned values
     notes, pin = [], None
     try:

@@ -50,6 +50,26 @@ class Pin:
         return self.document["cells"][cid]["teacher"]
 
 
+def _not_ours(root: str, owner: str, study) -> str:
+    return (f"{location(root, PIN)} belongs to study {C.cut(owner, 80)!r}, not {study.name!r}: "
+            f"two studies cannot share one results root. Give this study its own `results:` path "
+            f"in its YAML ({study.path or 'the study file'}) or --results, or fix its `study:` "
+            f"name if it was renamed.")
+
+
+def check_owner(root: str, study) -> None:
+    """Refuse a results root that another study pinned (PinError), for the commands that only
+    read it (``harness figures``, ``harness report``); a corrupt pin.json is left to them."""
+    data = results.read_bytes(root, PIN)
+    try:
+        doc = json.loads(data.decode("utf-8")) if data is not None else None
+    except (UnicodeDecodeError, ValueError):
+        return
+    owner = doc.get("study") if isinstance(doc, dict) else None
+    if isinstance(owner, str) and owner != study.name:
+        raise PinError(_not_ours(root, owner, study))
+
+
 def read_pin(root: str) -> dict | None:
     """The pin.json document of a results root, None if there is none; PinError if corrupt."""
     where = location(root, PIN)
@@ -105,11 +125,7 @@ def pin_study(study, root: str | None = None, data_fingerprint=None, *, write: b
         before = None
     else:
         if doc["study"] != study.name:
-            raise PinError(f"{location(root, PIN)} belongs to study {C.cut(doc['study'], 80)!r}, "
-                           f"not {study.name!r}: two studies cannot share one results root. Give "
-                           f"this study its own `results:` path in its YAML "
-                           f"({study.path or 'the study file'}) or --results, or fix its "
-                           f"`study:` name if it was renamed.")
+            raise PinError(_not_ours(root, doc["study"], study))
         before = copy.deepcopy(doc)
         for key, empty in (("current", []), ("teachers", {}), ("fingerprints", {})):
             doc.setdefault(key, empty)

@@ -23,7 +23,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from harness.declare.config import ConfigError, cell_params, init_label, loss_label, param_columns
+from harness.declare.config import (
+    ConfigError,
+    cell_params,
+    cut,
+    init_label,
+    loss_label,
+    param_columns,
+)
 from harness.store import environment
 
 _ARROW = {str: pa.string(), float: pa.float64(), int: pa.int64(), bool: pa.bool_()}
@@ -74,14 +81,33 @@ class RootError(ValueError):
     """A results root that cannot hold results (for example an existing file)."""
 
 
-def check_root(root: str) -> None:
-    """Refuse a results root that exists but is not a folder, before anything is written."""
+REMOTE = ("s3", "file")
+"""The URI schemes a results root may have besides a plain local path (others, gs:// for one,
+wait on credentials they cannot find: refused up front)."""
+
+
+def unreachable(root: str, e: OSError) -> RootError:
+    return RootError(f"the results root {root} cannot be reached ({cut(str(e), 300)}): check "
+                     f"the address, the network and the AWS_* settings (README: results on S3). "
+                     f"Nothing was read or written.")
+
+
+def check_root(root: str, must_exist: bool = False) -> None:
+    """Refuse, before anything is written, a results root that exists but is not a folder, one
+    that cannot be reached, and (``must_exist``: commands that only read) one that is absent."""
     fs, base = filesystem(root)
-    kind = fs.get_file_info(base).type
+    try:
+        kind = fs.get_file_info(base).type
+    except OSError as e:
+        raise unreachable(root, e) from None
     if kind not in (pafs.FileType.NotFound, pafs.FileType.Directory):
         raise RootError(f"the results root {root} exists and is a file, not a folder: results "
                         f"cannot be stored there. Give the study another `results:` path (or "
                         f"--results), or move that file aside.")
+    if must_exist and kind == pafs.FileType.NotFound:
+        raise RootError(f"there are no results at {root}: the folder does not exist. Run "
+                        f"`harness run` on the study first, or give --results the folder it "
+                        f"wrote (the study's `results:` path by default). Nothing was written.")
 
 
 def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
@@ -93,7 +119,19 @@ def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     ``FileSystem.from_uri`` honours itself (``AWS_ENDPOINT_URL`` since Arrow 13, the ``_S3``
     form since 15; checked in tests/test_s3.py), as do Ray's storage and boto3."""
     if "://" in root:
-        return pafs.FileSystem.from_uri(root)
+        scheme = root.split("://", 1)[0].lower()
+        if scheme not in REMOTE:
+            raise RootError(f"the results root {root} has the scheme {scheme}://; results live "
+                            f"in a local folder or under {' or '.join(f'{k}://' for k in REMOTE)}. "
+                            f"Give --results (or the study's `results:`) one of those.")
+        try:
+            return pafs.FileSystem.from_uri(root)
+        except pa.ArrowInvalid as e:
+            raise RootError(f"the results root {root} is not an address pyarrow can open "
+                            f"({cut(str(e), 300)}); give a local folder or an s3://bucket/"
+                            f"prefix.") from None
+        except OSError as e:
+            raise unreachable(root, e) from None
     return pafs.LocalFileSystem(), posixpath.abspath(root)
 
 
