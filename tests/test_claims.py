@@ -129,6 +129,16 @@ def test_dry_run_and_status_show_the_cap_and_the_claims(tmp_path, capsys):
     status = study_status(str(path), root)
     assert "so far, this round included: 12 cells" in status and "claims: not judged yet" in status
     assert not os.path.exists(root) or not os.listdir(root)
+    # a later round's cells are no longer the grid's product: the header does not claim it is
+    from harness.declare.study import describe, load_study
+    from harness.orchestrate.rounds import with_cells
+
+    study = load_study(str(path))
+    assert describe(study).splitlines()[0].endswith(": 12 cells = 2 loss x 2 init x 3 seed")
+    later = with_cells(study, [c for c in study.seed_pool if c.config["seed"] < 5])
+    assert describe(later).splitlines()[0].endswith(
+        ": 20 cells (the grid's 2 loss x 2 init x 3 seed to start, and the seeds its rounds "
+        "added)")
 
 
 def _frozen_store(root: str):

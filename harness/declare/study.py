@@ -360,9 +360,13 @@ def describe(study: Study, ids: list[str] | None = None, notes: list[str] | None
     if study.workers > 1:
         res += f" per worker, {study.workers} workers (data parallel)"
     res += "; per teacher: " + ", ".join(f"{k} {v:g}" for k, v in study.teacher_resources.items())
+    grid = " x ".join(f"{len(v)} {a}" for a, v in study.axes)
+    if study.axes and math.prod(len(v) for _, v in study.axes) != n:  # seeds on demand
+        grid = f" (the grid's {grid} to start, and the seeds its rounds added)"
+    elif study.axes:
+        grid = " = " + grid
     out = [f"study {study.name}" + (f" ({study.path})" if study.path else "")
-           + f": {n} cell{'s' if n != 1 else ''}"
-           + (" = " + " x ".join(f"{len(v)} {a}" for a, v in study.axes) if study.axes else ""),
+           + f": {n} cell{'s' if n != 1 else ''}{grid}",
            f"results: {study.results_root}",
            f"resources per cell: {res}; max_failures: {study.max_failures}"]
     if study.description:
