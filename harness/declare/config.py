@@ -27,14 +27,16 @@ from harness.declare.schema import short as _short
 
 
 def param(default=None, kind: str = "num", *, choices: tuple | None = None,
-          positive: bool = False, hi: float | None = None, required: bool = False,
-          omit_default: bool = False, column: str | None = None) -> Setting:
+          positive: bool = False, lo: float | None = None, hi: float | None = None,
+          required: bool = False, omit_default: bool = False,
+          column: str | None = None) -> Setting:
     """One parameter of a loss family, init scheme or the verifier, as a ``Setting`` (the one
     declaration type, checked by the one validator ``schema.check``). ``kind``: num | int | str |
     bool | groups (a list of ``choices``) | counts (whole numbers in [1, hi]) | source (a partial
     teacher section). ``omit_default``: added after ids were stored, so left out of the
-    canonical form (and of ids and labels) at its default. ``column``: its typed result column."""
-    return Setting(kind, lo=0.0 if positive else None, hi=hi, choices=choices,
+    canonical form (and of ids and labels) at its default. ``column``: its typed result column.
+    ``positive``: above 0; ``lo``: at least ``lo``; ``hi``: at most ``hi``."""
+    return Setting(kind, lo=0.0 if positive else lo, lo_open=positive, hi=hi, choices=choices,
                    nullable=default is None and not required, default=default,
                    identity="unless_default" if omit_default else "yes",
                    required=required, column=column, coerce=True)
@@ -44,7 +46,7 @@ def param(default=None, kind: str = "num", *, choices: tuple | None = None,
 # ``ratio`` family with ``divergence`` fixed; it resolves to the same canonical config.
 LOSS_FAMILIES = {
     "di": {"weighting": param("dmd", "str", choices=("dmd", "sigma2"))},
-    "sid": {"alpha": param(1.2, hi=100.0)},
+    "sid": {"alpha": param(1.2, lo=0.0, hi=100.0)},  # SiD weighs its two terms with alpha >= 0
     "ratio": {
         "divergence": param("kl", "str", choices=("kl", "js", "rkl")),
         "sigma": param("schedule", "str", choices=("schedule", "fixed"), column="ratio_sigma"),
