@@ -29,7 +29,14 @@ import json
 import numpy as np
 import pandas as pd
 
-from analysis.claims_base import METHOD_SIMULTANEOUS, NOT_TESTED, ClaimResult, Groups, finish
+from analysis.claims_base import (
+    METHOD_SIMULTANEOUS,
+    NOT_TESTED,
+    ClaimResult,
+    Groups,
+    finish,
+    over_losses,
+)
 from analysis.claims_c3 import c3, c3c, c3d, c3e, c3f, reset_claim
 from analysis.stats import look_alphas
 from analysis.style import base_loss, fmt_num
@@ -183,7 +190,8 @@ def c1_best(g: Groups) -> list[ClaimResult]:
     g.used(v, keys, seeds)
     v.method, v.comparisons = METHOD_SIMULTANEOUS, k
     v.comparison = (f"best score-free ({best_r}) vs best teacher-score ({best_s}), {t} init; "
-                    f"interval over all {k} pairs (covers the selection)")
+                    + ("the only pair (nothing to select)" if k == 1 else
+                       f"interval over all {k} pairs (covers the selection)"))
     v.details = [("score-free: " if lo_ in ratio else "teacher-score: ") + g.describe(lo_, t)
                  for lo_ in ratio + score]
     return [finish(v)]
@@ -206,7 +214,7 @@ def c2(g: Groups) -> list[ClaimResult]:
         return [v]
     n, s = len(losses), g.sign()
     keys = [(lo, t) for lo in losses] + [(lo, r) for lo in losses]
-    v.comparison = f"{r} vs {t} init, averaged over {n} losses, paired by seed"
+    v.comparison = f"{r} vs {t} init, {over_losses(n)}, paired by seed"
     g.fill(v, keys, [-s / n] * n + [s / n] * n, [1 / n] * n + [0.0] * n, abs_den=True)
     dfc = g.study.deficit
     v.details = [f"{lo}: teacher {fmt_num(g.mean(lo, t))}, random {fmt_num(g.mean(lo, r))} "

@@ -95,6 +95,11 @@ class ClaimResult:
         return self.tested and not self.decided
 
 
+def over_losses(n: int) -> str:
+    """How a claim pools its losses, for its comparison line."""
+    return "for its one loss" if n == 1 else f"averaged over {n} losses"
+
+
 def finish(v: ClaimResult) -> ClaimResult:
     """Verdict from the interval, and for an undecided one the seeds that would decide it."""
     d = decide(v.ci_low, v.ci_high, v.threshold, v.holds_if)

@@ -19,6 +19,7 @@ from analysis.claims_base import (
     abs_ratio,
     extreme,
     finish,
+    over_losses,
 )
 from analysis.style import fmt_num
 from harness.declare.config import GROUPS
@@ -46,8 +47,7 @@ def _gap_claim(g: Groups, v: ClaimResult, x: str, closes: bool = False) -> list[
     if not losses:
         v.details.append(f"needs teacher, random and {x} cells of the same loss")
         return [v]
-    v.comparison = (f"{x} within the teacher→random gap, averaged over {len(losses)} losses, "
-                    f"paired by seed")
+    v.comparison = f"{x} within the teacher→random gap, {over_losses(len(losses))}, paired by seed"
     keys, num, den = _gap_coefs(losses, [t, r, x], {x: 1.0}, closes)
     g.fill(v, keys, num, den)
     v.details = [f"{lo}: teacher {fmt_num(g.mean(lo, t))}, {x} {fmt_num(g.mean(lo, x))}, "
@@ -100,8 +100,8 @@ def c3c(g: Groups) -> list[ClaimResult]:
     g.used(v, keys, seeds)
     v.method, v.comparisons = METHOD_SIMULTANEOUS, len(pairs)
     k = int(np.argmax(effects))
-    v.comparison = (f"σ_feat in {{{', '.join(f'{sigma[i]:g}' for i in inits)}}}, averaged over "
-                    f"{len(losses)} losses; largest spread now between σ_feat "
+    v.comparison = (f"σ_feat in {{{', '.join(f'{sigma[i]:g}' for i in inits)}}}, "
+                    f"{over_losses(len(losses))}; largest spread now between σ_feat "
                     f"{sigma[pairs[k][0]]:g} and {sigma[pairs[k][1]]:g}; interval over all "
                     f"{len(pairs)} pairs (covers the selection)")
     v.details = [f"σ_feat={sigma[i]:g}: loss-averaged mean "
@@ -150,8 +150,8 @@ def c3e(g: Groups) -> list[ClaimResult]:
             per.append(pb)
             continue
         keys, num, den = _gap_coefs(losses, [t, r, b], {b: 1.0})
-        pb.comparison = (f"{b} within the teacher→random gap, averaged over {len(losses)} "
-                         f"losses, paired by seed")
+        pb.comparison = (f"{b} within the teacher→random gap, {over_losses(len(losses))}, "
+                         f"paired by seed")
         g.fill(pb, keys, num, den)
         pb.details = [f"{lo}: teacher {fmt_num(g.mean(lo, t))}, {b} {fmt_num(g.mean(lo, b))}, "
                       f"random {fmt_num(g.mean(lo, r))}" for lo in losses]
