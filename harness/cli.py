@@ -69,6 +69,13 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def _device(text: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:N (argparse reports anything else, exit 2)."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d{1,2})?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
 def _parse_value(text: str, source: str = "a command-line value"):
     """A ``--set``/``--loss``/``--init`` value, read by the study file's own YAML reader (the
     same refusals: anchors and aliases, deep nesting, huge values, control characters)."""
@@ -230,11 +237,13 @@ def cmd_compact(args) -> int:
 
 def _check_cache(args):
     """Refuse an object-store cache before anything starts (``results.cache_folder``)."""
-    from harness.store.results import cache_folder, cache_for
+    from harness.store.results import cache_folder, cache_for, check_root
 
     if getattr(args, "cache", None):
         args.cache = cache_folder(args.cache, "--cache (default $HARNESS_CACHE)")
     elif hasattr(args, "cache"):  # teacher, cell: the one resolver, rooted at --out
+        if args.out:
+            check_root(args.out)  # before a teacher trains, not when its rows are written
         args.cache = cache_for(args.out)
     elif os.environ.get("HARNESS_CACHE"):
         cache_folder(os.environ["HARNESS_CACHE"])
@@ -269,7 +278,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--cache", default=None, help="teachers and extractors (default: "
                         "$HARNESS_CACHE, else <--out>/cache: where `harness run` of that results "
                         "root keeps them)")
-        sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+        sp.add_argument("--device", default="auto", type=_device,
+                        help="cpu, cuda, cuda:N or auto (default: auto)")
 
     sp = sub.add_parser("teacher", help="train (or reuse) a teacher and report its quality")
     common_data(sp)
@@ -293,7 +303,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                     help="Ray cluster to join, e.g. 'auto' (default: $RAY_ADDRESS or a local Ray)")
     sp.add_argument("--results", default=None, help="results root (default: the study's)")
-    sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    sp.add_argument("--device", default="auto", type=_device,
+                        help="cpu, cuda, cuda:N or auto (default: auto)")
     add_study_set(sp)
     sp.set_defaults(func=cmd_run)
 
@@ -305,7 +316,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                     help="Ray cluster to join, e.g. 'auto' (default: $RAY_ADDRESS or a local Ray)")
     sp.add_argument("--results", default=None, help="results root (default: the study's)")
-    sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    sp.add_argument("--device", default="auto", type=_device,
+                        help="cpu, cuda, cuda:N or auto (default: auto)")
     sp.set_defaults(func=cmd_tune)
 
     sp = sub.add_parser("rescore", help="score the stored final samples of done cells again "
@@ -314,7 +326,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--results", default=None, help="results root (default: the study's)")
     sp.add_argument("--set", action="append", metavar="eval.KEY=VALUE",
                     help="evaluation setting to score under, e.g. --set eval.extractor=shipped")
-    sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    sp.add_argument("--device", default="auto", type=_device,
+                        help="cpu, cuda, cuda:N or auto (default: auto)")
     sp.set_defaults(func=cmd_rescore)
 
     sp = sub.add_parser("status", help="cells done / running / failed / pending, time, ETA")

@@ -268,3 +268,45 @@ def test_cell_reuses_the_teacher_that_run_trained(tmp_path, monkeypatch):
     assert code == 0, out + err
     assert "training mlp" not in out and " done " in out
     assert sorted(os.listdir(root / "cache" / "teachers")) == trained
+
+
+def test_paths_and_devices_that_cannot_work_are_refused_before_anything_runs(tmp_path, capsys,
+                                                                              monkeypatch):
+    """A data folder that is a file, a cache or --out that is a file, a bench table in a folder
+    that is a file, an empty --rows, a device that does not exist or is not here: one paragraph,
+    exit 2, before any teacher trains (nothing is created)."""
+    import torch
+
+    from harness.cli import main
+
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    study = tmp_path / "f.yaml"
+    study.write_text(f"study: f\ndata: {{name: folder, path: {afile}}}\n")
+    teacher = ["teacher", "--data", "toy2d", "--kimg", "0.128"]
+    cases = [
+        (["run", str(study), "--dry-run", "--results", str(tmp_path / "r")], {},
+         f"dataset 'folder': path '{afile}' is not a folder"),
+        (teacher + ["--out", str(tmp_path / "o")], {"HARNESS_CACHE": str(afile)},
+         f"HARNESS_CACHE: {afile} exists and is a file"),
+        (teacher + ["--out", str(afile)], {}, f"the results root {afile} exists and is a file"),
+        (["bench", "--rows", "init", "--out", str(afile / "x.md")], {},
+         "its folder does not exist (or is a file)"),
+        (["bench", "--rows", ""], {}, "--rows: unknown row ''"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["cell", "--device", "cuda", "--data", "toy2d", "--out", str(tmp_path / "c"),
+                       "--set", "teacher.kimg=0.128", "--kimg", "0.064"], {},
+                      "'cuda' asked for, but this machine has no CUDA device"))
+    for args, env, expected in cases:
+        with monkeypatch.context() as m:  # restores HARNESS_CACHE (bench sets it for its runs)
+            m.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert main(args) == 2, args
+        err = " ".join(capsys.readouterr().err.split())
+        assert expected in err and "Traceback" not in err, (args, err)
+    with pytest.raises(SystemExit) as e:  # argparse: usage and the reason, exit 2
+        main(teacher + ["--device", "tpu"])
+    assert e.value.code == 2 and "'tpu' is not a device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "f.yaml"]

@@ -121,13 +121,17 @@ def _mnist5k():
     return _pad_to(_images(x.reshape(-1, 1, 28, 28)), 32), y.astype(np.int64)
 
 
-def _require(path: str | None, name: str, expected: str) -> str:
+def _require(path: str | None, name: str, expected: str, folder: bool = True) -> str:
     if not path:
         raise DataError(f"dataset {name!r} needs data.path: {expected}. Set data.path in the "
                         f"study file (or --data-path on the command line).")
     path = os.path.expanduser(path)
     if not os.path.exists(path):
         raise DataError(f"dataset {name!r}: path {path!r} does not exist. Expected {expected}. "
+                        f"Fix data.path to point at it.")
+    if folder != os.path.isdir(path):
+        raise DataError(f"dataset {name!r}: path {path!r} is "
+                        f"{'not a folder' if folder else 'a folder'}. Expected {expected}. "
                         f"Fix data.path to point at it.")
     return path
 
@@ -201,7 +205,8 @@ def _mnist_idx(path):
 
 
 def _npz(path):
-    path = _require(path, "npz", "an .npz with 'x' (N,H,W,C or N,C,H,W uint8) and optional 'y'")
+    path = _require(path, "npz", "an .npz with 'x' (N,H,W,C or N,C,H,W uint8) and optional 'y'",
+                    folder=False)
     try:
         with np.load(path) as f:
             x = f["x"]

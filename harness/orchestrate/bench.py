@@ -312,11 +312,16 @@ ALL_ROWS = ("step", "eval", "sweep", "perf", "packing", "init")
 def main(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    cache = os.environ.setdefault("HARNESS_CACHE", cache_for(None))  # sub-runs share it
-    rows = args.rows.split(",") if args.rows else list(ALL_ROWS)
+    rows = list(ALL_ROWS) if args.rows is None else [r.strip() for r in args.rows.split(",")]
     unknown = sorted(set(rows) - set(ALL_ROWS))
     if unknown:
-        raise ConfigError("--rows", f"unknown row {unknown[0]!r}; known: {', '.join(ALL_ROWS)}")
+        raise ConfigError("--rows", f"unknown row {unknown[0]!r}; known: {', '.join(ALL_ROWS)} "
+                                    f"(leave --rows out for all of them)")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise ConfigError("--out", f"{args.out}: its folder does not exist (or is a file), so the "
+                                   f"table could not be written; give a path in an existing "
+                                   f"folder. Nothing was run.")
+    cache = os.environ.setdefault("HARNESS_CACHE", cache_for(None))  # sub-runs share it
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     head = (f"harness bench on {name} ({os.cpu_count()} cpus, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads); teachers cached in {cache}")

@@ -19,7 +19,7 @@ from harness.core import data as datasets
 from harness.core import losses, metrics, nets
 from harness.core.parallel import SINGLE, Shard
 from harness.core.train import Evaluation, train_student
-from harness.declare.config import init_label, source_teacher
+from harness.declare.config import ConfigError, init_label, source_teacher
 from harness.declare.hashing import cell_id
 from harness.orchestrate import teacher as teachers
 from harness.store import results
@@ -27,8 +27,15 @@ from harness.store.tracking import open_trackers
 
 
 def pick_device(device: str = "auto") -> str:
+    """``auto`` -> cuda where there is one, else cpu; a CUDA device this machine lacks is a user
+    error (ConfigError, exit 2) before anything trains."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device", f"{device!r} asked for, but this machine has no CUDA device "
+                                      f"torch can use (torch {torch.__version__}, built for CUDA "
+                                      f"{torch.version.cuda or 'none'}); use --device cpu or auto. "
+                                      f"Nothing was run.")
     return device
 
 

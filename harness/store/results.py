@@ -360,7 +360,7 @@ def cache_for(root: str | None, log=print) -> str:
     if os.environ.get("HARNESS_CACHE"):  # a local or mounted folder; s3:// is a user error
         return cache_folder(os.environ["HARNESS_CACHE"])
     if root is not None and "://" not in root:
-        return os.path.join(os.path.abspath(os.path.expanduser(root)), "cache")
+        return cache_folder(os.path.join(root, "cache"), "the cache under the results root")
     path = os.path.expanduser("~/.cache/harness")
     if root is not None:
         log(f"note: teachers are cached in {path} (HARNESS_CACHE is not set and the results root "
@@ -381,7 +381,12 @@ def cache_folder(value: str, where: str = "HARNESS_CACHE") -> str:
             f"at the same path (NFS, or the bucket mounted with a FUSE tool such as "
             f"mountpoint-s3), or leave it unset (`harness run` then uses <results root>/cache "
             f"for a local results root, ~/.cache/harness otherwise). Nothing was run."))
-    return os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
+    path = os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(where, f"{path} exists and is a file, but the cache of teachers and "
+                                 f"feature extractors is a folder. Set {where} to a folder (or "
+                                 f"leave it unset), or move that file aside. Nothing was run.")
+    return path
 
 
 def cell_columns(cfg: dict, study: str, cid: str, axes: dict) -> dict:
