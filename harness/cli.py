@@ -188,23 +188,13 @@ def cmd_status(args) -> int:
     return 0
 
 
-def _results_of(study, given: str | None) -> str:
-    """The results root ``figures`` and ``report`` read: a folder (or s3:// prefix) that exists
-    and that no other study pinned, checked before anything is drawn or written."""
-    from harness.store import pins, results
-
-    root = given or study.results_root
-    results.check_root(root, must_exist=True)
-    pins.check_owner(root, study)
-    return root
-
-
 def cmd_figures(args) -> int:
     from analysis.figures import make_all
     from harness.declare.study import load_study
+    from harness.store.pins import results_to_read
 
     study = load_study(args.study)
-    root = _results_of(study, args.results)
+    root = results_to_read(study, args.results)
     for path in make_all(root, only=args.only, metric=args.metric, claims=study.claims):
         print(path)
     return 0
@@ -213,9 +203,10 @@ def cmd_figures(args) -> int:
 def cmd_report(args) -> int:
     from analysis.report import write_report
     from harness.declare.study import load_study
+    from harness.store.pins import results_to_read
 
     study = load_study(args.study)
-    root = _results_of(study, args.results)
+    root = results_to_read(study, args.results)
     with open(args.study, encoding="utf-8") as f:
         text = f.read()
     print(write_report(root, study_text=text, study_path=args.study, metric=args.metric,

@@ -70,6 +70,15 @@ def check_owner(root: str, study) -> None:
         raise PinError(_not_ours(root, owner, study))
 
 
+def results_to_read(study, given: str | None) -> str:
+    """The results root ``harness figures`` and ``report`` read: a folder (or s3:// prefix) that
+    exists and that no other study pinned, checked before anything is drawn or written."""
+    root = given or study.results_root
+    results.check_root(root, must_exist=True)
+    check_owner(root, study)
+    return root
+
+
 def read_pin(root: str) -> dict | None:
     """The pin.json document of a results root, None if there is none; PinError if corrupt."""
     where = location(root, PIN)
