@@ -112,6 +112,35 @@ def final_kimg(cfg: dict) -> float:
     return C.steps(st["kimg"], st["batch"]) * st["batch"] / 1000
 
 
+def report_kimg(cfg: dict) -> list[float]:
+    """The kimg of each evaluation of one trial seed, as ``train.train_student`` makes them
+    (every ``eval.every_kimg`` in whole steps, and the last step)."""
+    batch = cfg["student"]["batch"]
+    total = C.steps(cfg["student"]["kimg"], batch)
+    every = max(1, round(cfg["eval"]["every_kimg"] * 1000 / batch))
+    return [s * batch / 1000 for s in sorted({*range(0, total, every), total})]
+
+
+def asha_note(tune: Tune, family: Family) -> str | None:
+    """Why ASHA cannot stop any trial of this family, or None: it compares trials at its rungs
+    (from the grace period to the whole budget), and a trial whose scores all come before the
+    grace period or at the end gives it nothing to compare (at the whole budget a trial is
+    simply done)."""
+    if tune.scheduler != "asha":
+        return None
+    per_seed = report_kimg(family.base)
+    end = per_seed[-1] * len(tune.seeds)
+    reports = [j * per_seed[-1] + k for j in range(len(tune.seeds)) for k in per_seed]
+    grace = end * ASHA_GRACE
+    if any(grace - 1e-9 <= k < end - 1e-9 for k in reports):
+        return None
+    return (f"scheduler asha cannot stop any {family.label} trial: a trial reports a score at "
+            f"kimg {', '.join(f'{k:g}' for k in sorted(set(reports)))} (eval.every_kimg "
+            f"{family.base['eval']['every_kimg']:g}), none between ASHA's grace period "
+            f"({grace:g}) and the whole budget ({end:g}), so every trial runs its whole budget "
+            f"as with `scheduler: none`. For ASHA to act, evaluate at least every {grace:g} kimg.")
+
+
 def family_hash(tune: Tune, family: Family) -> str:
     """What a family's choice depends on: the protocol, its space and its trial config."""
 
@@ -345,6 +374,7 @@ def describe(study, root: str) -> str:
         shown = state if state != "tuned" else "tuned: " + " ".join(
             f"{k}={fmt_value(v)}" for k, v in entry["choice"].items())
         lines.append(f"  {label}: {space}; init {C.init_label(fam.base['init'])}; {shown}")
+    lines += [f"note: {n}" for n in filter(None, (asha_note(t, f) for f in t.families.values()))]
     todo = sum(s != "tuned" for s, _ in states.values())
     lines.append(f"{todo} families to tune, {n_f - todo} tuned (dry run: nothing written)")
     return "\n".join(lines)
