@@ -237,3 +237,8 @@ def cross_check(cfg: dict, fixed: dict, origin: dict):
     if name != "toy2d" and metric == "mmd":
         raise Problem(where("eval.metric"), f"metric 'mmd' is for toy2d, not images ({name})",
                       "use metric: fd, fid or auto")
+    if metric == "fid" and not cfg["eval"]["inception_weights"]:
+        raise Problem(where("eval.metric"), "metric 'fid' needs eval.inception_weights, the local "
+                      "pt_inception-2015-12-05 file (nothing is downloaded)",
+                      "set eval.inception_weights to its path (its existence is checked when "
+                      "the metric is built), or use metric: fd")
