@@ -28,6 +28,7 @@ from analysis.style import (
 from analysis.tuning import load_tuned
 from harness.declare.config import INIT_SCHEMES, ConfigError, param_columns
 from harness.declare.hashing import PinError
+from harness.declare.schema import cut
 from harness.declare.schema import higher_is_better  # noqa: F401 (analysis modules read it here)
 from harness.store.results import cell_status, load_rows, read_bytes
 
@@ -170,13 +171,14 @@ def load_pin(root: str) -> set | None:
         pin = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         pin = e
+    why = (f"not valid JSON: {cut(str(pin), 120)}" if isinstance(pin, Exception) else
+           "not a JSON object with 'current' a list of cell ids")
     current = pin.get("current") if isinstance(pin, dict) else None
     if not isinstance(pin, dict) or not (current is None or isinstance(current, list) and all(
             isinstance(c, str) for c in current)):
-        raise PinError(f"{root}/pin.json is not a pin file (not a JSON object with 'current' a "
-                       f"list of cell ids). Move it aside (rename it to pin.json.bad) and run "
-                       f"`harness run` or `harness status` on the study to pin it again; the "
-                       f"figures need it to leave orphaned cells out.")
+        raise PinError(f"{root}/pin.json is not a pin file ({why}). Move it aside (rename it "
+                       f"to pin.json.bad): the figures then use every stored cell, orphaned ones "
+                       f"included, until `harness run` on the study pins it again.")
     return None if current is None else {str(c) for c in current}
 
 

@@ -310,8 +310,16 @@ def test_truncated_parquet_part_is_quarantined(tmp_path, capsys):
     assert main(["figures", study, "--results", str(root), "--only", "heatmap"]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert f"the results file {victim} is unreadable" in err and "every other row is used" in err
-    assert os.path.exists(root / "rows" / "quarantine" / os.path.basename(victim))
+    # figures (like status and report) holds no lock: it reads, writes nothing, moves nothing
+    assert "left in place (moved aside by the next command that holds" in err
+    assert os.path.exists(victim) and not (root / "rows" / "quarantine").exists()
     assert all(open(p, "rb").read() == b for p, b in others.items())
+    assert len(results.load_rows(str(root))) >= len(whole) - len(lost)
+    capsys.readouterr()
+    assert main(["compact", study, "--results", str(root)]) == 0  # holds the lock: moves it
+    assert f"moved to {root}/rows/quarantine/" in " ".join(capsys.readouterr().err.split())
+    assert os.path.exists(root / "rows" / "quarantine" / os.path.basename(victim))
+    assert not os.path.exists(victim) and not results.HELD
     assert len(results.load_rows(str(root))) >= len(whole) - len(lost)
 
 

@@ -67,6 +67,7 @@ class Lock:
     def __init__(self, root: str, path: str, info: dict, fs=None):
         self.root, self.path, self.info, self._fs = root, path, info, fs
         self.held = True
+        results.held(root, True)
 
     def __enter__(self):
         return self
@@ -79,6 +80,7 @@ class Lock:
         if not self.held:
             return
         self.held = False
+        results.held(self.root, False)
         try:
             current = json.loads(self._read() or b"null")
         except ValueError:
@@ -313,6 +315,7 @@ class _S3Lock(Lock):
         if not self.held:
             return
         self.held = False
+        results.held(self.root, False)
         from botocore.exceptions import ClientError
 
         try:

@@ -241,19 +241,34 @@ def read_parts(fs, files: list[str], schema: pa.Schema, filters=None) -> pa.Tabl
         try:
             tables.append(pq.read_table(f, filesystem=fs, schema=schema, filters=filters))
         except (pa.ArrowException, OSError, ValueError) as e:
-            _quarantine(fs, f, f"{type(e).__name__}: {str(e)[:160]}")
+            _quarantine(fs, f, f"{type(e).__name__}: {cut(str(e), 160)}")
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+HELD: set[str] = set()
+"""The stores (``filesystem(root)[1]``) whose study lock this process holds (``lock.Lock``):
+only there is an unreadable part moved; a reader without the lock (status, figures, report, a
+worker) writes nothing and leaves it in place."""
+
+
+def held(root: str, hold: bool) -> None:
+    base = filesystem(root)[1].rstrip("/")
+    HELD.add(base) if hold else HELD.discard(base)
 
 
 def _quarantine(fs, path: str, why: str) -> None:
     folder = posixpath.join(posixpath.dirname(path), QUARANTINE)
     target = posixpath.join(folder, posixpath.basename(path))
-    try:
-        fs.create_dir(folder, recursive=True)
-        fs.move(path, target)
-        where = f"moved to {target}"
-    except OSError:
-        where = "left in place (the results root is not writable)"
+    if posixpath.dirname(posixpath.dirname(path)).rstrip("/") not in HELD:
+        where = ("left in place (moved aside by the next command that holds the study's lock: "
+                 "harness run, tune, compact or rescore)")
+    else:
+        try:
+            fs.create_dir(folder, recursive=True)
+            fs.move(path, target)
+            where = f"moved to {target}"
+        except OSError:
+            where = "left in place (the results root is not writable)"
     print(f"note: the results file {path} is unreadable ({why}); {where} and left out: every "
           f"other row is used. Delete it once inspected; the cells it held rerun or resume "
           f"as needed.", file=sys.stderr)
