@@ -293,7 +293,12 @@ def test_paths_and_devices_that_cannot_work_are_refused_before_anything_runs(tmp
         (["bench", "--rows", "init", "--out", str(afile / "x.md")], {},
          "its folder does not exist (or is a file)"),
         (["bench", "--rows", ""], {}, "--rows: unknown row ''"),
+        (teacher[:2] + ["npz", "--data-path", str(afile), "--kimg", "0.128"], {},
+         "is not an .npz archive"),  # numpy would read it as a pickle
     ]
+    if os.path.exists("/dev/zero"):  # a device reads without end: refused before it is opened
+        cases.append((teacher[:2] + ["npz", "--data-path", "/dev/zero", "--kimg", "0.128"], {},
+                      "path '/dev/zero' is not a regular file"))
     if not torch.cuda.is_available():
         cases.append((["cell", "--device", "cuda", "--data", "toy2d", "--out", str(tmp_path / "c"),
                        "--set", "teacher.kimg=0.128", "--kimg", "0.064"], {},

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,9 +130,10 @@ def _require(path: str | None, name: str, expected: str, folder: bool = True) ->
     if not os.path.exists(path):
         raise DataError(f"dataset {name!r}: path {path!r} does not exist. Expected {expected}. "
                         f"Fix data.path to point at it.")
-    if folder != os.path.isdir(path):
-        raise DataError(f"dataset {name!r}: path {path!r} is "
-                        f"{'not a folder' if folder else 'a folder'}. Expected {expected}. "
+    if folder != os.path.isdir(path) or not (folder or os.path.isfile(path)):
+        kind = "not a folder" if folder else "a folder" if os.path.isdir(path) else \
+            "not a regular file (a device or a pipe reads without end)"
+        raise DataError(f"dataset {name!r}: path {path!r} is {kind}. Expected {expected}. "
                         f"Fix data.path to point at it.")
     return path
 
@@ -207,6 +209,10 @@ def _mnist_idx(path):
 def _npz(path):
     path = _require(path, "npz", "an .npz with 'x' (N,H,W,C or N,C,H,W uint8) and optional 'y'",
                     folder=False)
+    if not zipfile.is_zipfile(path):  # np.load would read anything else as a pickle (refused)
+        raise DataError(f"npz: {path!r} is not an .npz archive (a zip of .npy arrays, as "
+                        f"numpy.savez writes). Expected 'x': uint8 images (N,H,W,C) or (N,C,H,W), "
+                        f"and optionally 'y': labels.")
     try:
         with np.load(path) as f:
             x = f["x"]

@@ -117,7 +117,9 @@ class Evaluator:
                     f"offline domain-classifier proxy).")
             path = os.path.abspath(os.path.expanduser(inception_weights))
             if not os.path.isfile(path):
-                raise MetricsError(f"inception_weights {path!r} does not exist; expected the "
+                raise MetricsError(f"inception_weights {path!r} "
+                                   f"{'is not a file' if os.path.exists(path) else 'does not exist'}"
+                                   f"; expected the "
                                    f"pt_inception-2015-12-05 weights file ({INCEPTION_URL})")
             weights = _file_hash(path)
             self._fe_name = register_inception(weights, load_inception_weights(path))
