@@ -227,17 +227,17 @@ def cmd_compact(args) -> int:
 
 
 def _check_cache(args):
-    """Refuse an object-store cache before anything starts (``results.cache_folder``)."""
-    from harness.store.results import cache_folder, cache_for, check_root
+    """Refuse a cache that is no local folder, and a file as teacher/cell --out, up front."""
+    from harness.store import cache, results
 
     if getattr(args, "cache", None):
-        args.cache = cache_folder(args.cache, "--cache (default $HARNESS_CACHE)")
+        args.cache = cache.cache_folder(args.cache, "--cache (default $HARNESS_CACHE)")
     elif hasattr(args, "cache"):  # teacher, cell: the one resolver, rooted at --out
         if args.out:
-            check_root(args.out)  # before a teacher trains, not when its rows are written
-        args.cache = cache_for(args.out)
+            results.check_root(args.out)  # before a teacher trains
+        args.cache = cache.cache_for(args.out)
     elif os.environ.get("HARNESS_CACHE"):
-        cache_folder(os.environ["HARNESS_CACHE"])
+        cache.cache_folder(os.environ["HARNESS_CACHE"])
 
 
 def cmd_bench(args) -> int:

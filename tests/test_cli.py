@@ -315,3 +315,44 @@ def test_paths_and_devices_that_cannot_work_are_refused_before_anything_runs(tmp
         main(teacher + ["--device", "tpu"])
     assert e.value.code == 2 and "'tpu' is not a device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "f.yaml"]
+
+
+def test_a_memory_kill_that_stops_tune_starts_the_round_again(tmp_path, monkeypatch, capsys):
+    """Ray's memory monitor killing a worker makes Tune's controller raise (not fail the trial):
+    the run starts the experiment again for the cells still unfinished (they resume from their
+    checkpoints), up to MEMORY_RETRIES times, instead of leaving the study with a traceback."""
+    from harness.orchestrate import sweep
+    from harness.orchestrate.status import fingerprints
+
+    study_path = write_study(tmp_path, "oom", "grid: {seed: [0, 1]}\n")
+    study = sweep.load_study(str(study_path))
+    root = str(tmp_path / "r")
+    fp, datasets = fingerprints(study)
+    calls = []
+    oom = RuntimeError("Caught unexpected exception: 1 worker(s) were killed due to the node "
+                       "running low on memory. Memory on the node was 22.99GB used")
+
+    def fake_sweep(study, pin, pending, *rest):
+        calls.append(list(pending))
+        if len(calls) == 1:  # the first cell finished before the kill
+            fake_rows(study_path, pathlib.Path(root), {0: "done"})
+            raise oom
+        return 0
+
+    monkeypatch.setattr(sweep, "_sweep", fake_sweep)
+    monkeypatch.setattr(sweep, "_teachers", lambda *a: None)
+    assert sweep._rounds(study, root, str(tmp_path / "c"), fp, datasets, "cpu", None, None,
+                         None) == 0
+    assert len(calls) == 2 and len(calls[0]) == 2 and calls[1] == calls[0][1:]
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Ray's memory monitor killed a worker and Tune stopped the experiment" in out
+    assert "(retry 1 of 3)" in out
+    calls.clear()  # every attempt killed: the error reaches the caller after the retries
+    def always_killed(*a):
+        calls.append(1)
+        raise oom
+
+    monkeypatch.setattr(sweep, "_sweep", always_killed)
+    with pytest.raises(RuntimeError, match="low on memory"):
+        sweep._rounds(study, root, str(tmp_path / "c"), fp, datasets, "cpu", None, None, None)
+    assert len(calls) == 1 + sweep.MEMORY_RETRIES

@@ -28,7 +28,7 @@ import pytest
 
 from harness import cli
 from harness.declare import hashing, tune_spec
-from harness.store import results, tuning
+from harness.store import results, tune_views, tuning
 from harness.orchestrate.status import fingerprints
 from harness.declare.study import StudyError, load_study
 
@@ -400,24 +400,24 @@ def test_asha_that_cannot_stop_a_trial_is_said(tmp_path):
     scores only before the grace period and at the end (evaluations too sparse), the dry run and
     `harness tune` say it will stop nothing (c3-mnist's 8-kimg trials evaluated every 8 kimg)."""
     fine = load_study(toy(tmp_path, tkimg=2))  # scores at 0, 0.512, ..., 2.048: inside the rungs
-    assert tuning.report_kimg(fine.tune.families["sid"].base)[:3] == [0.0, 0.512, 1.024]
-    assert all(tuning.asha_note(fine.tune, f) is None for f in fine.tune.families.values())
+    assert tune_views.report_kimg(fine.tune.families["sid"].base)[:3] == [0.0, 0.512, 1.024]
+    assert all(tune_views.asha_note(fine.tune, f) is None for f in fine.tune.families.values())
     sparse = write(tmp_path, open(toy(tmp_path, tkimg=2, file="x.yaml")).read().replace(
         "every_kimg: 0.5", "every_kimg: 4"), "sparse.yaml")
     study = load_study(sparse)
-    assert tuning.report_kimg(study.tune.families["sid"].base) == [0.0, 2.048]
-    note = tuning.asha_note(study.tune, study.tune.families["sid"])
+    assert tune_views.report_kimg(study.tune.families["sid"].base) == [0.0, 2.048]
+    note = tune_views.asha_note(study.tune, study.tune.families["sid"])
     assert note.startswith("scheduler asha cannot stop any sid trial: a trial reports a score "
                            "at kimg 0, 2.048 (eval.every_kimg 4), none between ASHA's grace "
                            "period (0.512) and the whole budget (2.048)"), note
-    assert f"note: {note}" in tuning.describe(study, str(tmp_path / "r"))
+    assert f"note: {note}" in tune_views.describe(study, str(tmp_path / "r"))
     two_seeds = write(tmp_path, open(sparse).read().replace("seeds: [100]", "seeds: [100, 101]"),
                       "two.yaml")  # the second seed's first score (2.048) lies inside the rungs
     study = load_study(two_seeds)
-    assert tuning.asha_note(study.tune, study.tune.families["sid"]) is None
+    assert tune_views.asha_note(study.tune, study.tune.families["sid"]) is None
     none = write(tmp_path, open(sparse).read().replace("scheduler: asha", "scheduler: none"),
                  "none.yaml")
-    assert tuning.asha_note(load_study(none).tune, load_study(none).tune.families["sid"]) is None
+    assert tune_views.asha_note(load_study(none).tune, load_study(none).tune.families["sid"]) is None
 
 
 def test_trial_lines_count_on_after_a_resume(capsys):

@@ -129,3 +129,22 @@ def prepare_output(root: str, out_dir: str, log=print) -> str:
             log(f"note: removed the symlink {entry.path} (the harness writes a new file there "
                 f"instead of writing through it)")
     return out_dir
+
+
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "gpfs",
+              "beegfs", "9p", "afs", "panfs", "wekafs", "juicefs", "fuse")
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem that holds ``path`` (Linux ``/proc/mounts``), or None."""
+    path, best = os.path.realpath(path), (-1, None)
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) > 2]
+    except OSError:
+        return None
+    for point, kind in mounts:
+        point = point.replace("\\040", " ")
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > best[0]:
+            best = (len(point), kind)
+    return best[1]

@@ -41,7 +41,8 @@ from harness.declare.study import load_study
 from harness.orchestrate.cell import run_cell
 from harness.orchestrate.sweep import run_study
 from harness.orchestrate.teacher import load_or_train
-from harness.store.results import cache_for, load_rows
+from harness.store.cache import cache_for
+from harness.store.results import load_rows
 
 ROWS: list[tuple[str, str, str, str]] = []  # (row, measured, reference, verdict)
 OUT: list[str] = []  # a markdown file each row is appended to as soon as it is measured

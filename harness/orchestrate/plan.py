@@ -36,6 +36,7 @@ from harness.orchestrate.status import (
     read_teacher_status,
 )
 from harness.store import pins, results
+from harness.store.cache import cache_for
 from harness.store.tuning import apply_pinned
 
 SHAPES = {"toy2d": ((2,), None), "digits": ((1, 8, 8), 0.5), "mnist5k": ((1, 32, 32), 0.5),
@@ -130,7 +131,7 @@ def _work(study, root: str) -> tuple[list, list, list[str]]:
     pin = pins.pin_study(study, root, fp, write=False)
     states = cell_states(results.load_rows(root), pin.ids)
     cells, teachers = [], {}
-    cache = results.cache_for(root, log=lambda *a: None)
+    cache = cache_for(root, log=lambda *a: None)
     for cid, cell in pin.current:
         cfg, s = cell.config, states[cid]
         if s["state"] in FINAL:

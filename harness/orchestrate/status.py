@@ -21,7 +21,9 @@ from harness.declare.hashing import canonical_json, teacher_plan
 from harness.declare.study import describe, load_study
 from harness.orchestrate import rounds, throughput
 from harness.store import environment, lock, pins, results
-from harness.store.tuning import apply_pinned, tune_progress
+from harness.store.cache import cache_for
+from harness.store.tune_views import tune_progress
+from harness.store.tuning import apply_pinned
 
 # the state of one cell, from its rows: done / diverged are final; failed and unfinished (rows
 # but no final one) and pending (no rows) are run by the next `harness run`
@@ -271,7 +273,7 @@ def study_status(path: str, results_root: str | None = None, overrides: dict | N
     out.append(f"training compute spent: {duration(spent)} (sum of each cell's latest wall_s); "
                f"ETA {eta}")
     if pin is not None and current:
-        cache = (holder or {}).get("cache") or results.cache_for(root, log=lambda *a: None)
+        cache = (holder or {}).get("cache") or cache_for(root, log=lambda *a: None)
         out += teacher_lines(study, pin, cache, live=holder is not None)
         out += planned_throughput(root, df, current, pin, cache)
     if pin is not None and study.claims.seeds is not None:

@@ -67,6 +67,7 @@ import sys
 
 from harness import __version__
 from harness.base import plugins
+from harness.base.safefs import NETWORK_FS, filesystem_type  # noqa: F401 (NETWORK_FS: tests)
 from harness.declare.study import load_study
 from harness.orchestrate import rounds
 from harness.orchestrate.progress import (
@@ -82,6 +83,7 @@ from harness.orchestrate.status import study_status as _study_status
 from harness.orchestrate.trainables import _teachers, _trainable, storage_of
 from harness.store import pins, tracking
 from harness.store import results as store
+from harness.store.cache import cache_for
 from harness.store.lock import acquire_lock
 from harness.store.results import cell_columns
 from harness.store.tuning import apply_pinned
@@ -100,26 +102,7 @@ def results_root(root: str) -> str:
 
 
 def cache_root(root: str) -> str:
-    return store.cache_for(root)
-
-
-NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "gpfs",
-              "beegfs", "9p", "afs", "panfs", "wekafs", "juicefs", "fuse")
-
-
-def filesystem_type(path: str) -> str | None:
-    """The type of the filesystem that holds ``path`` (Linux ``/proc/mounts``), or None."""
-    path, best = os.path.realpath(path), (-1, None)
-    try:
-        with open("/proc/mounts") as f:
-            mounts = [line.split()[1:3] for line in f if len(line.split()) > 2]
-    except OSError:
-        return None
-    for point, kind in mounts:
-        point = point.replace("\\040", " ")
-        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > best[0]:
-            best = (len(point), kind)
-    return best[1]
+    return cache_for(root)
 
 
 def cache_note(cache: str, nodes: int) -> str | None:
@@ -299,10 +282,22 @@ def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn, compu
             for line in tracking.describe(study.tracking, root):
                 print(line)
         code = 0
-        if pending:
+        for attempt in range(1 + MEMORY_RETRIES if pending else 0):
             _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn)
-            with quiet_tune():
-                code = _sweep(study, pin, pending, root, cache, device, cell_fn)
+            try:
+                with quiet_tune():
+                    code = _sweep(study, pin, pending, root, cache, device, cell_fn)
+                break
+            except RuntimeError as e:  # Tune's controller raises, not fails the trial
+                if "low on memory" not in str(e) or attempt == MEMORY_RETRIES:
+                    raise
+                print(f"note: Ray's memory monitor killed a worker and Tune stopped the "
+                      f"experiment ({error_summary(str(e))}); its cells go on from their last "
+                      f"checkpoints (retry {attempt + 1} of {MEMORY_RETRIES})", flush=True)
+                states = cell_states(store.load_rows(root), pending)
+                pending = [c for c in pending if states[c]["state"] not in FINAL]
+                if not pending:
+                    break
         if study.claims.seeds is None or code != 0:
             return code
         rows = store.load_rows(root)
@@ -313,6 +308,9 @@ def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn, compu
             return 0
         print(f"round {nxt.round}: {len(nxt.adds)} cells added for the open claims")
         study, computed = rounds.with_cells(study, nxt.cells), nxt.computed
+
+
+MEMORY_RETRIES = 3  # experiments started again after Ray's memory monitor killed a worker
 
 
 def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:

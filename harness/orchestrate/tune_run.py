@@ -49,9 +49,8 @@ from harness.store import results as store
 from harness.store import signed
 from harness.store.lock import acquire_lock
 from harness.store.results import cell_columns, filesystem
+from harness.store.tune_views import asha_note, describe
 from harness.store.tuning import (
-    asha_note,
-    describe,
     experiment_name,
     family_hash,
     family_states,
