@@ -193,6 +193,8 @@ def test_stale_lock_is_taken_over(tmp_path):
                                             "started_at": "earlier", "token": "x"}))
     code, out, err = cli("run", study, "--results", root, cwd=tmp_path)  # all done: reads only
     assert code == 0 and "all 2 cells done" in out and "nothing was trained" in out, out + err
+    out = cli("run", study, "--results", root, "--dry-run", cwd=tmp_path)[1]
+    assert "teachers: none needed (no cell left to run)" in out and "not cached" not in out, out
     assert (root / ".lock").exists()
     code, out, err = cli("compact", study, "--results", root, cwd=tmp_path)  # takes the lock
     assert code == 0, out + err

@@ -119,13 +119,17 @@ def teacher_state(folder: str, live: bool | None = None) -> str:
     return "not cached: trained before the first cell" if live is None else "not trained yet"
 
 
-def teacher_lines(study, pin, cache: str, live: bool | None = None) -> list[str]:
+def teacher_lines(study, pin, cache: str, live: bool | None = None,
+                  only: set | None = None) -> list[str]:
     """One line per teacher the study needs (its own and generator-init sources): cached,
     partly trained, or to be trained (steps), so a dry run says what the first minutes do;
-    ``harness status`` (``live``: whether a run holds the lock) adds training progress."""
+    ``harness status`` (``live``: whether a run holds the lock) adds training progress.
+    ``only``: the teachers of these cells (a dry run: the cells it would run)."""
 
     plan = teacher_plan((cell.config, pin.document["cells"][cid]["data_fingerprint"])
-                                for cid, cell in pin.current)
+                        for cid, cell in pin.current if only is None or cid in only)
+    if only is not None and not plan:
+        return ["teachers: none needed (no cell left to run)"]
     lines = []
     for tid, entry in plan.items():
         role, t = entry["role"], entry["cfg"]["teacher"]
@@ -155,8 +159,9 @@ def dry_run_report(study, root: str, cache: str | None = None) -> int:
     now = rounds.plan(study, root, fp, rows)
     study = rounds.with_cells(study, now.cells)
     pin = pins.pin_study(study, root, fp, write=False)
-    teachers = teacher_lines(study, pin, cache) if cache else []
     states = cell_states(rows, pin.ids)
+    todo = {c for c in pin.ids if states[c]["state"] not in FINAL}
+    teachers = teacher_lines(study, pin, cache, only=todo) if cache else []
     words = {"done": "done", "diverged": "diverged (final, not re-run)", "pending": "would run",
              "failed": "failed: would retry", "unfinished": "unfinished: would resume"}
     print(describe(study, pin.ids, [words[states[c]["state"]] for c in pin.ids]))
