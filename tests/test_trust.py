@@ -457,7 +457,7 @@ def test_study_file_and_command_line_values_are_bounded(tmp_path):
     marker = tmp_path / "ran"
     for value, words in [("&a [*a, *a]", "anchors and aliases are not allowed"),
                          ("[[[[", "YAML syntax error"),
-                         (f"!!python/object/apply:os.system [touch {marker}]", "tag"),
+                         (f"!!python/object/apply:os.system [touch {marker}]", "YAML tag refused"),
                          ("9" * 5000, "a value cannot be read")]:
         with pytest.raises(StudyError, match=words) as e:
             _overrides([f"student.lr={value}"])

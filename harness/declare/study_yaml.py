@@ -102,6 +102,12 @@ def read_yaml(text: str, source: str) -> tuple[object, dict]:
         _walk(node, "", 0, lines, source)
         lines["top level"] = node.start_mark.line + 1
         return loader.construct_document(node), lines
+    except yaml.constructor.ConstructorError as e:  # a tag (!!python/..., !custom): refused
+        mark = e.problem_mark or e.context_mark
+        raise StudyError(f"YAML tag refused: {C.cut(str(e.problem), 160)}", source=source,
+                         line=mark.line + 1 if mark else None,
+                         fix="a study file holds plain values (numbers, strings, lists, "
+                             "mappings); remove the tag (the text starting with '!')") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         problem = " ".join(str(x) for x in (e.context, e.problem) if x)
