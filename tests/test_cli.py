@@ -217,6 +217,10 @@ def test_dry_run_writes_nothing(tmp_path):
     # a fresh root: nothing is created
     code, out, _ = cli("run", study, "--results", tmp_path / "new", "--dry-run", cwd=tmp_path)
     assert code == 0 and "4 to run" in out and not (tmp_path / "new").exists()
+    assert "note: a cell asks for" not in out
+    out = cli("run", study, "--results", root, "--dry-run", "--set", "resources.cpu=1000",
+              cwd=tmp_path, env={"RAY_OVERRIDE_RESOURCES": '{"CPU": 2}'})[1]
+    assert "note: a cell asks for 1000 CPUs and this machine offers 2" in out, out
 
 
 def test_status(tmp_path):

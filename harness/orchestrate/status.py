@@ -169,6 +169,10 @@ def dry_run_report(study, root: str, cache: str | None = None) -> int:
         print(line)
     for note in pin.notes:
         print(f"note: {note}")
+    need, have = study.resources["cpu"] * study.workers, machine_cpus()
+    if need > have:
+        print(f"note: a cell asks for {need:g} CPUs and this machine offers {have}: `harness "
+              f"run` here would refuse to start (on a Ray cluster, the cluster's count)")
     for line in environment.drift(results.load_versions(root), environment.current()):
         print(line)
     count = lambda *s: sum(states[c]["state"] in s for c in pin.ids)  # noqa: E731
