@@ -290,7 +290,15 @@ def test_paths_and_devices_that_cannot_work_are_refused_before_anything_runs(tmp
     study = tmp_path / "f.yaml"
     study.write_text(f"study: f\ndata: {{name: folder, path: {afile}}}\n")
     teacher = ["teacher", "--data", "toy2d", "--kimg", "0.128"]
+    import numpy as np
+
+    np.savez(tmp_path / "nolabels.npz", x=np.zeros((20, 8, 8, 1), np.uint8))
+    nolab = tmp_path / "nolab.yaml"
+    nolab.write_text(f"study: nolab\ndata: {{name: npz, path: {tmp_path / 'nolabels.npz'}}}\n"
+                     f"teacher: {{arch: unet-xs}}\n")
     cases = [
+        (["run", str(nolab), "--dry-run", "--results", str(tmp_path / "r")], {},
+         "dataset 'npz' has no labels, and metric 'auto' scores images with a domain classifier"),
         (["run", str(study), "--dry-run", "--results", str(tmp_path / "r")], {},
          f"dataset 'folder': path '{afile}' is not a folder"),
         (teacher + ["--out", str(tmp_path / "o")], {"HARNESS_CACHE": str(afile)},
@@ -320,7 +328,8 @@ def test_paths_and_devices_that_cannot_work_are_refused_before_anything_runs(tmp
     with pytest.raises(SystemExit) as e:  # argparse: usage and the reason, exit 2
         main(teacher + ["--device", "tpu"])
     assert e.value.code == 2 and "'tpu' is not a device" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "f.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "f.yaml", "nolab.yaml",
+                                                          "nolabels.npz"]
 
 
 def test_a_memory_kill_that_stops_tune_starts_the_round_again(tmp_path, monkeypatch, capsys):

@@ -59,6 +59,13 @@ def fingerprints(study):
         key = canonical_json(cell.config["data"])
         if key not in sets:
             sets[key] = data.from_config(cell.config["data"])
+        ds = sets[key]
+        fd = cell.config["eval"]["metric"] in ("auto", "fd") and ds.x.ndim == 4
+        if fd and ds.labels is None:
+            raise DataError(f"dataset {ds.name!r} has no labels, and metric "
+                            f"{cell.config['eval']['metric']!r} scores images with a domain "
+                            f"classifier trained on labels. Add 'y' to the data, or use metric: "
+                            f"fid with eval.inception_weights. Nothing was run.")
     return (lambda d: sets[canonical_json(d)].fingerprint), sets
 
 
@@ -152,8 +159,8 @@ def dry_run_report(study, root: str, cache: str | None = None) -> int:
         fp, _ = fingerprints(study)
     except DataError:
         print(describe(study))
-        print(f"{len(study.cells)} cells would run once the data is there (dry run: nothing "
-              f"written). Cell ids hash the data's fingerprint, so they are listed then.")
+        print(f"{len(study.cells)} cells would run once the data is there and readable (dry run: "
+              f"nothing written). Cell ids hash the data's fingerprint, so they are listed then.")
         raise
     rows = results.load_rows(root)
     now = rounds.plan(study, root, fp, rows)
