@@ -169,7 +169,7 @@ def test_no_torch_or_ray_import(tmp_path):
 
 def test_figures_and_report_read_only_this_studys_results(tmp_path, capsys):
     """figures and report refuse (exit 2, nothing written) a results root that another study
-    pinned, one that does not exist, one that is a file, and an address they cannot open."""
+    pinned, one that does not exist, one that is a file, and an address pyarrow cannot open."""
     from harness.cli import main
 
     other = shutil.copytree(os.path.join(ROOT, "results", "c1-digits"), tmp_path / "c1",
@@ -182,7 +182,7 @@ def test_figures_and_report_read_only_this_studys_results(tmp_path, capsys):
         for root, why in ((other, "belongs to study 'c1-digits', not 'quick'"),
                           (tmp_path / "typo", "there are no results at"),
                           (afile, "exists and is a file"),
-                          ("gs://bucket/x", "has the scheme gs://")):
+                          ("ftp://host/x", "is not an address pyarrow can open")):
             args = [command[0], quick, "--results", str(root), *command[1:]]
             assert main(args) == 2, args
             err = " ".join(capsys.readouterr().err.split())

@@ -79,11 +79,6 @@ class RootError(ValueError):
     """A results root that cannot hold results (for example an existing file)."""
 
 
-REMOTE = ("s3", "file")
-"""The URI schemes a results root may have besides a plain local path (others, gs:// for one,
-wait on credentials they cannot find: refused up front)."""
-
-
 def unreachable(root: str, e: OSError) -> RootError:
     return RootError(f"the results root {root} cannot be reached ({cut(str(e), 300)}): check "
                      f"the address, the network and the AWS_* settings (README: results on S3). "
@@ -117,17 +112,12 @@ def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     ``FileSystem.from_uri`` honours itself (``AWS_ENDPOINT_URL`` since Arrow 13, the ``_S3``
     form since 15; checked in tests/test_s3.py), as do Ray's storage and boto3."""
     if "://" in root:
-        scheme = root.split("://", 1)[0].lower()
-        if scheme not in REMOTE:
-            raise RootError(f"the results root {root} has the scheme {scheme}://; results live "
-                            f"in a local folder or under {' or '.join(f'{k}://' for k in REMOTE)}. "
-                            f"Give --results (or the study's `results:`) one of those.")
         try:
             return pafs.FileSystem.from_uri(root)
         except pa.ArrowInvalid as e:
             raise RootError(f"the results root {root} is not an address pyarrow can open "
-                            f"({cut(str(e), 300)}); give a local folder or an s3://bucket/"
-                            f"prefix.") from None
+                            f"({cut(str(e), 300)}); give a local folder, an s3://bucket/prefix "
+                            f"or another pyarrow filesystem URI (gs://, hdfs://).") from None
         except OSError as e:
             raise unreachable(root, e) from None
     return pafs.LocalFileSystem(), posixpath.abspath(root)
