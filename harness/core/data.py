@@ -130,7 +130,7 @@ def _require(path: str | None, name: str, expected: str, folder: bool = True) ->
     if not os.path.exists(path):
         raise DataError(f"dataset {name!r}: path {path!r} does not exist. Expected {expected}. "
                         f"Fix data.path to point at it.")
-    if folder != os.path.isdir(path) or not (folder or os.path.isfile(path)):
+    if not (os.path.isdir(path) if folder else os.path.isfile(path)):
         kind = "not a folder" if folder else "a folder" if os.path.isdir(path) else \
             "not a regular file (a device or a pipe reads without end)"
         raise DataError(f"dataset {name!r}: path {path!r} is {kind}. Expected {expected}. "

@@ -282,8 +282,9 @@ def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn, compu
             for line in tracking.describe(study.tracking, root):
                 print(line)
         code = 0
-        for attempt in range(1 + MEMORY_RETRIES if pending else 0):
+        if pending:
             _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn)
+        for attempt in range(1 + MEMORY_RETRIES if pending else 0):
             try:
                 with quiet_tune():
                     code = _sweep(study, pin, pending, root, cache, device, cell_fn)

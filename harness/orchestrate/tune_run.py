@@ -323,8 +323,9 @@ def _tune_family(study, label: str, root: str, cache: str, device: str, cell_fn)
                                    grace_period=per_trial * ASHA_GRACE,
                                    reduction_factor=ASHA_REDUCTION)
                      if t.scheduler == "asha" else FIFOScheduler())
-        if asha_note(t, fam):
-            print(f"note: {asha_note(t, fam)}")
+        note = asha_note(t, fam)
+        if note:
+            print(f"note: {note}")
         print(f"tune {label}: Ray experiment {name}: {t.trials} trials of "
               f"{', '.join(f'{k} ~ {d.text}' for k, d in fam.space.items())}, "
               f"{t.kimg:g} kimg x {len(t.seeds)} seed(s) each, scheduler {t.scheduler}; "

@@ -240,8 +240,14 @@ worker) writes nothing and leaves it in place."""
 
 
 def held(root: str, hold: bool) -> None:
-    base = filesystem(root)[1].rstrip("/")
-    HELD.add(base) if hold else HELD.discard(base)
+    """Record that this process took (``hold``) or released the lock of ``root``'s store; the
+    key is the path inside its filesystem, as ``filesystem`` gives it, found without opening one
+    (an s3:// root would cost a request)."""
+    base = (root.split("://", 1)[1] if "://" in root else posixpath.abspath(root)).rstrip("/")
+    if hold:
+        HELD.add(base)
+    else:
+        HELD.discard(base)
 
 
 def _quarantine(fs, path: str, why: str) -> None:
