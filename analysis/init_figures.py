@@ -111,7 +111,7 @@ def _category_figure(study: Study, out_dir: str, rng, timer, name: str, cats: li
             ax.plot(np.arange(len(cats)), z["median"].to_numpy(float), ls="none", marker="x",
                     ms=6, color="#555555", mew=1.2, zorder=4)
             handles.append(Line2D([], [], ls="none", marker="x", color="#555555", mew=1.2))
-            labels.append("at kimg 0 (the init before training, median over cells)")
+            labels.append("at kimg 0 (the untrained init; median)")
             vals += z["median"].dropna().tolist()
         if ref_lines:  # their values are in the legend: no label on the data
             _draw_refs(ax, refs, labels=False)

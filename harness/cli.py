@@ -120,7 +120,7 @@ def _one_cell(spec: dict) -> dict:
 
 
 def cmd_teacher(args) -> int:
-    from harness.orchestrate.cell import pick_device, prepare
+    from harness.orchestrate.cell import prepare
 
     spec = _overrides(args.set)
     spec["data"] = {"name": args.data, **({"path": args.data_path} if args.data_path else {}),
@@ -129,7 +129,7 @@ def cmd_teacher(args) -> int:
                                             ("seed", args.seed)) if v is not None},
                        **spec.get("teacher", {})}
     cfg = _one_cell(spec)
-    _, _, meta, _ = prepare(cfg, args.out, args.cache, pick_device(args.device))
+    _, _, meta, _ = prepare(cfg, args.out, args.cache, args.device)
     print(f"teacher {meta['id']}: {meta['arch']}, {meta['parameters']:,} parameters, "
           f"{meta['steps']} steps, {meta['wall_s']:.0f} s of training")
     return 0

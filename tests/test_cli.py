@@ -155,6 +155,30 @@ def test_run_gpu_study_without_gpus(tmp_path, cache):
     assert not (tmp_path / "r" / "rows").exists() and not (tmp_path / "r" / ".lock").exists()
 
 
+def test_one_resource_check_serves_the_cluster_and_the_dry_run(tmp_path):
+    """``status.resource_problem`` is what `harness run` asks of Ray's live nodes and what the
+    dry run asks of this machine: a cell must fit one node, all its workers the whole cluster."""
+    from harness.declare.study import load_study
+    from harness.orchestrate.status import resource_problem
+
+    def study(extra):
+        return load_study(str(write_study(tmp_path, "res", extra)))
+
+    two = [{"CPU": 2, "GPU": 1}, {"CPU": 2, "GPU": 1}]
+    assert resource_problem(study("resources: {cpu: 2}\n"), two) is None
+    wide = resource_problem(study("resources: {cpu: 3}\n"), two)
+    assert "asks for 3 CPU(s) per cell (resources.cpu)" in wide
+    assert "4 CPU(s) in all and at most 2 on one node" in wide and "a smaller resources.cpu" in wide
+    workers = study("resources: {cpu: 2, workers: 4}\n")
+    assert "4 workers: 8 in all" in resource_problem(workers, two + [{"CPU": 2}])
+    assert resource_problem(workers, two + two) is None
+    gpu = study("resources: {gpu: 2}\n")
+    assert "resources: {gpu: 0}" in resource_problem(gpu, two)
+    assert resource_problem(gpu, [{"CPU": 8}], "this machine", ("CPU",)) is None  # CPUs only
+    here = resource_problem(study("teacher_resources: {cpu: 4}\n"), [{"CPU": 2}], "this machine")
+    assert "per teacher (teacher_resources.cpu), but this machine has 2 CPU(s)," in here
+
+
 def test_second_run_is_refused_while_locked(tmp_path):
     study = write_study(tmp_path, "locked", "grid: {seed: [0, 1]}\n")
     root = tmp_path / "r"
@@ -217,10 +241,11 @@ def test_dry_run_writes_nothing(tmp_path):
     # a fresh root: nothing is created
     code, out, _ = cli("run", study, "--results", tmp_path / "new", "--dry-run", cwd=tmp_path)
     assert code == 0 and "4 to run" in out and not (tmp_path / "new").exists()
-    assert "note: a cell asks for" not in out
+    assert "pending forever" not in out
     out = cli("run", study, "--results", root, "--dry-run", "--set", "resources.cpu=1000",
               cwd=tmp_path, env={"RAY_OVERRIDE_RESOURCES": '{"CPU": 2}'})[1]
-    assert "note: a cell asks for 1000 CPUs and this machine offers 2" in out, out
+    assert ("asks for 1000 CPU(s) per cell (resources.cpu), but this machine has 2 CPU(s)" in out
+            and "`harness run` here would refuse to start" in out), out
 
 
 def test_status(tmp_path):

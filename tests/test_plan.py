@@ -51,6 +51,20 @@ def test_plan_with_a_given_throughput(tmp_path, empty_cache):
     assert "~1m10s (teachers 10s, then cells 1m00s)" in out
 
 
+def test_durations_stay_readable_at_absurd_rates(tmp_path, empty_cache):
+    from harness.orchestrate.status import duration
+
+    assert [duration(s) for s in (0, 59.6, 187, 5 * 3600 + 125, 999 * 86400)] == \
+        ["0s", "1m00s", "3m07s", "5h02m", "23976h00m"]
+    assert duration(1000 * 86400) == "2.7 years" and duration(float("inf")) == "inf years"
+    assert duration(float("nan")) == "unknown"
+    study = write_study(tmp_path, "absurd", GRID)
+    code, out, err = cli("plan", study, "--results", tmp_path / "r", "--img-per-s", "1e-300",
+                         cwd=tmp_path, env=empty_cache)
+    assert code == 0, err
+    assert "= 1.9e+296 years of training" in out and max(map(len, out.splitlines())) < 300, out
+
+
 def test_plan_counts_only_what_is_left(tmp_path, empty_cache):
     study = write_study(tmp_path, "left", GRID)
     root = tmp_path / "r"

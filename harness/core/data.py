@@ -60,6 +60,17 @@ class Dataset:
         return self.name + (str(self.resolution) if self.resolution else "")
 
 
+def labels_problem(dataset: Dataset, metric: str = "fd") -> str | None:
+    """Why ``metric`` cannot score ``dataset`` for want of labels, or None. The offline FD metric
+    (``fd``, and ``auto`` on images) scores images with a domain classifier trained on the
+    dataset's labels; the study-file check and the extractor both ask here."""
+    if dataset.labels is not None or metric not in ("auto", "fd") or dataset.x.ndim != 4:
+        return None
+    return (f"dataset {dataset.name!r} has no labels, and metric {metric!r} scores images with a "
+            f"domain classifier trained on labels. Add 'y' to the data, or use metric: fid with "
+            f"eval.inception_weights (the pt_inception-2015-12-05 weights)")
+
+
 def split_held_out(name: str, x: np.ndarray, y: np.ndarray | None):
     """(training x, training labels, held-out x): ``HELD_OUT[name]`` images set aside by a
     permutation seeded from the full array's fingerprint (identical on every machine)."""

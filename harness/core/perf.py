@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from harness.declare.config import PRECISIONS
+from harness.declare.config import PRECISIONS, ConfigError
 
 
 def set_precision(precision: str) -> None:
@@ -75,3 +75,18 @@ def apply(settings: dict, device, modules: list[torch.nn.Module]) -> Step:
             m.to(memory_format=torch.channels_last)
     compiled = {id(m): torch.compile(m) for m in modules} if settings.get("compile") else {}
     return Step(autocast(precision, device), compiled)
+
+
+def pick_device(device: str | None = "auto") -> str:
+    """``auto`` (or None) -> cuda where there is one, else cpu; a CUDA device this machine lacks
+    is a user error (ConfigError, exit 2) raised before anything trains or is scored. The one
+    place a device is chosen: commands, cells, teachers and the metrics all ask here."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device", f"{device!r} asked for, but this machine has no CUDA device "
+                                      f"torch can use (torch {torch.__version__}, built for CUDA "
+                                      f"{torch.version.cuda or 'none'}); use --device cpu or auto. "
+                                      f"Nothing was run.")
+    return device

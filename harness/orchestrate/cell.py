@@ -18,25 +18,13 @@ from harness import __version__
 from harness.core import data as datasets
 from harness.core import losses, metrics, nets
 from harness.core.parallel import SINGLE, Shard
+from harness.core.perf import pick_device
 from harness.core.train import Evaluation, train_student
-from harness.declare.config import ConfigError, init_label, source_teacher
+from harness.declare.config import init_label, source_teacher
 from harness.declare.hashing import cell_id
 from harness.orchestrate import teacher as teachers
 from harness.store import results
 from harness.store.tracking import open_trackers
-
-
-def pick_device(device: str = "auto") -> str:
-    """``auto`` -> cuda where there is one, else cpu; a CUDA device this machine lacks is a user
-    error (ConfigError, exit 2) before anything trains."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device", f"{device!r} asked for, but this machine has no CUDA device "
-                                      f"torch can use (torch {torch.__version__}, built for CUDA "
-                                      f"{torch.version.cuda or 'none'}); use --device cpu or auto. "
-                                      f"Nothing was run.")
-    return device
 
 
 def _stored(x: torch.Tensor) -> np.ndarray:
@@ -74,7 +62,9 @@ def write_references(root: str, study: str, cfg: dict, dataset, teacher, meta, e
 def prepare(cfg: dict, root: str, cache: str, device: str, *, study: str = "adhoc",
             log: Callable = print, dataset=None, evaluate: bool = True):
     """Data, teacher (trained or reused), evaluator, and the reference rows under ``root``
-    (``evaluate=False``: no evaluator and no rows, for ranks > 0 of a data-parallel cell)."""
+    (``evaluate=False``: no evaluator and no rows, for ranks > 0 of a data-parallel cell).
+    ``device``: as ``pick_device`` takes it."""
+    device = pick_device(device)
     dataset = dataset if dataset is not None else datasets.from_config(cfg["data"])
     teacher, meta = teachers.load_or_train(cfg, dataset, cache, device, log)
     if not evaluate:

@@ -17,10 +17,11 @@ import copy
 
 from harness import __version__
 from harness.core import metrics
+from harness.core.perf import pick_device
 from harness.declare.config import resolve_cell
 from harness.declare.hashing import canonical_json
 from harness.declare.study import load_study
-from harness.orchestrate.cell import pick_device, reference_rows
+from harness.orchestrate.cell import reference_rows
 from harness.orchestrate.status import cell_states, fingerprints
 from harness.orchestrate.sweep import cache_root, results_root
 from harness.store import pins

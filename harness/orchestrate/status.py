@@ -50,6 +50,35 @@ def concurrent_cells(study, cpus: float, gpus: float = 0) -> int:
     return max(1, math.floor(cpus / max(cpu, 1e-9)))
 
 
+def resource_problem(study, nodes: list[dict], where: str = "the Ray cluster",
+                     kinds: tuple[str, ...] = ("GPU", "CPU")) -> str | None:
+    """Why no cell (or teacher task) of the study could ever be scheduled on ``nodes`` (each a
+    ``{"CPU": n, "GPU": m}`` of one node, as Ray reports them), or None. ``harness run`` asks
+    with the Ray cluster's live nodes (Ray would leave such a trial pending forever), the dry
+    run with this machine's CPUs."""
+    w = study.workers
+    for what, key, need, count in (("cell" if w == 1 else "worker of a cell", "resources",
+                                    study.resources, w),
+                                   ("teacher", "teacher_resources", study.teacher_resources, 1)):
+        for kind in kinds:
+            res = kind.lower()
+            biggest = max((n.get(kind, 0) for n in nodes), default=0)
+            total = sum(n.get(kind, 0) for n in nodes)
+            if need[res] > 0 and (biggest < need[res] or total < count * need[res]):
+                setting = "resources: {gpu: 0}" if res == "gpu" else f"a smaller {key}.cpu"
+                if count > 1:
+                    setting += " or fewer resources.workers"
+                has = (f"{total:g} {kind}(s)" if len(nodes) == 1 else
+                       f"{total:g} {kind}(s) in all and at most {biggest:g} on one node")
+                return (f"study {study.name!r} ({study.path}) asks for {need[res]:g} {kind}(s) "
+                        f"per {what} ({key}.{res}"
+                        + (f", {count} workers: {count * need[res]:g} in all" if count > 1 else "")
+                        + f"), but {where} has {has}, so Ray would leave it pending forever. Run "
+                        f"it where such nodes exist (--address / RAY_ADDRESS to join a cluster) "
+                        f"or set {setting} in the study file.")
+    return None
+
+
 def fingerprints(study):
     """``(data config) -> fingerprint`` for every distinct data config of the study, and the
     datasets by the same key (``canonical_json(data config)``). DataError propagates."""
@@ -60,12 +89,9 @@ def fingerprints(study):
         if key not in sets:
             sets[key] = data.from_config(cell.config["data"])
         ds = sets[key]
-        fd = cell.config["eval"]["metric"] in ("auto", "fd") and ds.x.ndim == 4
-        if fd and ds.labels is None:
-            raise DataError(f"dataset {ds.name!r} has no labels, and metric "
-                            f"{cell.config['eval']['metric']!r} scores images with a domain "
-                            f"classifier trained on labels. Add 'y' to the data, or use metric: "
-                            f"fid with eval.inception_weights. Nothing was run.")
+        problem = data.labels_problem(ds, cell.config["eval"]["metric"])
+        if problem:
+            raise DataError(f"{problem}. Nothing was run.")
     return (lambda d: sets[canonical_json(d)].fingerprint), sets
 
 
@@ -176,10 +202,10 @@ def dry_run_report(study, root: str, cache: str | None = None) -> int:
         print(line)
     for note in pin.notes:
         print(f"note: {note}")
-    need, have = study.resources["cpu"] * study.workers, machine_cpus()
-    if need > have:
-        print(f"note: a cell asks for {need:g} CPUs and this machine offers {have}: `harness "
-              f"run` here would refuse to start (on a Ray cluster, the cluster's count)")
+    problem = resource_problem(study, [{"CPU": machine_cpus()}], "this machine", ("CPU",))
+    if problem:
+        print(f"note: {problem} (`harness run` here would refuse to start; on a Ray cluster it "
+              f"is the cluster's nodes that count)")
     for line in environment.drift(results.load_versions(root), environment.current()):
         print(line)
     count = lambda *s: sum(states[c]["state"] in s for c in pin.ids)  # noqa: E731
@@ -213,6 +239,12 @@ def planned_throughput(root: str, df, current, pin, cache: str) -> list[str]:
 
 
 def duration(seconds: float) -> str:
+    """``42s``, ``3m07s``, ``5h02m``; from 1,000 days on in years (``1.1e+04 years``), so that
+    an absurd rate (``harness plan --img-per-s 1e-300``) still gives a line one can read."""
+    if math.isnan(seconds):
+        return "unknown"
+    if seconds >= 1000 * 86400:
+        return f"{seconds / (365.25 * 86400):.2g} years"
     seconds = max(0, int(round(seconds)))
     h, rest = divmod(seconds, 3600)
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s" if rest >= 60 \

@@ -78,7 +78,13 @@ from harness.orchestrate.progress import (
     prune_finished,
     quiet_tune,
 )
-from harness.orchestrate.status import FINAL, cell_states, dry_run_report, fingerprints
+from harness.orchestrate.status import (
+    FINAL,
+    cell_states,
+    dry_run_report,
+    fingerprints,
+    resource_problem,
+)
 from harness.orchestrate.status import study_status as _study_status
 from harness.orchestrate.trainables import _teachers, _trainable, storage_of
 from harness.store import pins, tracking
@@ -149,31 +155,13 @@ def cluster_totals() -> dict:
     return {kind: totals.get(kind, 0) for kind in ("CPU", "GPU")}
 
 
-def resource_problem(study) -> str | None:
-    """Why no trial (or teacher task) could ever be scheduled, or None (Ray would leave them
-    pending forever)."""
+def cluster_problem(study) -> str | None:
+    """``status.resource_problem`` on the live nodes of the connected Ray cluster."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    w = study.workers
-    for what, key, need, count in (("cell" if w == 1 else "worker of a cell", "resources",
-                                    study.resources, w),
-                                   ("teacher", "teacher_resources", study.teacher_resources, 1)):
-        for kind, res in (("GPU", "gpu"), ("CPU", "cpu")):
-            biggest = max((n.get(kind, 0) for n in nodes), default=0)
-            total = ray.cluster_resources().get(kind, 0)
-            if need[res] > 0 and (biggest < need[res] or total < count * need[res]):
-                setting = "resources: {gpu: 0}" if res == "gpu" else f"a smaller {key}.cpu"
-                if count > 1:
-                    setting += " or fewer resources.workers"
-                return (f"study {study.name!r} ({study.path}) asks for {need[res]:g} {kind}(s) "
-                        f"per {what} ({key}.{res}"
-                        + (f", {count} workers: {count * need[res]:g} in all" if count > 1 else "")
-                        + f"), but the Ray cluster has {total:g} {kind}(s) in all and at most "
-                        f"{biggest:g} on one node, so Ray would leave it pending forever. Run it "
-                        f"where such nodes exist (--address / RAY_ADDRESS to join a cluster) or "
-                        f"set {setting} in the study file. Nothing was run.")
-    return None
+    problem = resource_problem(study, nodes)
+    return problem and f"{problem} Nothing was run."
 
 
 def _concurrency(study) -> int | None:
@@ -240,9 +228,9 @@ def run_study(path: str, results: str | None = None, address: str | None = None,
         return 0
     started = connect(address)
     try:
-        problem = resource_problem(study)
+        problem = cluster_problem(study)
         if problem:
-            print("error: " + problem, file=sys.stderr)
+            print(f"error: {problem}", file=sys.stderr)
             return EXIT_USAGE
         import ray
 

@@ -40,8 +40,8 @@ from harness.orchestrate.status import fingerprints
 from harness.orchestrate.sweep import (
     cache_root,
     cluster_totals,
+    cluster_problem,
     connect,
-    resource_problem,
     results_root,
 )
 from harness.orchestrate.trainables import train_teachers
@@ -240,7 +240,7 @@ def tune_study(path: str, results: str | None = None, address: str | None = None
     started = connect(address)
     chosen = {}
     try:
-        problem = resource_problem(study)
+        problem = cluster_problem(study)
         if problem:
             print("error: " + problem, file=sys.stderr)
             return 2

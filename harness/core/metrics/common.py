@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from harness.core.perf import pick_device
+
 
 class MetricsError(ValueError):
     """A metric that cannot be set up: the message says what is missing and how to fix it."""
@@ -32,9 +34,4 @@ def _fingerprint_seed(fingerprint: str, salt: int = 0) -> int:
 
 
 def _torch_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise MetricsError(f"device {device!r} asked for but CUDA is not available; use device: cpu")
-    return d
+    return torch.device(pick_device(device))

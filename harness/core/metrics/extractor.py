@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.base.digest import file_sha256, json_sha256
+from harness.core.data import labels_problem
 from harness.core.io import save_atomic
 from harness.core.metrics.common import MetricsError, _torch_device, _u8_to_float, to_uint8
 
@@ -260,11 +261,9 @@ def load_or_train_extractor(dataset, cache_dir: str, epochs: int | None = None, 
 
     Returns a dict: state_dict, heldout_acc, recipe, weights (hash), path, trained (bool).
     """
-    if dataset.labels is None:
-        raise MetricsError(
-            f"dataset {dataset.name!r} has no labels: the offline FD metric trains a domain "
-            f"classifier on labels. Use 'metric: fid' with 'inception_weights: <path to "
-            f"pt_inception-2015-12-05 weights>' instead (download: {INCEPTION_URL}).")
+    problem = labels_problem(dataset)
+    if problem:
+        raise MetricsError(f"{problem} (download: {INCEPTION_URL}).")
     n = len(dataset.x)
     epochs = default_epochs(n - max(1, int(round(0.2 * n)))) if epochs is None else int(epochs)
     arch_hash = _short_hash(_recipe(dataset, epochs))
