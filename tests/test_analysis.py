@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -167,9 +168,10 @@ def test_no_torch_or_ray_import(tmp_path):
     assert (root / "figures" / "table.md").exists()
 
 
-def test_figures_and_report_read_only_this_studys_results(tmp_path, capsys):
+def test_figures_and_report_read_only_this_studys_results(tmp_path, capsys, monkeypatch):
     """figures and report refuse (exit 2, nothing written) a results root that another study
-    pinned, one that does not exist, one that is a file, and an address pyarrow cannot open."""
+    pinned, one that does not exist, one that is a file, an address pyarrow cannot open and one
+    it cannot reach."""
     from harness.cli import main
 
     other = shutil.copytree(os.path.join(ROOT, "results", "c1-digits"), tmp_path / "c1",
@@ -187,6 +189,12 @@ def test_figures_and_report_read_only_this_studys_results(tmp_path, capsys):
             assert main(args) == 2, args
             err = " ".join(capsys.readouterr().err.split())
             assert why in err, (args, err)
+    # gs:// without Google credentials: said within the retry limit (minutes before it had one)
+    monkeypatch.setattr("harness.store.results.GCS_RETRY_S", 1)
+    t0 = time.monotonic()
+    assert main(["figures", quick, "--results", "gs://harness-no-such-bucket/r"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot be reached" in err and "gs://" in err and time.monotonic() - t0 < 30, err
     assert main(["status", quick, "--results", str(afile)]) == 2  # status as well
     assert "exists and is a file" in " ".join(capsys.readouterr().err.split())
     assert sorted(p.relative_to(other) for p in other.rglob("*")) == before

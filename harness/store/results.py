@@ -75,13 +75,19 @@ KEY = ["cell", "kimg", "metric", "protocol"]
 protocol beside the old ones; a resumed cell's repeated rows resolve to the newest."""
 
 
+GCS_RETRY_S = 15
+"""How long a ``gs://`` root's requests are retried before the error reaches the user (pyarrow's
+own ``retry_limit_seconds``)."""
+
+
 class RootError(ValueError):
     """A results root that cannot hold results (for example an existing file)."""
 
 
 def unreachable(root: str, e: OSError) -> RootError:
     return RootError(f"the results root {root} cannot be reached ({cut(str(e), 300)}): check "
-                     f"the address, the network and the AWS_* settings (README: results on S3). "
+                     f"the address, the network and the credentials (AWS_* for s3://, README: "
+                     f"results on S3; Google's application default credentials for gs://). "
                      f"Nothing was read or written.")
 
 
@@ -104,16 +110,23 @@ def check_root(root: str, must_exist: bool = False) -> None:
 
 
 def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it for a local path or a URI (s3://, file://).
+    """A pyarrow filesystem and the path inside it for a local path or a URI (s3://, gs://,
+    file://).
 
     ``s3://`` takes its endpoint, credentials and region from the standard AWS variables
     (``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3`` for an S3-compatible store,
     ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), which pyarrow's
     ``FileSystem.from_uri`` honours itself (``AWS_ENDPOINT_URL`` since Arrow 13, the ``_S3``
-    form since 15; checked in tests/test_s3.py), as do Ray's storage and boto3."""
+    form since 15; checked in tests/test_s3.py), as do Ray's storage and boto3. ``gs://`` retries a
+    failing request for at most ``GCS_RETRY_S`` unless the URI sets ``retry_limit_seconds``."""
     if "://" in root:
+        uri = root
+        if root.startswith("gs://") and "retry_limit_seconds=" not in root:
+            # without it, Google's client retries a missing credential for minutes before it
+            # says so; a URI that sets its own limit keeps it
+            uri += ("&" if "?" in root else "?") + f"retry_limit_seconds={GCS_RETRY_S:g}"
         try:
-            return pafs.FileSystem.from_uri(root)
+            return pafs.FileSystem.from_uri(uri)
         except pa.ArrowInvalid as e:
             raise RootError(f"the results root {root} is not an address pyarrow can open "
                             f"({cut(str(e), 300)}); give a local folder, an s3://bucket/prefix "
