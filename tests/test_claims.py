@@ -194,3 +194,29 @@ def test_frozen_features_claim(tmp_path):
     assert w["C3f"].verdict == "not tested by this study"
     assert any("freeze [encoder, middle, decoder]" in d for d in w["C3f"].details)
     assert w["C3f[encoder]"].verdict == "does not hold"
+
+
+def test_status_names_each_round_that_claims_a_round_apart_wait_for():
+    """Mid-round, a claim whose cells are all final is judged and waits for the next round while
+    another still waits for this one: `harness status` lists each round's cells under its own
+    number (it used to file this round's last cell under the next round)."""
+    from types import SimpleNamespace as NS
+
+    from harness.orchestrate.rounds import Round, describe_round
+
+    def cell(loss, seed):
+        return NS(config={"seed": seed}, label=f"loss={loss} seed={seed}")
+
+    looks = [8, 12, 16, 20, 24, 28]
+    c1 = NS(name="C1", verdict="open after round 5 of 6", next_seeds=list(range(28)))
+    c4 = NS(name="C4", verdict="open after round 4 of 6", next_seeds=list(range(24)))
+    r = Round(cells=[], adds=[cell("rkl", 23), cell("sid", 24), cell("js", 24)],
+              begun=[cell("rkl", 20), cell("sid", 20), cell("sid", 23)], looks=looks, round=6,
+              open=[c1, c4], results=[c1, c4])
+    words = describe_round(r)
+    assert "C1 (open after round 5 of 6): round 6 runs 28 seeds per group (0-27)" in words[0]
+    assert "C4 (open after round 4 of 6): round 5 runs 24 seeds per group (0-23)" in words[0]
+    assert words[1:] == ["round 5 is under way: 1 of its 4 new cells have no result yet: "
+                         "loss=rkl seed=23",
+                         "round 6 adds 2 cells: loss=sid seed=24, loss=js seed=24"]
+

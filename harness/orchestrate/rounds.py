@@ -80,7 +80,9 @@ def plan(study, root: str, data_fingerprint, rows=None) -> Round:
     looks = study.claims.seeds.looks()
     n = max((len(v.next_seeds) for v in waiting), default=0)
     k = looks.index(n) + 1 if n in looks else 1
-    new_from = looks[k - 2] if k > 1 else 0  # this round's first new seed
+    # the rounds the open claims wait for: claims judged on different groups can be a round
+    # apart while a round is under way (one claim's cells all final, another's not yet)
+    awaited = {looks.index(len(v.next_seeds)) + 1 for v in waiting if len(v.next_seeds) in looks}
     chosen, adds, begun = [], [], []
     for row in computed:
         cid, cell = row[0], row[1]
@@ -89,7 +91,7 @@ def plan(study, root: str, data_fingerprint, rows=None) -> Round:
             chosen.append(row)
         if needed and cid not in first and cid not in stored:
             adds.append(cell)
-        elif needed and cid not in first and int(cell.config["seed"]) >= new_from:
+        elif needed and cid not in first and seed_round(looks, cell.config["seed"]) in awaited:
             begun.append(cell)
     return Round(cells=[row[1] for row in chosen], adds=adds, begun=begun, open=waiting,
                  results=judged, computed=chosen, looks=looks, round=k)
@@ -115,6 +117,11 @@ def cap_lines(study) -> list[str]:
             f"stays open to the cap; so far, this round included: {len(study.cells)} cells"]
 
 
+def seed_round(looks: list, seed) -> int:
+    """The round (1-based) that first runs ``seed`` (its seeds per group pass ``seed``)."""
+    return next((j + 1 for j, n in enumerate(looks) if int(seed) < n), len(looks))
+
+
 def round_of(r: Round, seeds_per_group: int) -> int:
     """The round (1-based) that runs ``seeds_per_group`` seeds per group."""
     return r.looks.index(seeds_per_group) + 1
@@ -131,13 +138,19 @@ def describe_round(r: Round) -> list[str]:
         f"{v.name} ({v.verdict}): round {round_of(r, len(v.next_seeds))} runs "
         f"{len(v.next_seeds)} seeds per group ({v.next_seeds[0]}-{v.next_seeds[-1]})"
         for v in r.open)]
-    k = r.round
-    shown = ", ".join(c.label for c in r.adds[:12]) + (" ..." if len(r.adds) > 12 else "")
-    if r.begun and r.adds:
-        out.append(f"round {k} is under way: {len(r.adds)} of its {len(r.adds) + len(r.begun)} "
-                   f"new cells have no result yet: {shown}")
-    elif r.begun:
-        out.append(f"round {k} is under way: all {len(r.begun)} of its new cells have results")
-    elif r.adds:
-        out.append(f"round {k} adds {len(r.adds)} cells: {shown}")
+    by_round = {}
+    for kind, cells in (("adds", r.adds), ("begun", r.begun)):
+        for c in cells:
+            by_round.setdefault(seed_round(r.looks, c.config["seed"]), {"adds": [], "begun": []})[
+                kind].append(c)
+    for k, got in sorted(by_round.items()):
+        adds, begun = got["adds"], got["begun"]
+        shown = ", ".join(c.label for c in adds[:12]) + (" ..." if len(adds) > 12 else "")
+        if begun and adds:
+            out.append(f"round {k} is under way: {len(adds)} of its {len(adds) + len(begun)} "
+                       f"new cells have no result yet: {shown}")
+        elif begun:
+            out.append(f"round {k} is under way: all {len(begun)} of its new cells have results")
+        else:
+            out.append(f"round {k} adds {len(adds)} cells: {shown}")
     return out
