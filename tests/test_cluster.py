@@ -134,6 +134,27 @@ def test_workers_and_teacher_resources_are_scheduling_only():
         parse_study(base + "teacher_resources: {workers: 2}\n")
 
 
+def test_a_training_teacher_shows_its_eta_and_a_silent_one_shows_as_waiting(tmp_path):
+    """`harness status` on a teacher whose status.json says "training": its ETA at its mean rate
+    while it writes; once silent for STALE_S (its task queued behind another, or lost), waiting."""
+    import json
+    import time
+
+    from harness.orchestrate import status
+
+    st = {"state": "training", "step": 1000, "total": 4000, "wall_s": 600.0, "loss": 0.5,
+          "host": "h", "updated_at": time.time() - 20}
+    (tmp_path / status.TEACHER_STATUS).write_text(json.dumps(st))
+    line = teacher_state(str(tmp_path), live=True)
+    assert line.startswith("training: step 1,000/4,000, loss 0.5, 10m00s of training, ETA ~30m00s "
+                           "at its mean rate (updated 2"), line  # 20 s ago, give or take
+    st["updated_at"] = time.time() - status.STALE_S - 60
+    (tmp_path / status.TEACHER_STATUS).write_text(json.dumps(st))
+    line = teacher_state(str(tmp_path), live=True)
+    assert line.startswith("waiting at step 1,000/4,000 (no progress for 11m0"), line
+    assert "its task resumes it from its checkpoint when Ray gives it a CPU" in line
+
+
 def test_teacher_status_file_and_status_lines(tmp_path, monkeypatch):
     """load_or_train (single process, as `harness teacher` runs it) keeps status.json; `harness
     status` turns it into a line: interrupted at a step, then done."""

@@ -132,6 +132,10 @@ def read_teacher_status(folder: str) -> dict | None:
         return None
 
 
+STALE_S = 600
+"""A training teacher writes its status every few seconds; one silent this long is not running."""
+
+
 def teacher_state(folder: str, live: bool | None = None) -> str:
     """What a teacher folder says: cached, training (``live``: a run holds the study lock),
     interrupted or failed at a step, or not trained yet. ``live=None``: a dry run's words."""
@@ -142,11 +146,17 @@ def teacher_state(folder: str, live: bool | None = None) -> str:
     if st.get("state") == "failed":
         return f"failed at {at}: {st.get('message', '')}"
     if os.path.exists(os.path.join(folder, "ckpt.pt")) or st:
-        if live and st.get("state") == "training":
+        ago_s = time.time() - st.get("updated_at", time.time())
+        if live and st.get("state") == "training" and ago_s < STALE_S:
             loss = f", loss {st['loss']:.4g}" if st.get("loss") is not None else ""
-            ago = duration(time.time() - st.get("updated_at", time.time()))
-            return (f"training: {at}{loss}, {duration(st.get('wall_s', 0))} of training "
-                    f"(updated {ago} ago on {st.get('host', '?')})")
+            wall, step, total = st.get("wall_s", 0), st.get("step", 0), st.get("total", 0)
+            eta = (f", ETA ~{duration((total - step) * wall / step)} at its mean rate"
+                   if step > 0 and wall > 0 and total > step else "")
+            return (f"training: {at}{loss}, {duration(wall)} of training{eta} "
+                    f"(updated {duration(ago_s)} ago on {st.get('host', '?')})")
+        if live and st.get("state") == "training":  # its task is not running: queued or lost
+            return (f"waiting at {at} (no progress for {duration(ago_s)}): its task resumes it "
+                    f"from its checkpoint when Ray gives it a CPU")
         return (f"partly trained ({at}): resumes from its checkpoint" if live is None else
                 f"interrupted at {at}: the next `harness run` resumes it from its checkpoint")
     return "not cached: trained before the first cell" if live is None else "not trained yet"

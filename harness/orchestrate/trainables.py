@@ -27,12 +27,12 @@ def torch_side() -> SimpleNamespace:
     """What a trial or task runs with torch (``run_cell``, ``prepare``, ``pick_device``,
     ``load_or_train``, ``Shard``), imported in the Ray worker that runs it: the driver of
     ``harness run`` plans and waits without ever loading torch."""
-    from harness.core.parallel import Shard  # torch: imported in Ray workers only
+    from harness.core import parallel, perf  # torch: imported in Ray workers only
     from harness.orchestrate import cell, teacher  # torch: imported in Ray workers only
 
     plugins.load()  # the losses and inits of HARNESS_PLUGINS, as the driver has them
-    return SimpleNamespace(Shard=Shard, run_cell=cell.run_cell, prepare=cell.prepare,
-                           pick_device=cell.pick_device, load_or_train=teacher.load_or_train)
+    return SimpleNamespace(Shard=parallel.Shard, run_cell=cell.run_cell, prepare=cell.prepare,
+                           pick_device=perf.pick_device, load_or_train=teacher.load_or_train)
 
 
 def storage_of(root: str) -> str:
