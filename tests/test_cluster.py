@@ -38,6 +38,7 @@ from harness.declare.config import resolve_cell
 from harness.core.diffusion import Denoiser
 from harness.core.parallel import ParallelError, Shard, _RankRows
 from harness.declare.hashing import cell_id, teacher_id
+from harness.orchestrate import status
 from harness.orchestrate.status import read_teacher_status, teacher_state
 from harness.declare.study import StudyError, parse_study
 from harness.orchestrate.sweep import study_status
@@ -140,8 +141,6 @@ def test_a_training_teacher_shows_its_eta_and_a_silent_one_shows_as_waiting(tmp_
     import json
     import time
 
-    from harness.orchestrate import status
-
     st = {"state": "training", "step": 1000, "total": 4000, "wall_s": 600.0, "loss": 0.5,
           "host": "h", "updated_at": time.time() - 20}
     (tmp_path / status.TEACHER_STATUS).write_text(json.dumps(st))
@@ -166,21 +165,31 @@ def test_teacher_status_file_and_status_lines(tmp_path, monkeypatch):
     cfg = resolve_cell({"data": {"name": "toy2d"}, "teacher": {"kimg": 2.56}})
     dataset = data.from_config(cfg["data"])
     tid, folder = teachers.teacher_dir(str(cache), cfg, dataset)
-    assert "not trained yet" in study_status(str(study), str(tmp_path / "r"))
+    before = study_status(str(study), str(tmp_path / "r"))
+    assert "not trained yet" in before
+    # the study's ETA says the cells wait for the teacher, and that its time is not known yet
+    assert "; the cells start after 1 teacher (time unknown until they start; their lines " \
+           "below)" in before
     with pytest.raises(InterruptedError):
         teachers.load_or_train(cfg, dataset, str(cache), log=lambda *a: None, max_steps=6)
     st = read_teacher_status(folder)
     assert (st["state"], st["step"], st["total"], st["id"]) == ("stopped", 6, 20, tid)
+    stopped = study_status(str(study), str(tmp_path / "r"))
     assert f"teacher {tid} (mlp, 2.56 kimg = 20 steps of 128): interrupted at step 6/20: " \
-           f"the next `harness run` resumes it" in study_status(str(study), str(tmp_path / "r"))
+           f"the next `harness run` resumes it" in stopped
+    left = status.teacher_left_s(folder)  # 14 steps more at the 6 steps' mean rate
+    assert left == pytest.approx(14 * st["wall_s"] / 6)
+    assert f"; the cells start after 1 teacher (~{status.duration(left)} of teacher training " \
+           f"left at their mean rates; their lines below)" in stopped
     assert teacher_state(folder, live=True).startswith("interrupted at step 6/20")  # stopped
     assert teacher_state(folder).startswith("partly trained (step 6/20)")  # a dry run's words
     teachers.load_or_train(cfg, dataset, str(cache), log=lambda *a: None)
     st = read_teacher_status(folder)
     assert (st["state"], st["step"], st["resumed_at"]) == ("done", 20, 6)
     assert st["finished_at"] >= st["started_at"]
-    assert f"teacher {tid} (mlp, 2.56 kimg = 20 steps of 128): done (cached)" in \
-        study_status(str(study), str(tmp_path / "r"))
+    done = study_status(str(study), str(tmp_path / "r"))
+    assert f"teacher {tid} (mlp, 2.56 kimg = 20 steps of 128): done (cached)" in done
+    assert "the cells start after" not in done and status.teacher_left_s(folder) == 0.0
 
 
 def test_cache_note_on_a_multi_node_cluster(tmp_path, monkeypatch):

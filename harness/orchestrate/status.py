@@ -149,9 +149,8 @@ def teacher_state(folder: str, live: bool | None = None) -> str:
         ago_s = time.time() - st.get("updated_at", time.time())
         if live and st.get("state") == "training" and ago_s < STALE_S:
             loss = f", loss {st['loss']:.4g}" if st.get("loss") is not None else ""
-            wall, step, total = st.get("wall_s", 0), st.get("step", 0), st.get("total", 0)
-            eta = (f", ETA ~{duration((total - step) * wall / step)} at its mean rate"
-                   if step > 0 and wall > 0 and total > step else "")
+            wall, left = st.get("wall_s", 0), teacher_left_s(folder)
+            eta = f", ETA ~{duration(left)} at its mean rate" if left else ""
             return (f"training: {at}{loss}, {duration(wall)} of training{eta} "
                     f"(updated {duration(ago_s)} ago on {st.get('host', '?')})")
         if live and st.get("state") == "training":  # its task is not running: queued or lost
@@ -160,6 +159,33 @@ def teacher_state(folder: str, live: bool | None = None) -> str:
         return (f"partly trained ({at}): resumes from its checkpoint" if live is None else
                 f"interrupted at {at}: the next `harness run` resumes it from its checkpoint")
     return "not cached: trained before the first cell" if live is None else "not trained yet"
+
+
+def teacher_left_s(folder: str) -> float | None:
+    """Training time a teacher still needs at its mean rate so far: 0 once cached, None while
+    there is no rate to go by (not started, or its status gives no step or wall yet)."""
+    if os.path.exists(os.path.join(folder, "teacher.pt")):
+        return 0.0
+    st = read_teacher_status(folder) or {}
+    wall, step, total = st.get("wall_s", 0), st.get("step", 0), st.get("total", 0)
+    return (total - step) * wall / step if step > 0 and wall > 0 and total > step else None
+
+
+def teachers_first(study, pin, cache: str) -> str:
+    """What the cells wait for before they start (the driver trains every teacher first): the
+    teachers not cached yet and, where each has a rate, the training they still need."""
+    plan = teacher_plan((cell.config, pin.document["cells"][cid]["data_fingerprint"])
+                        for cid, cell in pin.current)
+    left = [teacher_left_s(os.path.join(cache, "teachers", tid)) for tid in plan]
+    left = [s for s in left if s != 0.0]
+    if not left:
+        return ""
+    known = [s for s in left if s is not None]
+    time_left = (f"~{duration(sum(known))} of teacher training left at their mean rates"
+                 + (f", {len(left) - len(known)} not started" if len(known) < len(left) else "")
+                 if known else "time unknown until they start")
+    return (f"; the cells start after {len(left)} teacher{'s' * (len(left) != 1)} "
+            f"({time_left}; their lines below)")
 
 
 def teacher_lines(study, pin, cache: str, live: bool | None = None,
@@ -328,10 +354,12 @@ def study_status(path: str, results_root: str | None = None, overrides: dict | N
         eta = (f"~{duration(left / concurrency)} at {cells} at a time {where} (mean "
                f"{duration(mean)} of training per done cell; evaluations, the verifier and "
                f"Ray's start come on top)") if left else "none: nothing left"
+    if pin is not None and current:
+        cache = (holder or {}).get("cache") or cache_for(root, log=lambda *a: None)
+        eta += teachers_first(study, pin, cache)
     out.append(f"training compute spent: {duration(spent)} (sum of each cell's latest wall_s); "
                f"ETA {eta}")
     if pin is not None and current:
-        cache = (holder or {}).get("cache") or cache_for(root, log=lambda *a: None)
         out += teacher_lines(study, pin, cache, live=holder is not None)
         out += planned_throughput(root, df, current, pin, cache)
     if pin is not None and study.claims.seeds is not None:

@@ -1,9 +1,7 @@
-"""Shared by the metrics modules: the error type, metric-name and uint8 conventions, seeds, devices."""
+"""Shared by the metrics modules: the error type, metric-name and uint8 conventions, seeds."""
 from __future__ import annotations
 
 import torch
-
-from harness.core.perf import pick_device
 
 
 class MetricsError(ValueError):
@@ -31,7 +29,3 @@ def _u8_to_float(u8: torch.Tensor) -> torch.Tensor:
 
 def _fingerprint_seed(fingerprint: str, salt: int = 0) -> int:
     return (int(fingerprint[:8], 16) + salt) % (2 ** 31)
-
-
-def _torch_device(device) -> torch.device:
-    return torch.device(pick_device(device))

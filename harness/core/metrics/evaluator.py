@@ -12,7 +12,6 @@ from harness.core.data import TOY_CENTERS
 from harness.core.metrics.common import (
     MetricsError,
     _fingerprint_seed,
-    _torch_device,
     n_tag,
     to_uint8,
 )
@@ -40,6 +39,7 @@ from harness.core.metrics.toy import (
     _pair_kernel_sum,
     _sliced_w1,
 )
+from harness.core.perf import pick_device
 
 FEATURES_VERSION = 1  # bump when the extractor's outputs change for the same weights (cache names)
 KID_SUBSETS = 100
@@ -70,7 +70,7 @@ class Evaluator:
             raise MetricsError(f"metrics need n >= 2 samples, got n={n}")
         self.cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
         self.metric = metric = (metric or "auto").lower()
-        self.device = _torch_device(device)
+        self.device = torch.device(pick_device(device))
         self.identity: dict = {"data_fingerprint": dataset.fingerprint}
         self.heldout_acc: float | None = None  # the domain classifier's, for metric fd
         self._floor = None

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from harness.base.digest import file_sha256, json_sha256
 from harness.core.data import labels_problem
 from harness.core.io import save_atomic
-from harness.core.metrics.common import MetricsError, _torch_device, _u8_to_float, to_uint8
+from harness.core.metrics.common import MetricsError, _u8_to_float, to_uint8
+from harness.core.perf import pick_device
 
 try:  # POSIX advisory lock: concurrent workers train an extractor once, not once each
     import fcntl
@@ -142,7 +143,7 @@ def train_domain_classifier(dataset, epochs: int | None = None, device="cpu"):
     """
     global TRAIN_COUNT
     t0 = time.perf_counter()
-    dev = _torch_device(device)
+    dev = torch.device(pick_device(device))
     x = _u8_to_float(to_uint8(torch.from_numpy(np.asarray(dataset.x))))  # what the extractor sees
     y = torch.from_numpy(np.asarray(dataset.labels, dtype=np.int64))
     n = x.shape[0]
