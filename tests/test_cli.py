@@ -219,6 +219,8 @@ def test_stale_lock_is_taken_over(tmp_path):
     assert code == 0 and "all 2 cells done" in out and "nothing was trained" in out, out + err
     out = cli("run", study, "--results", root, "--dry-run", cwd=tmp_path)[1]
     assert "teachers: none needed (no cell left to run)" in out and "not cached" not in out, out
+    out = cli("status", study, "--results", root, cwd=tmp_path)[1]  # nothing waits for a teacher
+    assert "ETA none: nothing left\n" in out and "the cells start after" not in out, out
     assert (root / ".lock").exists()
     code, out, err = cli("compact", study, "--results", root, cwd=tmp_path)  # takes the lock
     assert code == 0, out + err
@@ -261,6 +263,8 @@ def test_status(tmp_path):
     assert (root / "pin.json").read_bytes() == pin_before  # read-only
     assert "done 1, interrupted 1, failed 1, diverged 1, pending 0, orphaned 2" in out, out
     assert "compute spent: 1m20s" in out  # 4 cells x 20 s of latest wall_s
+    # cells left to run and their teacher not trained here: the ETA says they wait for it
+    assert "; the cells start after 1 teacher (time unknown until they start" in out, out
     # mean 20 s per done cell x (half of 2 cells left) over the cells that run at once: the
     # CPUs a run started here gets (RAY_OVERRIDE_RESOURCES, Ray's own setting, narrows them) ...
     for cpus, eta in ((2, "~10s at 2 cells at a time on this machine"),

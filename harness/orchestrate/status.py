@@ -171,11 +171,12 @@ def teacher_left_s(folder: str) -> float | None:
     return (total - step) * wall / step if step > 0 and wall > 0 and total > step else None
 
 
-def teachers_first(study, pin, cache: str) -> str:
-    """What the cells wait for before they start (the driver trains every teacher first): the
-    teachers not cached yet and, where each has a rate, the training they still need."""
+def teachers_first(pin, cache: str, todo: set) -> str:
+    """What the cells left to run (``todo``: their ids) wait for before they start (the driver
+    trains every teacher first): the teachers of theirs not cached yet and, where each has a
+    rate, the training they still need. Empty when nothing is left to run."""
     plan = teacher_plan((cell.config, pin.document["cells"][cid]["data_fingerprint"])
-                        for cid, cell in pin.current)
+                        for cid, cell in pin.current if cid in todo)
     left = [teacher_left_s(os.path.join(cache, "teachers", tid)) for tid in plan]
     left = [s for s in left if s != 0.0]
     if not left:
@@ -356,7 +357,8 @@ def study_status(path: str, results_root: str | None = None, overrides: dict | N
                f"Ray's start come on top)") if left else "none: nothing left"
     if pin is not None and current:
         cache = (holder or {}).get("cache") or cache_for(root, log=lambda *a: None)
-        eta += teachers_first(study, pin, cache)
+        todo = {c for c, s in states.items() if s["state"] not in FINAL}
+        eta += teachers_first(pin, cache, todo)
     out.append(f"training compute spent: {duration(spent)} (sum of each cell's latest wall_s); "
                f"ETA {eta}")
     if pin is not None and current:
