@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.data import PLAIN_TEACHER
-from analysis.stats import abs_interval, decide, fieller, seeds_to_decide
+from analysis.stats import SEEDS_PLANNED_MAX, abs_interval, decide, fieller, seeds_to_decide
 from analysis.style import fmt_pm, loss_sort_key
 from analysis.tables import fmt_pct
 
@@ -120,6 +120,9 @@ def finish(v: ClaimResult) -> ClaimResult:
                           else "does not hold")
                 v.seeds_note = (f"about {v.seeds_needed} seeds per group would decide it at the "
                                 f"observed spread (toward '{toward}')")
+            else:
+                v.seeds_note = (f"more than {SEEDS_PLANNED_MAX:,} seeds per group at the observed "
+                                f"spread: the estimate sits at the threshold")
     return v
 
 

@@ -122,6 +122,10 @@ def decide(lo: float, hi: float, threshold: float, holds_if: str) -> str | None:
     return "holds" if below == (holds_if == "below") else "does not hold"
 
 
+SEEDS_PLANNED_MAX = 100_000
+"""seeds_to_decide gives up beyond this many seeds per group (the estimate sits at the threshold)."""
+
+
 def seeds_to_decide(effect: float, lo: float, hi: float, threshold: float, n: int,
                     alpha: float) -> int | None:
     """Planning estimate: the smallest seeds per group m at which the interval, with the
@@ -136,9 +140,9 @@ def seeds_to_decide(effect: float, lo: float, hi: float, threshold: float, n: in
     sd = half / float(t_quantile(alpha, n - 1)) * math.sqrt(n)  # per-seed spread
     gap = abs(effect - threshold)
     m = n + 1
-    while m < 100_000 and float(t_quantile(alpha, m - 1)) * sd / math.sqrt(m) >= gap:
+    while m < SEEDS_PLANNED_MAX and float(t_quantile(alpha, m - 1)) * sd / math.sqrt(m) >= gap:
         m = max(m + 1, int(m * 1.05))
-    if m >= 100_000:
+    if m >= SEEDS_PLANNED_MAX:
         return None
     while m - 1 > n and float(t_quantile(alpha, m - 2)) * sd / math.sqrt(m - 1) < gap:
         m -= 1

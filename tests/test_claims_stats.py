@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from analysis.bootstrap import percentiles
+from analysis.claims_base import ClaimResult, finish
 from analysis.stats import abs_interval, decide, fieller, look_alphas, seeds_to_decide, spent
 from harness.declare.claims_spec import SeedPlan
 
@@ -93,6 +94,22 @@ def test_decide_and_seeds_to_decide():
     width = lambda k: stats.t.ppf(0.975, k - 1) * sd / np.sqrt(k)  # noqa: E731
     assert width(m) < 0.05 <= width(m - 1)
     assert seeds_to_decide(0.05, -0.02, 0.08, 0.10, 3, 0.05) is None  # already decided
+
+
+def test_an_estimate_at_the_threshold_says_why_no_seed_count_is_given():
+    """tune-digits' C1-best after round 7: +9.8% [-12.7%, +40.3%] at 32 seeds against +10%. No
+    seed count decides it (beyond SEEDS_PLANNED_MAX), and the report says so instead of a bare
+    n/a."""
+    assert seeds_to_decide(0.098, -0.127, 0.403, 0.10, 32, 0.0038) is None
+    v = finish(ClaimResult("C1-best", "best vs best", effect=0.098, ci_low=-0.127, ci_high=0.403,
+                           n_seeds=32, threshold=0.10, holds_if="below", alpha=0.0038))
+    assert v.inconclusive and v.seeds_needed is None
+    assert v.seeds_note == ("more than 100,000 seeds per group at the observed spread: the "
+                            "estimate sits at the threshold")
+    v = finish(ClaimResult("C1", "pair", effect=0.05, ci_low=-0.05, ci_high=0.15, n_seeds=3,
+                           threshold=0.10, holds_if="below", alpha=0.05))
+    assert v.seeds_needed == seeds_to_decide(0.05, -0.05, 0.15, 0.10, 3, 0.05)
+    assert v.seeds_note.startswith(f"about {v.seeds_needed} seeds per group would decide it")
 
 
 def test_alpha_spending():
