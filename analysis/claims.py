@@ -319,9 +319,15 @@ def _replay(study, final, cells, spec, level, fn) -> list[ClaimResult]:
                 r.round = k
             return res
         prev = res
-    if spec.seeds is not None and prev[0].inconclusive:
-        prev[0].verdict = f"inconclusive at the cap ({prev[0].n_seeds} seeds)"
+    _at_cap(spec, prev[0])
     return prev
+
+
+def _at_cap(spec, v: ClaimResult) -> ClaimResult:
+    """A seeds-on-demand claim still undecided after the last round says so in its verdict."""
+    if spec.seeds is not None and v.inconclusive:
+        v.verdict = f"inconclusive at the cap ({v.n_seeds} seeds)"
+    return v
 
 
 def _cells_of(cells: pd.DataFrame, groups) -> list[str]:
@@ -349,7 +355,7 @@ def _replay_c4(study, rows, spec, claim_c4) -> ClaimResult:
             v.round = k
             return v
         prev = v
-    return prev
+    return _at_cap(spec, prev)
 
 
 def open_claims(results: list[ClaimResult]) -> list[ClaimResult]:

@@ -95,6 +95,24 @@ class ClaimResult:
         return self.tested and not self.decided
 
 
+def verdict_head(verdict: str) -> str:
+    """'holds', 'does not hold', 'inconclusive', 'open' or the not-tested words: a verdict
+    without its parenthesis or its 'at the cap' (for colours and legends)."""
+    return verdict.split(" (")[0].removesuffix(" at the cap")
+
+
+def seeds_words(ns, by: str = "claim") -> tuple[str, bool]:
+    """Words for the seeds a set of judged claims used, and whether they differ (a
+    seeds-on-demand study stops each claim at its own round): ('32 seeds', False) or
+    ('32-40 seeds, by claim', True)."""
+    ns = sorted({int(n) for n in ns if n and n == n})
+    if not ns:
+        return "no seeds", False
+    if len(ns) == 1:
+        return f"{ns[0]} seed{'s' if ns[0] != 1 else ''}", False
+    return f"{ns[0]}-{ns[-1]} seeds, by {by}", True
+
+
 def over_losses(n: int) -> str:
     """How a claim pools its losses, for its comparison line."""
     return "for its one loss" if n == 1 else f"averaged over {n} losses"

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.claims import RULES, SEEDS_RULE, STATEMENTS, ClaimResult, claim_results
+from analysis.claims_base import seeds_words, verdict_head
 from analysis.data import Study
 from analysis.style import RC, legend_below, panel_grid, save, write_csv
 from analysis.tables import footer_md, footer_tex, md_escape, provenance_lines, tex_escape
@@ -181,6 +182,9 @@ def write_claims_kimg(study: Study, out_dir: str, spec: ClaimsSpec | None = None
         print("figures: claims_kimg figure skipped (no claim tested at any kimg)")
         return [csv]
     pct = {"C1", "C1-best", "C2"}
+    # a seeds-on-demand study judges each claim at each kimg at the round its rule reached there
+    n_shown = df.loc[df["claim"].isin(show), "n_seeds"]
+    words, _ = seeds_words(n_shown, by="claim and kimg")
     with plt.rc_context(RC):
         ncol = min(3, len(show))  # three across: a two-column page width at most
         fig, axes, _ = panel_grid(len(show), ncol, w=1.65, h=1.25, wgap=0.62, hgap=0.8,
@@ -192,7 +196,7 @@ def write_claims_kimg(study: Study, out_dir: str, spec: ClaimsSpec | None = None
             e = d["effect"].to_numpy(float) * scale
             lo, hi = d["ci_low"].to_numpy(float) * scale, d["ci_high"].to_numpy(float) * scale
             ax.plot(x, e, color="#444444", lw=0.9, zorder=1)
-            colors = [VERDICT_COLORS.get(vd.split(" (")[0], "#bbbbbb") for vd in d["verdict"]]
+            colors = [VERDICT_COLORS.get(verdict_head(vd), "#bbbbbb") for vd in d["verdict"]]
             ok = np.isfinite(lo) & np.isfinite(hi)
             ax.vlines(x[ok], lo[ok], hi[ok], colors=np.array(colors, dtype=object)[ok],
                       lw=1.6, zorder=2)
@@ -221,9 +225,8 @@ def write_claims_kimg(study: Study, out_dir: str, spec: ClaimsSpec | None = None
         handles.append(Line2D([], [], color="black", ls=(0, (4, 2)), lw=0.9))
         labels = list(VERDICT_COLORS) + ["interval unbounded", "threshold"]
         legend_below(fig, handles, labels, ncol=len(labels), title="verdict at that kimg")
-        _, hi_n, words = study.seeds_phrase()
         fig.suptitle(f"Claims at every evaluated kimg > 0 on {study.metric}:\nestimate and "
-                     f"interval (Fieller, seed-paired) over {words}" if hi_n > 1 else
+                     f"interval (Fieller, seed-paired) over {words}" if n_shown.max() > 1 else
                      f"Claims at every evaluated kimg > 0 on {study.metric}\n(one seed per cell: "
                      f"no interval, every verdict inconclusive)", fontsize=8,
                      y=1 - 0.08 / fig.get_size_inches()[1], va="top")

@@ -11,6 +11,7 @@ import pandas as pd
 from matplotlib.lines import Line2D  # noqa: E402
 
 from analysis.claim_view import claims_frame, judged_claims  # noqa: E402
+from analysis.claims_base import seeds_words, verdict_head  # noqa: E402
 from analysis.data import Study  # noqa: E402
 from analysis.panels import _seeds_shown, _ylabel  # noqa: E402
 from analysis.seeds import offsets  # noqa: E402
@@ -41,6 +42,7 @@ def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = N
             fig = plt.figure(figsize=(fw, fh))
             ax = fig.add_axes((left / fw, 0.6 / fh, width / fw, row * len(shown) / fh))
             ys = np.arange(len(shown))[::-1]
+            words, by_claim = seeds_words(c.n_seeds for c in shown)
             for y, c in zip(ys, shown):
                 pct = [100 * c.effect, 100 * c.lo, 100 * c.hi, 100 * c.threshold]
                 if math.isfinite(pct[1]) and math.isfinite(pct[2]):
@@ -49,9 +51,9 @@ def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = N
                 if math.isfinite(pct[3]):
                     ax.plot([pct[3]], [y], marker="|", color="#d62728", ms=11, mew=1.8,
                             zorder=4)
-                ax.text(1.04, y, _verdict_words(c), transform=ax.get_yaxis_transform(),
+                ax.text(1.04, y, _verdict_words(c, by_claim), transform=ax.get_yaxis_transform(),
                         va="center", ha="left", fontsize=7, linespacing=1.0,
-                        color=VERDICT_INK.get(c.verdict.split(" (")[0], "#333333"))
+                        color=VERDICT_INK.get(verdict_head(c.verdict), "#333333"))
             ax.axvline(0, color="#999999", lw=0.8)
             ax.set_xscale("symlog", linthresh=100)
             ax.margins(x=0.08)  # an estimate at the edge stays whole
@@ -76,7 +78,6 @@ def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = N
                      "interval at each claim's level" if levels else "95% interval")
             ax.set_xlabel(f"effect (%), {level.replace(' at each', ',')}\n(symmetric log "
                           f"beyond ±100%)", fontsize=7)
-            _, hi, words = study.seeds_phrase()
             fig.suptitle(f"Claims on final {study.metric}: estimate,\n{level} ({words}), "
                          f"threshold (red)", fontsize=7.5, x=(left + width / 2) / fw,
                          y=1 - 0.04 / fh, va="top")
@@ -86,10 +87,17 @@ def forest(study: Study, out_dir: str, rng, timer, rows: pd.DataFrame | None = N
 VERDICT_INK = {"holds": "#027a59", "does not hold": "#b84a00", "inconclusive": "#555555"}
 
 
-def _verdict_words(c) -> str:
-    v = c.verdict
-    return v.replace(" (", "\n(", 1) if not c.seeds_to_decide else \
-        f"{v.split(' (')[0]}\n~{c.seeds_to_decide} seeds decide"
+def _verdict_words(c, by_claim: bool) -> str:
+    """The verdict in two lines: its head, then (where seeds differ by claim) the seeds it used
+    and (where undecided) about how many would decide it."""
+    head, _, rest = c.verdict.partition(" (")
+    second = [f"{c.n_seeds} seeds"] if by_claim else []
+    if c.seeds_to_decide:
+        second.append(f"~{c.seeds_to_decide} decide" if by_claim else
+                      f"~{c.seeds_to_decide} seeds decide")
+    elif rest and not by_claim:
+        second.append(rest.rstrip(")"))
+    return head + ("\n" + "; ".join(second) if second else "")
 
 
 # -------------------------------------------------------------------------------------- kimg0

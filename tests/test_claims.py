@@ -11,10 +11,15 @@ import os
 import pandas as pd
 import pytest
 
+from analysis.claim_view import judged_claims
 from analysis.claims import NOT_AT_ZERO, claim_results, open_claims
+from analysis.claims_base import seeds_words
 from analysis.data import load_study
+from analysis.overview_figures import _verdict_words
 from harness.declare.claims_spec import ClaimsSpec, SeedPlan
+from harness.declare.study import load_study as load_study_file
 from harness.declare.study import parse_study
+from harness.store.results import load_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "results_small")
@@ -220,3 +225,26 @@ def test_status_names_each_round_that_claims_a_round_apart_wait_for():
                          "loss=rkl seed=23",
                          "round 6 adds 2 cells: loss=sid seed=24, loss=js seed=24"]
 
+
+
+def test_committed_tune_digits_claims_stop_at_their_own_rounds():
+    """The committed tune-digits store (9 rounds of 4 + 4k seeds, capped at 40): C1 holds at
+    round 7 with 32 seeds; C1-best and the verifier's C4 are still undecided after round 9, and
+    both say so the same way. The forest figure's labels and title give each claim's seeds."""
+    root = os.path.join(HERE, "..", "results", "tune-digits")
+    rows = load_rows(root)
+    spec = load_study_file(os.path.join(HERE, "..", "studies", "tune-digits.yaml")).claims
+    v = {c.name: c for c in judged_claims(load_study(root, rows=rows), spec, rows=rows)}
+    assert (v["C1"].verdict, v["C1"].n_seeds) == ("holds", 32)
+    for name in ("C1-best", "C4"):
+        assert v[name].verdict == "inconclusive at the cap (40 seeds)", v[name].verdict
+        assert v[name].seeds_to_decide and v[name].seeds_to_decide > 40
+    assert seeds_words(c.n_seeds for c in v.values() if c.n_seeds) == ("32-40 seeds, by claim",
+                                                                       True)
+    assert _verdict_words(v["C1"], True) == "holds\n32 seeds"
+    assert _verdict_words(v["C4"], True) == (f"inconclusive at the cap\n40 seeds; "
+                                             f"~{v['C4'].seeds_to_decide} decide")
+    assert seeds_words([3, 3]) == ("3 seeds", False)
+    assert _verdict_words(dataclasses.replace(v["C1-best"], verdict="inconclusive (3 seeds)",
+                                              seeds_to_decide=None), False) == \
+        "inconclusive\n3 seeds"
