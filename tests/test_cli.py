@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -220,7 +221,7 @@ def test_stale_lock_is_taken_over(tmp_path):
     out = cli("run", study, "--results", root, "--dry-run", cwd=tmp_path)[1]
     assert "teachers: none needed (no cell left to run)" in out and "not cached" not in out, out
     out = cli("status", study, "--results", root, cwd=tmp_path)[1]  # nothing waits for a teacher
-    assert "ETA none: nothing left\n" in out and "the cells start after" not in out, out
+    assert "ETA none: nothing left\n" in out and "cells left wait" not in out, out
     assert (root / ".lock").exists()
     code, out, err = cli("compact", study, "--results", root, cwd=tmp_path)  # takes the lock
     assert code == 0, out + err
@@ -264,7 +265,8 @@ def test_status(tmp_path):
     assert "done 1, interrupted 1, failed 1, diverged 1, pending 0, orphaned 2" in out, out
     assert "compute spent: 1m20s" in out  # 4 cells x 20 s of latest wall_s
     # cells left to run and their teacher not trained here: the ETA says they wait for it
-    assert "; the cells start after 1 teacher (time unknown until they start" in out, out
+    assert "; 2 of the 2 cells left wait for 1 teacher still to train (time unknown until " \
+           "they start" in out, out
     # mean 20 s per done cell x (half of 2 cells left) over the cells that run at once: the
     # CPUs a run started here gets (RAY_OVERRIDE_RESOURCES, Ray's own setting, narrows them) ...
     for cpus, eta in ((2, "~10s at 2 cells at a time on this machine"),
@@ -384,7 +386,16 @@ def test_a_memory_kill_that_stops_tune_starts_the_round_again(tmp_path, monkeypa
         return 0
 
     monkeypatch.setattr(sweep, "_sweep", fake_sweep)
-    monkeypatch.setattr(sweep, "_teachers", lambda *a: None)
+    class Cached:  # every teacher is cached: the cells make one wave
+        ready, watch = set(), types.SimpleNamespace(t0=None)
+
+        def wait(self, until=None):
+            return self
+
+        check = poll = wait
+
+    monkeypatch.setattr(sweep, "_teachers", lambda study, pin, pending, *a:
+                        (Cached(), {c: set() for c in pending}))
     assert sweep._rounds(study, root, str(tmp_path / "c"), fp, datasets, "cpu", None, None,
                          None) == 0
     assert len(calls) == 2 and len(calls[0]) == 2 and calls[1] == calls[0][1:]

@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -168,8 +169,8 @@ def test_teacher_status_file_and_status_lines(tmp_path, monkeypatch):
     before = study_status(str(study), str(tmp_path / "r"))
     assert "not trained yet" in before
     # the study's ETA says the cells wait for the teacher, and that its time is not known yet
-    assert "; the cells start after 1 teacher (time unknown until they start; their lines " \
-           "below)" in before
+    assert "; 1 of the 1 cells left waits for 1 teacher still to train (time unknown until " \
+           "they start; their lines below)" in before
     with pytest.raises(InterruptedError):
         teachers.load_or_train(cfg, dataset, str(cache), log=lambda *a: None, max_steps=6)
     st = read_teacher_status(folder)
@@ -179,8 +180,9 @@ def test_teacher_status_file_and_status_lines(tmp_path, monkeypatch):
            f"the next `harness run` resumes it" in stopped
     left = status.teacher_left_s(folder)  # 14 steps more at the 6 steps' mean rate
     assert left == pytest.approx(14 * st["wall_s"] / 6)
-    assert f"; the cells start after 1 teacher (~{status.duration(left)} of teacher training " \
-           f"left at their mean rates; their lines below)" in stopped
+    assert f"; 1 of the 1 cells left waits for 1 teacher still to train (~" \
+           f"{status.duration(left)} of teacher training left at their mean rates; their lines " \
+           f"below)" in stopped
     assert teacher_state(folder, live=True).startswith("interrupted at step 6/20")  # stopped
     assert teacher_state(folder).startswith("partly trained (step 6/20)")  # a dry run's words
     teachers.load_or_train(cfg, dataset, str(cache), log=lambda *a: None)
@@ -189,11 +191,11 @@ def test_teacher_status_file_and_status_lines(tmp_path, monkeypatch):
     assert st["finished_at"] >= st["started_at"]
     done = study_status(str(study), str(tmp_path / "r"))
     assert f"teacher {tid} (mlp, 2.56 kimg = 20 steps of 128): done (cached)" in done
-    assert "the cells start after" not in done and status.teacher_left_s(folder) == 0.0
+    assert "cells left wait" not in done and status.teacher_left_s(folder) == 0.0
 
 
 def test_cache_note_on_a_multi_node_cluster(tmp_path, monkeypatch):
-    from harness.orchestrate import sweep
+    from harness.orchestrate import ray_session as sweep
 
     assert sweep.cache_note(str(tmp_path), nodes=1) is None
     note = sweep.cache_note(str(tmp_path), nodes=3)  # /tmp: a local filesystem here
@@ -477,6 +479,45 @@ def test_two_teachers_train_in_parallel(tmp_path, local_ray, capsys, monkeypatch
     (a0, a1), (b0, b1) = spans
     assert max(a0, b0) < min(a1, b1), spans  # both were training at the same time
     assert "teachers: 2 Ray task(s), 1 CPU and 0 GPU each" in out
+
+
+@pytest.mark.slow
+def test_cells_start_as_soon_as_their_own_teachers_are_cached(tmp_path, local_ray, capsys,
+                                                             monkeypatch):
+    """A quick teacher (1.28 kimg) and a slow one (160 kimg) on a 2-CPU Ray: the quick
+    teacher's cell trains in a first Ray experiment beside the slow teacher (its final line
+    comes before the slow teacher's done line, which the driver prints from inside that
+    experiment), and the slow teacher's cell runs in a second one once it is cached."""
+    cache = str(tmp_path / "cache")
+    monkeypatch.setenv("HARNESS_CACHE", cache)
+    from harness.orchestrate.sweep import run_study
+
+    study = tmp_path / "waves.yaml"
+    study.write_text("study: waves\ndata: {name: toy2d}\nstudent: {kimg: 0.256, batch: 64}\n"
+                     "eval: {n: 200, every_kimg: 0.5}\ngrid: {teacher.kimg: [1.28, 160]}\n")
+    study = str(study)
+    root = str(tmp_path / "r")
+    assert run_study(study, results=root) == 0
+    out = capsys.readouterr().out
+    slow = next(st["id"] for st in map(read_teacher_status, glob.glob(f"{cache}/teachers/t-*"))
+                if st["total"] == 1250)
+    assert f"1 cells start now; 1 wait for teacher {slow} (still training) and start in the " \
+           f"next Ray experiment" in out, out
+    assert "Ray experiment waves-1: 1 cells" in out and "Ray experiment waves-2: 1 cells" in out
+    first_done = re.search(r"cell \w+ \[[^\]]*\]  kimg [\d.]+/0\.256  \S+ [\d.e+-]+  done  ", out)
+    assert first_done is not None, out
+    slow_done = out.index(f"teacher {slow} (mlp on toy2d)  done: 1,250 steps")
+    assert first_done.start() < slow_done < out.index("Ray experiment waves-2"), out
+    assert "cells not finished" not in out  # the first wave does not say "run it again"
+    # one clock for teachers and cells, and the count of finished cells across both waves
+    unit = {"h": 3600, "m": 60, "s": 1}
+    heads = [sum(int(n) * unit[u] for n, u in re.findall(r"(\d+)([hms])", h))
+             for h in re.findall(r"^\[\+([\dhms]+)\]", out, flags=re.M)]
+    assert heads == sorted(heads), heads
+    assert re.findall(r"done  \(\S+; (\d)/2 cells finished\)", out) == ["1", "2"], out
+    rows = results.load_rows(root)
+    rows = rows[~rows["cell"].str.startswith("ref-")]  # the teachers' reference rows
+    assert rows.loc[rows["status"] == "done", "cell"].nunique() == rows["cell"].nunique() == 2
 
 
 def _dp_cell(cfg, root, cache, ckpt, *, out, tag, kill_after=None, **kw):

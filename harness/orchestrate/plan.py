@@ -8,7 +8,9 @@ execution settings train at the same speed), either given (``--img-per-s``) or m
 a short warm-up of the real training step (``harness.orchestrate.warmup``) on the device the study asks for,
 with its CPU threads. Compute is in GPU-hours (studies that ask for GPUs) or core-hours: time x
 the GPUs or CPUs a cell (teacher) holds. Wall time on N workers (N cells or teachers at a time):
-teachers first, then cells, each list scheduled longest first. Evaluations, init-scheme
+teachers first, then cells, each list scheduled longest first, an upper bound where some cells'
+teachers are cached sooner than others' (``harness run`` starts those cells while the other
+teachers train). Evaluations, init-scheme
 preparation (mapping_match's regression), a ``harness tune`` search and Ray's start are not
 counted. The plan goes to ``<results root>/plan.json``, which ``harness status`` compares the
 cells' measured throughput with.

@@ -63,8 +63,11 @@ class Progress(tune.Callback):
     """Print one line per cell report, retry and failure; remember the failures."""
 
     def __init__(self, labels: dict[str, str], kimg: dict[str, float], n_cells: int,
-                 done_before: int = 0, study_cells: int | None = None):
+                 done_before: int = 0, study_cells: int | None = None, on_step=None,
+                 t0: float | None = None):
         self.labels, self.kimg, self.n_cells = labels, kimg, n_cells
+        self.on_step, self.t_step = on_step, 0.0  # called at most once a second
+        self.clock = t0  # the run's clock (the teachers' lines share it); None: Tune's start
         self.done_before = done_before  # cells of the study already final before this run
         self.study_cells = study_cells or n_cells
         self.t0, self.finished, self.errors = time.time(), set(), {}
@@ -72,7 +75,12 @@ class Progress(tune.Callback):
         self.t_first = time.time()
 
     def setup(self, **info):
-        self.t0 = time.time()
+        self.t0 = self.clock or time.time()
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.on_step is not None and time.time() - self.t_step >= 1.0:
+            self.t_step = time.time()
+            self.on_step()
 
     def _eta(self) -> str:
         """Study-wide ETA from the kimg trained in this run so far (all cells together)."""
@@ -129,7 +137,7 @@ class Progress(tune.Callback):
               f"(Ray's log: {trial.error_file})", flush=True)
 
     def __getstate__(self):
-        return {**self.__dict__, "finished": set(), "errors": {}}
+        return {**self.__dict__, "finished": set(), "errors": {}, "on_step": None}
 
 
 class TeacherProgress:

@@ -23,7 +23,7 @@ from harness.declare.hashing import canonical_json
 from harness.declare.study import load_study
 from harness.orchestrate.cell import reference_rows
 from harness.orchestrate.status import cell_states, fingerprints
-from harness.orchestrate.sweep import cache_root, results_root
+from harness.orchestrate.ray_session import cache_root, results_root
 from harness.store import pins
 from harness.store import results as store
 from harness.store.lock import acquire_lock

@@ -158,7 +158,8 @@ def teacher_state(folder: str, live: bool | None = None) -> str:
                     f"from its checkpoint when Ray gives it a CPU")
         return (f"partly trained ({at}): resumes from its checkpoint" if live is None else
                 f"interrupted at {at}: the next `harness run` resumes it from its checkpoint")
-    return "not cached: trained before the first cell" if live is None else "not trained yet"
+    return ("not cached: trained before the cells that need it" if live is None else
+            "not trained yet")
 
 
 def teacher_left_s(folder: str) -> float | None:
@@ -176,21 +177,25 @@ def _left_s(st: dict) -> float | None:
 
 
 def teachers_first(pin, cache: str, todo: set) -> str:
-    """What the cells left to run (``todo``: their ids) wait for before they start (the driver
-    trains every teacher first): the teachers of theirs not cached yet and, where each has a
-    rate, the training they still need. Empty when nothing is left to run."""
-    plan = teacher_plan((cell.config, pin.document["cells"][cid]["data_fingerprint"])
-                        for cid, cell in pin.current if cid in todo)
-    left = [teacher_left_s(os.path.join(cache, "teachers", tid)) for tid in plan]
-    left = [s for s in left if s != 0.0]
+    """What the cells left to run (``todo``: their ids) wait for: the teachers of theirs not
+    cached yet and, where each has a rate, the training they still need. A cell starts as soon
+    as its own teachers are cached (``harness run`` starts one Ray experiment per such wave),
+    so only the cells that need one of them wait. Empty when none waits."""
+    keyed = {cid: (cell.config, pin.document["cells"][cid]["data_fingerprint"])
+             for cid, cell in pin.current if cid in todo}
+    left = {tid: teacher_left_s(os.path.join(cache, "teachers", tid))
+            for tid in teacher_plan(keyed.values())}
+    left = {tid: s for tid, s in left.items() if s != 0.0}
     if not left:
         return ""
-    known = [s for s in left if s is not None]
+    waiting = sum(1 for k in keyed.values() if set(teacher_plan([k])) & set(left))
+    known = [s for s in left.values() if s is not None]
     time_left = (f"~{duration(sum(known))} of teacher training left at their mean rates"
                  + (f", {len(left) - len(known)} not started" if len(known) < len(left) else "")
                  if known else "time unknown until they start")
-    return (f"; the cells start after {len(left)} teacher{'s' * (len(left) != 1)} "
-            f"({time_left}; their lines below)")
+    return (f"; {waiting} of the {len(keyed)} cells left wait{'s' * (waiting == 1)} for "
+            f"{len(left)} teacher{'s' * (len(left) != 1)} still to train ({time_left}; their "
+            f"lines below)")
 
 
 def teacher_lines(study, pin, cache: str, live: bool | None = None,

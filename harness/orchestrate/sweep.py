@@ -1,9 +1,11 @@
 """Ray Tune sweep of a study's unfinished cells: ``harness run`` / ``status``.
 
 ``run_study`` pins the study (``pin.json``), takes the study lock, has each teacher trained once
-as a Ray task, then has Ray Tune run every cell that has no final row yet, one function trainable
-per cell (``harness_cell``, which calls ``harness.orchestrate.cell.run_cell``, the code of ``harness cell``).
-The driver only plans, prints progress and waits.
+as a Ray task, and has Ray Tune run every cell that has no final row yet, one function trainable
+per cell (``harness_cell``, which calls ``harness.orchestrate.cell.run_cell``, the code of
+``harness cell``), as soon as the teachers that cell needs are cached: the cells whose teachers
+are ready start in one Ray experiment while the other teachers keep training beside it, and the
+rest make the next experiment (``_waves``). The driver only plans, prints progress and waits.
 
 Teachers (``harness_teacher``): one Ray task per teacher id the pending cells need (their own
 and generator-init sources), with the study's ``teacher_resources`` (default: one cell's), all
@@ -60,14 +62,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
-import os
 import sys
 
 from harness import __version__
-from harness.base import plugins
-from harness.base.safefs import NETWORK_FS, filesystem_type  # noqa: F401 (NETWORK_FS: tests)
 from harness.declare.study import load_study
 from harness.orchestrate import rounds
 from harness.orchestrate.progress import (
@@ -83,13 +81,20 @@ from harness.orchestrate.status import (
     cell_states,
     dry_run_report,
     fingerprints,
-    resource_problem,
+)
+from harness.orchestrate.ray_session import (
+    cache_note,
+    cache_root,
+    cluster_problem,
+    cluster_totals,
+    concurrency,
+    connect,
+    results_root,
 )
 from harness.orchestrate.status import study_status as _study_status
 from harness.orchestrate.trainables import _teachers, _trainable, storage_of
 from harness.store import pins, tracking
 from harness.store import results as store
-from harness.store.cache import cache_for
 from harness.store.lock import acquire_lock
 from harness.store.results import cell_columns
 from harness.store.tuning import apply_pinned
@@ -103,79 +108,8 @@ def study_status(path: str, results: str | None = None, overrides: dict | None =
     return _study_status(path, results, overrides)
 
 
-def results_root(root: str) -> str:
-    return root.rstrip("/") if "://" in root else os.path.abspath(os.path.expanduser(root))
-
-
-def cache_root(root: str) -> str:
-    return cache_for(root)
-
-
-def cache_note(cache: str, nodes: int) -> str | None:
-    """The one note for a teacher cache on a local filesystem when Ray has several nodes."""
-    kind = filesystem_type(cache)
-    if nodes < 2 or (kind and kind.split(".")[0] in NETWORK_FS):
-        return None
-    return (f"note: the teacher cache {cache} is a local path ({kind or 'filesystem unknown'}) "
-            f"and this Ray cluster has {nodes} nodes: teachers train on any node and every cell "
-            f"reads them, so every node must see this folder at the same path (a shared mount). "
-            f"Otherwise set HARNESS_CACHE to one (README, Running on a cluster).")
-
-
 # ---------------------------------------------------------------------------------------------
-# Ray: connect, check resources, quiet logs, experiments
-
-def connect(address: str | None) -> bool:
-    """Start or join Ray unless this process already did; True if this call started it."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Ctrl-C raises KeyboardInterrupt in the driver (exit 130 and the harness's own resume line)
-    # instead of Tune's handler, which stops the sweep and prints its Tuner.restore hint
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # Ray's notice that a local instance turned token auth on (README, cluster section) is not
-    # the user's first line: dropped from its own logger only, nothing else is silenced
-    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-        lambda record: "Token authentication is enabled" not in record.getMessage())
-    # plug-ins reach the workers of every node by name (each node must be able to import them)
-    env = {plugins.ENV: os.environ[plugins.ENV]} if os.environ.get(plugins.ENV) else None
-    ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING,
-             include_dashboard=False, runtime_env={"env_vars": env} if env else None)
-    return True
-
-
-def cluster_totals() -> dict:
-    """The CPUs and GPUs of the Ray cluster this process is connected to (for the lock file)."""
-    import ray
-
-    totals = ray.cluster_resources()
-    return {kind: totals.get(kind, 0) for kind in ("CPU", "GPU")}
-
-
-def cluster_problem(study) -> str | None:
-    """``status.resource_problem`` on the live nodes of the connected Ray cluster."""
-    import ray
-
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    problem = resource_problem(study, nodes)
-    return problem and f"{problem} Nothing was run."
-
-
-def _concurrency(study) -> int | None:
-    """At most how many data-parallel cells fit the cluster at once (None: no limit needed,
-    Tune packs one-worker trials by their own resources)."""
-    import ray
-
-    if study.workers == 1:
-        return None
-    total = ray.cluster_resources()
-    fits = [total.get(kind, 0) // (study.workers * study.resources[key])
-            for kind, key in (("CPU", "cpu"), ("GPU", "gpu")) if study.resources[key] > 0]
-    return max(1, int(min(fits, default=1)))
-
+# Ray Tune: one experiment's results
 
 def _fit(tuner) -> dict[str, str]:
     """Run a Tuner; {cell id: error summary} for the trials that ended in error."""
@@ -271,22 +205,8 @@ def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn, compu
                 print(line)
         code = 0
         if pending:
-            _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn)
-        for attempt in range(1 + MEMORY_RETRIES if pending else 0):
-            try:
-                with quiet_tune():
-                    code = _sweep(study, pin, pending, root, cache, device, cell_fn)
-                break
-            except RuntimeError as e:  # Tune's controller raises, not fails the trial
-                if "low on memory" not in str(e) or attempt == MEMORY_RETRIES:
-                    raise
-                print(f"note: Ray's memory monitor killed a worker and Tune stopped the "
-                      f"experiment ({error_summary(str(e))}); its cells go on from their last "
-                      f"checkpoints (retry {attempt + 1} of {MEMORY_RETRIES})", flush=True)
-                states = cell_states(store.load_rows(root), pending)
-                pending = [c for c in pending if states[c]["state"] not in FINAL]
-                if not pending:
-                    break
+            code = _waves(study, pin, pending, datasets, root, cache, device, cell_fn,
+                          teacher_fn)
         if study.claims.seeds is None or code != 0:
             return code
         rows = store.load_rows(root)
@@ -302,10 +222,63 @@ def _rounds(study, root, cache, fp, datasets, device, cell_fn, teacher_fn, compu
 MEMORY_RETRIES = 3  # experiments started again after Ray's memory monitor killed a worker
 
 
-def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
+def _waves(study, pin, pending, datasets, root, cache, device, cell_fn, teacher_fn) -> int:
+    """The pending cells in waves: every teacher they need starts at once (Ray tasks), and a
+    Ray experiment starts as soon as some cells have all their teachers cached, while the
+    other teachers keep training beside it (so a core is not left idle while a band-limited
+    teacher trains); the cells whose teachers were still training make the next wave. A
+    failed teacher is raised at the next wave's start, after the others end."""
+    tasks, needs = _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn)
+    left, code = list(pending), 0
+    while left:
+        tasks.wait(lambda ready: any(needs[c] <= ready for c in left)).check()
+        now = [c for c in left if needs[c] <= tasks.ready]
+        if not now:  # every teacher ended and none failed, so every cell's are cached
+            raise RuntimeError(f"no cell's teachers are ready after all ended: {left[:3]}")
+        left = [c for c in left if not needs[c] <= tasks.ready]
+        if left:
+            wait = sorted(set().union(*(needs[c] for c in left)) - tasks.ready)
+            print(f"{len(now)} cells start now; {len(left)} wait for teacher"
+                  f"{'s' * (len(wait) != 1)} {', '.join(wait)} (still training) and start in "
+                  f"the next Ray experiment", flush=True)
+        code = _sweep_retrying(study, pin, now, root, cache, device, cell_fn,
+                               last=not left, poll=tasks.poll, t0=tasks.watch.t0)
+    return code
+
+
+def _sweep_retrying(study, pin, pending, root, cache, device, cell_fn, last, poll, t0) -> int:
+    """``_sweep``, started again (up to ``MEMORY_RETRIES`` times) over the cells left when
+    Ray's memory monitor stopped the experiment."""
+    code = 0
+    for attempt in range(1 + MEMORY_RETRIES):
+        try:
+            with quiet_tune():
+                return _sweep(study, pin, pending, root, cache, device, cell_fn, last, poll,
+                              t0)
+        except RuntimeError as e:  # Tune's controller raises, not fails the trial
+            if "low on memory" not in str(e) or attempt == MEMORY_RETRIES:
+                raise
+            print(f"note: Ray's memory monitor killed a worker and Tune stopped the "
+                  f"experiment ({error_summary(str(e))}); its cells go on from their last "
+                  f"checkpoints (retry {attempt + 1} of {MEMORY_RETRIES})", flush=True)
+            states = cell_states(store.load_rows(root), pending)
+            pending = [c for c in pending if states[c]["state"] not in FINAL]
+            if not pending:
+                break
+    return code
+
+
+def _sweep(study, pin, pending, root, cache, device, cell_fn, last=True, poll=None,
+           t0=None) -> int:
+    """One Ray experiment over ``pending``; ``last``: no later wave follows (``_waves``);
+    ``poll``: called from the driver's loop (teachers still training print progress); ``t0``:
+    the run's clock for the progress lines (the teachers' lines count from it too)."""
     from ray import tune
 
     storage, cells = storage_of(root), dict(pin.current)
+    # cells already final (a wave's cells are not all the study's unfinished ones)
+    done_before = sum(s["state"] in FINAL
+                      for s in cell_states(store.load_rows(root), pin.ids).values())
     labels = {}
     for cid, c in cells.items():
         col = cell_columns(c.config, study.name, cid, c.axes)
@@ -315,8 +288,8 @@ def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
     def run_config(name, n):
         return tune.RunConfig(
             name=name, storage_path=storage, verbose=0,
-            callbacks=[Progress(labels, {c: kimg[c] for c in pending}, n,
-                                len(pin.ids) - len(pending), len(pin.ids))],
+            callbacks=[Progress(labels, {c: kimg[c] for c in pending}, n, done_before,
+                                len(pin.ids), on_step=poll, t0=t0)],
             failure_config=tune.FailureConfig(max_failures=study.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None))  # see progress.Progress
 
@@ -344,15 +317,15 @@ def _sweep(study, pin, pending, root, cache, device, cell_fn) -> int:
               f"{study.max_failures}; Ray's logs in {storage}/{name}")
         tuner = tune.Tuner(_trainable(study, cells, rest, root, cache, device, cell_fn),
                            param_space={"cell": tune.grid_search(rest)},
-                           tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(study),
+                           tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(study),
                                                        reuse_actors=REUSE_ACTORS),
                            run_config=run_config(name, len(rest)))
         errors.update(_fit(tuner))
     prune_finished(storage, study.name, pin.ids, root)
-    return _finish(study, pin, root, cells, errors)
+    return _finish(study, pin, root, cells, errors, last)
 
 
-def _finish(study, pin, root, cells, errors: dict) -> int:
+def _finish(study, pin, root, cells, errors: dict, last: bool = True) -> int:
     """Record failed cells (unless a final row exists), print the summary, choose the exit code."""
 
     states = cell_states(store.load_rows(root), pin.ids)
@@ -376,6 +349,6 @@ def _finish(study, pin, root, cells, errors: dict) -> int:
         if states[cid]["state"] == "failed":
             print(f"  failed: cell {cid} [{cells[cid].label}]: {states[cid]['message'] or ''}")
     left = len(pin.ids) - count["done"] - count["diverged"]
-    if left:
+    if left and last:
         print(f"{left} cells not finished: run the same command again to retry or resume them")
     return 0 if not left else 1

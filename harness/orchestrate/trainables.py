@@ -233,44 +233,81 @@ def harness_teacher(entry: dict, root: str, cache: str, study: str, device: str,
 
 
 def _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn=None):
-    """Each teacher the pending cells need (``train_teachers``)."""
+    """The teachers the pending cells need, started as Ray tasks (``TeacherTasks``), and each
+    pending cell's teacher ids (its own and its init source's)."""
     cells = dict(pin.current)
-    plan = teacher_plan((cells[cid].config,
-                         datasets[canonical_json(cells[cid].config["data"])].fingerprint)
-                        for cid in pending)
-    train_teachers(study, plan, root, cache, device, teacher_fn)
+    keyed = {cid: (cells[cid].config,
+                   datasets[canonical_json(cells[cid].config["data"])].fingerprint)
+             for cid in pending}
+    needs = {cid: set(teacher_plan([k])) for cid, k in keyed.items()}
+    return TeacherTasks(study, teacher_plan(keyed.values()), root, cache, device,
+                        teacher_fn), needs
 
 
 def train_teachers(study, plan: dict, root: str, cache: str, device: str, teacher_fn=None):
-    """Each teacher of a ``teacher_plan``, trained (or resumed, or loaded) by one Ray task
-    (``harness_teacher``) with the study's ``teacher_resources`` (its CPU count is the torch
-    thread count, so a teacher's weights do not depend on which command trained it), all at
-    once; the driver prints their progress and waits. ``harness run`` and ``harness tune``."""
-    import ray
+    """Each teacher of a ``teacher_plan`` trained (or resumed, or loaded) and waited for
+    (``TeacherTasks``); the first failure raised once all have ended. ``harness tune``."""
+    if plan:
+        TeacherTasks(study, plan, root, cache, device, teacher_fn).wait().check()
 
-    if not plan:
-        return
-    res = study.teacher_resources
-    print(f"teachers: {len(plan)} Ray task(s), {res['cpu']:g} CPU and {res['gpu']:g} GPU each: "
-          f"{', '.join(plan)} (cache {cache})")
-    watch = TeacherProgress({tid: os.path.join(cache, "teachers", tid) for tid in plan})
-    task = ray.remote(harness_teacher)  # retried (resuming) when its worker or node dies
-    running = {task.options(num_cpus=res["cpu"], num_gpus=res["gpu"], name=f"teacher {tid}",
-                            max_retries=3, retry_exceptions=False).remote(
-        entry, root, cache, study.name, device, max(1, int(res["cpu"])), teacher_fn): tid
-        for tid, entry in plan.items()}
-    failed = {}
-    while running:
-        ready, _ = ray.wait(list(running), num_returns=len(running), timeout=1.0)
-        watch.poll()
-        for ref in ready:
-            tid = running.pop(ref)
+
+class TeacherTasks:
+    """The teachers of a ``teacher_plan``, one Ray task each (``harness_teacher``) with the
+    study's ``teacher_resources`` (its CPU count is the torch thread count, so a teacher's
+    weights do not depend on which command trained it), all submitted at once. ``ready``: the
+    ids trained and cached so far; ``poll`` prints their progress and collects the finished
+    ones without blocking (``harness run`` calls it from its Tune callback while cells of
+    cached teachers train beside the ones still training)."""
+
+    def __init__(self, study, plan: dict, root: str, cache: str, device: str, teacher_fn=None):
+        import ray
+
+        res = study.teacher_resources
+        print(f"teachers: {len(plan)} Ray task(s), {res['cpu']:g} CPU and {res['gpu']:g} GPU "
+              f"each: {', '.join(plan)} (cache {cache})")
+        self.watch = TeacherProgress({tid: os.path.join(cache, "teachers", tid) for tid in plan})
+        task = ray.remote(harness_teacher)  # retried (resuming) when its worker or node dies
+        self.running = {task.options(num_cpus=res["cpu"], num_gpus=res["gpu"],
+                                     name=f"teacher {tid}", max_retries=3,
+                                     retry_exceptions=False).remote(
+            entry, root, cache, study.name, device, max(1, int(res["cpu"])), teacher_fn): tid
+            for tid, entry in plan.items()}
+        self.ready: set[str] = set()
+        self.failed: dict[str, Exception] = {}
+
+    def poll(self, timeout: float = 0.0) -> TeacherTasks:
+        import ray
+
+        if self.running:
+            done, _ = ray.wait(list(self.running), num_returns=len(self.running),
+                               timeout=timeout)
+        else:
+            done = []
+        self.watch.poll()
+        for ref in done:
+            tid = self.running.pop(ref)
             try:
-                watch.finished(tid, ray.get(ref))
-            except Exception as e:  # noqa: BLE001 (reported below, once all have ended)
-                failed[tid] = e
+                self.watch.finished(tid, ray.get(ref))
+                self.ready.add(tid)
+            except Exception as e:  # noqa: BLE001 (raised by check, once all have ended)
+                self.failed[tid] = e
                 print(f"teacher {tid} FAILED: {error_summary(str(e))}", flush=True)
-    if failed:  # the cause itself, so a user error still gets its one paragraph (cli)
-        error = next(iter(failed.values()))
-        cause = getattr(error, "cause", None)
-        raise cause if isinstance(cause, Exception) else error
+        return self
+
+    def wait(self, until=None) -> TeacherTasks:
+        """Block until ``until(ready)`` holds, a teacher failed, or none is left running (no
+        ``until``: until all have ended)."""
+        while self.running and not self.failed and not (until and until(self.ready)):
+            self.poll(timeout=1.0)
+        return self
+
+    def check(self) -> TeacherTasks:
+        """After a failure: wait for the others to end, then raise the first failure's cause,
+        so a user error still gets its one paragraph (cli)."""
+        if self.failed:
+            while self.running:
+                self.poll(timeout=1.0)
+            error = next(iter(self.failed.values()))
+            cause = getattr(error, "cause", None)
+            raise cause if isinstance(cause, Exception) else error
+        return self

@@ -37,10 +37,10 @@ from harness.declare.tune_spec import (
 from harness.orchestrate.cell import run_cell
 from harness.orchestrate.progress import drop_older, error_summary, quiet_tune, read_text
 from harness.orchestrate.status import fingerprints
-from harness.orchestrate.sweep import (
+from harness.orchestrate.ray_session import (
     cache_root,
-    cluster_totals,
     cluster_problem,
+    cluster_totals,
     connect,
     results_root,
 )
