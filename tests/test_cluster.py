@@ -481,6 +481,22 @@ def test_two_teachers_train_in_parallel(tmp_path, local_ray, capsys, monkeypatch
     assert "teachers: 2 Ray task(s), 1 CPU and 0 GPU each" in out
 
 
+def test_a_wave_waits_only_for_teachers_due_within_an_experiment_start():
+    """Cells a and b need teacher q (cached), c needs s (training): the wave of a and b starts
+    now when s is due later than an experiment takes to start or has no rate yet, and waits
+    (so c joins it) when s is due sooner; nothing starts before some cell's teachers are ready."""
+    from harness.orchestrate.sweep import WAVE_START_S, start_wave
+
+    needs = {"a": {"q"}, "b": {"q"}, "c": {"s"}}
+    left = ["a", "b", "c"]
+    assert start_wave(left, needs, {"q"}, lambda t: 10 * WAVE_START_S)
+    assert start_wave(left, needs, {"q"}, lambda t: None)
+    assert not start_wave(left, needs, {"q"}, lambda t: WAVE_START_S / 3)
+    assert not start_wave(left, needs, set(), lambda t: None)
+    assert start_wave(left, needs, {"q", "s"}, lambda t: 0.0)  # every teacher ready
+    assert start_wave(["a"], needs, {"q"}, lambda t: 1.0)  # no cell left waits for s
+
+
 @pytest.mark.slow
 def test_cells_start_as_soon_as_their_own_teachers_are_cached(tmp_path, local_ray, capsys,
                                                              monkeypatch):
@@ -490,8 +506,12 @@ def test_cells_start_as_soon_as_their_own_teachers_are_cached(tmp_path, local_ra
     experiment), and the slow teacher's cell runs in a second one once it is cached."""
     cache = str(tmp_path / "cache")
     monkeypatch.setenv("HARNESS_CACHE", cache)
+    from harness.orchestrate import sweep
     from harness.orchestrate.sweep import run_study
 
+    # the slow teacher trains for seconds: on a fast machine it may be due within an
+    # experiment's start, and the cells would rightly run together (the test above)
+    monkeypatch.setattr(sweep, "WAVE_START_S", 0.0)
     study = tmp_path / "waves.yaml"
     study.write_text("study: waves\ndata: {name: toy2d}\nstudent: {kimg: 0.256, batch: 64}\n"
                      "eval: {n: 200, every_kimg: 0.5}\ngrid: {teacher.kimg: [1.28, 160]}\n")

@@ -63,6 +63,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 
 from harness import __version__
@@ -81,6 +82,7 @@ from harness.orchestrate.status import (
     cell_states,
     dry_run_report,
     fingerprints,
+    teacher_left_s,
 )
 from harness.orchestrate.ray_session import (
     cache_note,
@@ -226,12 +228,17 @@ def _waves(study, pin, pending, datasets, root, cache, device, cell_fn, teacher_
     """The pending cells in waves: every teacher they need starts at once (Ray tasks), and a
     Ray experiment starts as soon as some cells have all their teachers cached, while the
     other teachers keep training beside it (so a core is not left idle while a band-limited
-    teacher trains); the cells whose teachers were still training make the next wave. A
+    teacher trains); the cells whose teachers were still training make the next wave, unless
+    those teachers are due within ``WAVE_START_S`` (then the cells wait and run together). A
     failed teacher is raised at the next wave's start, after the others end."""
     tasks, needs = _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn)
     left, code = list(pending), 0
+
+    def due_s(tid):
+        return teacher_left_s(os.path.join(cache, "teachers", tid))
+
     while left:
-        tasks.wait(lambda ready: any(needs[c] <= ready for c in left)).check()
+        tasks.wait(lambda ready: start_wave(left, needs, ready, due_s)).check()
         now = [c for c in left if needs[c] <= tasks.ready]
         if not now:  # every teacher ended and none failed, so every cell's are cached
             raise RuntimeError(f"no cell's teachers are ready after all ended: {left[:3]}")
@@ -244,6 +251,21 @@ def _waves(study, pin, pending, datasets, root, cache, device, cell_fn, teacher_
         code = _sweep_retrying(study, pin, now, root, cache, device, cell_fn,
                                last=not left, poll=tasks.poll, t0=tasks.watch.t0)
     return code
+
+
+WAVE_START_S = 15.0
+"""About what a Ray experiment takes to start here: a wave that would leave cells waiting only
+for teachers due sooner than this waits for them instead, and the cells run together."""
+
+
+def start_wave(left, needs: dict, ready: set, due_s) -> bool:
+    """Whether the cells of ``left`` whose teachers (``needs[cell]``) are all ``ready`` start an
+    experiment now: some are, and every other teacher still training is due (``due_s(id)``:
+    seconds at its mean rate, None without a rate yet) later than ``WAVE_START_S`` or not known."""
+    if not any(needs[c] <= ready for c in left):
+        return False
+    rest = set().union(*(needs[c] for c in left)) - ready
+    return all((s := due_s(t)) is None or s > WAVE_START_S for t in rest)
 
 
 def _sweep_retrying(study, pin, pending, root, cache, device, cell_fn, last, poll, t0) -> int:
