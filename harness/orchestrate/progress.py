@@ -28,7 +28,13 @@ import time
 import pyarrow.fs as pafs
 from ray import tune
 
-from harness.orchestrate.status import FINAL, cell_states, duration, read_teacher_status
+from harness.orchestrate.status import (
+    FINAL,
+    cell_states,
+    duration,
+    left_at_rate,
+    read_teacher_status,
+)
 from harness.store import results as store
 
 CKPT = "cell.pt"  # the file trainables.harness_cell checkpoints to
@@ -150,7 +156,8 @@ class TeacherProgress:
 
     def __init__(self, folders: dict[str, str]):
         self.folders, self.t0, self.done = folders, time.time(), set()
-        self.seen = {tid: self._key(read_teacher_status(f)) for tid, f in folders.items()}
+        self.last = {tid: read_teacher_status(f) for tid, f in folders.items()}
+        self.seen = {tid: self._key(st) for tid, st in self.last.items()}
         self.attempt = {tid: (key or ())[:3] for tid, key in self.seen.items()}
 
     @staticmethod
@@ -164,7 +171,7 @@ class TeacherProgress:
 
     def poll(self):
         for tid, folder in self.folders.items():
-            st = read_teacher_status(folder)
+            st = self.last[tid] = read_teacher_status(folder)
             key = self._key(st)
             if key is None or key == self.seen[tid]:
                 continue  # nothing new since the last line (or since before this run)
@@ -183,11 +190,17 @@ class TeacherProgress:
                 what = f"done: {total:,} steps, {duration(wall)} of training"
             else:
                 loss = f"  loss {st['loss']:.4g}" if st.get("loss") is not None else ""
-                eta = wall / step * (total - step) if step else 0
+                eta = left_at_rate(st) or 0
                 what = (f"step {step:,}/{total:,}{loss}  ({duration(wall)} of training, ETA "
                         f"{duration(eta)})" + ("" if st["state"] == "training" else
                                                f"  {st['state']}"))
             print(f"{self._head(tid, st)}  {what}", flush=True)
+
+    def left_s(self, tid: str) -> float | None:
+        """Training the teacher still needs at its mean rate, from the status the last poll
+        read: 0 once done, None without a rate to go by."""
+        st = self.last[tid] or {}
+        return 0.0 if st.get("state") == "done" else left_at_rate(st)
 
     def finished(self, tid: str, meta: dict):
         """The task returned: a last line, unless ``poll`` already printed it done."""

@@ -149,7 +149,7 @@ def teacher_state(folder: str, live: bool | None = None) -> str:
         ago_s = time.time() - st.get("updated_at", time.time())
         if live and st.get("state") == "training" and ago_s < STALE_S:
             loss = f", loss {st['loss']:.4g}" if st.get("loss") is not None else ""
-            wall, left = st.get("wall_s", 0), _left_s(st)
+            wall, left = st.get("wall_s", 0), left_at_rate(st)
             eta = f", ETA ~{duration(left)} at its mean rate" if left else ""
             return (f"training: {at}{loss}, {duration(wall)} of training{eta} "
                     f"(updated {duration(ago_s)} ago on {st.get('host', '?')})")
@@ -167,11 +167,12 @@ def teacher_left_s(folder: str) -> float | None:
     there is no rate to go by (not started, or its status gives no step or wall yet)."""
     if os.path.exists(os.path.join(folder, "teacher.pt")):
         return 0.0
-    return _left_s(read_teacher_status(folder) or {})
+    return left_at_rate(read_teacher_status(folder) or {})
 
 
-def _left_s(st: dict) -> float | None:
-    """Training left at the mean rate of a teacher status (None: no rate to go by yet)."""
+def left_at_rate(st: dict) -> float | None:
+    """Training left at the mean rate of a teacher status (None: no rate to go by yet, or
+    nothing left)."""
     wall, step, total = st.get("wall_s", 0), st.get("step", 0), st.get("total", 0)
     return (total - step) * wall / step if step > 0 and wall > 0 and total > step else None
 

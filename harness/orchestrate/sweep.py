@@ -63,7 +63,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 
 from harness import __version__
@@ -82,7 +81,6 @@ from harness.orchestrate.status import (
     cell_states,
     dry_run_report,
     fingerprints,
-    teacher_left_s,
 )
 from harness.orchestrate.ray_session import (
     cache_note,
@@ -233,12 +231,8 @@ def _waves(study, pin, pending, datasets, root, cache, device, cell_fn, teacher_
     failed teacher is raised at the next wave's start, after the others end."""
     tasks, needs = _teachers(study, pin, pending, datasets, root, cache, device, teacher_fn)
     left, code = list(pending), 0
-
-    def due_s(tid):
-        return teacher_left_s(os.path.join(cache, "teachers", tid))
-
     while left:
-        tasks.wait(lambda ready: start_wave(left, needs, ready, due_s)).check()
+        tasks.wait(lambda ready: start_wave(left, needs, ready, tasks.watch.left_s)).check()
         now = [c for c in left if needs[c] <= tasks.ready]
         if not now:  # every teacher ended and none failed, so every cell's are cached
             raise RuntimeError(f"no cell's teachers are ready after all ended: {left[:3]}")
